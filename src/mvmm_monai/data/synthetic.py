@@ -1,0 +1,417 @@
+"""Deterministic synthetic multi-sequence cardiac MR cohort in the MS-CMRSeg layout.
+
+A continuous world model of a short-axis thorax is sampled on the grid of each
+sequence (bSSFP ``C0``, LGE ``DE`` and T2-weighted ``T2``), with partial volume
+(3x3 in-plane x 3 through-plane sub-samples per voxel), a smooth bias field,
+mild tissue texture and Rician noise.
+
+World frame (mm): short axis = world z, base at high z (about +47), apex at low z
+(about -50); in-plane +x = patient left (LV lateral wall / left lung side),
++y = anterior (chest wall).  The RV crescent wraps the septal (-x) side of the LV.
+All affines are axis aligned: voxel (i, j, k) -> (x0 + i*dx, y0 + j*dy, z0 + k*dz)
+with the in-plane field of view centred on world (0, 0).
+
+Tissues: soft tissue, lung, liver, fat (epicardial/pericardial and subcutaneous),
+chest-wall muscle, air, descending aorta, RV free wall, LV myocardium, LV blood,
+RV blood and scar.  Labels follow MS-CMRSeg: 0 background, 200 LV myocardium
+(scar included), 500 LV blood pool, 600 RV blood pool.  The thin RV free wall has
+myocardium-like intensity but is labelled *background* (as in MS-CMRSeg, where
+only the LV myocardium is annotated); so is the blood in the aorta.
+
+Misalignment (``SyntheticConfig.misalignment``), recorded in ``truth/*.json``:
+
+* ``slice_shifts_mm[seq][k] = [dx, dy]``: slice ``k`` of ``C0``/``T2`` shows the
+  anatomy moved by ``+shift``, i.e. ``image(p) = anatomy(p - shift)`` for world
+  points ``p`` of that slice.  ``DE`` (the reference) is never shifted.
+* ``atlas_offset``: the whole subject (heart and surroundings) is placed relative
+  to the canonical/atlas frame by ``p = c + t + s * R(rotation) (q - c)``, with
+  ``q`` the canonical point, ``c = atlas_offset["center_mm"]`` (canonical LV
+  centre), ``t = translation_mm``, ``s = scale``, ``R`` the in-plane rotation by
+  ``rotation_deg`` (counter-clockwise from +x to +y).  Identity when misalignment
+  is off; natural shape variation (incl. a centre jitter of ~1-2 mm) stays.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+GENERATOR_VERSION = 1
+SEQUENCES = ("C0", "DE", "T2")
+REFERENCE_SEQUENCE = "DE"
+LABEL_VALUES = {"background": 0, "myocardium": 200, "lv": 500, "rv": 600}
+ATLAS_CLASSES = ("background", "myocardium", "lv", "rv")
+INTENSITY_SCALE = 1000.0
+SUPERSAMPLE = 3
+N_ATLAS_DRAWS = 25
+ATLAS_SPACING = (1.5, 1.5, 5.0)
+ATLAS_Z_RANGE = (-60.0, 60.0)
+HEART_CENTER = (6.0, 0.0)  # canonical LV centre at the base (world mm)
+RV_WALL_MM = 2.5
+
+TISSUES = ("soft", "lung", "liver", "fat", "muscle", "air", "aorta", "rv_wall",
+           "myocardium", "lv", "rv", "scar")
+SOFT, LUNG, LIVER, FAT, MUSCLE, AIR, AORTA, RV_WALL, MYO, LV, RV, SCAR = range(len(TISSUES))
+TISSUE_LABEL = np.array([0, 0, 0, 0, 0, 0, 0, 0, 200, 500, 600, 200], dtype=np.int16)
+# Mean intensities (fraction of INTENSITY_SCALE) per sequence, in TISSUES order.
+MEANS = {
+    #       soft  lung  liver fat   musc  air   aorta rvwal myo   lv    rv    scar
+    "C0": (0.40, 0.04, 0.35, 0.85, 0.22, 0.01, 0.80, 0.25, 0.25, 0.90, 0.87, 0.25),
+    "DE": (0.22, 0.03, 0.30, 0.60, 0.15, 0.01, 0.50, 0.10, 0.08, 0.55, 0.50, 0.85),
+    "T2": (0.30, 0.04, 0.30, 0.70, 0.28, 0.01, 0.20, 0.38, 0.40, 0.25, 0.25, 0.40),
+}
+
+
+@dataclass(frozen=True)
+class SequenceGeometry:
+    """Axis-aligned short-axis stack; slice thickness equals ``slice_spacing``."""
+
+    shape: tuple[int, int]        # in-plane voxels (nx, ny)
+    spacing: tuple[float, float]  # in-plane mm
+    n_slices: int
+    slice_spacing: float          # mm between slice centres
+    first_slice_z: float          # world z (mm) of slice 0 centre
+
+    def origin(self) -> tuple[float, float, float]:
+        """World position of voxel (0, 0, 0) (in-plane FOV centred on (0, 0))."""
+        return (-(self.shape[0] - 1) / 2 * self.spacing[0],
+                -(self.shape[1] - 1) / 2 * self.spacing[1], self.first_slice_z)
+
+    def affine(self) -> np.ndarray:
+        """4x4 voxel-to-world affine (mm)."""
+        aff = np.diag([*self.spacing, self.slice_spacing, 1.0])
+        aff[:3, 3] = self.origin()
+        return aff
+
+    def slice_z(self) -> list[float]:
+        """World z of every slice centre."""
+        return [self.first_slice_z + k * self.slice_spacing for k in range(self.n_slices)]
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Cohort parameters; everything generated is a deterministic function of it."""
+
+    n_subjects: int = 5
+    seed: int = 0
+    misalignment: bool = True     # per-slice motion shifts of C0 and T2 + atlas misplacement
+    max_slice_shift_mm: float = 6.0
+    noise: float = 0.04           # Rician sigma relative to INTENSITY_SCALE
+    geometries: dict[str, SequenceGeometry] | None = None  # None -> default_geometries()
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    """One random draw of the shape model plus its placement (private)."""
+
+    centre: tuple[float, float]       # LV centre at the base, canonical frame (mm)
+    drift: tuple[float, float]        # LV centre displacement per mm below the base
+    z_base: float
+    z_apex: float                     # epicardial apex
+    r_endo: float                     # LV cavity radius at the base
+    wall: float
+    apex_wall: float
+    ellipticity: float
+    ellipse_angle: float              # rad
+    rv_width: float                   # RV cavity width beyond the LV at the base
+    rv_angle: float                   # rad, direction of the RV from the LV centre
+    rv_length: float                  # RV extent below the base (mm)
+    fat_rim: float
+    fat_groove: float
+    fat_angles: tuple[float, float]   # rad, anterior/inferior interventricular grooves
+    body_shift: tuple[float, float]   # lungs/liver/chest wall jitter (mm)
+    scar: dict | None
+    translation: tuple[float, float] = (0.0, 0.0)
+    rotation: float = 0.0             # rad
+    scale: float = 1.0
+
+
+def default_geometries() -> dict[str, SequenceGeometry]:
+    """MS-CMRSeg-like stacks: DE reference, finer C0, coarser T2 with mid slices only."""
+    return {
+        "C0": SequenceGeometry((128, 128), (1.25, 1.25), 10, 10.0, -45.0),
+        "DE": SequenceGeometry((112, 112), (1.5, 1.5), 10, 10.0, -45.0),
+        "T2": SequenceGeometry((88, 88), (1.875, 1.875), 5, 10.0, -25.0),
+    }
+
+
+def subject_names(config: SyntheticConfig) -> list[str]:
+    """``["patient1", ..., "patientN"]``."""
+    return [f"patient{i}" for i in range(1, config.n_subjects + 1)]
+
+
+def scar_subjects(config: SyntheticConfig) -> list[str]:
+    """Subjects with an LGE scar: the even-numbered patients (patient2, patient4, ...)."""
+    return [name for i, name in enumerate(subject_names(config), 1) if i % 2 == 0]
+
+
+def _resolved(config: SyntheticConfig) -> SyntheticConfig:
+    return config if config.geometries is not None else replace(config, geometries=default_geometries())
+
+
+def config_key(config: SyntheticConfig) -> str:
+    """Short stable hash of the (resolved) config and the generator version."""
+    payload = {"generator_version": GENERATOR_VERSION, **asdict(_resolved(config))}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _draw_anatomy(rng: np.random.Generator, scar: bool, misalign: bool) -> _Anatomy:
+    """Draw shape, scar and pose; always consumes the same random numbers."""
+    u = rng.uniform
+    z_base = 47.0 + u(-2, 2)
+    sc = {"angle_deg": float(u(20, 110)), "half_width_deg": float(u(25, 45)),
+          "transmurality": float(u(0.5, 1.0)), "z_lo": float(u(-30, -10))}
+    sc["z_hi"] = sc["z_lo"] + float(u(25, 40))
+    direction, shift = u(0, 2 * np.pi), u(6, 8)
+    rot, scl = u(8, 12) * rng.choice([-1, 1]), 1 + u(0.04, 0.1) * rng.choice([-1, 1])
+    return _Anatomy(
+        centre=(HEART_CENTER[0] + float(np.clip(rng.normal(0, 1.2), -2.5, 2.5)),
+                HEART_CENTER[1] + float(np.clip(rng.normal(0, 1.2), -2.5, 2.5))),
+        drift=(u(0.05, 0.12), u(-0.08, 0.0)), z_base=z_base, z_apex=-50.0 + u(-3, 3),
+        r_endo=u(21, 27), wall=u(7.5, 10), apex_wall=u(5, 8), ellipticity=u(0, 0.08),
+        ellipse_angle=u(0, np.pi), rv_width=u(14, 22), rv_angle=np.deg2rad(168 + u(-12, 12)),
+        rv_length=u(60, 72), fat_rim=u(0.8, 1.8), fat_groove=u(4, 8),
+        fat_angles=(np.deg2rad(100 + u(-15, 15)), np.deg2rad(245 + u(-15, 15))),
+        body_shift=(u(-3, 3), u(-3, 3)), scar=sc if scar else None,
+        translation=(float(shift * np.cos(direction)), float(shift * np.sin(direction)))
+        if misalign else (0.0, 0.0),
+        rotation=float(np.deg2rad(rot)) if misalign else 0.0,
+        scale=float(scl) if misalign else 1.0)
+
+
+def _dome(h, length: float):
+    """Radius profile of a half-ellipsoid: 1 at the base (h=0), 0 at h=length."""
+    return np.sqrt(np.clip(1.0 - (h / length) ** 2, 0.0, 1.0)) * (h >= 0)
+
+
+def _paint_heart(a: _Anatomy, t: np.ndarray, qx, qy, z) -> None:
+    """Paint pericardial fat, RV wall/blood, LV myocardium, scar and LV blood into ``t``."""
+    h = a.z_base - z
+    dx = qx - (a.centre[0] + a.drift[0] * h)
+    dy = qy - (a.centre[1] + a.drift[1] * h)
+    len_epi = a.z_base - a.z_apex
+    r_epi = (a.r_endo + a.wall) * _dome(h, len_epi)
+    r_endo = a.r_endo * _dome(h, len_epi - a.apex_wall)
+    g = _dome(h, a.rv_length)
+    ce, se = np.cos(a.ellipse_angle), np.sin(a.ellipse_angle)
+    rho = np.hypot((dx * ce + dy * se) / (1 + a.ellipticity), (dy * ce - dx * se) / (1 - a.ellipticity))
+    theta = np.arctan2(dy, dx)
+    # RV: an ellipse centred half-way to the septum, minus the LV -> a crescent.
+    w = a.rv_width * g
+    ca, sa = np.cos(a.rv_angle), np.sin(a.rv_angle)
+    s = dx * ca + dy * sa - 0.5 * r_epi
+    n = dy * ca - dx * sa
+    big_a = 0.5 * r_epi + w + 1e-6
+    big_b = r_epi * (0.5 + 0.6 * g) + 1e-6
+    present = w > 2.0
+
+    def in_rv(extra):
+        return present & ((s / (big_a + extra)) ** 2 + (n / (big_b + extra)) ** 2 < 1)
+
+    fat_t = a.fat_rim + a.fat_groove * sum(np.maximum(0, np.cos(theta - ang)) ** 8 for ang in a.fat_angles)
+    t[((rho < r_epi + fat_t) & (r_epi > 0)) | in_rv(RV_WALL_MM + fat_t)] = FAT
+    t[in_rv(RV_WALL_MM)] = RV_WALL
+    t[in_rv(0.0)] = RV
+    myo = np.broadcast_to(rho < r_epi, t.shape)
+    t[myo] = MYO
+    if a.scar is not None:
+        sc = a.scar
+        dth = np.angle(np.exp(1j * (theta - np.deg2rad(sc["angle_deg"]))))
+        prof = np.clip(1 - (dth / np.deg2rad(sc["half_width_deg"])) ** 2, 0, 1)
+        tau = (rho - r_endo) / np.maximum(r_epi - r_endo, 1e-6)
+        t[myo & (z >= sc["z_lo"]) & (z <= sc["z_hi"]) & (prof > 0)
+          & (tau < sc["transmurality"] * np.sqrt(prof))] = SCAR
+    t[np.broadcast_to(rho < r_endo, t.shape)] = LV
+
+
+def _tissue_map(a: _Anatomy, x, y, z, heart_only: bool = False) -> np.ndarray:
+    """Tissue codes (int8) of the world points ``(x, y, z)`` (broadcast together)."""
+    hx, hy = HEART_CENTER
+    px, py = x - hx - a.translation[0], y - hy - a.translation[1]
+    cr, sr = np.cos(a.rotation), np.sin(a.rotation)
+    qx = hx + (cr * px + sr * py) / a.scale
+    qy = hy + (cr * py - sr * px) / a.scale
+    t = np.full(np.broadcast_shapes(np.shape(qx), np.shape(qy), np.shape(z)), SOFT, np.int8)
+    if not heart_only:
+        bx, by = qx - a.body_shift[0], qy - a.body_shift[1]
+        zf = 0.8 + 0.2 * np.clip((z + 60) / 120, 0, 1)  # lungs shrink towards the diaphragm
+        t[((bx - 74) / (34 * zf)) ** 2 + ((by + 5) / (62 * zf)) ** 2 < 1] = LUNG
+        t[((bx + 92) / (38 * zf)) ** 2 + ((by - 5) / (60 * zf)) ** 2 < 1] = LUNG
+        t[((bx + 40) / 75) ** 2 + ((by + 112 - 0.45 * (45 - z)) / 50) ** 2 < 1] = LIVER
+        t[np.broadcast_to((bx - 30) ** 2 + (by + 56) ** 2 < 11 ** 2, t.shape)] = AORTA
+        wall_y = 60 - 0.004 * bx ** 2
+        t[np.broadcast_to(by > wall_y, t.shape)] = MUSCLE
+        t[np.broadcast_to(by > wall_y + 9, t.shape)] = FAT
+        t[np.broadcast_to(by > wall_y + 17, t.shape)] = AIR
+    _paint_heart(a, t, qx, qy, z)
+    return t
+
+
+def _smooth_field(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+    """Zero-mean, unit-std smooth random field (in-plane smoothing only)."""
+    f = ndimage.gaussian_filter(rng.standard_normal(shape), (sigma, sigma, 0), mode="wrap")
+    return f / (f.std() + 1e-12)
+
+
+def _render(a: _Anatomy, geo: SequenceGeometry, seq: str, shifts: np.ndarray,
+            means: np.ndarray, noise: float, rng: np.random.Generator):
+    """Sample one sequence: returns (float32 image, int16 labels, uint8 scar mask)."""
+    nx, ny = geo.shape
+    x0, y0, _ = geo.origin()
+    off = (np.arange(SUPERSAMPLE) - (SUPERSAMPLE - 1) / 2) / SUPERSAMPLE
+    fx = x0 + (np.arange(nx)[:, None] + off).ravel() * geo.spacing[0]
+    fy = y0 + (np.arange(ny)[:, None] + off).ravel() * geo.spacing[1]
+    c = SUPERSAMPLE // 2
+    img = np.empty((nx, ny, geo.n_slices), np.float64)
+    lab = np.empty((nx, ny, geo.n_slices), np.int16)
+    scar = np.empty((nx, ny, geo.n_slices), np.uint8)
+    for k, zk in enumerate(geo.slice_z()):
+        z = (zk + off * geo.slice_spacing)[:, None, None]
+        t = _tissue_map(a, (fx - shifts[k, 0])[None, :, None], (fy - shifts[k, 1])[None, None, :], z)
+        img[:, :, k] = means[t].reshape(SUPERSAMPLE, nx, SUPERSAMPLE, ny, SUPERSAMPLE).mean(axis=(0, 2, 4))
+        centre = t[c, c::SUPERSAMPLE, c::SUPERSAMPLE]
+        lab[:, :, k] = TISSUE_LABEL[centre]
+        scar[:, :, k] = centre == SCAR
+    # Smooth coil-sensitivity bias, mild tissue texture, per-slice (breath-hold) gain.
+    gx, gy = np.meshgrid(fx[c::SUPERSAMPLE], fy[c::SUPERSAMPLE], indexing="ij")
+    bias = np.exp(rng.uniform(-1.5e-3, 1.5e-3) * gx + rng.uniform(-1.5e-3, 1.5e-3) * gy)
+    texture = 1 + 0.04 * _smooth_field(rng, img.shape, 3.0)
+    gain = 1 + rng.uniform(-0.03, 0.03, geo.n_slices)
+    img = img * bias[:, :, None] * texture * gain * INTENSITY_SCALE
+    sigma = noise * INTENSITY_SCALE
+    img = np.hypot(img + sigma * rng.standard_normal(img.shape), sigma * rng.standard_normal(img.shape))
+    return np.maximum(np.round(img), 1.0).astype(np.float32), lab, scar
+
+
+def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(path))
+
+
+def _atlas_geometry(de: SequenceGeometry) -> SequenceGeometry:
+    """Atlas grid: 1.5 mm in-plane covering the DE field, 5 mm slices over ATLAS_Z_RANGE."""
+    fov = [n * s for n, s in zip(de.shape, de.spacing)]
+    shape = tuple(int(np.ceil(f / ATLAS_SPACING[0])) for f in fov)
+    n_z = int(round((ATLAS_Z_RANGE[1] - ATLAS_Z_RANGE[0]) / ATLAS_SPACING[2])) + 1
+    return SequenceGeometry(shape, ATLAS_SPACING[:2], n_z, ATLAS_SPACING[2], ATLAS_Z_RANGE[0])
+
+
+def _build_atlas(config: SyntheticConfig, geo: SequenceGeometry) -> np.ndarray:
+    """Probabilistic atlas (X, Y, Z, 4) from N_ATLAS_DRAWS aligned shape draws."""
+    x0, y0, _ = geo.origin()
+    x = (x0 + np.arange(geo.shape[0]) * geo.spacing[0])[None, :, None]
+    y = (y0 + np.arange(geo.shape[1]) * geo.spacing[1])[None, None, :]
+    z = np.asarray(geo.slice_z())[:, None, None]
+    acc = np.zeros((3, geo.n_slices, *geo.shape))
+    for d in range(N_ATLAS_DRAWS):
+        a = _draw_anatomy(np.random.default_rng([config.seed, 2, d]), scar=False, misalign=False)
+        lab = TISSUE_LABEL[_tissue_map(a, x, y, z, heart_only=True)]
+        for c, name in enumerate(ATLAS_CLASSES[1:]):
+            acc[c] += lab == LABEL_VALUES[name]
+    sigma = [0, 0, 1.5 / geo.spacing[0], 1.5 / geo.spacing[1]]
+    fg = ndimage.gaussian_filter(acc / N_ATLAS_DRAWS, sigma, mode="nearest")
+    fg = np.clip(fg, 0, None)
+    fg /= np.maximum(fg.sum(axis=0, keepdims=True), 1.0)
+    prob = np.concatenate([1 - fg.sum(axis=0, keepdims=True), fg])
+    return np.ascontiguousarray(prob.transpose(2, 3, 1, 0), dtype=np.float32)
+
+
+def _make_subject(root: Path, config: SyntheticConfig, index: int) -> None:
+    """Write the images, manual labels, scar mask and truth json of one subject."""
+    name = f"patient{index}"
+    rng = np.random.default_rng([config.seed, 1, index])
+    a = _draw_anatomy(rng, scar=index % 2 == 0, misalign=config.misalignment)
+    truth = {"subject": name, "has_scar": a.scar is not None, "scar": a.scar,
+             "slice_shifts_mm": {}, "slice_shift_convention": "image(p) = anatomy(p - shift)",
+             "atlas_offset": {"translation_mm": list(a.translation),
+                              "rotation_deg": float(np.rad2deg(a.rotation)), "scale": a.scale,
+                              "center_mm": list(HEART_CENTER),
+                              "convention": "p = center + t + scale * R(rotation) (q - center)"},
+             "anatomy": {k: v for k, v in asdict(a).items()
+                         if k not in ("scar", "translation", "rotation", "scale")},
+             "intensity_means": {}, "noise_sigma": config.noise * INTENSITY_SCALE,
+             "geometry": {}, "label_values": LABEL_VALUES}
+    for si, seq in enumerate(SEQUENCES):
+        geo = config.geometries[seq]
+        sub = np.random.default_rng([config.seed, 3, index, si])
+        shifts = sub.uniform(-config.max_slice_shift_mm, config.max_slice_shift_mm, (geo.n_slices, 2))
+        if not config.misalignment or seq == REFERENCE_SEQUENCE:
+            shifts = np.zeros_like(shifts)
+        means = np.asarray(MEANS[seq]) * (1 + sub.uniform(-0.05, 0.05, len(TISSUES)))
+        img, lab, scar = _render(a, geo, seq, shifts, means, config.noise, sub)
+        _save(root / f"{name}_{seq}.nii.gz", img, geo.affine())
+        _save(root / f"{name}_{seq}_manual.nii.gz", lab, geo.affine())
+        if seq == REFERENCE_SEQUENCE:
+            _save(root / "truth" / f"{name}_DE_scar.nii.gz", scar, geo.affine())
+        truth["slice_shifts_mm"][seq] = shifts.tolist()
+        truth["intensity_means"][seq] = dict(zip(TISSUES, (means * INTENSITY_SCALE).tolist()))
+        truth["geometry"][seq] = {**asdict(geo), "slice_z_mm": geo.slice_z(),
+                                  "affine": geo.affine().tolist()}
+    (root / "truth" / f"{name}_truth.json").write_text(json.dumps(truth, indent=1))
+
+
+def make_cohort(root: str | Path, config: SyntheticConfig = SyntheticConfig()) -> Path:
+    """Generate the cohort into ``root`` (created if needed) and return it.
+
+    Writes ``patientN_{C0,DE,T2}.nii.gz`` (float32), ``patientN_{seq}_manual.nii.gz``
+    (int16 labels 0/200/500/600), ``atlas.nii.gz`` (float32 X,Y,Z,4 probabilities of
+    background/myocardium/LV/RV) with ``atlas.json``, ``truth/patientN_truth.json``,
+    ``truth/patientN_DE_scar.nii.gz`` and, last, ``cohort.json``.
+    """
+    root = Path(root)
+    config = _resolved(config)
+    (root / "truth").mkdir(parents=True, exist_ok=True)
+    for index in range(1, config.n_subjects + 1):
+        _make_subject(root, config, index)
+    ageo = _atlas_geometry(config.geometries[REFERENCE_SEQUENCE])
+    _save(root / "atlas.nii.gz", _build_atlas(config, ageo), ageo.affine())
+    (root / "atlas.json").write_text(json.dumps({
+        "classes": list(ATLAS_CLASSES), "label_values": [LABEL_VALUES[c] for c in ATLAS_CLASSES],
+        "built_from": f"{N_ATLAS_DRAWS} aligned random draws of the synthetic shape model "
+                      f"(seed {config.seed}), averaged one-hot, Gaussian sigma 1.5 mm in-plane",
+        "geometry": asdict(ageo)}, indent=1))
+    (root / "cohort.json").write_text(json.dumps({
+        "generator": "mvmm_monai.data.synthetic", "generator_version": GENERATOR_VERSION,
+        "key": config_key(config), "config": asdict(config), "subjects": subject_names(config),
+        "scar_subjects": scar_subjects(config), "sequences": list(SEQUENCES),
+        "reference_sequence": REFERENCE_SEQUENCE, "label_values": LABEL_VALUES,
+        "atlas": "atlas.nii.gz"}, indent=1))
+    return root
+
+
+def ensure_cohort(cache_dir: str | Path, config: SyntheticConfig = SyntheticConfig()) -> Path:
+    """Return ``cache_dir/synthetic-<key>``, generating it atomically if missing.
+
+    The cohort is built in a temporary sibling directory and renamed into place;
+    if another process finished first its copy is kept and ours discarded.
+    ``cohort.json`` (written last) marks a complete cohort.
+    """
+    cache_dir = Path(cache_dir)
+    final = cache_dir / f"synthetic-{config_key(config)}"
+    if (final / "cohort.json").is_file():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-synthetic-", dir=cache_dir))
+    try:
+        make_cohort(tmp, config)
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "cohort.json").is_file():  # stale incomplete directory
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,39 @@
+"""The MvMM mixture engine: pure torch functions, 2D and 3D alike.
+
+Shapes: images ``[B, N, *spatial]`` (N sequences), coverage ``[B, N, *spatial]`` (1 where image
+n covers the voxel), atlas / prior / posterior ``[B, K, *spatial]`` (K classes), per-image class
+subtype parameters ``[B, N, K, C]`` (C = the largest subtype count, unused slots masked).
+"""
+
+from mvmm_monai.mixture.em import (
+    EMConfig,
+    EStepResult,
+    MixtureParams,
+    e_step,
+    em_step,
+    fit_em,
+    log_likelihood,
+    m_step,
+)
+from mvmm_monai.mixture.gaussian import component_log_densities, intensity_features, log_normal, subtype_mask
+from mvmm_monai.mixture.init import initialise_from_atlas
+from mvmm_monai.mixture.prior import atlas_log_prior, log_atlas_from_prob, mrf_log_potential, update_log_pi
+
+__all__ = [
+    "EMConfig",
+    "EStepResult",
+    "MixtureParams",
+    "atlas_log_prior",
+    "component_log_densities",
+    "e_step",
+    "em_step",
+    "fit_em",
+    "initialise_from_atlas",
+    "log_atlas_from_prob",
+    "log_likelihood",
+    "log_normal",
+    "m_step",
+    "mrf_log_potential",
+    "subtype_mask",
+    "update_log_pi",
+]

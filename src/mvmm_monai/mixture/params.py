@@ -1,0 +1,81 @@
+"""Containers of the mixture: its parameters and its configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class EMConfig:
+    """Settings of the EM steps (all from the Hydra ``model`` group).
+
+    Attributes:
+        min_variance: variance floor of every subtype (intensities are scaled to [0, 1]).
+        min_mass: a subtype or class with less responsibility mass (in voxels) keeps its previous
+            parameters instead of dividing by ~0.
+        min_weight: floor of a real subtype's weight tau, so a starved subtype can come back.
+        min_proportion: floor of a class proportion pi_k, so an empty class can come back once
+            the registration moves the atlas.
+        beta: strength of the mean-field MRF; 0 switches it off.
+        mrf_neighbourhood: ``"inplane"`` or ``"full"``.
+        update_pi: run the fixed-point update of the class proportions pi_k.
+        chunk_voxels: voxels per chunk of the E-step (speed only, results do not depend on it).
+    """
+
+    min_variance: float = 1e-4
+    min_mass: float = 1e-3
+    min_weight: float = 1e-6
+    min_proportion: float = 1e-8
+    beta: float = 0.0
+    mrf_neighbourhood: str = "inplane"
+    update_pi: bool = True
+    chunk_voxels: int = 32768
+
+    def __post_init__(self) -> None:
+        if not self.min_variance > 0:
+            raise ValueError(f"EMConfig.min_variance must be > 0, got {self.min_variance}")
+        if self.min_mass < 0 or not 0 <= self.min_weight < 1 or not 0 <= self.min_proportion < 1:
+            raise ValueError(
+                f"EMConfig: need min_mass >= 0 and min_weight, min_proportion in [0, 1); got "
+                f"{self.min_mass}, {self.min_weight}, {self.min_proportion}"
+            )
+        if self.chunk_voxels < 1:
+            raise ValueError(f"EMConfig.chunk_voxels must be >= 1, got {self.chunk_voxels}")
+        if self.beta < 0:
+            raise ValueError(f"EMConfig.beta must be >= 0, got {self.beta}")
+        if self.mrf_neighbourhood not in ("inplane", "full"):
+            raise ValueError(f"EMConfig.mrf_neighbourhood must be 'inplane' or 'full', got {self.mrf_neighbourhood!r}")
+
+
+@dataclass(frozen=True)
+class MixtureParams:
+    """Parameters of the MvMM mixture (B subjects, N images, K classes, C subtype slots).
+
+    Attributes:
+        log_pi: ``[B, K]`` log class proportions (the atlas prior's pi_k).
+        log_tau: ``[B, N, K, C]`` log subtype weights; ``-inf`` marks a padded (absent) slot.
+        mean: ``[B, N, K, C]`` subtype means.
+        var: ``[B, N, K, C]`` subtype variances.
+    """
+
+    log_pi: Tensor
+    log_tau: Tensor
+    mean: Tensor
+    var: Tensor
+
+    @property
+    def valid(self) -> Tensor:
+        """``[B, N, K, C]`` mask of the real subtype slots."""
+        return torch.isfinite(self.log_tau)
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {"log_pi": self.log_pi, "log_tau": self.log_tau, "mean": self.mean, "var": self.var}
+
+    def detach(self) -> "MixtureParams":
+        return MixtureParams(**{k: v.detach() for k, v in self.as_dict().items()})
+
+    def to(self, *args, **kwargs) -> "MixtureParams":
+        return MixtureParams(**{k: v.to(*args, **kwargs) for k, v in self.as_dict().items()})

@@ -1,0 +1,28 @@
+"""Shared fixtures: small known-truth mixtures and (optionally) the real MyoPS folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+MYOPS_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "myops"
+
+
+def smooth_atlas(spatial: tuple[int, ...], k: int, generator: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    """A smooth probabilistic atlas ``[1, K, *spatial]``: concentric soft classes with a random warp."""
+    axes = [torch.linspace(-1, 1, s, dtype=dtype) for s in spatial]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    offset = 0.15 * torch.rand(len(spatial), generator=generator, dtype=dtype)
+    r = ((grid[:2] - offset[:2, None, None] if len(spatial) == 2 else grid[:2] - offset[:2, None, None, None]) ** 2).sum(0).sqrt()
+    centres = torch.linspace(0.15, 0.95, k, dtype=dtype)
+    logits = -((r[None] - centres.reshape(k, *([1] * len(spatial)))) ** 2) / (2 * 0.12**2)
+    return torch.softmax(logits, dim=0)[None]
+
+
+@pytest.fixture
+def myops_root() -> Path:
+    if not MYOPS_ROOT.is_dir():
+        pytest.skip(f"real MyoPS data not found at {MYOPS_ROOT}")
+    return MYOPS_ROOT

@@ -1,0 +1,230 @@
+"""Outcome tests of the EM engine against known truth."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from mvmm_monai.mixture import (
+    EMConfig,
+    MixtureParams,
+    atlas_log_prior,
+    e_step,
+    em_step,
+    fit_em,
+    initialise_from_atlas,
+    log_atlas_from_prob,
+    log_likelihood,
+    mrf_log_potential,
+    update_log_pi,
+)
+from tests.conftest import smooth_atlas
+
+DTYPE = torch.float64
+
+
+def sample_mixture(spatial, counts, seed=0):
+    """Labels from the atlas, subtypes from tau, intensities from well-separated Gaussians."""
+    g = torch.Generator().manual_seed(seed)
+    n, k = counts.shape
+    atlas = smooth_atlas(spatial, k, g)
+    labels = torch.multinomial(atlas[0].reshape(k, -1).T, 1, generator=g)[:, 0]
+    c = int(counts.max())
+    valid = torch.arange(c)[None, None] < counts[..., None]
+    # class means on a grid per image, subtypes well apart, small variances
+    base = torch.linspace(0.1, 0.9, k, dtype=DTYPE)
+    perm = [torch.randperm(k, generator=g) for _ in range(n)]
+    mean = torch.zeros(n, k, c, dtype=DTYPE)
+    var = torch.full((n, k, c), 1.0, dtype=DTYPE)
+    tau = torch.zeros(n, k, c, dtype=DTYPE)
+    for i, kk in itertools.product(range(n), range(k)):
+        m = int(counts[i, kk])
+        mean[i, kk, :m] = base[perm[i][kk]] + torch.linspace(-0.06, 0.06, m, dtype=DTYPE) * (m > 1)
+        var[i, kk, :m] = (0.012 + 0.004 * torch.rand(m, generator=g, dtype=DTYPE)) ** 2
+        tau[i, kk, :m] = torch.full((m,), 1.0 / m, dtype=DTYPE) + 0.2 * torch.linspace(-1, 1, m, dtype=DTYPE) / m
+    tau = torch.where(valid, tau, 0.0)
+    tau = tau / tau.sum(-1, keepdim=True)
+    v = labels.numel()
+    images = torch.empty(n, v, dtype=DTYPE)
+    for i in range(n):
+        sub = torch.multinomial(tau[i, labels], 1, generator=g)[:, 0]
+        mu = mean[i, labels, sub]
+        sd = var[i, labels, sub].sqrt()
+        images[i] = mu + sd * torch.randn(v, generator=g, dtype=DTYPE)
+    truth = MixtureParams(
+        log_pi=torch.full((1, k), -torch.log(torch.tensor(float(k), dtype=DTYPE))),
+        log_tau=torch.where(valid, torch.log(tau), -torch.inf)[None],
+        mean=mean[None],
+        var=var[None],
+    )
+    return images.reshape(1, n, *spatial), atlas, labels.reshape(spatial), truth
+
+
+def dice(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.stack([2 * ((a == c) & (b == c)).sum() / ((a == c).sum() + (b == c).sum()) for c in range(1, k)])
+
+
+@pytest.mark.parametrize("spatial", [(128, 128), (40, 40, 10)])
+def test_recovers_known_mixture_and_bayes_dice(spatial):
+    counts = torch.tensor([[3, 2, 1, 2], [2, 1, 2, 1]])
+    images, atlas, labels, truth = sample_mixture(spatial, counts)
+    coverage = torch.ones_like(images)
+    log_atlas = log_atlas_from_prob(atlas, 1e-6)
+    fit = fit_em(images, coverage, log_atlas, counts, EMConfig(min_variance=1e-6), max_iter=300, tol=1e-9)
+    assert fit.converged
+    valid = truth.valid[0]
+    for i, kk in itertools.product(range(2), range(4)):
+        m = int(counts[i, kk])
+        got_mu, order = torch.sort(fit.params.mean[0, i, kk, :m])
+        got_var = fit.params.var[0, i, kk, :m][order]
+        want_mu, order_t = torch.sort(truth.mean[0, i, kk, :m])
+        want_var = truth.var[0, i, kk, :m][order_t]
+        assert torch.allclose(got_mu, want_mu, atol=6e-3), (i, kk, got_mu, want_mu)
+        assert torch.allclose(got_var.sqrt(), want_var.sqrt(), rtol=0.15), (i, kk, got_var, want_var)
+    assert torch.equal(fit.params.valid[0], valid)
+    bayes = e_step(images, coverage, atlas_log_prior(log_atlas, truth.log_pi), truth)
+    bayes_dice = dice(bayes.log_posterior[0].argmax(0), labels, 4).mean()
+    fit_dice = dice(fit.log_posterior[0].argmax(0), labels, 4).mean()
+    assert fit_dice >= bayes_dice - 0.01, (fit_dice, bayes_dice)
+
+
+@pytest.mark.parametrize("update_pi", [True, False])
+def test_em_never_decreases_log_likelihood(update_pi):
+    # a misspecified model (one subtype where the data have three) on correlated images
+    counts = torch.tensor([[1, 1, 1, 1], [2, 1, 1, 1], [1, 2, 2, 1]])
+    images, atlas, _, _ = sample_mixture((48, 48, 6), torch.tensor([[3, 2, 2, 2]] * 3), seed=3)
+    coverage = torch.ones_like(images)
+    coverage[:, 2, :, :, :2] = 0  # hetero-coverage too
+    log_atlas = log_atlas_from_prob(atlas.roll(5, dims=2), 1e-4)  # a misplaced atlas
+    params = initialise_from_atlas(images, coverage, log_atlas.exp(), counts)
+    cfg = EMConfig(update_pi=update_pi)
+    trace = []
+    for _ in range(40):
+        params, est = em_step(images, coverage, log_atlas, params, cfg)
+        trace.append(float(est.log_likelihood))
+    diffs = torch.diff(torch.tensor(trace))
+    assert (diffs > -1e-10).all(), diffs.min()
+    assert trace[-1] > trace[0] + 0.05
+
+
+def test_coverage_excludes_uncovered_voxels():
+    counts = torch.tensor([[2, 2, 1, 1], [2, 1, 2, 1]])
+    images, atlas, _, _ = sample_mixture((64, 64), counts, seed=1)
+    coverage = torch.ones_like(images)
+    coverage[:, 1, :, 40:] = 0
+    log_atlas = log_atlas_from_prob(atlas, 1e-4)
+    a = images.clone()
+    b = images.clone()
+    a[:, 1, :, 40:] = 0.0
+    b[:, 1, :, 40:] = 1e3 * torch.rand_like(b[:, 1, :, 40:])
+    with pytest.warns(UserWarning, match="did not converge"):
+        fa = fit_em(a, coverage, log_atlas, counts, max_iter=30, tol=0)
+    with pytest.warns(UserWarning, match="did not converge"):
+        fb = fit_em(b, coverage, log_atlas, counts, max_iter=30, tol=0)
+    for key, val in fa.params.as_dict().items():
+        assert torch.allclose(val, fb.params.as_dict()[key], equal_nan=False), key
+    assert torch.allclose(fa.log_posterior, fb.log_posterior)
+    # where only image 0 covers, the posterior is the single-image posterior of image 0
+    single = e_step(
+        images[:, :1], coverage[:, :1], atlas_log_prior(log_atlas, fa.params.log_pi), MixtureParams(
+            fa.params.log_pi, fa.params.log_tau[:, :1], fa.params.mean[:, :1], fa.params.var[:, :1]
+        )
+    )
+    multi = e_step(a, coverage, atlas_log_prior(log_atlas, fa.params.log_pi), fa.params)
+    assert torch.allclose(single.log_posterior[..., 40:], multi.log_posterior[..., 40:])
+    assert not torch.allclose(single.log_posterior[..., :40], multi.log_posterior[..., :40])
+    # image 1's statistics sum only over its own coverage
+    assert torch.isclose(multi.mass[0, 1].sum(), coverage[0, 1].sum())
+
+
+def test_empty_class_and_subtypes_stay_finite():
+    counts = torch.tensor([[3, 2, 2, 3]])
+    images, atlas, _, _ = sample_mixture((32, 32), torch.tensor([[2, 1, 1, 1]]), seed=2)
+    atlas = atlas.clone()
+    atlas[:, 3] = 0.0  # the RV channel is empty
+    atlas = atlas / atlas.sum(1, keepdim=True)
+    images[..., :, :] = images.clamp(0.2, 0.3)  # flat data: subtypes starve
+    fit = fit_em(images, torch.ones_like(images), log_atlas_from_prob(atlas, 1e-8), counts, max_iter=100, tol=1e-5)
+    for key, val in fit.params.as_dict().items():
+        assert not torch.isnan(val).any(), key
+    assert torch.isfinite(fit.log_posterior).all()
+    assert fit.params.var.min() >= EMConfig().min_variance
+    assert fit.params.log_pi[0, 3].exp() >= EMConfig().min_proportion * 0.99
+
+
+def test_pi_update_is_a_fixed_point_of_the_truth_and_increases_the_objective():
+    g = torch.Generator().manual_seed(0)
+    atlas = smooth_atlas((40, 40), 4, g).reshape(1, 4, -1)
+    log_atlas = log_atlas_from_prob(atlas, 1e-6)
+    true_log_pi = torch.log(torch.tensor([[0.4, 0.1, 0.3, 0.2]], dtype=DTYPE))
+    post = atlas_log_prior(log_atlas, true_log_pi).exp()
+    mask = torch.ones(1, post.shape[-1], dtype=DTYPE)
+    start = torch.log(torch.full((1, 4), 0.25, dtype=DTYPE))
+    objective = lambda lp: (post * atlas_log_prior(log_atlas, lp)).sum()  # noqa: E731
+    new = update_log_pi(post, log_atlas, start, mask)
+    assert objective(new) > objective(start)
+    cur = start
+    for _ in range(500):
+        cur = update_log_pi(post, log_atlas, cur, mask)
+    assert torch.allclose(cur.exp(), true_log_pi.exp(), atol=1e-4)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_mrf_potential_counts_neighbours(ndim):
+    spatial = (5,) * ndim
+    post = torch.zeros(1, 2, *spatial, dtype=DTYPE)
+    post[:, 0] = 1.0
+    centre = (0, slice(None)) + (2,) * ndim
+    post[centre] = torch.tensor([0.0, 1.0], dtype=DTYPE)
+    pot = mrf_log_potential(post, beta=0.5, neighbourhood="inplane")
+    # the centre voxel sees 4 in-plane neighbours of class 0
+    assert pot[(0, 0) + (2,) * ndim] == pytest.approx(0.5 * 4)
+    assert pot[(0, 1) + (2,) * ndim] == 0.0
+    if ndim == 3:
+        full = mrf_log_potential(post, beta=1.0, neighbourhood="full")
+        assert full[(0, 0, 2, 2, 2)] == pytest.approx(6.0)
+
+
+def test_mrf_removes_isolated_errors():
+    counts = torch.tensor([[1, 1, 1, 1]])
+    g = torch.Generator().manual_seed(4)
+    atlas = smooth_atlas((64, 64), 4, g)
+    labels = atlas[0].argmax(0)
+    means = torch.tensor([0.1, 0.4, 0.7, 1.0], dtype=DTYPE)
+    images = (means[labels] + 0.16 * torch.randn(labels.shape, generator=g, dtype=DTYPE))[None, None]
+    flat = torch.full_like(atlas, 0.25)
+    d = {}
+    for beta in (0.0, 1.0):
+        fit = fit_em(images, torch.ones_like(images), log_atlas_from_prob(flat, 1e-3), counts,
+                     EMConfig(beta=beta, update_pi=False), max_iter=300, tol=1e-6,
+                     params=initialise_from_atlas(images, torch.ones_like(images), atlas, counts))
+        d[beta] = float(dice(fit.log_posterior[0].argmax(0), labels, 4).mean())
+    assert d[1.0] > d[0.0] + 0.05, d
+
+
+def test_chunking_does_not_change_the_e_step_and_matches_the_differentiable_likelihood():
+    counts = torch.tensor([[3, 2, 2, 2], [2, 2, 1, 1]])
+    images, atlas, _, _ = sample_mixture((30, 20, 3), counts, seed=5)
+    coverage = torch.ones_like(images)
+    coverage[:, 1, ..., 0] = 0
+    log_atlas = log_atlas_from_prob(atlas, 1e-4)
+    params = initialise_from_atlas(images, coverage, atlas, counts)
+    lp = atlas_log_prior(log_atlas, params.log_pi)
+    a = e_step(images, coverage, lp, params, chunk_voxels=17)
+    b = e_step(images, coverage, lp, params, chunk_voxels=10**6)
+    for f in ("log_posterior", "log_likelihood", "mass", "sum_x", "sum_xx"):
+        assert torch.allclose(getattr(a, f), getattr(b, f)), f
+    ll = log_likelihood(images, coverage, log_atlas, params, EMConfig())
+    assert torch.allclose(ll, a.log_likelihood)
+
+
+def test_bad_shapes_raise_clear_errors():
+    images = torch.zeros(1, 2, 8, 8)
+    with pytest.raises(ValueError, match="coverage shape"):
+        e_step(images, torch.ones(1, 1, 8, 8), torch.zeros(1, 4, 8, 8), None)
+    with pytest.raises(ValueError, match="counts must be"):
+        initialise_from_atlas(images, torch.ones_like(images), torch.full((1, 4, 8, 8), 0.25), torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="min_variance"):
+        EMConfig(min_variance=0)
