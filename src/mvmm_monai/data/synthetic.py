@@ -1,34 +1,41 @@
 """Deterministic synthetic multi-sequence cardiac MR cohort in the MS-CMRSeg layout.
 
 A continuous world model of a short-axis thorax is sampled on the grid of each
-sequence (bSSFP ``C0``, LGE ``DE`` and T2-weighted ``T2``), with partial volume
-(3x3 in-plane x 3 through-plane sub-samples per voxel), a smooth bias field,
-mild tissue texture and Rician noise.
+sequence (bSSFP ``C0``, LGE ``DE`` = reference, T2-weighted ``T2``) with partial
+volume (3x3 in-plane x 3 through-plane sub-samples per voxel averaged; labels are
+the tissue at the voxel centre), a smooth bias field, mild texture, a per-slice
+gain and Rician noise (sigma = ``noise * INTENSITY_SCALE``).
 
 World frame (mm): short axis = world z, base at high z (about +47), apex at low z
-(about -50); in-plane +x = patient left (LV lateral wall / left lung side),
-+y = anterior (chest wall).  The RV crescent wraps the septal (-x) side of the LV.
-All affines are axis aligned: voxel (i, j, k) -> (x0 + i*dx, y0 + j*dy, z0 + k*dz)
-with the in-plane field of view centred on world (0, 0).
+(about -50); in-plane +x = patient left (LV lateral wall, left lung), +y = anterior
+(chest wall).  Affines are axis aligned: voxel (i, j, k) -> (x0 + i*dx, y0 + j*dy,
+z0 + k*dz), the in-plane field of view centred on world (0, 0).
 
-Tissues: soft tissue, lung, liver, fat (epicardial/pericardial and subcutaneous),
-chest-wall muscle, air, descending aorta, RV free wall, LV myocardium, LV blood,
-RV blood and scar.  Labels follow MS-CMRSeg: 0 background, 200 LV myocardium
-(scar included), 500 LV blood pool, 600 RV blood pool.  The thin RV free wall has
-myocardium-like intensity but is labelled *background* (as in MS-CMRSeg, where
-only the LV myocardium is annotated); so is the blood in the aorta.
+Tissues: soft tissue, lungs, liver (inferior, growing towards the apex), fat
+(epicardial rim, interventricular grooves, subcutaneous), chest-wall muscle, air,
+descending aorta, RV free wall, LV myocardium, papillary muscles, LV/RV blood, scar.
+Labels follow MS-CMRSeg: 0 background, 200 LV myocardium (scar included), 500 LV
+blood pool (papillary muscles included), 600 RV blood pool.  The RV free wall has
+myocardium-like intensity but is *background* (only the LV myocardium is annotated
+in MS-CMRSeg), and so is the (bright) aortic blood.  Scar (bright in DE only) is in
+the even-numbered patients (``scar_subjects``).
 
-Misalignment (``SyntheticConfig.misalignment``), recorded in ``truth/*.json``:
+Ground truth, ``truth/patientN_truth.json``: ``subject``, ``has_scar``, ``scar``
+(angle, width, transmurality, z range or null), ``slice_shifts_mm``,
+``atlas_offset``, ``anatomy`` (shape parameters, mm/rad), ``intensity_means`` (per sequence
+and tissue), ``noise_sigma``, ``geometry`` (per sequence, with slice z and affine),
+``label_values``; plus ``truth/patientN_DE_scar.nii.gz``.  Misalignment
+(``SyntheticConfig.misalignment``; all zeros/identity when off):
 
 * ``slice_shifts_mm[seq][k] = [dx, dy]``: slice ``k`` of ``C0``/``T2`` shows the
   anatomy moved by ``+shift``, i.e. ``image(p) = anatomy(p - shift)`` for world
   points ``p`` of that slice.  ``DE`` (the reference) is never shifted.
 * ``atlas_offset``: the whole subject (heart and surroundings) is placed relative
   to the canonical/atlas frame by ``p = c + t + s * R(rotation) (q - c)``, with
-  ``q`` the canonical point, ``c = atlas_offset["center_mm"]`` (canonical LV
-  centre), ``t = translation_mm``, ``s = scale``, ``R`` the in-plane rotation by
-  ``rotation_deg`` (counter-clockwise from +x to +y).  Identity when misalignment
-  is off; natural shape variation (incl. a centre jitter of ~1-2 mm) stays.
+  ``q`` the canonical point, ``c = center_mm`` (canonical LV centre), ``t =
+  translation_mm``, ``s = scale``, ``R`` the in-plane rotation by ``rotation_deg``
+  (counter-clockwise from +x to +y).  Natural shape variation (incl. an LV centre
+  jitter of ~1-2 mm) exists either way.
 """
 from __future__ import annotations
 
@@ -58,15 +65,17 @@ HEART_CENTER = (6.0, 0.0)  # canonical LV centre at the base (world mm)
 RV_WALL_MM = 2.5
 
 TISSUES = ("soft", "lung", "liver", "fat", "muscle", "air", "aorta", "rv_wall",
-           "myocardium", "lv", "rv", "scar")
-SOFT, LUNG, LIVER, FAT, MUSCLE, AIR, AORTA, RV_WALL, MYO, LV, RV, SCAR = range(len(TISSUES))
-TISSUE_LABEL = np.array([0, 0, 0, 0, 0, 0, 0, 0, 200, 500, 600, 200], dtype=np.int16)
-# Mean intensities (fraction of INTENSITY_SCALE) per sequence, in TISSUES order.
+           "myocardium", "lv", "rv", "scar", "papillary")
+(SOFT, LUNG, LIVER, FAT, MUSCLE, AIR, AORTA, RV_WALL, MYO, LV, RV, SCAR,
+ PAPILLARY) = range(len(TISSUES))
+TISSUE_LABEL = np.array([0, 0, 0, 0, 0, 0, 0, 0, 200, 500, 600, 200, 500], dtype=np.int16)
+# Mean intensities (fraction of INTENSITY_SCALE) per sequence, in TISSUES order
+# (papillary muscles take the subject's myocardium value).
 MEANS = {
-    #       soft  lung  liver fat   musc  air   aorta rvwal myo   lv    rv    scar
-    "C0": (0.40, 0.04, 0.35, 0.85, 0.22, 0.01, 0.80, 0.25, 0.25, 0.90, 0.87, 0.25),
-    "DE": (0.22, 0.03, 0.30, 0.60, 0.15, 0.01, 0.50, 0.10, 0.08, 0.55, 0.50, 0.85),
-    "T2": (0.30, 0.04, 0.30, 0.70, 0.28, 0.01, 0.20, 0.38, 0.40, 0.25, 0.25, 0.40),
+    #       soft  lung  liver fat   musc  air   aorta rvwal myo   lv    rv    scar  pap
+    "C0": (0.30, 0.04, 0.42, 0.85, 0.22, 0.01, 0.80, 0.25, 0.25, 0.90, 0.87, 0.25, 0.25),
+    "DE": (0.18, 0.03, 0.32, 0.60, 0.14, 0.01, 0.50, 0.10, 0.08, 0.55, 0.50, 0.85, 0.08),
+    "T2": (0.36, 0.04, 0.26, 0.70, 0.28, 0.01, 0.20, 0.38, 0.40, 0.25, 0.25, 0.40, 0.40),
 }
 
 
@@ -121,12 +130,14 @@ class _Anatomy:
     apex_wall: float
     ellipticity: float
     ellipse_angle: float              # rad
+    harmonics: tuple[float, float, float, float]  # amplitude/phase of 2nd and 3rd radial modes
+    papillary: tuple[float, float, float]  # anterolateral/posteromedial angles (rad), radius factor
     rv_width: float                   # RV cavity width beyond the LV at the base
     rv_angle: float                   # rad, direction of the RV from the LV centre
+    rv_span: float                    # rad, half angular extent of the RV crescent
     rv_length: float                  # RV extent below the base (mm)
-    fat_rim: float
-    fat_groove: float
-    fat_angles: tuple[float, float]   # rad, anterior/inferior interventricular grooves
+    fat_rim: float                    # epicardial fat rim (mm)
+    fat_groove: float                 # extra fat in the interventricular grooves (mm)
     body_shift: tuple[float, float]   # lungs/liver/chest wall jitter (mm)
     scar: dict | None
     translation: tuple[float, float] = (0.0, 0.0)
@@ -165,26 +176,30 @@ def config_key(config: SyntheticConfig) -> str:
 
 def _draw_anatomy(rng: np.random.Generator, scar: bool, misalign: bool) -> _Anatomy:
     """Draw shape, scar and pose; always consumes the same random numbers."""
-    u = rng.uniform
-    z_base = 47.0 + u(-2, 2)
-    sc = {"angle_deg": float(u(20, 110)), "half_width_deg": float(u(25, 45)),
-          "transmurality": float(u(0.5, 1.0)), "z_lo": float(u(-30, -10))}
-    sc["z_hi"] = sc["z_lo"] + float(u(25, 40))
+    def u(lo, hi):
+        return float(rng.uniform(lo, hi))
+
+    def rad(deg):
+        return float(np.deg2rad(deg))
+
+    sc = {"angle_deg": u(20, 110), "half_width_deg": u(25, 45),
+          "transmurality": u(0.5, 1.0), "z_lo": u(-30, -10)}
+    sc["z_hi"] = sc["z_lo"] + u(25, 40)
     direction, shift = u(0, 2 * np.pi), u(6, 8)
     rot, scl = u(8, 12) * rng.choice([-1, 1]), 1 + u(0.04, 0.1) * rng.choice([-1, 1])
     return _Anatomy(
         centre=(HEART_CENTER[0] + float(np.clip(rng.normal(0, 1.2), -2.5, 2.5)),
                 HEART_CENTER[1] + float(np.clip(rng.normal(0, 1.2), -2.5, 2.5))),
-        drift=(u(0.05, 0.12), u(-0.08, 0.0)), z_base=z_base, z_apex=-50.0 + u(-3, 3),
-        r_endo=u(21, 27), wall=u(7.5, 10), apex_wall=u(5, 8), ellipticity=u(0, 0.08),
-        ellipse_angle=u(0, np.pi), rv_width=u(14, 22), rv_angle=np.deg2rad(168 + u(-12, 12)),
-        rv_length=u(60, 72), fat_rim=u(0.8, 1.8), fat_groove=u(4, 8),
-        fat_angles=(np.deg2rad(100 + u(-15, 15)), np.deg2rad(245 + u(-15, 15))),
+        drift=(u(0.05, 0.12), u(-0.08, 0.0)), z_base=47.0 + u(-2, 2), z_apex=-50.0 + u(-3, 3),
+        r_endo=u(20, 25), wall=u(7.5, 10), apex_wall=u(5, 8), ellipticity=u(0, 0.08),
+        ellipse_angle=u(0, np.pi), harmonics=(u(0, 0.04), u(0, 2 * np.pi), u(0, 0.03), u(0, 2 * np.pi)),
+        papillary=(rad(45 + u(-15, 15)), rad(-115 + u(-15, 15)), u(0.16, 0.22)),
+        rv_width=u(14, 22), rv_angle=rad(168 + u(-12, 12)), rv_span=rad(u(68, 82)),
+        rv_length=u(60, 72), fat_rim=u(0.3, 1.2), fat_groove=u(5, 9),
         body_shift=(u(-3, 3), u(-3, 3)), scar=sc if scar else None,
-        translation=(float(shift * np.cos(direction)), float(shift * np.sin(direction)))
+        translation=(shift * float(np.cos(direction)), shift * float(np.sin(direction)))
         if misalign else (0.0, 0.0),
-        rotation=float(np.deg2rad(rot)) if misalign else 0.0,
-        scale=float(scl) if misalign else 1.0)
+        rotation=rad(rot) if misalign else 0.0, scale=float(scl) if misalign else 1.0)
 
 
 def _dome(h, length: float):
@@ -192,65 +207,107 @@ def _dome(h, length: float):
     return np.sqrt(np.clip(1.0 - (h / length) ** 2, 0.0, 1.0)) * (h >= 0)
 
 
+def _wrap(angle):
+    """Wrap angles to (-pi, pi]."""
+    return (angle + np.pi) % (2 * np.pi) - np.pi
+
+
+def _pow8(v):
+    v = v * v
+    v = v * v
+    return v * v
+
+
 def _paint_heart(a: _Anatomy, t: np.ndarray, qx, qy, z) -> None:
-    """Paint pericardial fat, RV wall/blood, LV myocardium, scar and LV blood into ``t``."""
+    """Paint pericardial fat, RV wall/blood, LV myocardium, scar, papillary muscles and LV blood.
+
+    ``qx``/``qy`` are canonical in-plane coordinates, ``z`` has shape (Z, 1, 1); only
+    points within reach of the heart at their z are evaluated (speed).
+    """
     h = a.z_base - z
-    dx = qx - (a.centre[0] + a.drift[0] * h)
-    dy = qy - (a.centre[1] + a.drift[1] * h)
     len_epi = a.z_base - a.z_apex
     r_epi = (a.r_endo + a.wall) * _dome(h, len_epi)
     r_endo = a.r_endo * _dome(h, len_epi - a.apex_wall)
     g = _dome(h, a.rv_length)
-    ce, se = np.cos(a.ellipse_angle), np.sin(a.ellipse_angle)
-    rho = np.hypot((dx * ce + dy * se) / (1 + a.ellipticity), (dy * ce - dx * se) / (1 - a.ellipticity))
+    dx = qx - (a.centre[0] + a.drift[0] * h)
+    dy = qy - (a.centre[1] + a.drift[1] * h)
+    # rho (below) >= true radius / 1.17, so nothing beyond this reach can be heart or fat.
+    reach = 1.17 * (r_epi + np.maximum(a.rv_width * g + RV_WALL_MM + 1.0, a.fat_groove) + a.fat_rim) + 1.0
+    near = np.broadcast_to(dx * dx + dy * dy < reach * reach, t.shape)
+    if not near.any():
+        return
+
+    def sel(v):
+        return np.broadcast_to(v, t.shape)[near]
+
+    dx, dy, r_epi, r_endo, g, z = sel(dx), sel(dy), sel(r_epi), sel(r_endo), sel(g), sel(z)
     theta = np.arctan2(dy, dx)
-    # RV: an ellipse centred half-way to the septum, minus the LV -> a crescent.
-    w = a.rv_width * g
-    ca, sa = np.cos(a.rv_angle), np.sin(a.rv_angle)
-    s = dx * ca + dy * sa - 0.5 * r_epi
-    n = dy * ca - dx * sa
-    big_a = 0.5 * r_epi + w + 1e-6
-    big_b = r_epi * (0.5 + 0.6 * g) + 1e-6
-    present = w > 2.0
-
-    def in_rv(extra):
-        return present & ((s / (big_a + extra)) ** 2 + (n / (big_b + extra)) ** 2 < 1)
-
-    fat_t = a.fat_rim + a.fat_groove * sum(np.maximum(0, np.cos(theta - ang)) ** 8 for ang in a.fat_angles)
-    t[((rho < r_epi + fat_t) & (r_epi > 0)) | in_rv(RV_WALL_MM + fat_t)] = FAT
-    t[in_rv(RV_WALL_MM)] = RV_WALL
-    t[in_rv(0.0)] = RV
-    myo = np.broadcast_to(rho < r_epi, t.shape)
-    t[myo] = MYO
+    r = np.sqrt(dx * dx + dy * dy) + 1e-6
+    c1, s1 = dx / r, dy / r
+    c2, s2 = c1 * c1 - s1 * s1, 2 * c1 * s1
+    c3, s3 = c1 * (4 * c1 * c1 - 3), s1 * (3 - 4 * s1 * s1)
+    ce, se = float(np.cos(a.ellipse_angle)), float(np.sin(a.ellipse_angle))
+    a2, p2, a3, p3 = a.harmonics
+    rho = np.hypot((dx * ce + dy * se) / (1 + a.ellipticity), (dy * ce - dx * se) / (1 - a.ellipticity))
+    rho /= 1 + a2 * (c2 * float(np.cos(p2)) - s2 * float(np.sin(p2))) \
+        + a3 * (c3 * float(np.cos(p3)) - s3 * float(np.sin(p3)))
+    # RV: a crescent on the septal side, widest at rv_angle, tapering to the two
+    # interventricular junctions at rv_angle -/+ rv_span.
+    rel = np.abs(_wrap(theta - a.rv_angle)) / a.rv_span
+    w = a.rv_width * g * np.sqrt(np.cos(0.5 * np.pi * np.minimum(rel, 1.0)))
+    present = (rel < 1) & (a.rv_width * g > 2.0) & (r_epi > 0)
+    beyond = rho - r_epi  # ~ distance outside the LV epicardium (mm)
+    groove = sum(_pow8(np.maximum(c1 * float(np.cos(f)) + s1 * float(np.sin(f)), 0))
+                 for f in (a.rv_angle - a.rv_span, a.rv_angle + a.rv_span))
+    fat_t = a.fat_rim + a.fat_groove * groove
+    sub = t[near]
+    sub[((beyond < fat_t) & (r_epi > 0)) | (present & (beyond < w + RV_WALL_MM + a.fat_rim + 1.0))] = FAT
+    sub[present & (beyond < w + RV_WALL_MM)] = RV_WALL
+    sub[present & (beyond < w)] = RV
+    myo = rho < r_epi
+    sub[myo] = MYO
     if a.scar is not None:
         sc = a.scar
-        dth = np.angle(np.exp(1j * (theta - np.deg2rad(sc["angle_deg"]))))
+        dth = _wrap(theta - np.deg2rad(sc["angle_deg"]))
         prof = np.clip(1 - (dth / np.deg2rad(sc["half_width_deg"])) ** 2, 0, 1)
         tau = (rho - r_endo) / np.maximum(r_epi - r_endo, 1e-6)
-        t[myo & (z >= sc["z_lo"]) & (z <= sc["z_hi"]) & (prof > 0)
-          & (tau < sc["transmurality"] * np.sqrt(prof))] = SCAR
-    t[np.broadcast_to(rho < r_endo, t.shape)] = LV
+        sub[myo & (z >= sc["z_lo"]) & (z <= sc["z_hi"]) & (prof > 0)
+            & (tau < sc["transmurality"] * np.sqrt(prof))] = SCAR
+    cavity = rho < r_endo
+    sub[cavity] = LV
+    rp = a.papillary[2] * r_endo * (r_endo > 0.55 * a.r_endo) * (a.z_base - z > 15)  # not basal/apical
+    for ang in a.papillary[:2]:
+        px, py = 0.68 * r_endo * float(np.cos(ang)), 0.6 * r_endo * float(np.sin(ang))
+        sub[cavity & ((dx - px) ** 2 + (dy - py) ** 2 < rp * rp)] = PAPILLARY
+    t[near] = sub
 
 
-def _tissue_map(a: _Anatomy, x, y, z, heart_only: bool = False) -> np.ndarray:
-    """Tissue codes (int8) of the world points ``(x, y, z)`` (broadcast together)."""
+def _tissue_map(a: _Anatomy, x, y, z, body_z: float | None = None) -> np.ndarray:
+    """Tissue codes (int8) of the world points ``(x, y, z)``, broadcast to (Z, X, Y).
+
+    The heart is evaluated at every z; the slowly varying surroundings (lungs, liver,
+    aorta, chest wall) only in-plane at ``body_z`` (the slice centre), or not at all
+    (soft tissue everywhere) when ``body_z`` is None.
+    """
     hx, hy = HEART_CENTER
     px, py = x - hx - a.translation[0], y - hy - a.translation[1]
-    cr, sr = np.cos(a.rotation), np.sin(a.rotation)
+    cr, sr = float(np.cos(a.rotation)), float(np.sin(a.rotation))
     qx = hx + (cr * px + sr * py) / a.scale
     qy = hy + (cr * py - sr * px) / a.scale
-    t = np.full(np.broadcast_shapes(np.shape(qx), np.shape(qy), np.shape(z)), SOFT, np.int8)
-    if not heart_only:
+    shape = np.broadcast_shapes(np.shape(qx), np.shape(qy), np.shape(z))
+    body = np.full(np.broadcast_shapes(np.shape(qx), np.shape(qy)), SOFT, np.int8)
+    if body_z is not None:
         bx, by = qx - a.body_shift[0], qy - a.body_shift[1]
-        zf = 0.8 + 0.2 * np.clip((z + 60) / 120, 0, 1)  # lungs shrink towards the diaphragm
-        t[((bx - 74) / (34 * zf)) ** 2 + ((by + 5) / (62 * zf)) ** 2 < 1] = LUNG
-        t[((bx + 92) / (38 * zf)) ** 2 + ((by - 5) / (60 * zf)) ** 2 < 1] = LUNG
-        t[((bx + 40) / 75) ** 2 + ((by + 112 - 0.45 * (45 - z)) / 50) ** 2 < 1] = LIVER
-        t[np.broadcast_to((bx - 30) ** 2 + (by + 56) ** 2 < 11 ** 2, t.shape)] = AORTA
-        wall_y = 60 - 0.004 * bx ** 2
-        t[np.broadcast_to(by > wall_y, t.shape)] = MUSCLE
-        t[np.broadcast_to(by > wall_y + 9, t.shape)] = FAT
-        t[np.broadcast_to(by > wall_y + 17, t.shape)] = AIR
+        zf = 0.8 + 0.2 * float(np.clip((body_z + 60) / 120, 0, 1))  # lungs shrink towards the diaphragm
+        body[((bx - 72) / (36 * zf)) ** 2 + ((by + 8) / (62 * zf)) ** 2 < 1] = LUNG
+        body[((bx + 86) / (38 * zf)) ** 2 + ((by - 2) / (60 * zf)) ** 2 < 1] = LUNG
+        body[((bx + 40) / 75) ** 2 + ((by + 112 - 0.45 * (45 - body_z)) / 50) ** 2 < 1] = LIVER
+        body[(bx - 30) ** 2 + (by + 58) ** 2 < 11 ** 2] = AORTA
+        wall_y = 60 - 0.004 * bx * bx
+        body[by > wall_y] = MUSCLE
+        body[by > wall_y + 9] = FAT
+        body[by > wall_y + 17] = AIR
+    t = np.array(np.broadcast_to(body, shape))
     _paint_heart(a, t, qx, qy, z)
     return t
 
@@ -261,21 +318,21 @@ def _smooth_field(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
     return f / (f.std() + 1e-12)
 
 
-def _render(a: _Anatomy, geo: SequenceGeometry, seq: str, shifts: np.ndarray,
-            means: np.ndarray, noise: float, rng: np.random.Generator):
+def _render(a: _Anatomy, geo: SequenceGeometry, shifts: np.ndarray, means: np.ndarray,
+            noise: float, rng: np.random.Generator):
     """Sample one sequence: returns (float32 image, int16 labels, uint8 scar mask)."""
     nx, ny = geo.shape
     x0, y0, _ = geo.origin()
     off = (np.arange(SUPERSAMPLE) - (SUPERSAMPLE - 1) / 2) / SUPERSAMPLE
-    fx = x0 + (np.arange(nx)[:, None] + off).ravel() * geo.spacing[0]
-    fy = y0 + (np.arange(ny)[:, None] + off).ravel() * geo.spacing[1]
+    fx = (x0 + (np.arange(nx)[:, None] + off).ravel() * geo.spacing[0]).astype(np.float32)
+    fy = (y0 + (np.arange(ny)[:, None] + off).ravel() * geo.spacing[1]).astype(np.float32)
     c = SUPERSAMPLE // 2
     img = np.empty((nx, ny, geo.n_slices), np.float64)
     lab = np.empty((nx, ny, geo.n_slices), np.int16)
     scar = np.empty((nx, ny, geo.n_slices), np.uint8)
     for k, zk in enumerate(geo.slice_z()):
-        z = (zk + off * geo.slice_spacing)[:, None, None]
-        t = _tissue_map(a, (fx - shifts[k, 0])[None, :, None], (fy - shifts[k, 1])[None, None, :], z)
+        z = (zk + off * geo.slice_spacing).astype(np.float32)[:, None, None]
+        t = _tissue_map(a, (fx - shifts[k, 0])[None, :, None], (fy - shifts[k, 1])[None, None, :], z, zk)
         img[:, :, k] = means[t].reshape(SUPERSAMPLE, nx, SUPERSAMPLE, ny, SUPERSAMPLE).mean(axis=(0, 2, 4))
         centre = t[c, c::SUPERSAMPLE, c::SUPERSAMPLE]
         lab[:, :, k] = TISSUE_LABEL[centre]
@@ -316,14 +373,15 @@ def _build_atlas(config: SyntheticConfig, geo: SequenceGeometry) -> np.ndarray:
     acc = np.zeros((3, geo.n_slices, *geo.shape))
     for d in range(N_ATLAS_DRAWS):
         a = _draw_anatomy(np.random.default_rng([config.seed, 2, d]), scar=False, misalign=False)
-        lab = TISSUE_LABEL[_tissue_map(a, x, y, z, heart_only=True)]
+        lab = TISSUE_LABEL[_tissue_map(a, x, y, z)]
         for c, name in enumerate(ATLAS_CLASSES[1:]):
             acc[c] += lab == LABEL_VALUES[name]
     sigma = [0, 0, 1.5 / geo.spacing[0], 1.5 / geo.spacing[1]]
     fg = ndimage.gaussian_filter(acc / N_ATLAS_DRAWS, sigma, mode="nearest")
     fg = np.clip(fg, 0, None)
     fg /= np.maximum(fg.sum(axis=0, keepdims=True), 1.0)
-    prob = np.concatenate([1 - fg.sum(axis=0, keepdims=True), fg])
+    prob = np.concatenate([np.clip(1 - fg.sum(axis=0, keepdims=True), 0, None), fg])
+    prob /= prob.sum(axis=0, keepdims=True)
     return np.ascontiguousarray(prob.transpose(2, 3, 1, 0), dtype=np.float32)
 
 
@@ -349,7 +407,8 @@ def _make_subject(root: Path, config: SyntheticConfig, index: int) -> None:
         if not config.misalignment or seq == REFERENCE_SEQUENCE:
             shifts = np.zeros_like(shifts)
         means = np.asarray(MEANS[seq]) * (1 + sub.uniform(-0.05, 0.05, len(TISSUES)))
-        img, lab, scar = _render(a, geo, seq, shifts, means, config.noise, sub)
+        means[PAPILLARY] = means[MYO]
+        img, lab, scar = _render(a, geo, shifts, means, config.noise, sub)
         _save(root / f"{name}_{seq}.nii.gz", img, geo.affine())
         _save(root / f"{name}_{seq}_manual.nii.gz", lab, geo.affine())
         if seq == REFERENCE_SEQUENCE:
@@ -371,6 +430,8 @@ def make_cohort(root: str | Path, config: SyntheticConfig = SyntheticConfig()) -
     """
     root = Path(root)
     config = _resolved(config)
+    if config.n_subjects < 0 or set(config.geometries) != set(SEQUENCES):
+        raise ValueError(f"synthetic: need n_subjects >= 0 and geometries for {SEQUENCES}, got {config}")
     (root / "truth").mkdir(parents=True, exist_ok=True)
     for index in range(1, config.n_subjects + 1):
         _make_subject(root, config, index)

@@ -1,0 +1,165 @@
+"""Hydra entry points: ``scripts/fit.py`` calls :func:`fit_main`, tests call :func:`fit`."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mvmm_monai import CLASS_NAMES
+from mvmm_monai.atlas import place_atlas, read_atlas
+from mvmm_monai.evaluation import segmentation_metrics
+from mvmm_monai.fit_module import MvMMFit
+from mvmm_monai.outputs import native_segmentation, save_json, save_nifti
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+log = logging.getLogger(__name__)
+
+# Lightning advice that does not apply to a one-item, in-memory "dataset" and to registration=none
+_LIGHTNING_NOTES = (
+    ".*does not have many workers.*",
+    ".*`configure_optimizers` returned `None`.*",
+    ".*The number of training batches .* is smaller than the logging interval.*",
+)
+
+
+def subtype_counts(model_cfg: DictConfig, sequences: tuple[str, ...]) -> torch.Tensor:
+    """``[N, K]`` subtype counts from ``model.subtypes`` and ``model.subtype_overrides``."""
+    base = dict(model_cfg.subtypes)
+    overrides = dict(model_cfg.get("subtype_overrides") or {})
+    unknown_cls = set(base) - set(CLASS_NAMES)
+    if unknown_cls or set(CLASS_NAMES) - set(base):
+        raise ValueError(f"model.subtypes must name exactly the classes {list(CLASS_NAMES)}, got {sorted(base)}")
+    unknown_seq = set(overrides) - set(sequences)
+    if unknown_seq:
+        raise ValueError(f"model.subtype_overrides names unknown sequences {sorted(unknown_seq)}; sequences: {list(sequences)}")
+    counts = []
+    for s in sequences:
+        row = dict(base) | dict(overrides.get(s) or {})
+        bad = {k: v for k, v in row.items() if k not in CLASS_NAMES or not isinstance(v, int) or not 1 <= v <= 10}
+        if bad:
+            raise ValueError(f"model.subtypes for {s}: counts must be integers in 1..10 per class {list(CLASS_NAMES)}, got {bad}")
+        counts.append([row[c] for c in CLASS_NAMES])
+    return torch.tensor(counts, dtype=torch.long)
+
+
+def _metrics(subject, posterior: torch.Tensor) -> tuple[dict, dict]:
+    """Native-grid segmentations of every sequence and their Dice/HD95 where labels exist."""
+    segs = {s: native_segmentation(posterior, subject, s) for s in subject.sequences}
+    scores: dict = {"dice": {}, "hd95_mm": {}}
+    for s, label in subject.labels.items():
+        m = segmentation_metrics(segs[s], label, tuple(subject.grids[s].spacing.tolist()))
+        scores["dice"][s] = m["dice"]
+        scores["hd95_mm"][s] = m["hd95_mm"]
+    return segs, scores
+
+
+def fit(cfg: DictConfig) -> dict:
+    """Fit one subject as configured and write the results to ``cfg.paths.output_dir``.
+
+    Returns the content of ``metrics.json``.
+    """
+    start = time.perf_counter()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    out = Path(cfg.paths.output_dir)
+    dataset = instantiate(cfg.data)
+    name = cfg.subject if cfg.subject is not None else dataset.subjects()[0]
+    subject = dataset.load(name)
+
+    atlas_path = cfg.atlas.path or dataset.default_atlas()
+    if atlas_path is None:
+        raise ValueError(f"atlas.path is required for data={dataset.name} (a 4D NIfTI: background, myocardium, LV, RV)")
+    atlas = place_atlas(read_atlas(atlas_path), subject.grid, cfg.atlas.placement)
+    registration = instantiate(cfg.registration.model)(subject=subject, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
+    optimizer = instantiate(cfg.registration.optimizer) if cfg.registration.get("optimizer") else None
+    module = MvMMFit(
+        subject=subject,
+        registration=registration,
+        counts=subtype_counts(cfg.model, subject.sequences),
+        em=instantiate(cfg.model.em),
+        em_steps=cfg.model.em_steps,
+        optimizer=optimizer,
+    )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    with warnings.catch_warnings():
+        for msg in _LIGHTNING_NOTES:
+            warnings.filterwarnings("ignore", message=msg)
+        trainer.fit(module, ckpt_path=cfg.get("ckpt_path"))
+    if not trainer.is_global_zero:
+        return {}
+
+    result = module.result()
+    segs, scores = _metrics(subject, result.posterior)
+    converged = trainer.current_epoch < trainer.max_epochs
+    metrics = {
+        "subject": subject.name,
+        **scores,
+        "log_likelihood": result.log_likelihood,
+        "iterations": result.iterations,
+        "converged": converged,
+        "seconds": time.perf_counter() - start,
+    }
+    ref_affine = subject.grid.affine.numpy()
+    for s in subject.sequences:
+        save_nifti(out / f"{subject.name}_{s}_seg.nii.gz", subject.label_map.to_values(segs[s]).numpy(), subject.grids[s].affine.numpy())
+    save_nifti(out / f"{subject.name}_posterior.nii.gz", np.moveaxis(result.posterior.float().numpy(), 0, -1), ref_affine)
+    for key, vol in registration.extra_outputs().items():
+        save_nifti(out / f"{subject.name}_{key}.nii.gz", np.moveaxis(vol.float().cpu().numpy(), 0, -1), ref_affine)
+    p = result.params
+    save_json(
+        out / "params.json",
+        {
+            "sequences": list(subject.sequences),
+            "classes": list(CLASS_NAMES),
+            "pi": dict(zip(CLASS_NAMES, torch.exp(p.log_pi[0]).tolist())),
+            "subtypes": {
+                s: {
+                    c: {
+                        "tau": torch.exp(p.log_tau[0, n, k][p.valid[0, n, k]]).tolist(),
+                        "mu": p.mean[0, n, k][p.valid[0, n, k]].tolist(),
+                        "var": p.var[0, n, k][p.valid[0, n, k]].tolist(),
+                    }
+                    for k, c in enumerate(CLASS_NAMES)
+                }
+                for n, s in enumerate(subject.sequences)
+            },
+            "slice_shifts_mm": registration.slice_shifts_mm(),
+            "intensity_scale": "each sequence clipped at its percentiles and scaled to [0, 1]",
+            "config": OmegaConf.to_container(cfg.model, resolve=True),
+        },
+    )
+    metrics["seconds"] = time.perf_counter() - start
+    save_json(out / "metrics.json", metrics)
+    if "dice" in metrics and subject.reference in metrics["dice"]:
+        d = metrics["dice"][subject.reference]
+        log.info("%s: Dice on %s " + ", ".join(f"{k} %.3f" for k in d), subject.name, subject.reference, *d.values())
+    log.info("results written to %s", out)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="fit")
+def fit_main(cfg: DictConfig) -> float | None:
+    """``python scripts/fit.py [overrides]``; returns the final log-likelihood (for sweepers)."""
+    metrics = fit(cfg)
+    return metrics.get("log_likelihood")
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "fit") -> DictConfig:
+    """The config that ``scripts/fit.py`` would run with ``overrides``, for tests and benchmarks.
+
+    ``paths.output_dir`` must be among the overrides (there is no Hydra run directory here).
+    """
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))

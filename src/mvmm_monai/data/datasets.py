@@ -1,0 +1,251 @@
+"""Where a subject's files are: the built-in synthetic cohort, MS-CMRSeg, MyoPS, explicit files.
+
+Each dataset class answers two questions, ``subjects()`` and ``files(subject)``; reading the
+files is :func:`mvmm_monai.data.subject.load_subject`'s job. The classes are built by Hydra from
+the ``data`` config group (``_target_``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mvmm_monai.data.labels import MSCMR_LABELS, MYOPS_LABELS, LabelMap
+
+
+@dataclass(frozen=True)
+class SubjectFiles:
+    """The files of one subject.
+
+    Attributes:
+        name: subject name used in output file names.
+        images: sequence name -> image path (the reference first).
+        labels: sequence name -> manual label path on that sequence's grid (may be empty).
+        label_map: the dataset's label values.
+        reference: the sequence whose grid is the common space.
+        truth: optional JSON with generator ground truth (synthetic cohort only).
+    """
+
+    name: str
+    images: dict[str, Path]
+    labels: dict[str, Path]
+    label_map: LabelMap
+    reference: str
+    truth: Path | None = None
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _check_sequences(sequences, reference: str, owner: str) -> tuple[str, ...]:
+    seqs = tuple(sequences)
+    if not seqs:
+        raise ValueError(f"{owner}: no sequences configured")
+    if reference not in seqs:
+        raise ValueError(f"{owner}: reference sequence {reference!r} is not one of the sequences {seqs}")
+    return (reference, *[s for s in seqs if s != reference])
+
+
+class _Dataset:
+    """Shared behaviour: subject lookup with a helpful error."""
+
+    name = "dataset"
+    sequences: tuple[str, ...]
+    reference: str
+    label_map: LabelMap
+
+    def subjects(self) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _subject_files(self, subject: str) -> SubjectFiles:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def default_atlas(self) -> Path | None:
+        """An atlas that ships with the dataset (the synthetic cohort's), else ``None``."""
+        return None
+
+    lower_percentile: float = 1.0
+    upper_percentile: float = 99.0
+
+    def _set_percentiles(self, lower: float, upper: float) -> None:
+        if not 0.0 <= lower < upper <= 100.0:
+            raise ValueError(f"{self.name}: need 0 <= lower_percentile < upper_percentile <= 100, got {lower}, {upper}")
+        self.lower_percentile, self.upper_percentile = float(lower), float(upper)
+
+    def load(self, subject: str):
+        """Read ``subject`` into a :class:`~mvmm_monai.data.subject.SubjectData`."""
+        from mvmm_monai.data.subject import load_subject
+
+        return load_subject(self.files(subject), self.lower_percentile, self.upper_percentile)
+
+    def files(self, subject: str) -> SubjectFiles:
+        available = self.subjects()
+        if subject not in available:
+            shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
+            raise ValueError(f"{self.name}: unknown subject {subject!r}; available: {shown or 'none'}")
+        f = self._subject_files(subject)
+        for path in (*f.images.values(), *f.labels.values()):
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.name}: subject {subject}: missing file {path}")
+        return f
+
+
+class MSCMRDataset(_Dataset):
+    """MS-CMRSeg layout: ``patientN_{C0,DE,T2}.nii.gz`` and ``patientN_<SEQ>_manual.nii.gz``."""
+
+    name = "mscmr"
+
+    def __init__(
+        self,
+        root: str | Path,
+        sequences=("DE", "C0", "T2"),
+        reference: str = "DE",
+        lower_percentile: float = 1.0,
+        upper_percentile: float = 99.0,
+    ) -> None:
+        self._set_percentiles(lower_percentile, upper_percentile)
+        self.root = Path(root)
+        self.sequences = _check_sequences(sequences, reference, self.name)
+        self.reference = reference
+        self.label_map = MSCMR_LABELS
+
+    def subjects(self) -> list[str]:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.name}: data.root {self.root} is not a directory")
+        pat = re.compile(rf"^(patient\d+)_{re.escape(self.reference)}\.nii(\.gz)?$")
+        names = {m.group(1) for p in self.root.iterdir() if (m := pat.match(p.name))}
+        return sorted(names, key=_natural_key)
+
+    def _find(self, stem: str) -> Path:
+        for ext in (".nii.gz", ".nii"):
+            p = self.root / f"{stem}{ext}"
+            if p.exists():
+                return p
+        return self.root / f"{stem}.nii.gz"
+
+    def _subject_files(self, subject: str) -> SubjectFiles:
+        images = {s: self._find(f"{subject}_{s}") for s in self.sequences}
+        labels = {s: p for s in self.sequences if (p := self._find(f"{subject}_{s}_manual")).exists()}
+        truth = self.root / "truth" / f"{subject}_truth.json"
+        return SubjectFiles(subject, images, labels, self.label_map, self.reference, truth if truth.exists() else None)
+
+
+class SyntheticDataset(MSCMRDataset):
+    """The built-in synthetic cohort, generated deterministically into ``cache_dir`` on first use."""
+
+    name = "synthetic"
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        n_subjects: int = 5,
+        seed: int = 0,
+        misalignment: bool = False,
+        noise: float = 0.04,
+        max_slice_shift_mm: float = 6.0,
+        sequences=("DE", "C0", "T2"),
+        reference: str = "DE",
+        lower_percentile: float = 1.0,
+        upper_percentile: float = 99.0,
+    ) -> None:
+        from mvmm_monai.data.synthetic import SyntheticConfig
+
+        self._set_percentiles(lower_percentile, upper_percentile)
+        if n_subjects < 1:
+            raise ValueError(f"synthetic: n_subjects must be >= 1, got {n_subjects}")
+        self.config = SyntheticConfig(
+            n_subjects=n_subjects,
+            seed=seed,
+            misalignment=misalignment,
+            noise=noise,
+            max_slice_shift_mm=max_slice_shift_mm,
+        )
+        self.cache_dir = Path(cache_dir)
+        self._root: Path | None = None
+        self.sequences = _check_sequences(sequences, reference, self.name)
+        self.reference = reference
+        self.label_map = MSCMR_LABELS
+
+    @property
+    def root(self) -> Path:  # generated lazily, so building the config costs nothing
+        if self._root is None:
+            from mvmm_monai.data.synthetic import ensure_cohort
+
+            self._root = ensure_cohort(self.cache_dir, self.config)
+        return self._root
+
+    def default_atlas(self) -> Path:
+        return self.root / "atlas.nii.gz"
+
+
+class MyoPSDataset(_Dataset):
+    """MyoPS 2020 layout: ``CaseN/CaseN_{C0,LGE,T2}.nii.gz`` and ``CaseN_gd.nii.gz`` (one grid)."""
+
+    name = "myops"
+
+    def __init__(
+        self,
+        root: str | Path,
+        sequences=("LGE", "C0", "T2"),
+        reference: str = "LGE",
+        lower_percentile: float = 1.0,
+        upper_percentile: float = 99.0,
+    ) -> None:
+        self._set_percentiles(lower_percentile, upper_percentile)
+        self.root = Path(root)
+        self.sequences = _check_sequences(sequences, reference, self.name)
+        self.reference = reference
+        self.label_map = MYOPS_LABELS
+
+    def subjects(self) -> list[str]:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.name}: data.root {self.root} is not a directory")
+        names = [p.name for p in self.root.iterdir() if (p / f"{p.name}_{self.reference}.nii.gz").exists()]
+        return sorted(names, key=_natural_key)
+
+    def _subject_files(self, subject: str) -> SubjectFiles:
+        d = self.root / subject
+        images = {s: d / f"{subject}_{s}.nii.gz" for s in self.sequences}
+        gd = d / f"{subject}_gd.nii.gz"
+        labels = {s: gd for s in self.sequences} if gd.exists() else {}
+        return SubjectFiles(subject, images, labels, self.label_map, self.reference)
+
+
+@dataclass
+class FilesDataset(_Dataset):
+    """Explicit files: ``images`` maps sequence names to paths; ``label`` lies on ``label_sequence``."""
+
+    images: dict[str, str | None] = field(default_factory=dict)
+    label: str | None = None
+    label_sequence: str | None = None
+    subject: str = "subject"
+    reference: str = "DE"
+    label_values: str = "mscmr"
+    lower_percentile: float = 1.0
+    upper_percentile: float = 99.0
+    name: str = "files"
+
+    def __post_init__(self) -> None:
+        self._set_percentiles(self.lower_percentile, self.upper_percentile)
+        given = {s: Path(p) for s, p in dict(self.images).items() if p not in (None, "")}
+        if not given:
+            raise ValueError("files: give at least one image, e.g. data.images.DE=/path/to/lge.nii.gz")
+        self.sequences = _check_sequences(given, self.reference, self.name)
+        self._paths = {s: given[s] for s in self.sequences}
+        maps = {"mscmr": MSCMR_LABELS, "myops": MYOPS_LABELS}
+        if self.label_values not in maps:
+            raise ValueError(f"files: label_values must be one of {sorted(maps)}, got {self.label_values!r}")
+        self.label_map = maps[self.label_values]
+        seq = self.label_sequence or self.reference
+        if seq not in self._paths:
+            raise ValueError(f"files: label_sequence {seq!r} is not one of the sequences {self.sequences}")
+        self._label_seq = seq
+
+    def subjects(self) -> list[str]:
+        return [self.subject]
+
+    def _subject_files(self, subject: str) -> SubjectFiles:
+        labels = {self._label_seq: Path(self.label)} if self.label else {}
+        return SubjectFiles(subject, dict(self._paths), labels, self.label_map, self.reference)

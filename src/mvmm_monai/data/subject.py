@@ -1,0 +1,122 @@
+"""Read one subject and bring its sequences into the common space (the reference's grid)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from monai.data import Dataset
+from torch import Tensor
+
+from mvmm_monai.data.common_space import Grid, resample
+from mvmm_monai.data.datasets import SubjectFiles
+from mvmm_monai.data.labels import LabelMap
+from mvmm_monai.data.transforms import subject_transforms
+
+
+@dataclass(frozen=True)
+class SubjectData:
+    """One subject, loaded.
+
+    Attributes:
+        name: subject name.
+        sequences: sequence names, the reference first (the order of the image channels).
+        grids: native grid of every sequence.
+        native_images: ``[1, X_n, Y_n, Z_n]`` every sequence on its own grid, scaled to [0, 1].
+        images: ``[N, X, Y, Z]`` all sequences in the common space (the reference grid).
+        coverage: ``[N, X, Y, Z]`` 1 where sequence n covers the common-space voxel.
+        labels: sequence -> ``[X_n, Y_n, Z_n]`` manual class indices on that sequence's grid.
+        label_map: the dataset's label values.
+        files: where it came from.
+    """
+
+    name: str
+    sequences: tuple[str, ...]
+    grids: dict[str, Grid]
+    native_images: dict[str, Tensor]
+    images: Tensor
+    coverage: Tensor
+    labels: dict[str, Tensor]
+    label_map: LabelMap
+    files: SubjectFiles
+
+    @property
+    def reference(self) -> str:
+        return self.sequences[0]
+
+    @property
+    def grid(self) -> Grid:
+        """The common space."""
+        return self.grids[self.reference]
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def load_subject(files: SubjectFiles, lower_percentile: float = 1.0, upper_percentile: float = 99.0) -> SubjectData:
+    """Load, check and resample a subject with a MONAI :class:`~monai.data.Dataset`.
+
+    Raises:
+        FileNotFoundError: a file is missing (named).
+        ValueError: NaN/Inf, wrong dimensions, a label on another grid than its image, unknown
+            label values, or a sequence that does not overlap the reference in world space (the
+            offending file is named).
+    """
+    seqs = tuple(files.images)
+    for path in (*files.images.values(), *files.labels.values()):
+        if not path.is_file():
+            raise FileNotFoundError(f"subject {files.name}: missing file {path}")
+    item = {s: str(p) for s, p in files.images.items()} | {f"{s}_label": str(p) for s, p in files.labels.items()}
+    ds = Dataset(
+        data=[item],
+        transform=subject_transforms(seqs, [f"{s}_label" for s in files.labels], lower_percentile, upper_percentile),
+    )
+    try:
+        loaded = ds[0]
+    except RuntimeError as err:  # MONAI wraps transform errors; surface the clear one
+        cause = _root_cause(err)
+        if isinstance(cause, (ValueError, FileNotFoundError, OSError)):
+            raise cause from None
+        raise
+
+    grids = {s: Grid(loaded[s].affine.to(torch.float64).clone(), tuple(loaded[s].shape[1:])) for s in seqs}
+    ref = files.reference
+    native = {s: loaded[s].as_tensor().clone() for s in seqs}
+    images, coverage = [], []
+    for s in seqs:
+        if s == ref:
+            img, cov = native[s], torch.ones(grids[s].shape)
+        else:
+            img, cov = resample(native[s], grids[s], grids[ref])
+            if cov.sum() == 0:
+                raise ValueError(
+                    f"{files.images[s]}: sequence {s} does not overlap the reference {files.images[ref]} in world space "
+                    "(check the NIfTI affines)"
+                )
+        images.append(img[0])
+        coverage.append(cov)
+
+    labels = {}
+    for s, path in files.labels.items():
+        lab = loaded[f"{s}_label"]
+        grid = grids[s]
+        if tuple(lab.shape[1:]) != grid.shape or not torch.allclose(lab.affine.to(torch.float64), grid.affine, atol=1e-2):
+            raise ValueError(
+                f"{path}: label grid (shape {tuple(lab.shape[1:])}) does not match its image {files.images[s]} "
+                f"(shape {grid.shape}) or their affines differ"
+            )
+        labels[s] = files.label_map.to_classes(lab.as_tensor()[0].round().long(), source=str(path))
+    return SubjectData(
+        name=files.name,
+        sequences=seqs,
+        grids=grids,
+        native_images=native,
+        images=torch.stack(images),
+        coverage=torch.stack(coverage),
+        labels=labels,
+        label_map=files.label_map,
+        files=files,
+    )

@@ -1,0 +1,173 @@
+"""The LightningModule of an MvMM fit: one ICM iteration per training step.
+
+An ICM iteration: warp (the registration's current atlas deformation and slice shifts), a few EM
+steps without gradient, then one optimiser step of the registration parameters on the
+log-likelihood minus the regularisers (when the registration fits anything). The EM state lives in
+persistent buffers, so a Lightning checkpoint resumes a fit where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from mvmm_monai import CLASS_NAMES
+from mvmm_monai.data.subject import SubjectData
+from mvmm_monai.evaluation import dice_per_class
+from mvmm_monai.mixture import EMConfig, MixtureParams, e_step, em_step, initialise_from_atlas, log_likelihood
+from mvmm_monai.mixture.em import log_prior
+from mvmm_monai.registration.base import IdentityRegistration, Warped
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The outcome of a fit, in the common space.
+
+    Attributes:
+        posterior: ``[K, *S]`` class posteriors.
+        params: final :class:`MixtureParams` (batch of one).
+        log_likelihood: final per-voxel mean log-likelihood.
+        iterations: ICM iterations run.
+        warped: the final registration outputs.
+    """
+
+    posterior: Tensor
+    params: MixtureParams
+    log_likelihood: float
+    iterations: int
+    warped: Warped
+
+
+class _OneItem(torch.utils.data.Dataset):
+    """Every epoch is one ICM iteration on the subject the module holds."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class MvMMFit(pl.LightningModule):
+    """Fit the MvMM to one subject.
+
+    Args:
+        subject: the loaded subject (common-space images, coverage, labels).
+        registration: a registration module (``IdentityRegistration`` for ``registration=none``).
+        counts: ``[N, K]`` subtype counts.
+        em: EM settings.
+        em_steps: EM steps per ICM iteration.
+        optimizer: ``params -> torch.optim.Optimizer`` (a Hydra partial) for the registration
+            parameters; unused when the registration fits nothing.
+    """
+
+    def __init__(
+        self,
+        subject: SubjectData,
+        registration: IdentityRegistration,
+        counts: Tensor,
+        em: EMConfig = EMConfig(),
+        em_steps: int = 1,
+        optimizer: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        if em_steps < 1:
+            raise ValueError(f"MvMMFit: em_steps must be >= 1, got {em_steps}")
+        self.automatic_optimization = False
+        self.subject = subject
+        self.registration = registration
+        self.em = em
+        self.em_steps = em_steps
+        self.optimizer_factory = optimizer
+        with torch.no_grad():
+            w = registration()
+            init = initialise_from_atlas(
+                w.images, w.coverage, torch.exp(w.log_atlas), counts, min_variance=em.min_variance
+            )
+        for name, value in init.as_dict().items():
+            self.register_buffer(name, value.clone())
+        self.register_buffer("posterior", torch.exp(w.log_atlas).clone())
+        self.register_buffer("last_log_likelihood", torch.tensor(float("nan"), dtype=torch.float64))
+        ref = subject.labels.get(subject.reference)
+        self.register_buffer("reference_label", ref if ref is not None else torch.empty(0), persistent=False)
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def params(self) -> MixtureParams:
+        return MixtureParams(self.log_pi, self.log_tau, self.mean, self.var)
+
+    def _store(self, params: MixtureParams, posterior: Tensor) -> None:
+        for name, value in params.as_dict().items():
+            getattr(self, name).copy_(value)
+        self.posterior.copy_(posterior)
+
+    # -- Lightning -------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_OneItem(), batch_size=None)
+
+    def configure_optimizers(self):
+        params = [p for p in self.registration.parameters() if p.requires_grad]
+        if not params or self.optimizer_factory is None:
+            return None
+        return self.optimizer_factory(params)
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        it = self.current_epoch + 1
+        fitting_registration = self.registration.fits_anything and self.optimizer_factory is not None
+        with torch.set_grad_enabled(fitting_registration):
+            warped = self.registration()
+        fixed = warped.detach()
+        params, posterior = self.params, self.posterior if self.current_epoch > 0 else None
+        for _ in range(self.em_steps):
+            params, est = em_step(fixed.images, fixed.coverage, fixed.log_atlas, params, self.em, posterior)
+            posterior = est.posterior
+        ll = float(est.log_likelihood.mean())
+        bad = [k for k, v in params.as_dict().items() if torch.isnan(v).any()]
+        if not math.isfinite(ll) or bad:
+            raise FloatingPointError(
+                f"MvMM fit of {self.subject.name}: non-finite {'log-likelihood' if not bad else bad} at ICM iteration {it}"
+            )
+        self._store(params, posterior)
+        prev = float(self.last_log_likelihood)
+        rel = abs(ll - prev) / max(abs(prev), 1e-12) if math.isfinite(prev) else 1.0
+        self.last_log_likelihood.fill_(ll)
+
+        metrics = {"em/log_likelihood": ll, "em/relative_change": rel}
+        if fitting_registration:
+            opt = self.optimizers()
+            opt.zero_grad()
+            objective = log_likelihood(warped.images, warped.coverage, warped.log_atlas, self.params, self.em, posterior)
+            regs = self.registration.regularisers()
+            loss = -objective.mean() + sum(regs.values(), torch.zeros((), device=objective.device))
+            self.manual_backward(loss)
+            opt.step()
+            metrics["reg/loss"] = float(loss)
+            metrics.update({f"reg/{k}": float(v) for k, v in regs.items()})
+        for k, p in enumerate(torch.exp(self.log_pi[0])):
+            metrics[f"em/pi/{CLASS_NAMES[k]}"] = float(p)
+        if self.reference_label.numel():
+            pred = posterior[0].argmax(0)
+            for name, d in dice_per_class(pred, self.reference_label).items():
+                metrics[f"dice/{self.subject.reference}/{name}"] = d
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
+
+    # -- results ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def result(self) -> FitResult:
+        """Final posterior from one E-step with the fitted parameters and registration."""
+        warped = self.registration().detach()
+        lp = log_prior(warped.log_atlas, self.log_pi, self.posterior if self.current_epoch > 0 else None, self.em)
+        est = e_step(warped.images, warped.coverage, lp, self.params, chunk_voxels=self.em.chunk_voxels)
+        return FitResult(
+            posterior=est.posterior[0],
+            params=self.params.detach(),
+            log_likelihood=float(est.log_likelihood.mean()),
+            iterations=int(self.current_epoch),
+            warped=warped,
+        )

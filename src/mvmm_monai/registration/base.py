@@ -1,0 +1,69 @@
+"""What every registration model gives the ICM loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mvmm_monai.data.subject import SubjectData
+from mvmm_monai.mixture import log_atlas_from_prob
+
+
+@dataclass(frozen=True)
+class Warped:
+    """Inputs of the mixture after the current registration.
+
+    Attributes:
+        images: ``[1, N, *S]`` sequences in the common space (slice shifts applied).
+        coverage: ``[1, N, *S]`` coverage masks.
+        log_atlas: ``[1, K, *S]`` log atlas, deformed.
+    """
+
+    images: Tensor
+    coverage: Tensor
+    log_atlas: Tensor
+
+    def detach(self) -> "Warped":
+        return Warped(self.images.detach(), self.coverage.detach(), self.log_atlas.detach())
+
+
+class IdentityRegistration(nn.Module):
+    """``registration=none``: the atlas as placed and the images as resampled, nothing fitted.
+
+    Args:
+        subject: the loaded subject (its common-space images and coverage are used).
+        atlas: ``[K, *S]`` atlas probabilities in the common space.
+        atlas_floor: smallest atlas probability (see :func:`log_atlas_from_prob`).
+    """
+
+    def __init__(self, subject: SubjectData, atlas: Tensor, atlas_floor: float = 1e-4) -> None:
+        super().__init__()
+        if tuple(atlas.shape[1:]) != tuple(subject.images.shape[1:]):
+            raise ValueError(
+                f"IdentityRegistration: atlas spatial shape {tuple(atlas.shape[1:])} != common space "
+                f"{tuple(subject.images.shape[1:])}"
+            )
+        self.register_buffer("images", subject.images[None].float(), persistent=False)
+        self.register_buffer("coverage", subject.coverage[None].float(), persistent=False)
+        self.register_buffer("log_atlas", log_atlas_from_prob(atlas[None].float(), atlas_floor), persistent=False)
+
+    def forward(self) -> Warped:
+        return Warped(self.images, self.coverage, self.log_atlas)
+
+    def regularisers(self) -> dict[str, Tensor]:
+        """Named penalties subtracted from the log-likelihood (none here)."""
+        return {}
+
+    def slice_shifts_mm(self) -> dict[str, list[list[float]]]:
+        """Fitted in-plane shift of every slice of every sequence, in mm (zeros here)."""
+        return {}
+
+    @property
+    def fits_anything(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
+    def extra_outputs(self) -> dict[str, Tensor]:
+        """Extra common-space volumes to write (e.g. the warped atlas, the displacement)."""
+        return {"atlas_warped": torch.exp(self.log_atlas[0])}
