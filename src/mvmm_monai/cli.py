@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mvmm_monai import CLASS_NAMES
-from mvmm_monai.atlas import place_atlas, read_atlas
+from mvmm_monai.atlas import atlas_roi, place_atlas, read_atlas
 from mvmm_monai.evaluation import segmentation_metrics
 from mvmm_monai.fit_module import MvMMFit
 from mvmm_monai.outputs import native_segmentation, save_json, save_nifti
@@ -26,9 +26,26 @@ log = logging.getLogger(__name__)
 # Lightning advice that does not apply to a one-item, in-memory "dataset" and to registration=none
 _LIGHTNING_NOTES = (
     ".*does not have many workers.*",
-    ".*`configure_optimizers` returned `None`.*",
+    ".*configure_optimizers` returned `None`.*",
     ".*The number of training batches .* is smaller than the logging interval.*",
+    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",  # Lightning 2.6's own use of torch 2.13's pytree
 )
+
+
+def _build(node, *args, **kwargs):
+    """``hydra.utils.instantiate`` that lets our own clear errors through unwrapped.
+
+    Hydra wraps an exception raised by a ``_target_`` in ``InstantiationException``; a
+    ``ValueError``/``FileNotFoundError`` from our constructors already names the problem.
+    """
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node, *args, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ValueError, FileNotFoundError)):
+            raise err.__cause__ from None
+        raise
 
 
 def subtype_counts(model_cfg: DictConfig, sequences: tuple[str, ...]) -> torch.Tensor:
@@ -70,7 +87,7 @@ def fit(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
-    dataset = instantiate(cfg.data)
+    dataset = _build(cfg.data)
     name = cfg.subject if cfg.subject is not None else dataset.subjects()[0]
     subject = dataset.load(name)
 
@@ -78,19 +95,21 @@ def fit(cfg: DictConfig) -> dict:
     if atlas_path is None:
         raise ValueError(f"atlas.path is required for data={dataset.name} (a 4D NIfTI: background, myocardium, LV, RV)")
     atlas = place_atlas(read_atlas(atlas_path), subject.grid, cfg.atlas.placement)
-    registration = instantiate(cfg.registration.model)(subject=subject, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
-    optimizer = instantiate(cfg.registration.optimizer) if cfg.registration.get("optimizer") else None
+    roi = atlas_roi(atlas, tuple(subject.grid.spacing.tolist()), cfg.model.roi_margin_mm)
+    subject = subject.with_roi(roi)
+    registration = _build(cfg.registration.model)(subject=subject, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
+    optimizer = _build(cfg.registration.optimizer) if cfg.registration.get("optimizer") else None
     module = MvMMFit(
         subject=subject,
         registration=registration,
         counts=subtype_counts(cfg.model, subject.sequences),
-        em=instantiate(cfg.model.em),
+        em=_build(cfg.model.em),
         em_steps=cfg.model.em_steps,
         optimizer=optimizer,
     )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values()]
+    logger = _build(cfg.logger) if cfg.get("logger") else False
+    trainer: pl.Trainer = _build(cfg.trainer, logger=logger, callbacks=callbacks)
     with warnings.catch_warnings():
         for msg in _LIGHTNING_NOTES:
             warnings.filterwarnings("ignore", message=msg)

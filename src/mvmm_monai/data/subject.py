@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,12 @@ class SubjectData:
     @property
     def reference(self) -> str:
         return self.sequences[0]
+
+    def with_roi(self, roi: Tensor) -> "SubjectData":
+        """A copy whose coverage is restricted to ``roi`` ``[X, Y, Z]`` (the model's region of interest)."""
+        if tuple(roi.shape) != tuple(self.coverage.shape[1:]):
+            raise ValueError(f"with_roi: roi shape {tuple(roi.shape)} != common space {tuple(self.coverage.shape[1:])}")
+        return dataclasses.replace(self, coverage=self.coverage * roi.to(self.coverage.dtype)[None])
 
     @property
     def grid(self) -> Grid:

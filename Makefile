@@ -1,0 +1,23 @@
+# Two commands on a fresh clone (Python 3.11 + pip): `make fit` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: fit test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+fit: $(VENV)/.installed  ## install, then fit the default synthetic subject
+	$(PY) scripts/fit.py subject=patient1 trainer.devices=1
+
+test: $(VENV)/.installed  ## install, then run the whole test suite
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed  ## speed benchmark (results go to benchmarks/RESULTS.md by hand)
+	$(PY) benchmarks/em_speed.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache
