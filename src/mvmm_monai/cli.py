@@ -68,9 +68,9 @@ def subtype_counts(model_cfg: DictConfig, sequences: tuple[str, ...]) -> torch.T
     return torch.tensor(counts, dtype=torch.long)
 
 
-def _metrics(subject, posterior: torch.Tensor) -> tuple[dict, dict]:
+def _metrics(subject, posterior: torch.Tensor, shifts: dict) -> tuple[dict, dict]:
     """Native-grid segmentations of every sequence and their Dice/HD95 where labels exist."""
-    segs = {s: native_segmentation(posterior, subject, s) for s in subject.sequences}
+    segs = {s: native_segmentation(posterior, subject, s, shifts.get(s)) for s in subject.sequences}
     scores: dict = {"dice": {}, "hd95_mm": {}}
     for s, label in subject.labels.items():
         m = segmentation_metrics(segs[s], label, tuple(subject.grids[s].spacing.tolist()))
@@ -99,6 +99,8 @@ def fit(cfg: DictConfig) -> dict:
     subject = subject.with_roi(roi)
     registration = _build(cfg.registration.model)(subject=subject, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
     optimizer = _build(cfg.registration.optimizer) if cfg.registration.get("optimizer") else None
+    if getattr(registration, "fits_anything", False) and optimizer is None:
+        raise ValueError("registration.optimizer is required when the registration fits parameters")
     module = MvMMFit(
         subject=subject,
         registration=registration,
@@ -118,7 +120,7 @@ def fit(cfg: DictConfig) -> dict:
         return {}
 
     result = module.result()
-    segs, scores = _metrics(subject, result.posterior)
+    segs, scores = _metrics(subject, result.posterior, registration.native_shifts_voxels())
     converged = trainer.current_epoch < trainer.max_epochs
     metrics = {
         "subject": subject.name,
@@ -133,7 +135,8 @@ def fit(cfg: DictConfig) -> dict:
         save_nifti(out / f"{subject.name}_{s}_seg.nii.gz", subject.label_map.to_values(segs[s]).numpy(), subject.grids[s].affine.numpy())
     save_nifti(out / f"{subject.name}_posterior.nii.gz", np.moveaxis(result.posterior.float().numpy(), 0, -1), ref_affine)
     for key, vol in registration.extra_outputs().items():
-        save_nifti(out / f"{subject.name}_{key}.nii.gz", np.moveaxis(vol.float().cpu().numpy(), 0, -1), ref_affine)
+        arr = np.moveaxis(vol.float().cpu().numpy(), 0, -1)
+        save_nifti(out / f"{subject.name}_{key}.nii.gz", arr, ref_affine, vector=key.startswith("displacement"))
     p = result.params
     save_json(
         out / "params.json",

@@ -112,13 +112,14 @@ class MvMMFit(pl.LightningModule):
         return DataLoader(_OneItem(), batch_size=None)
 
     def configure_optimizers(self):
-        params = [p for p in self.registration.parameters() if p.requires_grad]
-        if not params or self.optimizer_factory is None:
+        groups = self.registration.param_groups()
+        if not groups or self.optimizer_factory is None:
             return None
-        return self.optimizer_factory(params)
+        return self.optimizer_factory(groups)
 
     def training_step(self, batch, batch_idx: int) -> None:
         it = self.current_epoch + 1
+        self.registration.set_iteration(self.current_epoch)
         fitting_registration = self.registration.fits_anything and self.optimizer_factory is not None
         with torch.set_grad_enabled(fitting_registration):
             warped = self.registration()
@@ -147,6 +148,7 @@ class MvMMFit(pl.LightningModule):
             loss = -objective.mean() + sum(regs.values(), torch.zeros((), device=objective.device))
             self.manual_backward(loss)
             opt.step()
+            self.registration.check(it)
             metrics["reg/loss"] = float(loss)
             metrics.update({f"reg/{k}": float(v) for k, v in regs.items()})
         for k, p in enumerate(torch.exp(self.log_pi[0])):

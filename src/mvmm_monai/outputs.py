@@ -28,9 +28,18 @@ def _atomic(path: Path, write) -> Path:
     return path
 
 
-def save_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray) -> Path:
-    """Write ``data`` with ``affine`` (qform and sform, mm) to ``path`` atomically."""
-    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
+def save_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, vector: bool = False) -> Path:
+    """Write ``data`` with ``affine`` (qform and sform, mm) to ``path`` atomically.
+
+    ``vector=True`` stores ``[X, Y, Z, C]`` as a NIfTI vector image ``[X, Y, Z, 1, C]`` (intent
+    vector), the layout ITK-SNAP and 3D Slicer read as a displacement field.
+    """
+    data = np.asarray(data)
+    if vector:
+        data = data[:, :, :, None, :]
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    if vector:
+        img.header.set_intent("vector")
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     img.header.set_xyzt_units("mm")
@@ -56,15 +65,16 @@ def save_json(path: str | Path, obj: Any) -> Path:
     return _atomic(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
-def native_segmentation(posterior, subject, sequence: str):
+def native_segmentation(posterior, subject, sequence: str, slice_shifts=None):
     """Class indices ``[X_n, Y_n, Z_n]`` of ``sequence``'s own grid from the common-space posterior
     ``[K, *S]``: the posterior is resampled (bilinear in-plane, nearest slice) and its argmax taken;
-    voxels the common space does not cover are background."""
+    voxels the common space does not cover are background. ``slice_shifts`` ``[Z_n, 2]`` (voxels)
+    are the fitted motions of the sequence's slices: the labels move with them."""
     import torch
 
     from mvmm_monai.data.common_space import resample
 
     if sequence == subject.reference:
         return posterior.argmax(0)
-    prob, cov = resample(posterior.float(), subject.grid, subject.grids[sequence])
+    prob, cov = resample(posterior.float(), subject.grid, subject.grids[sequence], target_slice_shifts=slice_shifts)
     return torch.where(cov > 0, prob.argmax(0), torch.zeros((), dtype=torch.long))

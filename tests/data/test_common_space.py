@@ -17,13 +17,13 @@ def grid(spacing=(1.0, 1.0, 10.0), shape=(20, 20, 5), origin=(0.0, 0.0, 0.0)) ->
 
 def test_identity_and_world_translation():
     g = grid()
-    img = torch.rand(1, *g.shape)
+    img = torch.rand(1, *g.shape, generator=torch.Generator().manual_seed(0))
     out, cov = resample(img, g, g)
-    assert torch.allclose(out, img, atol=1e-6) and cov.min() == 1
+    assert torch.allclose(out, img, atol=1e-5) and cov.min() == 1
     # a source whose origin is 3 mm further along x: target voxel i sees source voxel i - 3
     src = grid(origin=(3.0, 0.0, 0.0))
     out, cov = resample(img, src, g)
-    assert torch.allclose(out[0, 3:], img[0, :-3], atol=1e-6)
+    assert torch.allclose(out[0, 3:], img[0, :-3], atol=1e-5)
     assert cov[:3].sum() == 0 and cov[3:].min() == 1
 
 

@@ -51,23 +51,119 @@ def map_indices(source: Grid, target: Grid) -> Tensor:
     return idx @ to_src[:3, :3].T + to_src[:3, 3]
 
 
+@dataclass(frozen=True)
+class SamplingMap:
+    """Where every target voxel falls in a source grid (precomputed once, reused every iteration).
+
+    Attributes:
+        index: ``[X, Y, Z, 3]`` continuous source voxel indices (slice index already snapped when
+            sampling nearest-slice).
+        coverage: ``[X, Y, Z]`` 1 inside the source field of view (slabs included), else 0.
+        slice_index: ``[X, Y, Z]`` source slice of every target voxel.
+        source_shape: the source grid's shape.
+    """
+
+    index: Tensor
+    coverage: Tensor
+    slice_index: Tensor
+    source_shape: tuple[int, int, int]
+
+
+def sampling_map(
+    source: Grid,
+    target: Grid,
+    *,
+    through_plane: str = "nearest",
+    target_slice_shifts: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> SamplingMap:
+    """Precompute :class:`SamplingMap` from ``target`` voxels to ``source`` indices.
+
+    ``target_slice_shifts`` ``[target Z, 2]`` (target voxels): target voxel x is looked up at
+    ``x - shift[slice]``, to write results back onto a grid whose slices moved by +shift.
+    """
+    if through_plane not in ("nearest", "linear"):
+        raise ValueError(f"resample: through_plane must be 'nearest' or 'linear', got {through_plane!r}")
+    if target_slice_shifts is not None:
+        if tuple(target_slice_shifts.shape) != (target.shape[2], 2):
+            raise ValueError(
+                f"resample: target_slice_shifts must be [{target.shape[2]}, 2], got {tuple(target_slice_shifts.shape)}"
+            )
+        idx = target.voxel_centres()
+        idx = torch.cat((idx[..., :2] - target_slice_shifts.to(idx.dtype)[None, None], idx[..., 2:]), dim=-1)
+        to_src = torch.linalg.solve(source.affine.to(torch.float64), target.affine.to(torch.float64))
+        idx = idx @ to_src[:3, :3].T + to_src[:3, 3]
+    else:
+        idx = map_indices(source, target)
+    size = torch.tensor(source.shape, dtype=idx.dtype)
+    inside = ((idx >= -0.5) & (idx <= size - 0.5)).all(dim=-1)
+    k = idx[..., 2].round().clamp(0, source.shape[2] - 1)
+    if through_plane == "nearest":
+        idx = torch.cat((idx[..., :2], k[..., None]), dim=-1)
+    return SamplingMap(idx.to(dtype), inside.to(dtype), k.long(), tuple(source.shape))
+
+
+def sample(
+    image: Tensor,
+    smap: SamplingMap,
+    *,
+    slice_shifts: Tensor | None = None,
+    slice_angles: Tensor | None = None,
+    mode: str = "bilinear",
+) -> Tensor:
+    """Sample ``image`` ``[C, *source shape]`` at ``smap`` -> ``[C, *target shape]`` (0 outside coverage).
+
+    ``slice_shifts`` ``[source Z, 2]`` (source voxels) and ``slice_angles`` ``[source Z]``
+    (radians, about the slice centre, applied first) move every source slice in-plane: target
+    voxel x samples the source at ``R(index(x) - c) + c + shift[slice(x)]``. Differentiable in
+    both (and in ``image``).
+    """
+    if image.ndim != 4 or tuple(image.shape[1:]) != smap.source_shape:
+        raise ValueError(
+            f"resample: image must be [C, {', '.join(map(str, smap.source_shape))}], got {tuple(image.shape)}"
+        )
+    nz = smap.source_shape[2]
+    idx = smap.index.to(device=image.device, dtype=image.dtype if image.is_floating_point() else smap.index.dtype)
+    k = smap.slice_index.to(image.device)
+    size = torch.tensor(smap.source_shape, dtype=idx.dtype, device=idx.device)
+    if slice_angles is not None:
+        if tuple(slice_angles.shape) != (nz,):
+            raise ValueError(f"resample: slice_angles must be [{nz}], got {tuple(slice_angles.shape)}")
+        centre = (size[:2] - 1) / 2
+        ang = slice_angles.to(idx.dtype)[k]
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        d = idx[..., :2] - centre
+        rot = torch.stack((cos * d[..., 0] - sin * d[..., 1], sin * d[..., 0] + cos * d[..., 1]), dim=-1)
+        idx = torch.cat((rot + centre, idx[..., 2:]), dim=-1)
+    if slice_shifts is not None:
+        if tuple(slice_shifts.shape) != (nz, 2):
+            raise ValueError(f"resample: slice_shifts must be [{nz}, 2], got {tuple(slice_shifts.shape)}")
+        idx = torch.cat((idx[..., :2] + slice_shifts.to(idx.dtype)[k], idx[..., 2:]), dim=-1)
+    # grid_sample on [1, C, X, Y, Z] wants (z, y, x) order in [-1, 1] (align_corners=True)
+    norm = 2.0 * idx / (size - 1).clamp_min(1.0) - 1.0
+    norm = torch.where(size > 1, norm, torch.zeros_like(norm))
+    out = F.grid_sample(image[None].to(norm.dtype), norm.flip(-1)[None], mode=mode, padding_mode="border", align_corners=True)[0]
+    return out * smap.coverage.to(out)
+
+
 def resample(
     image: Tensor,
     source: Grid,
     target: Grid,
     *,
     slice_shifts: Tensor | None = None,
+    slice_angles: Tensor | None = None,
+    target_slice_shifts: Tensor | None = None,
     through_plane: str = "nearest",
     mode: str = "bilinear",
 ) -> tuple[Tensor, Tensor]:
-    """Resample ``image`` ``[C, *source.shape]`` onto ``target``.
+    """Resample ``image`` ``[C, *source.shape]`` onto ``target``: :func:`sampling_map` then :func:`sample`.
 
     Args:
         image: channel-first source image.
         source, target: the two grids.
-        slice_shifts: optional ``[source Z, 2]`` in-plane shift of every source slice, in source
-            voxels along its first two axes: target voxel x samples the source at
-            ``index(x) + shift[slice(x)]`` (a slice whose content moved by +shift is put back).
+        slice_shifts, slice_angles: in-plane motion of the source slices (see :func:`sample`).
+        target_slice_shifts: motion of the target slices (see :func:`sampling_map`).
         through_plane: ``"nearest"`` (slab model, default) or ``"linear"`` (smooth images such as
             an atlas).
         mode: ``"bilinear"`` or ``"nearest"`` in-plane (``"nearest"`` for label maps).
@@ -78,25 +174,7 @@ def resample(
     """
     if image.ndim != 4 or tuple(image.shape[1:]) != tuple(source.shape):
         raise ValueError(f"resample: image must be [C, {', '.join(map(str, source.shape))}], got {tuple(image.shape)}")
-    if through_plane not in ("nearest", "linear"):
-        raise ValueError(f"resample: through_plane must be 'nearest' or 'linear', got {through_plane!r}")
-    idx = map_indices(source, target).to(image.dtype if image.is_floating_point() else torch.float32)
-    size = torch.tensor(source.shape, dtype=idx.dtype)
-    inside = ((idx >= -0.5) & (idx <= size - 0.5)).all(dim=-1)
-    if through_plane == "nearest":
-        k = idx[..., 2].round().clamp(0, source.shape[2] - 1)
-        idx = torch.cat((idx[..., :2], k[..., None]), dim=-1)
-    if slice_shifts is not None:
-        if tuple(slice_shifts.shape) != (source.shape[2], 2):
-            raise ValueError(f"resample: slice_shifts must be [{source.shape[2]}, 2], got {tuple(slice_shifts.shape)}")
-        k = idx[..., 2].round().clamp(0, source.shape[2] - 1).long()
-        shift = slice_shifts.to(idx.dtype)[k]
-        idx = torch.cat((idx[..., :2] + shift, idx[..., 2:]), dim=-1)
-    # grid_sample on [1, C, X, Y, Z] wants (z, y, x) order in [-1, 1] (align_corners=True)
-    norm = 2.0 * idx / (size - 1).clamp_min(1.0) - 1.0
-    norm = torch.where(size > 1, norm, torch.zeros_like(norm))
-    grid = norm.flip(-1)[None]
-    src = image[None].to(grid.dtype)
-    out = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=True)[0]
-    cov = inside.to(out.dtype)
-    return out * cov, cov
+    dtype = image.dtype if image.is_floating_point() else torch.float32
+    smap = sampling_map(source, target, through_plane=through_plane, target_slice_shifts=target_slice_shifts, dtype=dtype)
+    out = sample(image, smap, slice_shifts=slice_shifts, slice_angles=slice_angles, mode=mode)
+    return out, smap.coverage

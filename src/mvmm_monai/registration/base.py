@@ -62,7 +62,19 @@ class IdentityRegistration(nn.Module):
 
     @property
     def fits_anything(self) -> bool:
-        return any(p.requires_grad for p in self.parameters())
+        return False
+
+    def set_iteration(self, iteration: int) -> None:
+        """Nothing is scheduled."""
+
+    def param_groups(self) -> list[dict]:
+        return []
+
+    def check(self, iteration: int) -> None:
+        """Nothing can blow up."""
+
+    def native_shifts_voxels(self) -> dict[str, Tensor]:
+        return {}
 
     def extra_outputs(self) -> dict[str, Tensor]:
         """Extra common-space volumes to write (e.g. the warped atlas, the displacement)."""

@@ -1,0 +1,94 @@
+"""Registration: identity at zero, exact gradients, schedule, in-plane choice, blow-up detection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from mvmm_monai.data.common_space import Grid
+from mvmm_monai.data.datasets import SubjectFiles
+from mvmm_monai.data.labels import MSCMR_LABELS
+from mvmm_monai.data.subject import SubjectData
+from mvmm_monai.mixture import EMConfig, initialise_from_atlas, log_likelihood
+from mvmm_monai.registration import MvMMRegistration, RegistrationError, thick_slices
+from tests.conftest import smooth_atlas
+
+
+def tiny_subject(shape=(12, 12, 3), dtype=torch.float64, seed=0) -> tuple[SubjectData, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    atlas = smooth_atlas(shape[:2], 4, g, dtype=dtype)[0, ..., None].expand(4, *shape).clone()
+    labels = atlas.argmax(0)
+    means = torch.tensor([[0.1, 0.5, 0.9, 0.7], [0.6, 0.2, 0.8, 0.4]], dtype=dtype)
+    images = torch.stack([means[n][labels] + 0.05 * torch.randn(shape, generator=g, dtype=dtype) for n in range(2)])
+    affine = torch.diag(torch.tensor([1.5, 1.5, 8.0, 1.0], dtype=torch.float64))
+    grids = {"DE": Grid(affine, shape), "C0": Grid(affine.clone(), shape)}
+    files = SubjectFiles("tiny", {}, {}, MSCMR_LABELS, "DE")
+    subject = SubjectData(
+        name="tiny", sequences=("DE", "C0"), grids=grids,
+        native_images={"DE": images[:1], "C0": images[1:]},
+        images=images, coverage=torch.ones_like(images), labels={}, label_map=MSCMR_LABELS, files=files,
+    )
+    return subject, atlas
+
+
+def test_zero_parameters_are_the_identity():
+    subject, atlas = tiny_subject(dtype=torch.float32)
+    reg = MvMMRegistration(subject, atlas, scales=(4, 2))
+    w = reg()
+    assert torch.allclose(w.images[0], subject.images, atol=1e-5)
+    assert torch.allclose(torch.exp(w.log_atlas[0]), atlas.clamp_min(1e-4) / atlas.clamp_min(1e-4).sum(0), atol=1e-5)
+    assert torch.allclose(reg.extra_outputs()["displacement_mm"], torch.zeros(3, *atlas.shape[1:]), atol=1e-6)
+
+
+def test_gradcheck_of_the_log_likelihood_wrt_velocity_and_slice_shifts():
+    subject, atlas = tiny_subject()
+    reg = MvMMRegistration(subject, atlas, scales=(4,), atlas_affine=True).double()
+    counts = torch.tensor([[2, 1, 1, 1], [1, 1, 2, 1]])
+    params = initialise_from_atlas(subject.images[None], subject.coverage[None], atlas[None], counts)
+    g = torch.Generator().manual_seed(1)
+    names = ["deformation.velocity.0", "shifts.translation_mm.C0", "deformation.rotation", "deformation.translation_mm"]
+    start = {
+        "deformation.velocity.0": 0.3 * torch.randn(reg.deformation.velocity[0].shape, generator=g, dtype=torch.float64),
+        "shifts.translation_mm.C0": torch.tensor([[0.37, -0.21], [0.13, 0.29], [-0.33, 0.41]], dtype=torch.float64),
+        "deformation.rotation": torch.tensor([0.05], dtype=torch.float64),
+        "deformation.translation_mm": torch.tensor([0.31, -0.17], dtype=torch.float64),
+    }
+    inputs = tuple(start[n].requires_grad_() for n in names)
+
+    def objective(*tensors):
+        w = functional_call(reg, dict(zip(names, tensors)), ())
+        return log_likelihood(w.images, w.coverage, w.log_atlas, params, EMConfig())
+
+    assert torch.autograd.gradcheck(objective, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+def test_inplane_is_chosen_from_geometry_and_scales_follow_the_schedule():
+    assert thick_slices((1.5, 1.5, 10.0)) and not thick_slices((1.0, 1.0, 1.2))
+    subject, atlas = tiny_subject(shape=(16, 16, 6), dtype=torch.float32)
+    reg = MvMMRegistration(subject, atlas, scales=(4, 2), scale_start=(0, 5))
+    assert reg.inplane  # 8 mm slices, 1.5 mm pixels
+    reg.set_iteration(0)
+    assert [p.requires_grad for p in reg.deformation.velocity] == [True, False]
+    reg.set_iteration(5)
+    assert [p.requires_grad for p in reg.deformation.velocity] == [True, True]
+    full = MvMMRegistration(subject, atlas, scales=(4,), inplane=False)
+    assert not full.inplane and full.deformation.velocity[0].shape[1] == 3
+
+
+def test_blow_ups_raise_with_the_iteration():
+    subject, atlas = tiny_subject(dtype=torch.float32)
+    reg = MvMMRegistration(subject, atlas, scales=(4,), max_shift_mm=2.0)
+    with torch.no_grad():
+        reg.shifts.translation_mm["C0"][1, 0] = 5.0
+    with pytest.raises(RegistrationError, match="iteration 7: a slice shift of 5.0 mm exceeds"):
+        reg.check(7)
+    with torch.no_grad():
+        reg.shifts.translation_mm["C0"].zero_()
+        reg.deformation.velocity[0][:, 0] = torch.linspace(-40, 40, reg.deformation.velocity[0].shape[2])[None, :, None]
+    with pytest.raises(RegistrationError, match="iteration 3: the atlas deformation folds"):
+        reg.check(3)
+    with torch.no_grad():
+        reg.deformation.velocity[0].fill_(float("nan"))
+    with pytest.raises(RegistrationError, match="iteration 4: deformation.velocity.0 is not finite"):
+        reg.check(4)
