@@ -38,6 +38,9 @@ class MvMMRegistration(nn.Module):
         scales, scale_start, num_steps: see :class:`AtlasDeformation`.
         bending_weight: weight of MONAI's bending energy of the SVF displacement.
         max_shift_mm: a slice shift beyond this stops the fit (:class:`RegistrationError`).
+        warmup: EM-only iterations before anything moves (the mixture must describe the images
+            before its likelihood can tell where the atlas belongs).
+        slice_shift_start: iteration (after warm-up) at which the slice shifts start to move.
         lr: learning rate per parameter group: ``translation`` (atlas, mm), ``affine`` (rotation in
             radians and log-scales), ``svf`` (voxels), ``slice_shift`` (mm, and radians if rotating).
     """
@@ -58,6 +61,8 @@ class MvMMRegistration(nn.Module):
         bending_weight: float = 1.0,
         max_shift_mm: float = 25.0,
         lr: dict | None = None,
+        warmup: int = 10,
+        slice_shift_start: int = 0,
     ) -> None:
         super().__init__()
         if bending_weight < 0 or max_shift_mm <= 0:
@@ -67,6 +72,9 @@ class MvMMRegistration(nn.Module):
         self.bending_weight = bending_weight
         self.max_shift_mm = max_shift_mm
         self.lr = dict(lr or {})
+        if warmup < 0 or slice_shift_start < 0:
+            raise ValueError(f"registration: warmup and slice_shift_start must be >= 0, got {warmup}, {slice_shift_start}")
+        self.warmup, self.slice_shift_start = warmup, slice_shift_start
         shape = tuple(subject.images.shape[1:])
         spacing = tuple(float(s) for s in subject.grid.spacing)
         if inplane == "auto":
@@ -102,8 +110,15 @@ class MvMMRegistration(nn.Module):
         return any(p.requires_grad for p in self.parameters())
 
     def set_iteration(self, iteration: int) -> None:
-        if self.deformation is not None:
-            self.deformation.set_iteration(iteration)
+        """Switch parameter groups on by the schedule (``iteration`` counts from 0)."""
+        it = iteration - self.warmup
+        for p in self.parameters():
+            p.requires_grad_(it >= 0)
+        if self.deformation is not None and it >= 0:
+            self.deformation.set_iteration(it)
+        if self.shifts is not None:
+            for p in self.shifts.parameters():
+                p.requires_grad_(it >= self.slice_shift_start)
 
     def param_groups(self) -> list[dict]:
         """Optimiser parameter groups with their configured learning rates."""
