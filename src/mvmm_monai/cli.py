@@ -18,7 +18,7 @@ from mvmm_monai import CLASS_NAMES
 from mvmm_monai.atlas import atlas_roi, place_atlas, read_atlas
 from mvmm_monai.evaluation import segmentation_metrics
 from mvmm_monai.fit_module import MvMMFit
-from mvmm_monai.outputs import native_segmentation, save_json, save_nifti
+from mvmm_monai.outputs import native_segmentation, save_json, save_nifti, save_png
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger(__name__)
@@ -30,6 +30,34 @@ _LIGHTNING_NOTES = (
     ".*The number of training batches .* is smaller than the logging interval.*",
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",  # Lightning 2.6's own use of torch 2.13's pytree
 )
+
+
+def hparams(cfg: DictConfig) -> dict:
+    """Flat settings for TensorBoard's HParams dashboard: subtype counts, MRF, registration weights."""
+    flat = {f"subtypes/{k}": int(v) for k, v in cfg.model.subtypes.items()}
+    for seq, row in (cfg.model.get("subtype_overrides") or {}).items():
+        flat.update({f"subtypes/{seq}/{k}": int(v) for k, v in row.items()})
+    flat.update(
+        {
+            "mrf_beta": float(cfg.model.em.beta),
+            "update_pi": bool(cfg.model.em.update_pi),
+            "roi_margin_mm": -1.0 if cfg.model.roi_margin_mm is None else float(cfg.model.roi_margin_mm),
+            "registration": str(cfg.registration.model._target_).rsplit(".", 1)[-1],
+        }
+    )
+    reg = cfg.registration.model
+    if "bending_weight" in reg:
+        flat["bending_weight"] = float(reg.bending_weight)
+        flat.update({f"lr/{k}": float(v) for k, v in (reg.get("lr") or {}).items()})
+    return flat
+
+
+def final_scalars(metrics: dict) -> dict:
+    """``final/...`` scalars of a finished fit (Dice per structure and sequence, log-likelihood)."""
+    out = {"final/log_likelihood": metrics["log_likelihood"]}
+    for seq, d in metrics.get("dice", {}).items():
+        out.update({f"final/dice/{seq}/{k}": v for k, v in d.items() if v == v})
+    return out
 
 
 def _build(node, *args, **kwargs):
@@ -79,16 +107,43 @@ def _metrics(subject, posterior: torch.Tensor, shifts: dict) -> tuple[dict, dict
     return segs, scores
 
 
-def fit(cfg: DictConfig) -> dict:
-    """Fit one subject as configured and write the results to ``cfg.paths.output_dir``.
+def _subjects(cfg: DictConfig, dataset) -> list[str] | None:
+    """``subject``: null (the first), a name, ``all``, or a list. ``None`` means a single fit."""
+    sel = cfg.subject
+    if sel is None:
+        return None
+    if isinstance(sel, str) and sel != "all":
+        return None
+    names = dataset.subjects() if sel == "all" else [str(x) for x in sel]
+    if not names:
+        raise ValueError(f"{dataset.name}: no subjects found")
+    return names
 
-    Returns the content of ``metrics.json``.
+
+def fit(cfg: DictConfig) -> dict:
+    """Fit what ``cfg`` asks for and write the results under ``cfg.paths.output_dir``.
+
+    One subject (``subject=NAME`` or null): returns the content of its ``metrics.json``. A cohort
+    (``subject=all`` or ``subject=[a,b]``): every subject into its own folder, a failing subject
+    reported with its error while the others go on, and ``cohort_summary.{csv,md}``; returns the
+    summary (``{"subjects": [...], "failed": {...}, "mean": ..., "std": ...}``).
     """
+    dataset = _build(cfg.data)
+    names = _subjects(cfg, dataset)
+    out = Path(cfg.paths.output_dir)
+    if names is None:
+        name = cfg.subject if cfg.subject is not None else dataset.subjects()[0]
+        return fit_subject(cfg, dataset, name, out)
+    from mvmm_monai.cohort import run_cohort
+
+    return run_cohort(cfg, dataset, names, out, fit_subject)
+
+
+def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
+    """Fit subject ``name`` of ``dataset`` and write its results into ``out``; returns its metrics."""
     start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    out = Path(cfg.paths.output_dir)
-    dataset = _build(cfg.data)
-    name = cfg.subject if cfg.subject is not None else dataset.subjects()[0]
+    out = Path(out)
     subject = dataset.load(name)
 
     atlas_path = cfg.atlas.path or dataset.default_atlas()
@@ -160,7 +215,11 @@ def fit(cfg: DictConfig) -> dict:
             "config": OmegaConf.to_container(cfg.model, resolve=True),
         },
     )
+    save_png(out / f"{subject.name}_overlay.png", module.overlay(title=f"{subject.name}: final segmentation"))
     metrics["seconds"] = time.perf_counter() - start
+    if logger:
+        logger.log_hyperparams(hparams(cfg), metrics=final_scalars(metrics))
+        logger.finalize("success")
     save_json(out / "metrics.json", metrics)
     if "dice" in metrics and subject.reference in metrics["dice"]:
         d = metrics["dice"][subject.reference]

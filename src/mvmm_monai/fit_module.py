@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from mvmm_monai import CLASS_NAMES
 from mvmm_monai.data.subject import SubjectData
 from mvmm_monai.evaluation import dice_per_class
+from mvmm_monai.outputs import native_segmentation
 from mvmm_monai.mixture import EMConfig, MixtureParams, e_step, em_step, initialise_from_atlas, log_likelihood
 from mvmm_monai.mixture.em import log_prior
 from mvmm_monai.registration.base import IdentityRegistration, Warped
@@ -94,8 +95,6 @@ class MvMMFit(pl.LightningModule):
             self.register_buffer(name, value.clone())
         self.register_buffer("posterior", torch.exp(w.log_atlas).clone())
         self.register_buffer("last_log_likelihood", torch.tensor(float("nan"), dtype=torch.float64))
-        ref = subject.labels.get(subject.reference)
-        self.register_buffer("reference_label", ref if ref is not None else torch.empty(0), persistent=False)
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -153,11 +152,24 @@ class MvMMFit(pl.LightningModule):
             metrics.update({f"reg/{k}": float(v) for k, v in regs.items()})
         for k, p in enumerate(torch.exp(self.log_pi[0])):
             metrics[f"em/pi/{CLASS_NAMES[k]}"] = float(p)
-        if self.reference_label.numel():
-            pred = posterior[0].argmax(0)
-            for name, d in dice_per_class(pred, self.reference_label).items():
-                metrics[f"dice/{self.subject.reference}/{name}"] = d
+        if self.subject.labels:
+            shifts = self.registration.native_shifts_voxels()
+            for seq, label in self.subject.labels.items():
+                pred = native_segmentation(posterior[0], self.subject, seq, shifts.get(seq)).to(label.device)
+                for name, d in dice_per_class(pred, label).items():
+                    metrics[f"dice/{seq}/{name}"] = d
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
+
+    # -- pictures --------------------------------------------------------------------------
+    @torch.no_grad()
+    def overlay(self, title: str = ""):
+        """Overlay figure of the current state (see :func:`mvmm_monai.monitoring.overlay_figure`)."""
+        from mvmm_monai.monitoring import overlay_figure
+
+        w = self.registration().detach()
+        return overlay_figure(
+            w.images[0], w.coverage[0], self.subject.sequences, self.posterior[0], torch.exp(w.log_atlas[0]), title=title
+        )
 
     # -- results ---------------------------------------------------------------------------
     @torch.no_grad()

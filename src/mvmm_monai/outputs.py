@@ -46,6 +46,11 @@ def save_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, vector: b
     return _atomic(Path(path), lambda tmp: nib.save(img, tmp))
 
 
+def save_png(path: str | Path, fig) -> Path:
+    """Save a matplotlib figure as PNG atomically."""
+    return _atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+
+
 def _clean(obj: Any) -> Any:
     """JSON-safe copy: NaN/Inf become ``None``, numpy and torch scalars become Python numbers."""
     if isinstance(obj, dict):

@@ -14,7 +14,9 @@ correspondence with a test crop: write it with the test crop's affine (:func:`wr
 fit with ``atlas.placement=identity``. The centring uses the test case's manual label, so the
 protocol measures segmentation given the heart's position, not heart localisation.
 
-Only numpy, nibabel and scipy (through :func:`mvmm_monai.atlas.atlas_from_labels`) are used.
+Only numpy, nibabel and scipy (through :func:`mvmm_monai.atlas.atlas_from_labels`) are used; the
+atlas and output helpers are imported inside the functions that need them, so importing this data
+module pulls in nothing from the layers above it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,180 @@
+r"""MyoPS 2020 "2D mid-slice" benchmark: LGE Dice of MvMM on the middle slice of each test case.
+
+Protocol (:mod:`mvmm_monai.data.midslice`): the middle slice of C0, LGE, T2 and gd of every case,
+cropped 192 x 192 around the label centroid; an atlas from the crops of the atlas cases (mean
+one-hot class maps, Gaussian sigma 2 px in-plane), used in voxel correspondence with each test
+crop (``atlas.placement=identity``); ``fit`` with ``data=files`` (reference LGE) per test case.
+
+    .venv/bin/python benchmarks/myops_2d_mid.py [--root DIR] [--out DIR] \
+        [--atlas-cases Case3001-Case3015] [--test-cases Case3016-Case3025] [--threads N] \
+        [hydra overrides ...]
+
+Prints a Markdown table (LGE myocardium / LV / RV Dice of the fit, the atlas-alone myocardium
+Dice and seconds per slice, then mean and std rows) headed by the command line, the machine and
+the date, ready to paste into ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mvmm_monai.cli import compose_config, fit
+from mvmm_monai.data.midslice import MidSliceCrop, mid_slice_atlas, mid_slice_crop, write_atlas, write_crop
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("myocardium", "lv", "rv")
+
+
+def parse_cases(spec: str) -> list[str]:
+    """``"Case3001-Case3015"`` or ``"Case3001,Case3004"`` (or a mix) -> case names."""
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        m = re.fullmatch(r"([A-Za-z]*)(\d+)-([A-Za-z]*)(\d+)", part)
+        if m:
+            prefix, lo, hi = m.group(1) or m.group(3), int(m.group(2)), int(m.group(4))
+            if hi < lo:
+                raise ValueError(f"bad case range {part!r}")
+            names += [f"{prefix}{i}" for i in range(lo, hi + 1)]
+        else:
+            names.append(part)
+    return names
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks (1 when both are empty)."""
+    s = pred.sum() + truth.sum()
+    return float(2.0 * (pred & truth).sum() / s) if s else 1.0
+
+
+def atlas_alone_dice(prob: np.ndarray, crop: MidSliceCrop) -> dict[str, float]:
+    """Dice per foreground class of the atlas argmax ``[K, X, Y, Z]`` against the crop's label."""
+    pred, truth = prob.argmax(0), crop.classes()
+    return {c: dice(pred == k, truth == k) for k, c in enumerate(CLASSES, start=1)}
+
+
+def fit_crop(crop: MidSliceCrop, atlas: np.ndarray, out: Path, overrides: list[str], atlas_cases: list[str]) -> dict:
+    """Write ``crop`` and the atlas (on the crop's grid) under ``out`` and fit it; returns metrics."""
+    case_dir = out / crop.name
+    paths = write_crop(crop, case_dir / "input")
+    atlas_path = write_atlas(atlas, crop.affine, case_dir / "input" / "atlas.nii.gz", built_from=atlas_cases)
+    cfg = compose_config(
+        [
+            "data=files",
+            "data.images.DE=null",
+            f"+data.images.LGE={paths['LGE']}",
+            f"data.images.C0={paths['C0']}",
+            f"data.images.T2={paths['T2']}",
+            f"data.label={paths['gd']}",
+            "data.label_values=myops",
+            "data.reference=LGE",
+            f"data.subject={crop.name}",
+            f"atlas.path={atlas_path}",
+            "atlas.placement=identity",
+            f"paths.output_dir={case_dir / 'fit'}",
+            "callbacks.progress.refresh_rate=0",
+            "~logger",
+            *overrides,
+        ]
+    )
+    return fit(cfg)
+
+
+def run(root: Path, out: Path, atlas_cases: list[str], test_cases: list[str], overrides: list[str], size: int = 192,
+        sigma_px: float = 2.0) -> list[dict]:
+    """One row per test case: Dice of the fit and of the atlas alone, seconds."""
+    atlas = mid_slice_atlas([mid_slice_crop(root / c, size) for c in atlas_cases], sigma_px)
+    rows = []
+    for name in test_cases:
+        crop = mid_slice_crop(root / name, size)
+        start = time.perf_counter()
+        metrics = fit_crop(crop, atlas, out, overrides, atlas_cases)
+        seconds = time.perf_counter() - start
+        d = metrics["dice"]["LGE"]
+        rows.append(
+            {"case": name, **{c: d[c] for c in CLASSES}, "atlas_myo": atlas_alone_dice(atlas, crop)["myocardium"],
+             "seconds": seconds, "iterations": metrics["iterations"]}
+        )
+        print(f"# {name}: myo {d['myocardium']:.3f} lv {d['lv']:.3f} rv {d['rv']:.3f} "
+              f"({seconds:.1f} s, {metrics['iterations']} it)", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of the rows, then mean and std (ddof=1) rows."""
+    cols = ("myocardium", "lv", "rv", "atlas_myo", "seconds")
+
+    def fmt(c: str, v: float) -> str:
+        return f"{v:.1f}" if c == "seconds" else f"{v:.3f}"
+
+    lines = [
+        "| case | LGE myocardium Dice | LGE LV Dice | LGE RV Dice | atlas-alone myocardium Dice | seconds / slice |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['case']} | " + " | ".join(fmt(c, r[c]) for c in cols) + " |" for r in rows]
+    vals = {c: np.array([r[c] for r in rows], dtype=float) for c in cols}
+    std = {c: vals[c].std(ddof=1) if len(rows) > 1 else 0.0 for c in cols}
+    lines.append("| **mean** | " + " | ".join(f"**{fmt(c, vals[c].mean())}**" for c in cols) + " |")
+    lines.append("| std | " + " | ".join(fmt(c, std[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def header(argv: list[str]) -> str:
+    return "\n".join(
+        [
+            f"Command: `{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/myops_2d_mid.py', *argv])}`",
+            "",
+            f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
+            f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
+            "",
+            f"Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=REPO.parent / "shared" / "data" / "myops", help="MyoPS folder")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/myops_2d_mid"), help="where crops, atlases and fits go")
+    parser.add_argument("--atlas-cases", default="Case3001-Case3015")
+    parser.add_argument("--test-cases", default="Case3016-Case3025")
+    parser.add_argument("--size", type=int, default=192, help="crop size in voxels")
+    parser.add_argument("--sigma", type=float, default=2.0, help="atlas smoothing, in-plane voxels")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 is steadier on a busy machine")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. model.em.beta=1.0")
+    args = parser.parse_args(argv)
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*configure_optimizers.*")
+    atlas_cases, test_cases = parse_cases(args.atlas_cases), parse_cases(args.test_cases)
+    if overlap := sorted(set(atlas_cases) & set(test_cases)):
+        raise SystemExit(f"atlas and test cases overlap: {overlap}")
+    print(header(argv) + "\n", flush=True)
+    rows = run(args.root, args.out, atlas_cases, test_cases, list(args.overrides), args.size, args.sigma)
+    print(f"Atlas: {args.atlas_cases} ({len(atlas_cases)} cases); test: {args.test_cases}; "
+          f"overrides: {' '.join(args.overrides) or 'none'}\n")
+    print(table(rows), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
