@@ -66,12 +66,16 @@ def test_gradcheck_of_the_log_likelihood_wrt_velocity_and_slice_shifts():
 def test_inplane_is_chosen_from_geometry_and_scales_follow_the_schedule():
     assert thick_slices((1.5, 1.5, 10.0)) and not thick_slices((1.0, 1.0, 1.2))
     subject, atlas = tiny_subject(shape=(16, 16, 6), dtype=torch.float32)
-    reg = MvMMRegistration(subject, atlas, scales=(4, 2), scale_start=(0, 5))
+    reg = MvMMRegistration(subject, atlas, scales=(4, 2), scale_start=(0, 5), warmup=3, slice_shift_start=2)
     assert reg.inplane  # 8 mm slices, 1.5 mm pixels
-    reg.set_iteration(0)
+    reg.set_iteration(2)  # warm-up: EM only
+    assert not reg.fits_anything
+    reg.set_iteration(3)
     assert [p.requires_grad for p in reg.deformation.velocity] == [True, False]
-    reg.set_iteration(5)
+    assert reg.deformation.translation_mm.requires_grad and not reg.shifts.translation_mm["C0"].requires_grad
+    reg.set_iteration(8)
     assert [p.requires_grad for p in reg.deformation.velocity] == [True, True]
+    assert reg.shifts.translation_mm["C0"].requires_grad
     full = MvMMRegistration(subject, atlas, scales=(4,), inplane=False)
     assert not full.inplane and full.deformation.velocity[0].shape[1] == 3
 

@@ -1,0 +1,99 @@
+"""TensorBoard content, overlay picture, sweeps with one summary, cohorts that survive a bad subject, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mvmm_monai.cli import compose_config, fit
+from mvmm_monai.data.synthetic import SyntheticConfig, ensure_cohort
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["callbacks.progress.refresh_rate=0"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def run(out: Path, cache_dir: Path, *overrides: str) -> dict:
+    return fit(compose_config([f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}", *QUIET, *overrides]))
+
+
+def test_tensorboard_scalars_images_hparams_and_overlay_png(tmp_path, cache_dir):
+    out = tmp_path / "fit"
+    metrics = run(out, cache_dir, "subject=patient2", "trainer.max_epochs=12", "callbacks.overlay.every_n_iterations=5")
+    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    for tag in ("em/log_likelihood", "em/relative_change", "em/pi/myocardium", "dice/DE/myocardium", "dice/C0/lv", "dice/T2/rv"):
+        assert tag in tags["scalars"], tag
+    assert "overlay" in tags["images"]
+    steps = [e.step for e in ea.Images("overlay")]
+    assert steps[0] == 1 and 5 in steps and 10 in steps
+    assert "_hparams_/session_start_info" in tags["tensors"] or ea.PluginTagToContent("hparams")
+    png = imread(out / "patient2_overlay.png")
+    assert png.shape[:2] == (360, 1600)  # 5 panels of 3.2 x 3.6 inches at 100 dpi
+    assert png[..., :3].std() > 0.05, "overlay is blank"
+    assert metrics["iterations"] == 12
+
+
+def test_sweep_of_three_subtype_settings_writes_one_summary(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "MVMM_CACHE_DIR": str(cache_dir)}
+    cmd = [sys.executable, str(ROOT / "scripts" / "fit.py"), "-m", "model.subtypes.myocardium=1,2,3",
+           "trainer.max_epochs=4", f"hydra.sweep.dir={sweep}", "callbacks.progress.refresh_rate=0"]
+    subprocess.run(cmd, check=True, cwd=tmp_path, env=env, capture_output=True, timeout=600)
+    rows = list(csv.DictReader((sweep / "summary.csv").read_text().splitlines()))
+    assert [r["model.subtypes.myocardium"] for r in rows] == ["1", "2", "3"]
+    assert all(r["status"] == "ok" and float(r["dice/DE/lv"]) > 0.8 for r in rows)
+    assert (sweep / "summary.md").read_text().count("\n") == 2 + 3
+    for job in ("0", "1", "2"):
+        assert (sweep / job / "patient1_DE_seg.nii.gz").is_file()
+
+
+def test_cohort_finishes_the_others_and_reports_the_bad_subject(tmp_path, cache_dir):
+    data = tmp_path / "data"
+    shutil.copytree(ensure_cohort(cache_dir, SyntheticConfig(misalignment=False)), data)
+    bad = data / "patient2_T2.nii.gz"
+    img = nib.load(bad)
+    nib.save(nib.Nifti1Image(np.full(img.shape, np.nan, dtype=np.float32), img.affine), bad)
+    out = tmp_path / "cohort"
+    summary = run(out, cache_dir, "data=mscmr", f"data.root={data}", f"atlas.path={data / 'atlas.nii.gz'}",
+                  "subject=[patient1,patient2,patient3]", "trainer.max_epochs=5", "~logger")
+    assert summary["subjects"] == ["patient1", "patient3"]
+    assert "patient2_T2.nii.gz" in summary["failed"]["patient2"] and "NaN" in summary["failed"]["patient2"]
+    rows = list(csv.DictReader((out / "cohort_summary.csv").read_text().splitlines()))
+    assert [r["subject"] for r in rows] == ["patient1", "patient3", "patient2", "mean", "std"]
+    assert rows[2]["status"] == "failed"
+    mean = float(rows[3]["dice/DE/lv"])
+    assert mean == pytest.approx(np.mean([float(rows[0]["dice/DE/lv"]), float(rows[1]["dice/DE/lv"])]))
+    assert (out / "patient1" / "metrics.json").is_file() and not (out / "patient2" / "metrics.json").exists()
+
+
+def test_resumed_fit_matches_the_uninterrupted_one(tmp_path, cache_dir):
+    common = ["subject=patient3", "model.tol=0", "~logger"]
+    whole = run(tmp_path / "whole", cache_dir, *common, "trainer.max_epochs=12")
+    run(tmp_path / "part", cache_dir, *common, "trainer.max_epochs=5")  # "killed" after 5 iterations
+    assert (tmp_path / "part" / "checkpoints" / "last.ckpt").is_file()
+    resumed = run(tmp_path / "part", cache_dir, *common, "trainer.max_epochs=12", "ckpt_path=last")
+    assert resumed["iterations"] == whole["iterations"] == 12
+    assert resumed["log_likelihood"] == pytest.approx(whole["log_likelihood"], abs=1e-6)
+    for seq in ("DE", "C0", "T2"):
+        for k, v in whole["dice"][seq].items():
+            assert resumed["dice"][seq][k] == pytest.approx(v, abs=1e-6)
+    a = json.loads((tmp_path / "whole" / "params.json").read_text())["subtypes"]
+    b = json.loads((tmp_path / "part" / "params.json").read_text())["subtypes"]
+    assert np.allclose(a["DE"]["myocardium"]["mu"], b["DE"]["myocardium"]["mu"], atol=1e-6)
