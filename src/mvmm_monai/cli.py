@@ -128,6 +128,12 @@ def fit(cfg: DictConfig) -> dict:
     reported with its error while the others go on, and ``cohort_summary.{csv,md}``; returns the
     summary (``{"subjects": [...], "failed": {...}, "mean": ..., "std": ...}``).
     """
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if str(devices) not in ("1", "auto") or int(nodes) != 1:
+        raise ValueError(
+            f"trainer.devices={devices}, trainer.num_nodes={nodes}: sharding subjects across several devices or "
+            "nodes is not available yet; use trainer.devices=1 (a cohort is fitted subject by subject)"
+        )
     dataset = _build(cfg.data)
     names = _subjects(cfg, dataset)
     out = Path(cfg.paths.output_dir)
