@@ -169,6 +169,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         em=_build(cfg.model.em),
         em_steps=cfg.model.em_steps,
         optimizer=optimizer,
+        tol_window=cfg.model.tol_window,
     )
     callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values()]
     logger = _build(cfg.logger) if cfg.get("logger") else False

@@ -66,6 +66,8 @@ class MvMMFit(pl.LightningModule):
         em_steps: EM steps per ICM iteration.
         optimizer: ``params -> torch.optim.Optimizer`` (a Hydra partial) for the registration
             parameters; unused when the registration fits nothing.
+        tol_window: ``em/relative_change`` is the largest relative change of the log-likelihood
+            over this many iterations, so a fit stops only once it has been still for a while.
     """
 
     def __init__(
@@ -76,10 +78,13 @@ class MvMMFit(pl.LightningModule):
         em: EMConfig = EMConfig(),
         em_steps: int = 1,
         optimizer: Callable | None = None,
+        tol_window: int = 5,
     ) -> None:
         super().__init__()
         if em_steps < 1:
             raise ValueError(f"MvMMFit: em_steps must be >= 1, got {em_steps}")
+        if tol_window < 1:
+            raise ValueError(f"MvMMFit: tol_window must be >= 1, got {tol_window}")
         self.automatic_optimization = False
         self.subject = subject
         self.registration = registration
@@ -95,6 +100,7 @@ class MvMMFit(pl.LightningModule):
             self.register_buffer(name, value.clone())
         self.register_buffer("posterior", torch.exp(w.log_atlas).clone())
         self.register_buffer("last_log_likelihood", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("recent_changes", torch.ones(tol_window, dtype=torch.float64))
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -135,8 +141,10 @@ class MvMMFit(pl.LightningModule):
             )
         self._store(params, posterior)
         prev = float(self.last_log_likelihood)
-        rel = abs(ll - prev) / max(abs(prev), 1e-12) if math.isfinite(prev) else 1.0
+        step_change = abs(ll - prev) / max(abs(prev), 1e-12) if math.isfinite(prev) else 1.0
         self.last_log_likelihood.fill_(ll)
+        self.recent_changes.copy_(torch.cat((self.recent_changes[1:], self.recent_changes.new_tensor([step_change]))))
+        rel = float(self.recent_changes.max())
 
         metrics = {"em/log_likelihood": ll, "em/relative_change": rel}
         if fitting_registration:
