@@ -32,7 +32,14 @@ import numpy as np
 import torch
 
 from mvmm_monai.cli import compose_config, fit
-from mvmm_monai.data.midslice import MidSliceCrop, mid_slice_atlas, mid_slice_crop, write_atlas, write_crop
+from mvmm_monai.data.midslice import (
+    MidSliceCrop,
+    fit_overrides,
+    mid_slice_atlas,
+    mid_slice_crop,
+    write_atlas,
+    write_crop,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("myocardium", "lv", "rv")
@@ -72,18 +79,7 @@ def fit_crop(crop: MidSliceCrop, atlas: np.ndarray, out: Path, overrides: list[s
     atlas_path = write_atlas(atlas, crop.affine, case_dir / "input" / "atlas.nii.gz", built_from=atlas_cases)
     cfg = compose_config(
         [
-            "data=files",
-            "data.images.DE=null",
-            f"+data.images.LGE={paths['LGE']}",
-            f"data.images.C0={paths['C0']}",
-            f"data.images.T2={paths['T2']}",
-            f"data.label={paths['gd']}",
-            "data.label_values=myops",
-            "data.reference=LGE",
-            f"data.subject={crop.name}",
-            f"atlas.path={atlas_path}",
-            "atlas.placement=identity",
-            f"paths.output_dir={case_dir / 'fit'}",
+            *fit_overrides(crop.name, paths, atlas_path, case_dir / "fit"),
             "callbacks.progress.refresh_rate=0",
             "~logger",
             *overrides,

@@ -21,6 +21,7 @@ import torch
 from mvmm_monai.cli import compose_config, fit
 from mvmm_monai.data.midslice import (
     MidSliceCrop,
+    fit_overrides,
     label_classes,
     mid_slice_atlas,
     mid_slice_crop,
@@ -57,18 +58,7 @@ def _fit(crop: MidSliceCrop, atlas: np.ndarray, tmp_path: Path) -> tuple[dict, d
     out = tmp_path / "fit"
     cfg = compose_config(
         [
-            "data=files",
-            "data.images.DE=null",
-            f"+data.images.LGE={paths['LGE']}",
-            f"data.images.C0={paths['C0']}",
-            f"data.images.T2={paths['T2']}",
-            f"data.label={paths['gd']}",
-            "data.label_values=myops",
-            "data.reference=LGE",
-            f"data.subject={crop.name}",
-            f"atlas.path={atlas_path}",
-            "atlas.placement=identity",
-            f"paths.output_dir={out}",
+            *fit_overrides(crop.name, paths, atlas_path, out),
             "callbacks.progress.refresh_rate=0",
             "~logger",
             f"trainer.max_epochs={MAX_EPOCHS}",

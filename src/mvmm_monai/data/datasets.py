@@ -68,6 +68,15 @@ class _Dataset:
 
     lower_percentile: float = 1.0
     upper_percentile: float = 99.0
+    default_label_map: LabelMap = MSCMR_LABELS
+
+    def _setup(self, root, sequences, reference: str, lower_percentile: float, upper_percentile: float) -> None:
+        """Shared constructor of the folder layouts: root, sequences (reference first), labels."""
+        self._set_percentiles(lower_percentile, upper_percentile)
+        self.root = Path(root)
+        self.sequences = _check_sequences(sequences, reference, self.name)
+        self.reference = reference
+        self.label_map = self.default_label_map
 
     def _set_percentiles(self, lower: float, upper: float) -> None:
         if not 0.0 <= lower < upper <= 100.0:
@@ -105,11 +114,7 @@ class MSCMRDataset(_Dataset):
         lower_percentile: float = 1.0,
         upper_percentile: float = 99.0,
     ) -> None:
-        self._set_percentiles(lower_percentile, upper_percentile)
-        self.root = Path(root)
-        self.sequences = _check_sequences(sequences, reference, self.name)
-        self.reference = reference
-        self.label_map = MSCMR_LABELS
+        self._setup(root, sequences, reference, lower_percentile, upper_percentile)
 
     def subjects(self) -> list[str]:
         if not self.root.is_dir():
@@ -184,6 +189,7 @@ class MyoPSDataset(_Dataset):
     """MyoPS 2020 layout: ``CaseN/CaseN_{C0,LGE,T2}.nii.gz`` and ``CaseN_gd.nii.gz`` (one grid)."""
 
     name = "myops"
+    default_label_map = MYOPS_LABELS
 
     def __init__(
         self,
@@ -193,11 +199,7 @@ class MyoPSDataset(_Dataset):
         lower_percentile: float = 1.0,
         upper_percentile: float = 99.0,
     ) -> None:
-        self._set_percentiles(lower_percentile, upper_percentile)
-        self.root = Path(root)
-        self.sequences = _check_sequences(sequences, reference, self.name)
-        self.reference = reference
-        self.label_map = MYOPS_LABELS
+        self._setup(root, sequences, reference, lower_percentile, upper_percentile)
 
     def subjects(self) -> list[str]:
         if not self.root.is_dir():

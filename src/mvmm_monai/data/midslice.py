@@ -200,3 +200,22 @@ def write_atlas(
         },
     )
     return path
+
+
+def fit_overrides(name: str, paths: dict[str, Path], atlas_path: str | Path, output_dir: str | Path) -> list[str]:
+    """Hydra overrides that fit a written crop (:func:`write_crop`) with ``data=files``, LGE as reference,
+    the MyoPS label values and the crop's own atlas placed as it lies."""
+    return [
+        "data=files",
+        "data.images.DE=null",
+        f"+data.images.LGE={paths['LGE']}",
+        f"data.images.C0={paths['C0']}",
+        f"data.images.T2={paths['T2']}",
+        f"data.label={paths['gd']}",
+        "data.label_values=myops",
+        "data.reference=LGE",
+        f"data.subject={name}",
+        f"atlas.path={atlas_path}",
+        "atlas.placement=identity",
+        f"paths.output_dir={output_dir}",
+    ]
