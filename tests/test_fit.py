@@ -119,7 +119,7 @@ def test_label_with_unknown_values_is_named(tmp_path, cache_dir, cohort_copy):
         ("model.em_steps=0", "em_steps must be >= 1"),
         ("atlas.placement=upside_down", "atlas.placement must be one of"),
         ("data.lower_percentile=99", "lower_percentile < upper_percentile"),
-        ("trainer.devices=2", "not available yet"),
+        ("trainer.devices=2", "one subject is fitted on one device"),
     ],
 )
 def test_silly_config_values(tmp_path, cache_dir, override, message):

@@ -97,3 +97,32 @@ def test_resumed_fit_matches_the_uninterrupted_one(tmp_path, cache_dir):
     a = json.loads((tmp_path / "whole" / "params.json").read_text())["subtypes"]
     b = json.loads((tmp_path / "part" / "params.json").read_text())["subtypes"]
     assert np.allclose(a["DE"]["myocardium"]["mu"], b["DE"]["myocardium"]["mu"], atol=1e-6)
+
+
+def test_shards_partition_the_cohort():
+    from mvmm_monai.distributed import CohortShards
+
+    names = [f"s{i}" for i in range(7)]
+    mod = CohortShards(None, names, Path("."), fit_subject=None)
+    for world in (1, 2, 3):
+        shards = [mod.shard(r, world) for r in range(world)]
+        assert sorted(sum(shards, [])) == sorted(names)  # every subject exactly once
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_give_the_one_process_result(tmp_path, cache_dir):
+    common = ["subject=[patient1,patient2]", "trainer.max_epochs=6", "trainer.accelerator=cpu"]
+    one = run(tmp_path / "one", cache_dir, *common, "trainer.devices=1")
+    two = run(tmp_path / "two", cache_dir, *common, "trainer.devices=2")
+    assert two["subjects"] == one["subjects"] == ["patient1", "patient2"] and not two["failed"]
+    for key, value in one["mean"].items():
+        if key.startswith("dice/"):
+            assert two["mean"][key] == pytest.approx(value, abs=1e-4), key
+    for name in ("patient1", "patient2"):
+        a = json.loads((tmp_path / "one" / name / "metrics.json").read_text())
+        b = json.loads((tmp_path / "two" / name / "metrics.json").read_text())
+        assert b["dice"]["DE"]["myocardium"] == pytest.approx(a["dice"]["DE"]["myocardium"], abs=1e-4)
+        assert (tmp_path / "two" / name / "tensorboard").is_dir()
+        assert (tmp_path / "two" / name / "checkpoints" / "last.ckpt").is_file()
+    # the summary is written once, by the launching process
+    assert len(list((tmp_path / "two").glob("cohort_summary.*"))) == 3

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import hydra
@@ -12,24 +11,18 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mvmm_monai import CLASS_NAMES
 from mvmm_monai.atlas import atlas_roi, place_atlas, read_atlas
 from mvmm_monai.evaluation import segmentation_metrics
 from mvmm_monai.fit_module import MvMMFit
+from mvmm_monai.progress import lightning_notes_silenced
 from mvmm_monai.outputs import native_segmentation, save_json, save_nifti, save_png
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger(__name__)
 
-# Lightning advice that does not apply to a one-item, in-memory "dataset" and to registration=none
-_LIGHTNING_NOTES = (
-    ".*does not have many workers.*",
-    ".*configure_optimizers` returned `None`.*",
-    ".*The number of training batches .* is smaller than the logging interval.*",
-    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",  # Lightning 2.6's own use of torch 2.13's pytree
-)
 
 
 def hparams(cfg: DictConfig) -> dict:
@@ -129,17 +122,22 @@ def fit(cfg: DictConfig) -> dict:
     summary (``{"subjects": [...], "failed": {...}, "mean": ..., "std": ...}``).
     """
     devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
-    if str(devices) not in ("1", "auto") or int(nodes) != 1:
-        raise ValueError(
-            f"trainer.devices={devices}, trainer.num_nodes={nodes}: sharding subjects across several devices or "
-            "nodes is not available yet; use trainer.devices=1 (a cohort is fitted subject by subject)"
-        )
+    several = str(devices) not in ("1", "auto") or int(nodes) != 1
     dataset = _build(cfg.data)
     names = _subjects(cfg, dataset)
     out = Path(cfg.paths.output_dir)
     if names is None:
+        if several:
+            raise ValueError(
+                f"trainer.devices={devices}, trainer.num_nodes={nodes}: one subject is fitted on one device; "
+                "several devices shard a cohort (subject=all or subject=[a,b,...])"
+            )
         name = cfg.subject if cfg.subject is not None else dataset.subjects()[0]
         return fit_subject(cfg, dataset, name, out)
+    if several:
+        from mvmm_monai.distributed import run_cohort_distributed
+
+        return run_cohort_distributed(cfg, names, out, fit_subject)
     from mvmm_monai.cohort import run_cohort
 
     return run_cohort(cfg, dataset, names, out, fit_subject)
@@ -150,6 +148,10 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(out)
+    if str(cfg.paths.get("output_dir")) != str(out):  # a cohort member: logs and checkpoints go with it
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out)
     subject = dataset.load(name)
 
     atlas_path = cfg.atlas.path or dataset.default_atlas()
@@ -174,9 +176,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values()]
     logger = _build(cfg.logger) if cfg.get("logger") else False
     trainer: pl.Trainer = _build(cfg.trainer, logger=logger, callbacks=callbacks)
-    with warnings.catch_warnings():
-        for msg in _LIGHTNING_NOTES:
-            warnings.filterwarnings("ignore", message=msg)
+    with lightning_notes_silenced():
         trainer.fit(module, ckpt_path=cfg.get("ckpt_path"))
     if not trainer.is_global_zero:
         return {}

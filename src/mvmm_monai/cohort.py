@@ -87,3 +87,17 @@ def write_cohort_summary(out: Path, results: dict[str, dict], failed: dict[str, 
     save_json(out / "cohort_summary.json", summary)
     log.info("cohort: %d fitted, %d failed; summary in %s", len(results), len(failed), out / "cohort_summary.md")
     return summary
+
+
+def read_results(out: Path, names: list[str]) -> tuple[dict[str, dict], dict[str, str]]:
+    """Collect what the shards wrote: ``<subject>/metrics.json`` or ``<subject>/error.txt``."""
+    import json
+
+    results, failed = {}, {}
+    for name in names:
+        metrics, error = out / name / "metrics.json", out / name / "error.txt"
+        if metrics.is_file():
+            results[name] = json.loads(metrics.read_text())
+        else:
+            failed[name] = error.read_text().strip() if error.is_file() else "no result (the process fitting it died)"
+    return results, failed

@@ -1,8 +1,10 @@
-"""A Lightning progress bar for fits whose every epoch is one ICM iteration."""
+"""A Lightning progress bar for fits whose every epoch is one ICM iteration, and Lightning notes we silence."""
 
 from __future__ import annotations
 
 import sys
+import warnings
+from contextlib import contextmanager
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ProgressBar
@@ -62,3 +64,22 @@ class ICMProgressBar(ProgressBar):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+# Lightning advice that does not apply to a one-item, in-memory "dataset" and to registration=none
+LIGHTNING_NOTES = (
+    ".*does not have many workers.*",
+    ".*configure_optimizers` returned `None`.*",
+    ".*The number of training batches .* is smaller than the logging interval.*",
+    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",  # Lightning 2.6's own use of torch 2.13's pytree
+    ".*when logging on epoch level in distributed setting.*",  # per-subject metrics of a cohort shard: no sync wanted
+)
+
+
+@contextmanager
+def lightning_notes_silenced():
+    """Silence, by message, the Lightning advice in :data:`LIGHTNING_NOTES` (nothing else)."""
+    with warnings.catch_warnings():
+        for msg in LIGHTNING_NOTES:
+            warnings.filterwarnings("ignore", message=msg)
+        yield
