@@ -126,3 +126,30 @@ def test_two_cpu_processes_give_the_one_process_result(tmp_path, cache_dir):
         assert (tmp_path / "two" / name / "checkpoints" / "last.ckpt").is_file()
     # the summary is written once, by the launching process
     assert len(list((tmp_path / "two").glob("cohort_summary.*"))) == 3
+
+
+@pytest.mark.slow
+def test_a_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, cache_dir):
+    import signal
+    import time
+
+    common = ["subject=patient4", "model.tol=0", "trainer.max_epochs=120", "~logger", "callbacks.progress.refresh_rate=0"]
+    out = tmp_path / "killed"
+    env = {**os.environ, "MVMM_CACHE_DIR": str(cache_dir)}
+    ensure_cohort(cache_dir, SyntheticConfig(misalignment=False))  # generated before the clock starts
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "fit.py"), f"paths.output_dir={out}", *common],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert ckpt.is_file() and not (out / "metrics.json").exists(), "the fit was not killed mid-way"
+    assert not list(out.glob("*.nii.gz")), "a killed fit left result files"
+    resumed = run(out, cache_dir, *common, "ckpt_path=last")
+    whole = run(tmp_path / "whole", cache_dir, *common)
+    assert resumed["iterations"] == whole["iterations"] == 120
+    assert resumed["log_likelihood"] == pytest.approx(whole["log_likelihood"], abs=1e-6)
+    assert resumed["dice"]["DE"] == pytest.approx(whole["dice"]["DE"], abs=1e-6)
