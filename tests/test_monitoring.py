@@ -38,7 +38,7 @@ def test_tensorboard_scalars_images_hparams_and_overlay_png(tmp_path, cache_dir)
     ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
     ea.Reload()
     tags = ea.Tags()
-    for tag in ("em/log_likelihood", "em/relative_change", "em/pi/myocardium", "dice/DE/myocardium", "dice/C0/lv", "dice/T2/rv"):
+    for tag in ("em/log_likelihood", "em/lower_bound", "em/relative_change", "em/pi/myocardium", "dice/DE/myocardium", "dice/C0/lv", "dice/T2/rv"):
         assert tag in tags["scalars"], tag
     assert "overlay" in tags["images"]
     steps = [e.step for e in ea.Images("overlay")]

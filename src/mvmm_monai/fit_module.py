@@ -147,6 +147,8 @@ class MvMMFit(pl.LightningModule):
         rel = float(self.recent_changes.max())
 
         metrics = {"em/log_likelihood": ll, "em/relative_change": rel}
+        if est.lower_bound is not None:
+            metrics["em/lower_bound"] = float(est.lower_bound.mean())
         if fitting_registration:
             opt = self.optimizers()
             opt.zero_grad()

@@ -100,9 +100,12 @@ def test_em_never_decreases_log_likelihood(update_pi):
     log_atlas = log_atlas_from_prob(atlas.roll(5, dims=2), 1e-4)  # a misplaced atlas
     params = initialise_from_atlas(images, coverage, log_atlas.exp(), counts)
     cfg = EMConfig(update_pi=update_pi)
-    trace = []
+    trace, posterior = [], None
     for _ in range(40):
-        params, est = em_step(images, coverage, log_atlas, params, cfg)
+        params, est = em_step(images, coverage, log_atlas, params, cfg, posterior)
+        if posterior is not None:  # previous ll <= F(q_prev, params) <= current ll
+            assert trace[-1] - 1e-9 <= float(est.lower_bound) <= float(est.log_likelihood) + 1e-9
+        posterior = est.posterior
         trace.append(float(est.log_likelihood))
     diffs = torch.diff(torch.tensor(trace))
     assert (diffs > -1e-10).all(), diffs.min()

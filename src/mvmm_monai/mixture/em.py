@@ -46,6 +46,8 @@ class EStepResult:
         log_likelihood: ``[B]`` per-voxel mean of ``log p(I(x))`` over Omega.
         mass, sum_x, sum_xx: ``[B, N, K, C]`` sums over the voxels image n covers of the subtype
             responsibilities ``P_nkcx`` times ``1``, ``I_n(x)`` and ``I_n(x)^2``.
+        lower_bound: ``[B]`` EM lower bound of the previous posterior under these parameters
+            (per-voxel mean), when the previous posterior was given.
     """
 
     log_posterior: Tensor
@@ -53,6 +55,7 @@ class EStepResult:
     mass: Tensor
     sum_x: Tensor
     sum_xx: Tensor
+    lower_bound: Tensor | None = None
 
     @property
     def posterior(self) -> Tensor:
@@ -97,6 +100,7 @@ def e_step(
     params: MixtureParams,
     *,
     chunk_voxels: int = 32768,
+    previous_posterior: Tensor | None = None,
 ) -> EStepResult:
     """Posteriors, log-likelihood and subtype statistics of the current parameters (no gradient).
 
@@ -109,6 +113,10 @@ def e_step(
     Args:
         images: ``[B, N, *S]``; coverage: ``[B, N, *S]`` (0/1); log_prior_: ``[B, K, *S]``.
         params: current :class:`MixtureParams`.
+        previous_posterior: ``[B, K, *S]`` class posteriors q of the previous E-step; when given,
+            the EM lower bound ``F(q, params) = sum_x sum_k q_kx (log pi_kx p_k(I(x)) - log q_kx)``
+            (per-voxel mean over Omega) is returned too: it lies between the previous and the
+            current log-likelihood.
     """
     _check_inputs(images, coverage, log_prior_)
     b, n = images.shape[:2]
@@ -122,6 +130,8 @@ def e_step(
         log_post = torch.empty_like(lp)
         log_norm = torch.empty((b, v), dtype=x.dtype, device=x.device)
         moments = torch.zeros((b, n, k * c, 3), dtype=x.dtype, device=x.device)
+        q_prev = None if previous_posterior is None else previous_posterior.reshape(b, k, -1).to(x.dtype)
+        bound = torch.zeros(b, dtype=x.dtype, device=x.device)
         for s in range(0, v, chunk_voxels):
             sl = slice(s, s + chunk_voxels)
             xs, cs = x[..., sl], cov[..., sl]
@@ -132,6 +142,10 @@ def e_step(
             log_class = class_sum.log().add_(peak.squeeze(3))
             log_joint = lp[..., sl] + (log_class * cs[:, :, None]).sum(1)
             ln = torch.logsumexp(log_joint, dim=1)
+            if q_prev is not None:
+                q = q_prev[..., sl]
+                per_voxel = (q * log_joint).sum(1) - torch.special.xlogy(q, q).sum(1)
+                bound += (per_voxel * (cs.amax(dim=1) > 0)).sum(-1)
             log_joint = log_joint.sub_(ln[:, None])
             log_post[..., sl] = log_joint
             log_norm[:, sl] = ln
@@ -140,6 +154,7 @@ def e_step(
             moments += torch.matmul(resp.reshape(b, n, k * c, -1), intensity_features(xs))
         omega = (cov.amax(dim=1) > 0).to(x.dtype)
         ll = (log_norm * omega).sum(-1) / omega.sum(-1).clamp_min(1.0)
+        lower_bound = bound / omega.sum(-1).clamp_min(1.0) if q_prev is not None else None
     moments = moments.reshape(b, n, k, c, 3)
     return EStepResult(
         log_posterior=log_post.reshape(b, k, *spatial),
@@ -147,6 +162,7 @@ def e_step(
         mass=moments[..., 0],
         sum_x=moments[..., 1],
         sum_xx=moments[..., 2],
+        lower_bound=lower_bound,
     )
 
 
@@ -224,7 +240,7 @@ def em_step(
     ``log_likelihood`` is that of ``params``).
     """
     lp = log_prior(log_atlas, params.log_pi, posterior, config)
-    estep = e_step(images, coverage, lp, params, chunk_voxels=config.chunk_voxels)
+    estep = e_step(images, coverage, lp, params, chunk_voxels=config.chunk_voxels, previous_posterior=posterior)
     return m_step(images, coverage, log_atlas, estep, params, config), estep
 
 
