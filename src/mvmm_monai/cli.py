@@ -184,6 +184,12 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     result = module.result()
     segs, scores = _metrics(subject, result.posterior, registration.native_shifts_voxels())
     converged = trainer.current_epoch < trainer.max_epochs
+    if not converged:
+        log.warning(
+            "%s: stopped at trainer.max_epochs=%d before the relative log-likelihood change fell below model.tol=%g "
+            "(last %.1e); raise trainer.max_epochs or model.tol if the curve in TensorBoard is still moving",
+            subject.name, trainer.max_epochs, cfg.model.tol, float(module.recent_changes.max()),
+        )
     metrics = {
         "subject": subject.name,
         **scores,
