@@ -25,18 +25,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mvmm_monai.cohort import read_results, write_cohort_summary
+from mvmm_monai.fit_module import SingleStep
 from mvmm_monai.outputs import _atomic
 from mvmm_monai.progress import lightning_notes_silenced
 
 log = logging.getLogger(__name__)
-
-
-class _OneStep(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 1
-
-    def __getitem__(self, index: int) -> int:
-        return index
 
 
 class CohortShards(pl.LightningModule):
@@ -52,7 +45,7 @@ class CohortShards(pl.LightningModule):
         self._anchor = nn.Parameter(torch.zeros(1))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_OneStep(), batch_size=None)
+        return DataLoader(SingleStep(), batch_size=None)
 
     def configure_optimizers(self):
         return None

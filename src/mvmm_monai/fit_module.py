@@ -45,8 +45,8 @@ class FitResult:
     warped: Warped
 
 
-class _OneItem(torch.utils.data.Dataset):
-    """Every epoch is one ICM iteration on the subject the module holds."""
+class SingleStep(torch.utils.data.Dataset):
+    """A one-item dataset: every epoch is one step (one ICM iteration; one cohort shard)."""
 
     def __len__(self) -> int:
         return 1
@@ -114,7 +114,7 @@ class MvMMFit(pl.LightningModule):
 
     # -- Lightning -------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_OneItem(), batch_size=None)
+        return DataLoader(SingleStep(), batch_size=None)
 
     def configure_optimizers(self):
         groups = self.registration.param_groups()
