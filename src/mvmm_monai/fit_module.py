@@ -158,8 +158,8 @@ class MvMMFit(pl.LightningModule):
             self.manual_backward(loss)
             opt.step()
             self.registration.check(it)
-            metrics["reg/loss"] = float(loss)
-            metrics.update({f"reg/{k}": float(v) for k, v in regs.items()})
+            metrics["reg/loss"] = float(loss.detach())
+            metrics.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
         for k, p in enumerate(torch.exp(self.log_pi[0])):
             metrics[f"em/pi/{CLASS_NAMES[k]}"] = float(p)
         if self.subject.labels:

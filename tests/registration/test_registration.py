@@ -96,3 +96,14 @@ def test_blow_ups_raise_with_the_iteration():
         reg.deformation.velocity[0].fill_(float("nan"))
     with pytest.raises(RegistrationError, match="iteration 4: deformation.velocity.0 is not finite"):
         reg.check(4)
+
+
+def test_affine_prior_penalises_scale_and_rotation():
+    subject, atlas = tiny_subject(dtype=torch.float32)
+    reg = MvMMRegistration(subject, atlas, scales=(4,), affine_weight=2.0, bending_weight=0.0)
+    assert float(reg.regularisers()["affine"].detach()) == 0.0
+    with torch.no_grad():
+        reg.deformation.log_scale.fill_(0.1)
+        reg.deformation.rotation.fill_(-0.2)
+    assert float(reg.regularisers()["affine"].detach()) == pytest.approx(2.0 * (0.01 + 0.04))
+    assert "bending" not in reg.regularisers()

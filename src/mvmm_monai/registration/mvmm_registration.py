@@ -38,6 +38,8 @@ class MvMMRegistration(nn.Module):
         scales, scale_start, num_steps: see :class:`AtlasDeformation`.
         bending_weight: weight of MONAI's bending energy of the SVF displacement.
         max_shift_mm: a slice shift beyond this stops the fit (:class:`RegistrationError`).
+        affine_weight: weight of a Gaussian prior ``log_scale^2 + rotation^2`` on the similarity part
+            (0 = off); it counters the likelihood's pull towards a larger heart.
         warmup: EM-only iterations before anything moves (the mixture must describe the images
             before its likelihood can tell where the atlas belongs).
         slice_shift_start: iteration (after warm-up) at which the slice shifts start to move.
@@ -63,6 +65,7 @@ class MvMMRegistration(nn.Module):
         lr: dict | None = None,
         warmup: int = 10,
         slice_shift_start: int = 0,
+        affine_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if bending_weight < 0 or max_shift_mm <= 0:
@@ -70,6 +73,7 @@ class MvMMRegistration(nn.Module):
         self.subject = subject
         self.atlas_floor = atlas_floor
         self.bending_weight = bending_weight
+        self.affine_weight = affine_weight
         self.max_shift_mm = max_shift_mm
         self.lr = dict(lr or {})
         if warmup < 0 or slice_shift_start < 0:
@@ -162,9 +166,13 @@ class MvMMRegistration(nn.Module):
         return Warped(self._images(), self.coverage, log_atlas_from_prob(atlas.clamp_min(0), self.atlas_floor))
 
     def regularisers(self) -> dict[str, Tensor]:
-        if self.deformation is None or not len(self.deformation.velocity) or self.bending_weight == 0:
-            return {}
-        return {"bending": self.bending_weight * self.deformation.bending()}
+        regs = {}
+        d = self.deformation
+        if d is not None and len(d.velocity) and self.bending_weight > 0:
+            regs["bending"] = self.bending_weight * d.bending()
+        if d is not None and d.log_scale is not None and self.affine_weight > 0:
+            regs["affine"] = self.affine_weight * (d.log_scale.pow(2).sum() + d.rotation.pow(2).sum())
+        return regs
 
     def check(self, iteration: int) -> None:
         """Raise :class:`RegistrationError` naming ``iteration`` if the registration blew up."""
