@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from mvmm_monai import CLASS_NAMES
+from mvmm_monai.data.common_space import sampling_map
 from mvmm_monai.data.subject import SubjectData
 from mvmm_monai.evaluation import dice_per_class
 from mvmm_monai.outputs import native_segmentation
@@ -101,6 +102,10 @@ class MvMMFit(pl.LightningModule):
         self.register_buffer("posterior", torch.exp(w.log_atlas).clone())
         self.register_buffer("last_log_likelihood", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("recent_changes", torch.ones(tol_window, dtype=torch.float64))
+        # index maps common space -> each labelled sequence, for the per-iteration Dice
+        self._label_maps = {
+            s: sampling_map(subject.grid, subject.grids[s]) for s in subject.labels if s != subject.reference
+        }
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -165,7 +170,9 @@ class MvMMFit(pl.LightningModule):
         if self.subject.labels:
             shifts = self.registration.native_shifts_voxels()
             for seq, label in self.subject.labels.items():
-                pred = native_segmentation(posterior[0], self.subject, seq, shifts.get(seq)).to(label.device)
+                pred = native_segmentation(
+                    posterior[0], self.subject, seq, shifts.get(seq), self._label_maps.get(seq)
+                ).to(label.device)
                 for name, d in dice_per_class(pred, label).items():
                     metrics[f"dice/{seq}/{name}"] = d
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)

@@ -11,6 +11,9 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
+
+from mvmm_monai.data.common_space import SamplingMap, sample, sampling_map
 
 
 def _atomic(path: Path, write) -> Path:
@@ -70,16 +73,16 @@ def save_json(path: str | Path, obj: Any) -> Path:
     return _atomic(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
-def native_segmentation(posterior, subject, sequence: str, slice_shifts=None):
+def native_segmentation(posterior: torch.Tensor, subject, sequence: str, slice_shifts=None, smap: SamplingMap | None = None):
     """Class indices ``[X_n, Y_n, Z_n]`` of ``sequence``'s own grid from the common-space posterior
     ``[K, *S]``: the posterior is resampled (bilinear in-plane, nearest slice) and its argmax taken;
     voxels the common space does not cover are background. ``slice_shifts`` ``[Z_n, 2]`` (voxels)
-    are the fitted motions of the sequence's slices: the labels move with them."""
-    import torch
-
-    from mvmm_monai.data.common_space import resample
-
+    are the fitted motions of the sequence's slices: the labels move with them. Without shifts, a
+    precomputed ``smap`` (:func:`~mvmm_monai.data.common_space.sampling_map` from the common space
+    to the sequence) saves recomputing the index map, e.g. at every iteration of a fit."""
     if sequence == subject.reference:
         return posterior.argmax(0)
-    prob, cov = resample(posterior.float(), subject.grid, subject.grids[sequence], target_slice_shifts=slice_shifts)
-    return torch.where(cov > 0, prob.argmax(0), torch.zeros((), dtype=torch.long))
+    if smap is None or slice_shifts is not None:
+        smap = sampling_map(subject.grid, subject.grids[sequence], target_slice_shifts=slice_shifts)
+    prob = sample(posterior.float(), smap)
+    return torch.where(smap.coverage.to(prob.device) > 0, prob.argmax(0), torch.zeros((), dtype=torch.long, device=prob.device))
