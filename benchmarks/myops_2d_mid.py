@@ -10,7 +10,8 @@ crop (``atlas.placement=identity``); ``fit`` with ``data=files`` (reference LGE)
         [hydra overrides ...]
 
 Prints a Markdown table (LGE myocardium / LV / RV Dice of the fit, the atlas-alone myocardium
-Dice and seconds per slice, then mean and std rows) headed by the command line, the machine and
+Dice, the scar Dice against label 2221 and the myocardium subtype contrast that gates the scar
+output (``model.scar.min_contrast``), and seconds per slice, then mean and std rows) headed by the command line, the machine and
 the date, ready to paste into ``benchmarks/RESULTS.md``.
 """
 
@@ -99,25 +100,30 @@ def run(root: Path, out: Path, atlas_cases: list[str], test_cases: list[str], ov
         metrics = fit_crop(crop, atlas, out, overrides, atlas_cases)
         seconds = time.perf_counter() - start
         d = metrics["dice"]["LGE"]
+        scar = metrics.get("scar") or {}
         rows.append(
             {"case": name, **{c: d[c] for c in CLASSES}, "atlas_myo": atlas_alone_dice(atlas, crop)["myocardium"],
+             "scar": scar.get("dice", float("nan")), "scar_contrast": scar.get("contrast") or float("nan"),
              "seconds": seconds, "iterations": metrics["iterations"]}
         )
         print(f"# {name}: myo {d['myocardium']:.3f} lv {d['lv']:.3f} rv {d['rv']:.3f} "
+              f"scar {rows[-1]['scar']:.3f} (contrast {rows[-1]['scar_contrast']:.2f}, "
+              f"{scar.get('volume_ml', float('nan')):.2f} / {scar.get('true_volume_ml', float('nan')):.2f} ml) "
               f"({seconds:.1f} s, {metrics['iterations']} it)", file=sys.stderr, flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the rows, then mean and std (ddof=1) rows."""
-    cols = ("myocardium", "lv", "rv", "atlas_myo", "seconds")
+    cols = ("myocardium", "lv", "rv", "atlas_myo", "scar", "scar_contrast", "seconds")
 
     def fmt(c: str, v: float) -> str:
-        return f"{v:.1f}" if c == "seconds" else f"{v:.3f}"
+        return f"{v:.1f}" if c == "seconds" else f"{v:.2f}" if c == "scar_contrast" else f"{v:.3f}"
 
     lines = [
-        "| case | LGE myocardium Dice | LGE LV Dice | LGE RV Dice | atlas-alone myocardium Dice | seconds / slice |",
-        "|---|---|---|---|---|---|",
+        "| case | LGE myocardium Dice | LGE LV Dice | LGE RV Dice | atlas-alone myocardium Dice | scar Dice "
+        "| scar subtype contrast (SD) | seconds / slice |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {r['case']} | " + " | ".join(fmt(c, r[c]) for c in cols) + " |" for r in rows]
     vals = {c: np.array([r[c] for r in rows], dtype=float) for c in cols}

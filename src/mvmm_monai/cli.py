@@ -19,6 +19,7 @@ from mvmm_monai.evaluation import segmentation_metrics
 from mvmm_monai.fit_module import MvMMFit
 from mvmm_monai.progress import lightning_notes_silenced
 from mvmm_monai.outputs import native_segmentation, save_json, save_nifti, save_png
+from mvmm_monai.scar_output import write_scar
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
 
     result = module.result()
     segs, scores = _metrics(subject, result.posterior, registration.native_shifts_voxels())
+    scores["scar"] = write_scar(subject, result, registration.native_shifts_voxels(), out, **(cfg.model.get("scar") or {}))
     converged = trainer.current_epoch < trainer.max_epochs
     if not converged:
         log.warning(

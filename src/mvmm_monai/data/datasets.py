@@ -25,6 +25,8 @@ class SubjectFiles:
         label_map: the dataset's label values.
         reference: the sequence whose grid is the common space.
         truth: optional JSON with generator ground truth (synthetic cohort only).
+        scar_labels: sequence -> scar mask (nonzero = scar) on that sequence's grid, for datasets
+            whose labels do not carry a scar value (the synthetic cohort's ``truth/<name>_DE_scar``).
     """
 
     name: str
@@ -33,6 +35,7 @@ class SubjectFiles:
     label_map: LabelMap
     reference: str
     truth: Path | None = None
+    scar_labels: dict[str, Path] = field(default_factory=dict)
 
 
 def _natural_key(name: str) -> list:
@@ -134,7 +137,10 @@ class MSCMRDataset(_Dataset):
         images = {s: self._find(f"{subject}_{s}") for s in self.sequences}
         labels = {s: p for s in self.sequences if (p := self._find(f"{subject}_{s}_manual")).exists()}
         truth = self.root / "truth" / f"{subject}_truth.json"
-        return SubjectFiles(subject, images, labels, self.label_map, self.reference, truth if truth.exists() else None)
+        scar = {s: p for s in self.sequences if (p := self.root / "truth" / f"{subject}_{s}_scar.nii.gz").exists()}
+        return SubjectFiles(
+            subject, images, labels, self.label_map, self.reference, truth if truth.exists() else None, scar
+        )
 
 
 class SyntheticDataset(MSCMRDataset):

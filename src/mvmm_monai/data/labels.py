@@ -28,6 +28,11 @@ class LabelMap:
             raise ValueError(f"LabelMap: need {len(CLASS_NAMES)} classes {CLASS_NAMES}, got {len(self.values)}")
 
     @property
+    def scar_value(self) -> int | None:
+        """The label value of scar (``extra["scar"]``, MyoPS 2221), or ``None`` when there is none."""
+        return self.extra.get("scar")
+
+    @property
     def output_values(self) -> tuple[int, ...]:
         return tuple(v[0] for v in self.values)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from monai.data import Dataset
@@ -29,6 +29,8 @@ class SubjectData:
         labels: sequence -> ``[X_n, Y_n, Z_n]`` manual class indices on that sequence's grid.
         label_map: the dataset's label values.
         files: where it came from.
+        scar_labels: sequence -> ``[X_n, Y_n, Z_n]`` bool manual scar mask on that sequence's grid
+            (from the label's scar value, e.g. MyoPS 2221, or a scar mask file); empty without one.
     """
 
     name: str
@@ -40,6 +42,7 @@ class SubjectData:
     labels: dict[str, Tensor]
     label_map: LabelMap
     files: SubjectFiles
+    scar_labels: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def reference(self) -> str:
@@ -73,13 +76,15 @@ def load_subject(files: SubjectFiles, lower_percentile: float = 1.0, upper_perce
             offending file is named).
     """
     seqs = tuple(files.images)
-    for path in (*files.images.values(), *files.labels.values()):
+    for path in (*files.images.values(), *files.labels.values(), *files.scar_labels.values()):
         if not path.is_file():
             raise FileNotFoundError(f"subject {files.name}: missing file {path}")
     item = {s: str(p) for s, p in files.images.items()} | {f"{s}_label": str(p) for s, p in files.labels.items()}
+    item |= {f"{s}_scar": str(p) for s, p in files.scar_labels.items()}
+    label_keys = [f"{s}_label" for s in files.labels] + [f"{s}_scar" for s in files.scar_labels]
     ds = Dataset(
         data=[item],
-        transform=subject_transforms(seqs, [f"{s}_label" for s in files.labels], lower_percentile, upper_percentile),
+        transform=subject_transforms(seqs, label_keys, lower_percentile, upper_percentile),
     )
     try:
         loaded = ds[0]
@@ -106,7 +111,7 @@ def load_subject(files: SubjectFiles, lower_percentile: float = 1.0, upper_perce
         images.append(img[0])
         coverage.append(cov)
 
-    labels = {}
+    labels, scar_labels = {}, {}
     for s, path in files.labels.items():
         lab = loaded[f"{s}_label"]
         grid = grids[s]
@@ -115,7 +120,15 @@ def load_subject(files: SubjectFiles, lower_percentile: float = 1.0, upper_perce
                 f"{path}: label grid (shape {tuple(lab.shape[1:])}) does not match its image {files.images[s]} "
                 f"(shape {grid.shape}) or their affines differ"
             )
-        labels[s] = files.label_map.to_classes(lab.as_tensor()[0].round().long(), source=str(path))
+        raw = lab.as_tensor()[0].round().long()
+        labels[s] = files.label_map.to_classes(raw, source=str(path))
+        if files.label_map.scar_value is not None:
+            scar_labels[s] = raw == files.label_map.scar_value
+    for s, path in files.scar_labels.items():
+        mask = loaded[f"{s}_scar"]
+        if s not in grids or tuple(mask.shape[1:]) != grids[s].shape:
+            raise ValueError(f"{path}: scar mask (shape {tuple(mask.shape[1:])}) does not lie on the grid of sequence {s}")
+        scar_labels[s] = mask.as_tensor()[0] > 0.5
     return SubjectData(
         name=files.name,
         sequences=seqs,
@@ -126,4 +139,5 @@ def load_subject(files: SubjectFiles, lower_percentile: float = 1.0, upper_perce
         labels=labels,
         label_map=files.label_map,
         files=files,
+        scar_labels=scar_labels,
     )
