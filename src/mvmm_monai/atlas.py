@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mvmm_monai import CLASS_NAMES
 from mvmm_monai.data.common_space import Grid, resample
+from mvmm_monai.registration.placement import Placement, PlacementConfig, find_heart, place_canonical
 
 PLACEMENTS = ("identity", "auto")
 
@@ -31,6 +32,12 @@ class Atlas:
     grid: Grid
     path: Path | None = None
     sidecar: dict | None = None
+    template: Tensor | None = None
+
+    @property
+    def canonical(self) -> bool:
+        """Built by ``scripts/build_atlas.py`` in the heart-centred frame (placed with ``auto``)."""
+        return bool(self.sidecar) and self.sidecar.get("frame") == "canonical"
 
 
 def _sidecar(path: Path) -> dict | None:
@@ -70,7 +77,25 @@ def read_atlas(path: str | Path) -> Atlas:
         raise ValueError(f"{path}: atlas probabilities must sum to 1 over classes (found {total.min():.3g}..{total.max():.3g})")
     prob = torch.from_numpy(np.moveaxis(np.clip(data, 0, None) / total[..., None], -1, 0).copy())
     grid = Grid(torch.as_tensor(img.affine, dtype=torch.float64), tuple(prob.shape[1:]))
-    return Atlas(prob=prob, grid=grid, path=path, sidecar=_sidecar(path))
+    sidecar = _sidecar(path)
+    template = None
+    if sidecar and sidecar.get("frame") == "canonical":
+        for key in ("pixel_mm", "radius_mm", "template", "template_sequences"):
+            if key not in sidecar:
+                raise ValueError(f"{path}: the sidecar of a canonical atlas lacks {key!r} (rebuild it with scripts/build_atlas.py)")
+        tpath = path.with_name(sidecar["template"])
+        if not tpath.is_file():
+            raise FileNotFoundError(f"{path}: its intensity template {tpath} is missing (rebuild with scripts/build_atlas.py)")
+        tdata = np.asanyarray(nib.load(str(tpath)).dataobj).astype(np.float32)
+        if tdata.ndim != 4 or tdata.shape[:3] != data.shape[:3] or tdata.shape[3] != len(sidecar["template_sequences"]):
+            raise ValueError(
+                f"{tpath}: template shape {tdata.shape} does not match the atlas {data.shape[:3]} "
+                f"with {len(sidecar['template_sequences'])} sequences"
+            )
+        if not np.isfinite(tdata).all():
+            raise ValueError(f"{tpath}: template contains NaN/Inf")
+        template = torch.from_numpy(np.moveaxis(tdata, -1, 0).copy())
+    return Atlas(prob=prob, grid=grid, path=path, sidecar=sidecar, template=template)
 
 
 def place_atlas(atlas: Atlas, target: Grid, placement: str = "identity") -> Tensor:
@@ -83,9 +108,11 @@ def place_atlas(atlas: Atlas, target: Grid, placement: str = "identity") -> Tens
     if placement not in PLACEMENTS:
         raise ValueError(f"atlas.placement must be one of {PLACEMENTS}, got {placement!r}")
     if placement == "auto":
+        raise ValueError("place_atlas: placement='auto' needs the subject's images; use place_atlas_auto")
+    if atlas.canonical:
         raise ValueError(
-            "atlas.placement=auto (automatic heart finding) is not available yet; crop around the heart and use "
-            "atlas.placement=identity with an atlas in the same world position"
+            f"{atlas.path}: a canonical atlas (from scripts/build_atlas.py) has no world position; "
+            "use atlas.placement=auto"
         )
     prob, cov = resample(atlas.prob, atlas.grid, target, through_plane="linear")
     if cov.sum() == 0:
@@ -93,6 +120,50 @@ def place_atlas(atlas: Atlas, target: Grid, placement: str = "identity") -> Tens
     prob = prob * cov
     prob[0] = prob[0] + (1 - cov)
     return prob / prob.sum(0, keepdim=True).clamp_min(1e-8)
+
+
+def place_atlas_auto(atlas: Atlas, subject, config: PlacementConfig | None = None) -> tuple[Tensor, Placement]:
+    """Find the heart on ``subject``'s full field of view and place the canonical ``atlas`` there.
+
+    Returns the atlas in the common space ``[K, *subject.grid.shape]`` (probabilities) and the
+    :class:`~mvmm_monai.registration.placement.Placement` (per-slice centres, angle, scale,
+    long-axis levels, template score). Only the images are used, never labels.
+    """
+    if not atlas.canonical or atlas.template is None:
+        raise ValueError(
+            f"{atlas.path}: atlas.placement=auto needs an atlas built by scripts/build_atlas.py (a canonical frame and "
+            "an intensity template in its sidecar); this atlas has none. Use atlas.placement=identity or rebuild it."
+        )
+    side = atlas.sidecar
+    tseq = list(side["template_sequences"])
+    channels = [tseq.index(s) if s in tseq else None for s in subject.sequences]
+    if all(c is None for c in channels):
+        raise ValueError(
+            f"{atlas.path}: its template covers sequences {tseq}, none of the subject's {list(subject.sequences)}"
+        )
+    spacing = tuple(subject.grid.spacing[:2].tolist())
+    found = find_heart(
+        subject.images.numpy(),
+        subject.coverage.numpy(),
+        spacing,
+        atlas.template.numpy(),
+        channels,
+        float(side["pixel_mm"]),
+        float(side["radius_mm"]),
+        config,
+    )
+    prob = place_canonical(atlas.prob.numpy(), float(side["pixel_mm"]), subject.grid.shape, spacing, found)
+    return torch.from_numpy(prob), found
+
+
+def crop_box(roi: Tensor, margin: int = 4) -> tuple[int, int, int, int]:
+    """In-plane box ``(x0, x1, y0, y1)`` around the region of interest ``[X, Y, Z]`` plus ``margin`` voxels."""
+    nz = torch.nonzero(roi.sum(-1) > 0)
+    if len(nz) == 0:
+        raise ValueError("crop_box: the region of interest is empty")
+    lo, hi = nz.min(0).values - margin, nz.max(0).values + 1 + margin
+    X, Y = roi.shape[:2]
+    return (max(int(lo[0]), 0), min(int(hi[0]), X), max(int(lo[1]), 0), min(int(hi[1]), Y))
 
 
 def atlas_from_labels(labels: list[np.ndarray], num_classes: int = len(CLASS_NAMES), sigma: float | tuple = 2.0) -> np.ndarray:

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mvmm_monai import CLASS_NAMES
-from mvmm_monai.atlas import atlas_roi, place_atlas, read_atlas
+from mvmm_monai.atlas import PLACEMENTS, atlas_roi, crop_box, place_atlas, place_atlas_auto, read_atlas
 from mvmm_monai.evaluation import segmentation_metrics
 from mvmm_monai.fit_module import MvMMFit
 from mvmm_monai.progress import lightning_notes_silenced
@@ -144,6 +144,25 @@ def fit(cfg: DictConfig) -> dict:
     return run_cohort(cfg, dataset, names, out, fit_subject)
 
 
+def _place(cfg: DictConfig, dataset, atlas, subject):
+    """The atlas in the subject's common space ``[K, *S]`` and the automatic placement (or ``None``).
+
+    ``atlas.placement`` null means the dataset's default (``auto`` on full-field-of-view real data).
+    """
+    placement = cfg.atlas.get("placement") or dataset.default_placement
+    if placement not in PLACEMENTS:
+        raise ValueError(f"atlas.placement must be one of {PLACEMENTS} or null, got {placement!r}")
+    if placement != "auto":
+        return place_atlas(atlas, subject.grid, placement), None
+    search = _build(cfg.atlas.auto, _convert_="all") if cfg.atlas.get("auto") else None
+    prob, found = place_atlas_auto(atlas, subject, search)
+    log.info(
+        "%s: heart found (template NCC %.2f; rotation %.0f deg, scale %.2f, slices %s from apex 0 to base 1)",
+        subject.name, found.score, found.angle_deg, found.scale, [round(float(t), 2) for t in found.levels],
+    )
+    return prob, found
+
+
 def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     """Fit subject ``name`` of ``dataset`` and write its results into ``out``; returns its metrics."""
     start = time.perf_counter()
@@ -158,8 +177,12 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     atlas_path = cfg.atlas.path or dataset.default_atlas()
     if atlas_path is None:
         raise ValueError(f"atlas.path is required for data={dataset.name} (a 4D NIfTI: background, myocardium, LV, RV)")
-    atlas = place_atlas(read_atlas(atlas_path), subject.grid, cfg.atlas.placement)
+    atlas, placement = _place(cfg, dataset, read_atlas(atlas_path), subject)
     roi = atlas_roi(atlas, tuple(subject.grid.spacing.tolist()), cfg.model.roi_margin_mm)
+    crop = cfg.atlas.get("crop")
+    if (crop if crop is not None else placement is not None) and bool(roi.sum() < roi.numel()):
+        x0, x1, y0, y1 = crop_box(roi, int(cfg.atlas.get("crop_margin_voxels", 4)))
+        subject, atlas, roi = subject.cropped((x0, x1, y0, y1)), atlas[:, x0:x1, y0:y1], roi[x0:x1, y0:y1]
     subject = subject.with_roi(roi)
     registration = _build(cfg.registration.model)(subject=subject, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
     optimizer = _build(cfg.registration.optimizer) if cfg.registration.get("optimizer") else None
@@ -183,7 +206,8 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         return {}
 
     result = module.result()
-    segs, scores = _metrics(subject, result.posterior, registration.native_shifts_voxels())
+    full = subject.parent or subject  # the uncut subject when the common space was cropped
+    segs, scores = _metrics(full, subject.uncrop(result.posterior, 0.0, 1.0), registration.native_shifts_voxels())
     scores["scar"] = write_scar(subject, result, registration.native_shifts_voxels(), out, **(cfg.model.get("scar") or {}))
     converged = trainer.current_epoch < trainer.max_epochs
     if not converged:
@@ -198,11 +222,12 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         "log_likelihood": result.log_likelihood,
         "iterations": result.iterations,
         "converged": converged,
+        **({"placement": placement.as_dict()} if placement is not None else {}),
         "seconds": time.perf_counter() - start,
     }
     ref_affine = subject.grid.affine.numpy()
     for s in subject.sequences:
-        save_nifti(out / f"{subject.name}_{s}_seg.nii.gz", subject.label_map.to_values(segs[s]).numpy(), subject.grids[s].affine.numpy())
+        save_nifti(out / f"{subject.name}_{s}_seg.nii.gz", subject.label_map.to_values(segs[s]).numpy(), full.grids[s].affine.numpy())
     save_nifti(out / f"{subject.name}_posterior.nii.gz", np.moveaxis(result.posterior.float().numpy(), 0, -1), ref_affine)
     for key, vol in registration.extra_outputs().items():
         arr = np.moveaxis(vol.float().cpu().numpy(), 0, -1)
@@ -226,6 +251,8 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
                 for n, s in enumerate(subject.sequences)
             },
             "slice_shifts_mm": registration.slice_shifts_mm(),
+            "placement": placement.as_dict() if placement is not None else "identity",
+            "common_space_box": list(subject.box) if subject.box is not None else None,
             "intensity_scale": "each sequence clipped at its percentiles and scaled to [0, 1]",
             "config": OmegaConf.to_container(cfg.model, resolve=True),
         },
@@ -259,3 +286,68 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))
+
+
+def select_subjects(selection, available: list[str], owner: str = "subjects") -> list[str]:
+    """Subjects named by ``selection``: null (all), a list, one name, or an inclusive range ``"A..B"``."""
+    if selection is None:
+        names = list(available)
+    elif isinstance(selection, str) and ".." in selection:
+        a, b = selection.split("..", 1)
+        missing = [x for x in (a, b) if x not in available]
+        if missing:
+            raise ValueError(f"{owner}={selection}: {missing} not among the dataset's subjects {available}")
+        i, j = available.index(a), available.index(b)
+        if i > j:
+            raise ValueError(f"{owner}={selection}: {a} comes after {b}")
+        names = available[i : j + 1]
+    else:
+        names = [str(selection)] if isinstance(selection, str) else [str(x) for x in selection]
+        unknown = [x for x in names if x not in available]
+        if unknown:
+            raise ValueError(f"{owner}: unknown subjects {unknown}; available: {available}")
+    if not names:
+        raise ValueError(f"{owner}: no subjects selected")
+    return names
+
+
+def build_atlas(cfg: DictConfig) -> dict:
+    """Build and write the canonical atlas ``cfg.output`` from ``cfg.subjects`` of ``cfg.data``;
+    returns the written paths."""
+    from tqdm.auto import tqdm
+
+    from mvmm_monai.atlas_builder import build_canonical_atlas, write_canonical_atlas
+
+    start = time.perf_counter()
+    dataset = _build(cfg.data)
+    names = select_subjects(cfg.get("subjects"), dataset.subjects())
+    subjects = []
+    for name in tqdm(names, desc="loading", unit="subject", leave=False):
+        subj = dataset.load(name)
+        if subj.reference not in subj.labels:
+            raise ValueError(
+                f"{name}: no manual label for the reference sequence {subj.reference} "
+                f"(expected {dataset.files(name).images[subj.reference]} to have a label beside it)"
+            )
+        subjects.append(subj)
+    atlas = build_canonical_atlas(
+        subjects, size=int(cfg.size), pixel_mm=float(cfg.pixel_mm), levels=int(cfg.levels), sigma_mm=float(cfg.sigma_mm)
+    )
+    lm = subjects[0].label_map
+    paths = write_canonical_atlas(
+        atlas,
+        cfg.output,
+        label_values={**{c: list(v) for c, v in zip(CLASS_NAMES, lm.values)}, **{k: [v] for k, v in lm.extra.items()}},
+        built={"dataset": dataset.name, "root": str(getattr(dataset, "root", "")), "size": int(cfg.size), "sigma_mm": float(cfg.sigma_mm)},
+    )
+    log.info(
+        "atlas from %d subjects in %.1f s: mean heart radius %.1f mm, LV->RV direction %.0f deg; wrote %s",
+        len(subjects), time.perf_counter() - start, atlas.radius_mm, atlas.angle_deg, ", ".join(str(p) for p in paths.values()),
+    )
+    return paths
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="build_atlas")
+def build_atlas_main(cfg: DictConfig) -> None:
+    """``python scripts/build_atlas.py [overrides]``."""
+    build_atlas(cfg)

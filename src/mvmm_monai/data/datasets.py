@@ -69,6 +69,10 @@ class _Dataset:
         """An atlas that ships with the dataset (the synthetic cohort's), else ``None``."""
         return None
 
+    #: ``atlas.placement`` when the config leaves it null: real full-field-of-view data need the
+    #: heart found (``auto``); the synthetic cohort's and explicit files' atlases sit in world space.
+    default_placement: str = "identity"
+
     lower_percentile: float = 1.0
     upper_percentile: float = 99.0
     default_label_map: LabelMap = MSCMR_LABELS
@@ -108,6 +112,7 @@ class MSCMRDataset(_Dataset):
     """MS-CMRSeg layout: ``patientN_{C0,DE,T2}.nii.gz`` and ``patientN_<SEQ>_manual.nii.gz``."""
 
     name = "mscmr"
+    default_placement = "auto"
 
     def __init__(
         self,
@@ -196,6 +201,7 @@ class MyoPSDataset(_Dataset):
 
     name = "myops"
     default_label_map = MYOPS_LABELS
+    default_placement = "auto"
 
     def __init__(
         self,

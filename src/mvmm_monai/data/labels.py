@@ -42,8 +42,9 @@ class LabelMap:
 
     def to_classes(self, label: Tensor, source: str = "label") -> Tensor:
         """Label values -> class indices (long, same shape). Unknown values raise ``ValueError``."""
-        present = {int(v) for v in torch.unique(label)}
-        unknown = sorted(present - self.known_values)
+        known = torch.tensor(sorted(self.known_values), dtype=label.dtype, device=label.device)
+        inside = torch.isin(label, known)
+        unknown = [] if bool(inside.all()) else sorted({int(v) for v in torch.unique(label[~inside])})
         if unknown:
             raise ValueError(
                 f"{source}: label values {unknown} are not in the dataset's label map "

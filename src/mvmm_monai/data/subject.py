@@ -43,10 +43,58 @@ class SubjectData:
     label_map: LabelMap
     files: SubjectFiles
     scar_labels: dict[str, Tensor] = field(default_factory=dict)
+    parent: "SubjectData | None" = None
+    box: tuple[int, int, int, int] | None = None
 
     @property
     def reference(self) -> str:
         return self.sequences[0]
+
+    def cropped(self, box: tuple[int, int, int, int]) -> "SubjectData":
+        """The subject with its common space cut to the in-plane box ``(x0, x1, y0, y1)`` of the
+        reference grid (all slices), e.g. around the placed atlas on a full field of view.
+
+        The reference's grid (affine moved to the box), image, labels and scar labels are cut;
+        the other sequences keep their own native grids. ``parent`` and ``box`` remember the
+        uncut subject: :meth:`uncrop` puts common-space results back on its grid.
+        """
+        x0, x1, y0, y1 = (int(v) for v in box)
+        X, Y, Z = self.grid.shape
+        if not (0 <= x0 < x1 <= X and 0 <= y0 < y1 <= Y):
+            raise ValueError(f"{self.name}: crop box {box} is not inside the common space {self.grid.shape}")
+        ref = self.reference
+        aff = self.grid.affine.clone()
+        aff[:3, 3] = self.grid.affine[:3, :3] @ torch.tensor([x0, y0, 0.0], dtype=aff.dtype) + self.grid.affine[:3, 3]
+
+        def cut(d: dict) -> dict:
+            return {k: (v[..., x0:x1, y0:y1, :] if k == ref else v) for k, v in d.items()}
+
+        # a crop of a crop keeps its box relative to the first, uncut subject
+        ox, oy = (self.box[0], self.box[2]) if self.box is not None else (0, 0)
+        return dataclasses.replace(
+            self,
+            grids={**self.grids, ref: Grid(aff, (x1 - x0, y1 - y0, Z))},
+            native_images=cut(self.native_images),
+            images=self.images[:, x0:x1, y0:y1],
+            coverage=self.coverage[:, x0:x1, y0:y1],
+            labels=cut(self.labels),
+            scar_labels=cut(self.scar_labels),
+            parent=self.parent or self,
+            box=(x0 + ox, x1 + ox, y0 + oy, y1 + oy),
+        )
+
+    def uncrop(self, volume: Tensor, fill: float = 0.0, fill_first: float | None = None) -> Tensor:
+        """A common-space result ``[C, x, y, z]`` of a :meth:`cropped` subject on the uncut grid
+        ``[C, X, Y, Z]``: ``fill`` outside the box (``fill_first`` for channel 0, e.g. 1 for the
+        background probability). Identity for an uncut subject."""
+        if self.parent is None:
+            return volume
+        x0, x1, y0, y1 = self.box
+        out = volume.new_full((volume.shape[0], *self.parent.grid.shape), fill)
+        if fill_first is not None:
+            out[0] = fill_first
+        out[:, x0:x1, y0:y1] = volume
+        return out
 
     def with_roi(self, roi: Tensor) -> "SubjectData":
         """A copy whose coverage is restricted to ``roi`` ``[X, Y, Z]`` (the model's region of interest)."""
@@ -99,8 +147,8 @@ def load_subject(files: SubjectFiles, lower_percentile: float = 1.0, upper_perce
     native = {s: loaded[s].as_tensor().clone() for s in seqs}
     images, coverage = [], []
     for s in seqs:
-        if s == ref:
-            img, cov = native[s], torch.ones(grids[s].shape)
+        if s == ref or (grids[s].shape == grids[ref].shape and torch.allclose(grids[s].affine, grids[ref].affine, atol=1e-4)):
+            img, cov = native[s], torch.ones(grids[s].shape)  # already on the reference grid (e.g. MyoPS)
         else:
             img, cov = resample(native[s], grids[s], grids[ref])
             if cov.sum() == 0:
@@ -121,7 +169,8 @@ def load_subject(files: SubjectFiles, lower_percentile: float = 1.0, upper_perce
                 f"(shape {grid.shape}) or their affines differ"
             )
         raw = lab.as_tensor()[0].round().long()
-        labels[s] = files.label_map.to_classes(raw, source=str(path))
+        same = next((t for t, p in files.labels.items() if t in labels and p == path and grids[t].shape == grid.shape), None)
+        labels[s] = labels[same] if same is not None else files.label_map.to_classes(raw, source=str(path))
         if files.label_map.scar_value is not None:
             scar_labels[s] = raw == files.label_map.scar_value
     for s, path in files.scar_labels.items():

@@ -1,0 +1,400 @@
+"""Initial atlas placement on a full field of view: the heart's frame, and finding it by template matching.
+
+A *canonical* atlas (built by :func:`mvmm_monai.atlas_builder.build_canonical_atlas`) lives in a
+heart-centred frame: every short-axis slice of every atlas subject was moved so that the centre of
+its left ventricle (myocardium + blood pool) is the origin, rotated so that the LV-to-RV direction
+points the cohort's mean way, scaled to the cohort's mean heart size, and filed at its normalised
+position along the long axis (``t = 0`` apex, ``t = 1`` base) among ``L`` levels.
+
+A subject slice relates to that frame by a similarity transform per slice,
+
+    p = c_z + sigma * R(phi) q        (p: slice point in mm, q: canonical point in mm),
+
+with a centre ``c_z`` per slice and one rotation ``phi`` and scale ``sigma`` per stack. Placement
+finds them without labels: the atlas's intensity template (mean of each sequence in the canonical
+frame) is matched to the subject's images by masked normalised cross-correlation (NCC, computed
+with FFTs over every centre at once), first coarsely over the whole slice for a grid of rotations,
+scales and both long-axis directions, then finely per slice around the stack's centre. The chest
+wall, liver and arms are bright too, but none of them has a bright disc inside a dark ring beside a
+bright crescent at the right size, which is what the template scores.
+
+Pure numpy/scipy maths: no files, no Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage, signal
+
+
+# --------------------------------------------------------------------------------------------- frame
+@dataclass(frozen=True)
+class SliceFrame:
+    """Where the heart is on one slice: ``centre`` (mm, in-plane index axes times spacing)."""
+
+    centre: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class HeartFrame:
+    """The heart's frame on one labelled stack (from its manual label).
+
+    Attributes:
+        centres: ``{slice index: (x, y)}`` LV centre in mm for every slice with LV or myocardium.
+        angle_deg: LV-to-RV direction (degrees, in-plane index axes), circular mean over slices.
+        radius_mm: epicardial radius ``sqrt(area(myocardium + LV) / pi)``, median over slices.
+        levels: ``{slice index: t}`` normalised long-axis position (0 apex, 1 base).
+    """
+
+    centres: dict[int, tuple[float, float]]
+    angle_deg: float
+    radius_mm: float
+    levels: dict[int, float]
+
+
+def heart_frame(classes: np.ndarray, spacing: tuple[float, float], myo: int = 1, lv: int = 2, rv: int = 3) -> HeartFrame:
+    """The :class:`HeartFrame` of a label stack ``classes`` ``[X, Y, Z]`` (class indices).
+
+    The apex is the end of the labelled range whose slice has the smaller LV + myocardium area
+    (stacks come either way round). Raises ``ValueError`` when no slice has a left ventricle.
+    """
+    sx, sy = float(spacing[0]), float(spacing[1])
+    centres, areas, angles = {}, {}, []
+    for z in range(classes.shape[2]):
+        lvm = np.isin(classes[..., z], (myo, lv))
+        if lvm.sum() < 3:
+            continue
+        c = np.argwhere(lvm).mean(0) * (sx, sy)
+        centres[z] = (float(c[0]), float(c[1]))
+        areas[z] = float(lvm.sum() * sx * sy)
+        r = classes[..., z] == rv
+        if r.sum() >= 3:
+            d = np.argwhere(r).mean(0) * (sx, sy) - c
+            angles.append(math.atan2(d[1], d[0]))
+    if not centres:
+        raise ValueError("heart_frame: the label has no left ventricle or myocardium on any slice")
+    zs = sorted(centres)
+    if not angles:
+        raise ValueError("heart_frame: the label has no right ventricle on any slice (the orientation is undefined)")
+    angle = math.degrees(math.atan2(np.mean(np.sin(angles)), np.mean(np.cos(angles))))
+    radius = float(np.sqrt(np.median(list(areas.values())) / math.pi))
+    if len(zs) == 1:
+        levels = {zs[0]: 0.5}
+    else:
+        apex_first = areas[zs[0]] <= areas[zs[-1]]
+        span = zs[-1] - zs[0]
+        levels = {z: ((z - zs[0]) / span if apex_first else (zs[-1] - z) / span) for z in zs}
+    return HeartFrame(centres, angle, radius, levels)
+
+
+def rotation(phi_deg: float) -> np.ndarray:
+    """2x2 rotation matrix by ``phi_deg`` degrees (in-plane index axes)."""
+    a = math.radians(phi_deg)
+    return np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+
+
+def canonical_axis(size: int, pixel_mm: float) -> np.ndarray:
+    """Canonical coordinates (mm) of the ``size`` pixel centres along one axis (origin in the middle)."""
+    return (np.arange(size) - (size - 1) / 2.0) * pixel_mm
+
+
+def slice_to_canonical(
+    image: np.ndarray, spacing, centre, sigma: float, phi_deg: float, size: int, pixel_mm: float, order: int = 1, cval: float = 0.0
+) -> np.ndarray:
+    """Sample a slice ``[C, X, Y]`` into the canonical frame ``[C, size, size]``.
+
+    Canonical point q comes from slice point ``p = centre + sigma R(phi) q`` (mm), i.e. voxel
+    index ``p / spacing``; outside the slice ``cval``.
+    """
+    ax = canonical_axis(size, pixel_mm)
+    q = np.stack(np.meshgrid(ax, ax, indexing="ij"), -1)  # [H, W, 2]
+    p = sigma * q @ rotation(phi_deg).T + np.asarray(centre)
+    idx = (p / np.asarray(spacing, dtype=float)).transpose(2, 0, 1)
+    return np.stack([ndimage.map_coordinates(ch, idx, order=order, mode="constant", cval=cval) for ch in image])
+
+
+def canonical_to_slice(
+    canon: np.ndarray, pixel_mm: float, shape, spacing, centre, sigma: float, phi_deg: float, order: int = 1, cval: float = 0.0
+) -> np.ndarray:
+    """Sample canonical maps ``[C, H, W]`` onto a slice grid ``[C, *shape]`` (the inverse of
+    :func:`slice_to_canonical`): slice point p looks up ``q = R(-phi) (p - centre) / sigma``."""
+    sx, sy = float(spacing[0]), float(spacing[1])
+    px = np.stack(np.meshgrid(np.arange(shape[0]) * sx, np.arange(shape[1]) * sy, indexing="ij"), -1)
+    q = (px - np.asarray(centre)) @ rotation(-phi_deg).T / sigma
+    idx = (q / pixel_mm + (canon.shape[1] - 1) / 2.0).transpose(2, 0, 1)
+    return np.stack([ndimage.map_coordinates(ch, idx, order=order, mode="constant", cval=cval) for ch in canon])
+
+
+def level_weights(t: float, levels: int) -> np.ndarray:
+    """Linear (tent) weights ``[levels]`` of position ``t`` in [0, 1] over evenly spaced levels."""
+    if levels == 1:
+        return np.ones(1)
+    x = np.clip(t, 0.0, 1.0) * (levels - 1)
+    w = np.clip(1.0 - np.abs(np.arange(levels) - x), 0.0, None)
+    return w / w.sum()
+
+
+def at_level(volume: np.ndarray, t: float) -> np.ndarray:
+    """A canonical volume ``[C, H, W, L]`` interpolated at long-axis position ``t``: ``[C, H, W]``."""
+    return np.tensordot(volume, level_weights(t, volume.shape[-1]), axes=([-1], [0]))
+
+
+def stack_levels(n: int, apex_first: bool = True) -> list[float]:
+    """Normalised long-axis positions of ``n`` slices assumed to span apex to base."""
+    if n == 1:
+        return [0.5]
+    t = [z / (n - 1) for z in range(n)]
+    return t if apex_first else t[::-1]
+
+
+# ----------------------------------------------------------------------------------------- matching
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Search settings of :func:`find_heart` (from ``atlas.auto`` in the Hydra config).
+
+    Attributes:
+        coarse_mm: pixel size of the whole-slice search (mm).
+        fine_mm: pixel size of the per-slice refinement (mm).
+        angles_deg: rotations tried around the atlas' mean orientation (degrees).
+        scales: heart sizes tried, relative to the atlas' mean heart.
+        both_directions: also try the stack as base-first (else apex-first only).
+        context: template radius in units of the atlas' epicardial radius (heart plus surroundings).
+        slice_window_mm: how far a slice's centre may move from the stack's centre in refinement.
+        slice_tolerance_mm: in the coarse search, each slice may sit this far from the stack centre.
+        fine_angles_deg / fine_scales: the refinement's local steps around the coarse optimum.
+    """
+
+    coarse_mm: float = 2.5
+    fine_mm: float = 1.25
+    angles_deg: tuple[float, ...] = (-40.0, -30.0, -20.0, -10.0, 0.0, 10.0, 20.0, 30.0, 40.0)
+    scales: tuple[float, ...] = (0.75, 0.85, 0.95, 1.05, 1.15, 1.3)
+    both_directions: bool = True
+    context: float = 2.2
+    slice_window_mm: float = 12.0
+    slice_tolerance_mm: float = 7.5
+    fine_angles_deg: tuple[float, ...] = (-5.0, 0.0, 5.0)
+    fine_scales: tuple[float, ...] = (0.95, 1.0, 1.05)
+
+    def __post_init__(self) -> None:
+        for name in ("coarse_mm", "fine_mm", "context", "slice_window_mm"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"PlacementConfig: {name} must be > 0, got {getattr(self, name)}")
+        if not self.angles_deg or not self.scales or any(s <= 0 for s in (*self.scales, *self.fine_scales)):
+            raise ValueError(f"PlacementConfig: angles_deg and scales must be non-empty and scales > 0, got {self.angles_deg}, {self.scales}")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The found heart frame of a stack.
+
+    Attributes:
+        centres_mm: ``[Z, 2]`` per-slice canonical origin in the slice (mm, index axes x spacing).
+        angle_deg: rotation from the canonical frame (degrees).
+        scale: heart size relative to the atlas' mean heart.
+        levels: ``[Z]`` long-axis position of every slice (0 apex, 1 base).
+        score: mean NCC of the template at the optimum (about 0.3-0.7 where the heart was found).
+        slice_scores: ``[Z]`` NCC per slice.
+    """
+
+    centres_mm: np.ndarray
+    angle_deg: float
+    scale: float
+    levels: np.ndarray
+    score: float
+    slice_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def as_dict(self) -> dict:
+        return {
+            "centres_mm": self.centres_mm.round(2).tolist(),
+            "angle_deg": round(float(self.angle_deg), 2),
+            "scale": round(float(self.scale), 4),
+            "levels": self.levels.round(3).tolist(),
+            "score": round(float(self.score), 4),
+            "slice_scores": self.slice_scores.round(4).tolist(),
+        }
+
+
+def _zoom_slice(img: np.ndarray, spacing, pixel_mm: float) -> np.ndarray:
+    """Resample a 2D slice to ``pixel_mm`` pixels (anti-aliased when shrinking)."""
+    f = np.asarray(spacing, dtype=float) / pixel_mm
+    sm = np.maximum(0.5 / f - 0.5, 0.0) if (f < 1).any() else None
+    if sm is not None and (sm > 0).any():
+        img = ndimage.gaussian_filter(img, sm)
+    return ndimage.zoom(img, f, order=1)
+
+
+def _template_patch(template2d: np.ndarray, pixel_mm: float, atlas_px: float, phi: float, sigma: float, radius_mm: float):
+    """The canonical template seen at ``pixel_mm`` pixels, rotated and scaled, and its disc mask."""
+    half = int(math.ceil(radius_mm * sigma / pixel_mm))
+    ax = np.arange(-half, half + 1) * pixel_mm
+    p = np.stack(np.meshgrid(ax, ax, indexing="ij"), -1)
+    q = p @ rotation(-phi).T / sigma
+    idx = (q / atlas_px + (template2d.shape[0] - 1) / 2.0).transpose(2, 0, 1)
+    patch = ndimage.map_coordinates(template2d, idx, order=1, mode="nearest")
+    mask = (np.linalg.norm(q, axis=-1) <= radius_mm).astype(float)
+    return patch, mask
+
+
+class _SliceStats:
+    """FFT correlation helpers for one image slice: local sums under a disc, for masked NCC."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = image
+        self.sq = image * image
+        # flat regions (air, zero padding) have no contrast to correlate with: floor the local
+        # variance at a fraction of the slice's own, so they score ~0 instead of dividing by ~0
+        self.var_floor = (0.1 * float(image.std())) ** 2 + 1e-12
+        self._cache: dict = {}
+
+    def local(self, mask: np.ndarray):
+        key = mask.shape
+        if key not in self._cache:
+            m = mask[::-1, ::-1]
+            s1 = signal.fftconvolve(self.image, m, mode="same")
+            s2 = signal.fftconvolve(self.sq, m, mode="same")
+            self._cache[key] = (s1, s2)
+        return self._cache[key]
+
+    def ncc(self, patch: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        n = mask.sum()
+        t = (patch - (patch * mask).sum() / n) * mask
+        tn = math.sqrt(float((t * t).sum())) + 1e-12
+        num = signal.fftconvolve(self.image, t[::-1, ::-1], mode="same")
+        s1, s2 = self.local(mask)
+        var = np.clip(s2 - s1 * s1 / n, n * self.var_floor, None)
+        out = num / (tn * np.sqrt(var))
+        # centres whose disc leaves the image are not candidates
+        h = mask.shape[0] // 2
+        invalid = np.ones_like(out, dtype=bool)
+        invalid[h : out.shape[0] - h, h : out.shape[1] - h] = False
+        out[invalid] = -1.0
+        return out
+
+
+def find_heart(
+    images: np.ndarray,
+    coverage: np.ndarray,
+    spacing,
+    template: np.ndarray,
+    template_channels: list[int | None],
+    atlas_pixel_mm: float,
+    atlas_radius_mm: float,
+    config: PlacementConfig | None = None,
+) -> Placement:
+    """Find the heart frame of a stack by matching the atlas' intensity template.
+
+    Args:
+        images: ``[N, X, Y, Z]`` the subject's sequences in the common space (linear intensities).
+        coverage: ``[N, X, Y, Z]`` 1 where sequence n covers the voxel.
+        spacing: in-plane spacing ``(sx, sy)`` mm of the common space.
+        template: ``[S, H, W, L]`` the atlas' canonical intensity template (S sequences, L levels).
+        template_channels: for each of the N subject sequences, the template channel that matches
+            it (``None``: not used for placement).
+        atlas_pixel_mm: canonical pixel size (mm); ``atlas_radius_mm``: the atlas' mean epicardial
+            radius (mm), the unit of ``config.context``.
+
+    Returns:
+        :class:`Placement`. Raises ``ValueError`` when no sequence has a template.
+    """
+    cfg = config or PlacementConfig()
+    used = [(n, c) for n, c in enumerate(template_channels) if c is not None]
+    if not used:
+        raise ValueError("find_heart: none of the subject's sequences has an intensity template in the atlas")
+    nz = images.shape[-1]
+    radius = cfg.context * atlas_radius_mm
+
+    def stats_at(pixel_mm: float):
+        out = []
+        for z in range(nz):
+            per = {}
+            for n, _ in used:
+                if coverage[n, ..., z].mean() < 0.5:  # a sequence that barely covers this slice says little
+                    continue
+                per[n] = _SliceStats(_zoom_slice(images[n, ..., z] * (coverage[n, ..., z] > 0), spacing, pixel_mm))
+            out.append(per)
+        return out
+
+    def slice_ncc(stats, z: int, t: float, phi: float, sigma: float, pixel_mm: float) -> np.ndarray | None:
+        acc, count = None, 0
+        for n, c in used:
+            if n not in stats[z]:
+                continue
+            patch, mask = _template_patch(at_level(template[c : c + 1], t)[0], pixel_mm, atlas_pixel_mm, phi, sigma, radius)
+            r = stats[z][n].ncc(patch, mask)
+            acc = r if acc is None else acc + r
+            count += 1
+        return None if acc is None else acc / count
+
+    # coarse: one centre for the stack (each slice may sit slice_tolerance_mm away), all angles/scales/directions
+    coarse = stats_at(cfg.coarse_mm)
+    tol = max(1, int(round(cfg.slice_tolerance_mm / cfg.coarse_mm)))
+    best = (-np.inf, None)
+    directions = (True, False) if (cfg.both_directions and nz > 1) else (True,)
+    for apex_first in directions:
+        levels = stack_levels(nz, apex_first)
+        for phi in cfg.angles_deg:
+            for sigma in cfg.scales:
+                total, k = None, 0
+                for z in range(nz):
+                    r = slice_ncc(coarse, z, levels[z], phi, sigma, cfg.coarse_mm)
+                    if r is None:
+                        continue
+                    r = ndimage.maximum_filter(r, size=2 * tol + 1, mode="nearest")
+                    total = r if total is None else total + r
+                    k += 1
+                if total is None:
+                    continue
+                total = total / k
+                i = np.unravel_index(int(np.argmax(total)), total.shape)
+                if total[i] > best[0]:
+                    best = (float(total[i]), (apex_first, phi, sigma, np.array(i, dtype=float) * cfg.coarse_mm))
+    if best[1] is None:
+        raise ValueError("find_heart: no slice is covered by a sequence with a template")
+    apex_first, phi0, sigma0, centre0 = best[1]
+    levels = stack_levels(nz, apex_first)
+
+    # fine: per-slice centres within slice_window_mm of the stack centre, a local angle/scale search
+    fine = stats_at(cfg.fine_mm)
+    win = cfg.slice_window_mm / cfg.fine_mm
+    best_fine = (-np.inf, None)
+    for dphi in cfg.fine_angles_deg:
+        for ds in cfg.fine_scales:
+            phi, sigma = phi0 + dphi, sigma0 * ds
+            centres, scores = [], []
+            for z in range(nz):
+                r = slice_ncc(fine, z, levels[z], phi, sigma, cfg.fine_mm)
+                if r is None:
+                    centres.append(None)
+                    scores.append(np.nan)
+                    continue
+                ii, jj = np.meshgrid(np.arange(r.shape[0]), np.arange(r.shape[1]), indexing="ij")
+                c = centre0 / cfg.fine_mm
+                r = np.where((ii - c[0]) ** 2 + (jj - c[1]) ** 2 <= win**2, r, -np.inf)
+                i = np.unravel_index(int(np.argmax(r)), r.shape)
+                centres.append(np.array(i, dtype=float) * cfg.fine_mm)
+                scores.append(float(r[i]))
+            s = float(np.nanmean(scores))
+            if s > best_fine[0]:
+                best_fine = (s, (phi, sigma, centres, np.array(scores)))
+    score, (phi, sigma, centres, scores) = best_fine
+    known = [c for c in centres if c is not None]
+    centres = np.stack([c if c is not None else np.mean(known, 0) for c in centres])
+    return Placement(centres, float(phi), float(sigma), np.array(levels), score, scores)
+
+
+def place_canonical(
+    prob: np.ndarray, pixel_mm: float, shape, spacing, placement: Placement
+) -> np.ndarray:
+    """The canonical atlas ``[K, H, W, L]`` (probabilities, class 0 background) on a stack grid
+    ``[K, *shape]`` by ``placement``; outside the atlas' frame everything is background."""
+    out = np.zeros((prob.shape[0], *shape), dtype=np.float32)
+    for z in range(shape[2]):
+        canon = at_level(prob, float(placement.levels[z]))
+        slab = canonical_to_slice(canon, pixel_mm, shape[:2], spacing, placement.centres_mm[z], placement.scale, placement.angle_deg)
+        slab = np.clip(slab, 0, None)
+        slab[0] += np.clip(1.0 - slab.sum(0), 0, None)
+        out[..., z] = slab / slab.sum(0, keepdims=True)
+    return out
