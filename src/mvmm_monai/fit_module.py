@@ -102,10 +102,14 @@ class MvMMFit(pl.LightningModule):
         self.register_buffer("posterior", torch.exp(w.log_atlas).clone())
         self.register_buffer("last_log_likelihood", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("recent_changes", torch.ones(tol_window, dtype=torch.float64))
-        # index maps common space -> each labelled sequence, for the per-iteration Dice
-        self._label_maps = {
-            s: sampling_map(subject.grid, subject.grids[s]) for s in subject.labels if s != subject.reference
-        }
+        # the per-iteration Dice: every labelled sequence once per distinct manual label (MyoPS has
+        # one label file for its three co-registered sequences: score it on the reference only)
+        ref_label = subject.files.labels.get(subject.reference)
+        self._monitored = [
+            s for s in subject.labels if s == subject.reference or ref_label is None or subject.files.labels.get(s) != ref_label
+        ]
+        # index maps common space -> each monitored labelled sequence
+        self._label_maps = {s: sampling_map(subject.grid, subject.grids[s]) for s in self._monitored if s != subject.reference}
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -169,7 +173,8 @@ class MvMMFit(pl.LightningModule):
             metrics[f"em/pi/{CLASS_NAMES[k]}"] = float(p)
         if self.subject.labels:
             shifts = self.registration.native_shifts_voxels()
-            for seq, label in self.subject.labels.items():
+            for seq in self._monitored:
+                label = self.subject.labels[seq]
                 pred = native_segmentation(
                     posterior[0], self.subject, seq, shifts.get(seq), self._label_maps.get(seq)
                 ).to(label.device)
