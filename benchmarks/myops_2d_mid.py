@@ -7,12 +7,23 @@ crop (``atlas.placement=identity``); ``fit`` with ``data=files`` (reference LGE)
 
     .venv/bin/python benchmarks/myops_2d_mid.py [--root DIR] [--out DIR] \
         [--atlas-cases Case3001-Case3015] [--test-cases Case3016-Case3025] [--threads N] \
+        [--peers atropos [--atropos-weights 0.5,0.25] [--atropos-iterations 25] [--atropos-mrf 0.1]
+         [--atropos-sequences C0,LGE,T2] [--no-fit]] \
         [hydra overrides ...]
 
 Prints a Markdown table (LGE myocardium / LV / RV Dice of the fit, the atlas-alone myocardium
 Dice, the scar Dice against label 2221 and the myocardium subtype contrast that gates the scar
 output (``model.scar.min_contrast``), and seconds per slice, then mean and std rows) headed by the command line, the machine and
 the date, ready to paste into ``benchmarks/RESULTS.md``.
+
+``--peers atropos`` (needs the ``bench`` extra: ``pip install -e '.[bench]'``) also runs ANTs
+Atropos (:mod:`atropos_peer`) on exactly the same crops with the same 2D atlas as priors (prior
+weights ``--atropos-weights``, the first is the headline; MRF ``[s,1x1]``), on the intensities our
+fit sees (percentile-clipped to [0, 1] as ``data.lower_percentile``/``upper_percentile``), within
+the region our fit uses (``model.roi_margin_mm`` around the atlas heart), and prints two more
+tables: LGE myocardium / LV / RV Dice and seconds per case and method (MvMM, each Atropos
+setting, the atlas alone = argmax of the atlas), then mean +- std (ddof=1) per method.
+``--no-fit`` skips our fits (peers and atlas only).
 """
 
 from __future__ import annotations
@@ -113,6 +124,61 @@ def run(root: Path, out: Path, atlas_cases: list[str], test_cases: list[str], ov
     return rows
 
 
+def run_atropos(root: Path, atlas_cases: list[str], test_cases: list[str], overrides: list[str], weights: list[float],
+                iterations: int, mrf_smoothing: float, size: int = 192, sigma_px: float = 2.0,
+                sequences: tuple[str, ...] = ("C0", "LGE", "T2")) -> list[dict]:
+    """Atropos (and atlas-alone) rows ``{case, method, myocardium, lv, rv, seconds}`` on the crops
+    and atlas of :func:`run`; the ROI margin and intensity percentiles come from the fit config."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from monai.transforms import ScaleIntensityRangePercentiles
+
+    from atropos_peer import atlas_mask, atropos_fit
+
+    cfg = compose_config(["data=files", "paths.output_dir=/tmp/unused", *overrides])
+    scale = ScaleIntensityRangePercentiles(lower=cfg.data.lower_percentile, upper=cfg.data.upper_percentile,
+                                           b_min=0.0, b_max=1.0, clip=True)
+    atlas = mid_slice_atlas([mid_slice_crop(root / c, size) for c in atlas_cases], sigma_px)
+    rows = []
+    for name in test_cases:
+        crop = mid_slice_crop(root / name, size)
+        truth, spacing = crop.classes(), tuple(np.linalg.norm(crop.affine[:3, :3], axis=0))
+        rows.append({"case": name, "method": "atlas alone (argmax)", **atlas_alone_dice(atlas, crop), "seconds": 0.0})
+        for w in weights:
+            start = time.perf_counter()
+            images = [np.asarray(scale(crop.images[s]), dtype=np.float32) for s in sequences]
+            mask = atlas_mask(atlas, spacing, cfg.model.roi_margin_mm)
+            res = atropos_fit(images, spacing, atlas, mask, prior_weight=w, iterations=iterations,
+                              mrf_smoothing=mrf_smoothing)
+            seconds = time.perf_counter() - start
+            d = {c: dice(res.labels == k, truth == k) for k, c in enumerate(CLASSES, start=1)}
+            seqs = "" if tuple(sequences) == ("C0", "LGE", "T2") else f" on {'+'.join(sequences)}"
+            rows.append({"case": name, "method": f"Atropos w={w:g}, MRF {res.arguments['m']}, c {res.arguments['c']}{seqs}",
+                         **d, "seconds": seconds})
+            print(f"# {name} Atropos w={w:g}: myo {d['myocardium']:.3f} lv {d['lv']:.3f} rv {d['rv']:.3f} "
+                  f"({seconds:.1f} s)", file=sys.stderr, flush=True)
+    return rows
+
+
+def peer_tables(mvmm_rows: list[dict], peer_rows: list[dict]) -> str:
+    """Per case and method, then mean +- std (ddof=1) per method, of LGE Dice and seconds per slice."""
+    rows = [{**r, "method": "MvMM (ours)"} for r in mvmm_rows] + peer_rows
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cols = ("myocardium", "lv", "rv", "seconds")
+    lines = ["| case | method | LGE myocardium Dice | LGE LV Dice | LGE RV Dice | seconds / slice |", "|---|---|---|---|---|---|"]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        for r in (r for r in rows if r["case"] == case):
+            lines.append(f"| {case} | {r['method']} | {r['myocardium']:.3f} | {r['lv']:.3f} | {r['rv']:.3f} | "
+                         f"{r['seconds']:.2f} |")
+    lines += ["", "| method | LGE myocardium Dice | LGE LV Dice | LGE RV Dice | seconds / slice | cases |",
+              "|---|---|---|---|---|---|"]
+    for m in methods:
+        v = {c: np.array([r[c] for r in rows if r["method"] == m], dtype=float) for c in cols}
+        sd = {c: v[c].std(ddof=1) if len(v[c]) > 1 else 0.0 for c in cols}
+        lines.append(f"| {m} | " + " | ".join(f"{v[c].mean():.3f} ± {sd[c]:.3f}" for c in cols[:3])
+                     + f" | {v['seconds'].mean():.2f} ± {sd['seconds']:.2f} | {len(v['seconds'])} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     """Markdown table of the rows, then mean and std (ddof=1) rows."""
     cols = ("myocardium", "lv", "rv", "atlas_myo", "scar", "scar_contrast", "seconds")
@@ -158,6 +224,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sigma", type=float, default=2.0, help="atlas smoothing, in-plane voxels")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is steadier on a busy machine")
+    parser.add_argument("--peers", default="", help="comma list of peers to run on the same crops: atropos")
+    parser.add_argument("--atropos-weights", default="0.5,0.25", help="Atropos prior weights (first = headline)")
+    parser.add_argument("--atropos-iterations", type=int, default=25, help="Atropos iterations (-c [n,0])")
+    parser.add_argument("--atropos-sequences", default="C0,LGE,T2", help="Atropos input channels")
+    parser.add_argument("--no-fit", action="store_true", help="skip our fits (with --peers: peers and atlas only)")
+    parser.add_argument("--atropos-mrf", type=float, default=0.1, help="Atropos MRF smoothing factor (-m [s,1x1])")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. model.em.beta=1.0")
     args = parser.parse_args(argv)
 
@@ -171,10 +243,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if overlap := sorted(set(atlas_cases) & set(test_cases)):
         raise SystemExit(f"atlas and test cases overlap: {overlap}")
     print(header(argv) + "\n", flush=True)
-    rows = run(args.root, args.out, atlas_cases, test_cases, list(args.overrides), args.size, args.sigma)
+    rows = [] if args.no_fit else run(args.root, args.out, atlas_cases, test_cases, list(args.overrides), args.size,
+                                      args.sigma)
     print(f"Atlas: {args.atlas_cases} ({len(atlas_cases)} cases); test: {args.test_cases}; "
           f"overrides: {' '.join(args.overrides) or 'none'}\n")
-    print(table(rows), flush=True)
+    if rows:
+        print(table(rows), flush=True)
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if unknown := sorted(set(peers) - {"atropos"}):
+        raise SystemExit(f"unknown peers {unknown}; known: atropos")
+    if "atropos" in peers:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from atropos_peer import ants_version
+
+        weights = [float(w) for w in args.atropos_weights.split(",") if w.strip()]
+        peer_rows = run_atropos(args.root, atlas_cases, test_cases, list(args.overrides), weights,
+                                args.atropos_iterations, args.atropos_mrf, args.size, args.sigma,
+                                tuple(s.strip() for s in args.atropos_sequences.split(",") if s.strip()))
+        print(f"\nPeers on the same crops and atlas (antspyx {ants_version()}; Atropos on the fit's percentile-clipped "
+              f"intensities, {args.atropos_sequences.replace(',', '+')}, within model.roi_margin_mm of the atlas heart):\n")
+        print(peer_tables(rows, peer_rows), flush=True)
     return rows
 
 
