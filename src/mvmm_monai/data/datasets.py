@@ -152,6 +152,7 @@ class SyntheticDataset(MSCMRDataset):
     """The built-in synthetic cohort, generated deterministically into ``cache_dir`` on first use."""
 
     name = "synthetic"
+    default_placement = "identity"  # its atlas ships in world space
 
     def __init__(
         self,

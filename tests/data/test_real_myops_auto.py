@@ -1,0 +1,111 @@
+"""Real MyoPS cases, fully automatic (skipped without ../shared/data/myops).
+
+An atlas is built from Case3001..Case3015 with ``scripts/build_atlas.py``'s function, then two
+unseen cases are fitted from their raw full-field-of-view files with ``atlas.placement=auto`` (no
+label, no crop): the placed atlas must overlap the true heart and the fit must reach a minimum
+Dice. Measured values and floors are in the constants below. Bad files get errors naming them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from mvmm_monai.cli import build_atlas, compose_config, fit
+
+MAX_EPOCHS = 30
+# measured with MAX_EPOCHS (LGE Dice: placed atlas LV, fit myocardium, fit LV) minus a margin
+FLOORS = {"Case3018": {"atlas_lv": 0.75, "myocardium": 0.70, "lv": 0.82}, "Case3023": {"atlas_lv": 0.75, "myocardium": 0.70, "lv": 0.82}}
+
+
+@pytest.fixture(scope="module")
+def myops_atlas(tmp_path_factory) -> Path:
+    from tests.conftest import MYOPS_ROOT
+
+    if not MYOPS_ROOT.is_dir():
+        pytest.skip(f"real MyoPS data not found at {MYOPS_ROOT}")
+    out = tmp_path_factory.mktemp("myops_atlas") / "myops_atlas.nii.gz"
+    build_atlas(
+        compose_config([f"data.root={MYOPS_ROOT}", "subjects=Case3001..Case3015", f"output={out}"], config_name="build_atlas")
+    )
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.real
+@pytest.mark.parametrize("case", sorted(FLOORS))
+def test_automatic_fit_on_full_field_of_view(myops_root, myops_atlas, tmp_path, case, one_thread):
+    out = tmp_path / case
+    m = fit(
+        compose_config(
+            ["data=myops", f"data.root={myops_root}", f"subject={case}", f"atlas.path={myops_atlas}",
+             f"paths.output_dir={out}", "callbacks.progress.refresh_rate=0", "~logger", f"trainer.max_epochs={MAX_EPOCHS}"]
+        )
+    )
+    floor = FLOORS[case]
+    assert m["atlas_dice"]["LGE"]["lv"] > floor["atlas_lv"], m["placement"]  # the heart was found
+    assert m["dice"]["LGE"]["myocardium"] > floor["myocardium"]
+    assert m["dice"]["LGE"]["lv"] > floor["lv"]
+    # outputs on the full native grid with MyoPS label values
+    seg = nib.load(out / f"{case}_LGE_seg.nii.gz")
+    src = nib.load(myops_root / case / f"{case}_LGE.nii.gz")
+    assert seg.shape == src.shape and np.allclose(seg.affine, src.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 200, 500, 600}
+    assert (out / f"{case}_scar.nii.gz").exists()
+
+
+@pytest.fixture
+def case_copy(myops_root, tmp_path) -> Path:
+    dst = tmp_path / "myops" / "Case3018"
+    shutil.copytree(myops_root / "Case3018", dst)
+    return dst
+
+
+def _fit_copy(root: Path, atlas: Path, out: Path):
+    return fit(compose_config(["data=myops", f"data.root={root}", "subject=Case3018", f"atlas.path={atlas}",
+                               f"paths.output_dir={out}", "callbacks.progress.refresh_rate=0", "~logger"]))
+
+
+@pytest.mark.real
+def test_bad_real_files_are_named(case_copy, myops_atlas, tmp_path):
+    out = tmp_path / "out"
+    lge = case_copy / "Case3018_LGE.nii.gz"
+    img = nib.load(lge)
+    good = np.asarray(img.dataobj)
+    # wrong dimensions: a 4D LGE
+    nib.save(nib.Nifti1Image(np.stack([good, good], -1), img.affine), lge)
+    with pytest.raises(ValueError, match="Case3018_LGE"):
+        _fit_copy(case_copy.parent, myops_atlas, out)
+    nib.save(nib.Nifti1Image(good, img.affine, img.header), lge)
+    # a label with an unknown value
+    gd = case_copy / "Case3018_gd.nii.gz"
+    g = nib.load(gd)
+    lab = np.asarray(g.dataobj).copy()
+    lab[0, 0, 0] = 999
+    nib.save(nib.Nifti1Image(lab, g.affine, g.header), gd)
+    with pytest.raises(ValueError, match=r"Case3018_gd.*\[999\]"):
+        _fit_copy(case_copy.parent, myops_atlas, out)
+    lab[0, 0, 0] = 0
+    nib.save(nib.Nifti1Image(lab, g.affine, g.header), gd)
+    # T2 on a grid 1 m away from the LGE: no overlap in world space
+    t2 = case_copy / "Case3018_T2.nii.gz"
+    t = nib.load(t2)
+    aff = t.affine.copy()
+    aff[:3, 3] += 1000.0
+    nib.save(nib.Nifti1Image(np.asarray(t.dataobj), aff), t2)
+    with pytest.raises(ValueError, match="Case3018_T2.*does not overlap"):
+        _fit_copy(case_copy.parent, myops_atlas, out)
+    assert not out.exists() or not list(out.glob("*.nii.gz"))

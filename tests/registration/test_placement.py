@@ -1,0 +1,155 @@
+"""Heart frame, canonical resampling and template-matching placement against known truth."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mvmm_monai.registration.placement import (
+    PlacementConfig,
+    canonical_to_slice,
+    find_heart,
+    heart_frame,
+    level_weights,
+    place_canonical,
+    slice_to_canonical,
+)
+
+PX = 1.0  # canonical pixel (mm)
+SIZE = 121
+R_EPI = 25.0  # epicardial radius of the canonical heart (mm)
+
+
+def heart_labels(shape, spacing, centre, angle_deg, scale, lv_r=17.0, epi_r=R_EPI, rv_r=16.0):
+    """A 2D class map (0 bg, 1 myo, 2 LV, 3 RV): LV disc, myocardial ring, RV disc beside it."""
+    x = np.arange(shape[0])[:, None] * spacing[0] - centre[0]
+    y = np.arange(shape[1])[None, :] * spacing[1] - centre[1]
+    r = np.hypot(x, y)
+    a = math.radians(angle_deg)
+    rv_c = (epi_r + 0.6 * rv_r) * scale * np.array([math.cos(a), math.sin(a)])
+    lab = np.zeros(shape, dtype=np.int64)
+    lab[np.hypot(x - rv_c[0], y - rv_c[1]) <= rv_r * scale] = 3
+    lab[r <= epi_r * scale] = 1
+    lab[r <= lv_r * scale] = 2
+    return lab
+
+
+INTENSITY = np.array([0.35, 0.15, 0.9, 0.8])  # bSSFP-like: bright blood, dark myocardium
+
+
+def canonical_template():
+    """Canonical class map and intensity template (RV at angle 0) ``[1, SIZE, SIZE, 1]``."""
+    c = (SIZE - 1) / 2 * PX
+    lab = heart_labels((SIZE, SIZE), (PX, PX), (c, c), 0.0, 1.0)
+    prob = np.stack([(lab == k).astype(np.float32) for k in range(4)])[..., None]
+    return prob, INTENSITY[lab][None, ..., None].astype(np.float32)
+
+
+def test_heart_frame_finds_centre_angle_radius_and_apex():
+    spacing = (0.8, 0.8)
+    centre, angle = (60.0, 70.0), 35.0
+    slices = [heart_labels((160, 170), spacing, centre, angle, s) for s in (0.8, 0.9, 1.0)]  # apex (small) first
+    stack = np.stack(slices, -1)
+    f = heart_frame(stack, spacing)
+    for z in range(3):
+        assert np.allclose(f.centres[z], centre, atol=0.5)
+    assert abs(f.angle_deg - angle) < 2.0
+    assert abs(f.radius_mm - R_EPI * 0.9) < 1.0  # the median slice
+    assert f.levels == {0: 0.0, 1: 0.5, 2: 1.0}
+    assert heart_frame(stack[..., ::-1], spacing).levels == {0: 1.0, 1: 0.5, 2: 0.0}  # base first
+
+
+def test_heart_frame_rejects_labels_without_heart_or_rv():
+    with pytest.raises(ValueError, match="no left ventricle"):
+        heart_frame(np.zeros((20, 20, 2), dtype=np.int64), (1.0, 1.0))
+    lab = heart_labels((80, 80), (1.0, 1.0), (40, 40), 0, 1.0)
+    lab[lab == 3] = 0
+    with pytest.raises(ValueError, match="no right ventricle"):
+        heart_frame(lab[..., None], (1.0, 1.0))
+
+
+def test_canonical_round_trip_and_level_weights():
+    prob, _ = canonical_template()
+    spacing, centre, sigma, phi = (0.7, 0.9), (80.0, 70.0), 1.2, 30.0
+    on_slice = canonical_to_slice(prob[..., 0], PX, (230, 160), spacing, centre, sigma, phi, order=0)
+    truth = heart_labels((230, 160), spacing, centre, phi, sigma)
+    agree = (on_slice.argmax(0) == truth)[truth > 0].mean()
+    assert agree > 0.97
+    back = slice_to_canonical(on_slice, spacing, centre, sigma, phi, SIZE, PX, order=0)
+    assert (back.argmax(0) == prob[..., 0].argmax(0)).mean() > 0.97
+    assert np.allclose(level_weights(0.25, 5), [0, 1, 0, 0, 0])
+    assert np.allclose(level_weights(0.375, 5), [0, 0.5, 0.5, 0, 0])
+
+
+@pytest.mark.parametrize("truth", [(150.0, 120.0, 20.0, 1.1), (90.0, 200.0, -30.0, 0.85)])
+def test_find_heart_among_bright_distractors(truth):
+    """A small heart on a 300 mm field of view with a bright 'liver', bright 'arms' and noise."""
+    cx, cy, angle, scale = truth
+    prob, template = canonical_template()
+    spacing = (1.2, 1.2)
+    shape = (250, 250, 3)
+    rng = np.random.default_rng(0)
+    x = np.arange(shape[0])[:, None] * spacing[0]
+    y = np.arange(shape[1])[None, :] * spacing[1]
+    images = np.zeros((1, *shape), dtype=np.float32)
+    drift = [(-3.0, 2.0), (0.0, 0.0), (3.0, -2.0)]  # the heart's axis is oblique to the stack
+    for z in range(3):
+        body = 0.3 * (np.hypot(x - 150, (y - 150) * 1.3) < 140)
+        liver = 0.85 * (np.hypot((x - 230) * 0.8, y - 240) < 50)
+        arms = 0.9 * ((np.hypot(x - 30, y - 40) < 20) | (np.hypot(x - 270, y - 40) < 20))
+        img = np.maximum.reduce([body, liver, arms])
+        lab = heart_labels(shape[:2], spacing, (cx + drift[z][0], cy + drift[z][1]), angle, scale)
+        img = np.where(lab > 0, INTENSITY[lab], img)
+        images[0, ..., z] = img + 0.05 * rng.standard_normal(shape[:2])
+    cfg = PlacementConfig(angles_deg=(-40, -20, 0, 20, 40), scales=(0.8, 0.9, 1.0, 1.1, 1.25), both_directions=False)
+    found = find_heart(images, np.ones_like(images), spacing, template, [0], PX, R_EPI, cfg)
+    for z in range(3):
+        assert np.hypot(*(found.centres_mm[z] - (cx + drift[z][0], cy + drift[z][1]))) < 3.0
+    assert abs(found.angle_deg - angle) <= 10.0
+    assert abs(found.scale / scale - 1) < 0.12
+    placed = place_canonical(prob, PX, shape, spacing, found)
+    assert placed.shape == (4, *shape)
+    assert np.allclose(placed.sum(0), 1, atol=1e-5)
+    lab = heart_labels(shape[:2], spacing, (cx, cy), angle, scale)
+    lv_pred, lv_true = placed[2, ..., 1] > 0.5, lab == 2
+    assert 2 * (lv_pred & lv_true).sum() / (lv_pred.sum() + lv_true.sum()) > 0.85
+
+
+def test_placement_config_rejects_silly_values():
+    with pytest.raises(ValueError, match="coarse_mm"):
+        PlacementConfig(coarse_mm=0)
+    with pytest.raises(ValueError, match="scales"):
+        PlacementConfig(scales=(1.0, -1.0))
+
+
+def test_crop_and_uncrop_keep_world_positions():
+    from mvmm_monai.data.common_space import Grid
+    from mvmm_monai.data.datasets import SubjectFiles
+    from mvmm_monai.data.labels import MSCMR_LABELS
+    from mvmm_monai.data.subject import SubjectData
+
+    shape = (20, 30, 4)
+    aff = torch.tensor([[0.0, -1.5, 0, 10], [1.5, 0, 0, -5], [0, 0, 8.0, 3], [0, 0, 0, 1]], dtype=torch.float64)
+    img = torch.rand(2, *shape)
+    lab = (torch.rand(shape) * 4).long()
+    subj = SubjectData(
+        name="s", sequences=("DE", "C0"), grids={"DE": Grid(aff, shape), "C0": Grid(aff.clone(), shape)},
+        native_images={"DE": img[:1], "C0": img[1:]}, images=img, coverage=torch.ones_like(img),
+        labels={"DE": lab}, label_map=MSCMR_LABELS, files=SubjectFiles("s", {}, {}, MSCMR_LABELS, "DE"),
+    )
+    c = subj.cropped((3, 15, 5, 25)).cropped((1, 10, 2, 18))
+    assert c.box == (4, 13, 7, 23) and c.parent is subj
+    # voxel (0, 0, z) of the crop is voxel (4, 7, z) of the original, in world space too
+    w_crop = c.grid.affine @ torch.tensor([0.0, 0, 2, 1], dtype=torch.float64)
+    w_orig = aff @ torch.tensor([4.0, 7, 2, 1], dtype=torch.float64)
+    assert torch.allclose(w_crop, w_orig)
+    assert torch.equal(c.images, img[:, 4:13, 7:23]) and torch.equal(c.labels["DE"], lab[4:13, 7:23])
+    assert c.grids["C0"] is subj.grids["C0"]
+    post = torch.rand(4, *c.grid.shape)
+    full = c.uncrop(post, 0.0, 1.0)
+    assert torch.equal(full[:, 4:13, 7:23], post) and full[0, 0, 0, 0] == 1 and full[1:, 0, 0, 0].sum() == 0
+    with pytest.raises(ValueError, match="crop box"):
+        subj.cropped((0, 40, 0, 5))
