@@ -25,7 +25,8 @@ Ground truth, ``truth/patientN_truth.json``: ``subject``, ``has_scar``, ``scar``
 ``atlas_offset``, ``anatomy`` (shape parameters, mm/rad), ``intensity_means`` (per sequence
 and tissue), ``noise_sigma``, ``geometry`` (per sequence, with slice z and affine),
 ``label_values``; plus ``truth/patientN_DE_scar.nii.gz``.  Misalignment
-(``SyntheticConfig.misalignment``; all zeros/identity when off):
+(``SyntheticConfig.misalignment``; all zeros/identity when off; ``atlas_misalignment=False``
+keeps the slice shifts but places the subject where the atlas expects it):
 
 * ``slice_shifts_mm[seq][k] = [dx, dy]``: slice ``k`` of ``C0``/``T2`` shows the
   anatomy moved by ``+shift``, i.e. ``image(p) = anatomy(p - shift)`` for world
@@ -115,6 +116,14 @@ class SyntheticConfig:
     max_slice_shift_mm: float = 6.0
     noise: float = 0.04           # Rician sigma relative to INTENSITY_SCALE
     geometries: dict[str, SequenceGeometry] | None = None  # None -> default_geometries()
+    # None -> follow ``misalignment``; False with misalignment=True: slice shifts only, the subject
+    # sits where the atlas expects it (to test slice-shift recovery apart from atlas placement).
+    atlas_misalignment: bool | None = None
+
+
+# Fields added after the first cohorts were cached: left out of the cache key while at their
+# default, so existing cohorts keep their key (and their cache folder).
+_KEY_OPTIONAL = {"atlas_misalignment": None}
 
 
 @dataclass(frozen=True)
@@ -168,9 +177,14 @@ def _resolved(config: SyntheticConfig) -> SyntheticConfig:
     return config if config.geometries is not None else replace(config, geometries=default_geometries())
 
 
+def _config_dict(config: SyntheticConfig) -> dict:
+    """``asdict(config)`` without the optional fields that are at their default."""
+    return {k: v for k, v in asdict(config).items() if not (k in _KEY_OPTIONAL and v == _KEY_OPTIONAL[k])}
+
+
 def config_key(config: SyntheticConfig) -> str:
     """Short stable hash of the (resolved) config and the generator version."""
-    payload = {"generator_version": GENERATOR_VERSION, **asdict(_resolved(config))}
+    payload = {"generator_version": GENERATOR_VERSION, **_config_dict(_resolved(config))}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -389,7 +403,8 @@ def _make_subject(root: Path, config: SyntheticConfig, index: int) -> None:
     """Write the images, manual labels, scar mask and truth json of one subject."""
     name = f"patient{index}"
     rng = np.random.default_rng([config.seed, 1, index])
-    a = _draw_anatomy(rng, scar=index % 2 == 0, misalign=config.misalignment)
+    atlas_misaligned = config.misalignment if config.atlas_misalignment is None else config.atlas_misalignment
+    a = _draw_anatomy(rng, scar=index % 2 == 0, misalign=atlas_misaligned)
     truth = {"subject": name, "has_scar": a.scar is not None, "scar": a.scar,
              "slice_shifts_mm": {}, "slice_shift_convention": "image(p) = anatomy(p - shift)",
              "atlas_offset": {"translation_mm": list(a.translation),
@@ -444,7 +459,7 @@ def make_cohort(root: str | Path, config: SyntheticConfig = SyntheticConfig()) -
         "geometry": asdict(ageo)}, indent=1))
     (root / "cohort.json").write_text(json.dumps({
         "generator": "mvmm_monai.data.synthetic", "generator_version": GENERATOR_VERSION,
-        "key": config_key(config), "config": asdict(config), "subjects": subject_names(config),
+        "key": config_key(config), "config": _config_dict(config), "subjects": subject_names(config),
         "scar_subjects": scar_subjects(config), "sequences": list(SEQUENCES),
         "reference_sequence": REFERENCE_SEQUENCE, "label_values": LABEL_VALUES,
         "atlas": "atlas.nii.gz"}, indent=1))

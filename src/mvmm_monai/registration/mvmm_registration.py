@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mvmm_monai.data.common_space import sample, sampling_map
@@ -13,6 +14,43 @@ from mvmm_monai.mixture import log_atlas_from_prob
 from mvmm_monai.registration.atlas_deformation import AtlasDeformation
 from mvmm_monai.registration.base import Warped
 from mvmm_monai.registration.slice_shift import SliceShifts
+
+
+def inplane_gradient(image: Tensor, sigma: float) -> Tensor:
+    """Central-difference gradient ``[2, X, Y, Z]`` (intensity per voxel along X and Y) of ``image``
+    ``[1, X, Y, Z]`` after an in-plane Gaussian blur of ``sigma`` voxels, slice by slice."""
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError(f"inplane_gradient: image must be [1, X, Y, Z], got {tuple(image.shape)}")
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    sl = image[0].permute(2, 0, 1)[:, None]  # [Z, 1, X, Y]
+    sl = F.conv2d(F.pad(sl, (0, 0, radius, radius), mode="replicate"), kernel.reshape(1, 1, -1, 1))
+    sl = F.conv2d(F.pad(sl, (radius, radius, 0, 0), mode="replicate"), kernel.reshape(1, 1, 1, -1))
+    gx, gy = torch.gradient(sl[:, 0], dim=(1, 2))
+    return torch.stack((gx, gy)).permute(0, 2, 3, 1).contiguous()
+
+
+def kernel_density(values: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Binned Gaussian kernel density of 1D ``values``: ``(centres [bins], log weights [bins],
+    bandwidth [])``; the bandwidth is Silverman's rule, at least one bin wide."""
+    if values.numel() < 2 or bins < 2:
+        raise ValueError(f"kernel_density: need >= 2 values and bins, got {values.numel()} values, {bins} bins")
+    v = values.detach().float()
+    lo, hi = float(v.min()), float(v.max())
+    width = max(hi - lo, 1e-6) / bins
+    centres = lo + width * (torch.arange(bins, dtype=v.dtype, device=v.device) + 0.5)
+    idx = ((v - lo) / width).floor().clamp(0, bins - 1).long()
+    counts = torch.bincount(idx, minlength=bins).to(v.dtype)
+    bw = max(1.06 * float(v.std()) * v.numel() ** -0.2, width)
+    return centres, torch.log(counts / counts.sum() + 1e-12), torch.tensor(bw, dtype=v.dtype, device=v.device)
+
+
+def kernel_log_density(x: Tensor, centres: Tensor, log_w: Tensor, bw: Tensor) -> Tensor:
+    """Log of the density of :func:`kernel_density` at ``x`` (any shape, same shape out)."""
+    z = (x[..., None] - centres) / bw
+    return torch.logsumexp(log_w - 0.5 * z * z, dim=-1) - torch.log(bw) - 0.5 * math.log(2 * math.pi)
 
 
 class RegistrationError(RuntimeError):
@@ -43,6 +81,19 @@ class MvMMRegistration(nn.Module):
         warmup: EM-only iterations before anything moves (the mixture must describe the images
             before its likelihood can tell where the atlas belongs).
         slice_shift_start: iteration (after warm-up) at which the slice shifts start to move.
+        shift_gradient_sigma: in-plane Gaussian sigma (source voxels) of the image whose central
+            differences give the slice-shift gradient (0: the exact gradient of bilinear
+            interpolation). The sampled intensities are unchanged; only the gradient is smoothed. The
+            exact gradient of a noisy, bilinearly interpolated image jumps every time the sample
+            points cross a voxel edge and often points against the slope seen over a tenth of a
+            voxel; Adam then walks slices away at a constant rate.
+        marginal_correction: subtract, for every shifted sequence, the log-density of its own
+            intensities (a fixed kernel density of its covered intensities at zero shift) from the
+            objective of the slice shifts. Moving a slice changes which data fall in the region of
+            interest, and the log-likelihood rewards homogeneous data (lung, air: narrow Gaussians)
+            whatever the alignment; the difference is a pointwise mutual information of class and
+            intensity, which only alignment raises. It does not depend on the atlas deformation.
+        marginal_bins: kernel centres of that density.
         lr: learning rate per parameter group: ``translation`` (atlas, mm), ``affine`` (rotation in
             radians and log-scales), ``svf`` (voxels), ``slice_shift`` (mm, and radians if rotating).
     """
@@ -66,8 +117,14 @@ class MvMMRegistration(nn.Module):
         warmup: int = 10,
         slice_shift_start: int = 0,
         affine_weight: float = 0.0,
+        shift_gradient_sigma: float = 1.0,
+        marginal_correction: bool = True,
+        marginal_bins: int = 64,
     ) -> None:
         super().__init__()
+        if shift_gradient_sigma < 0:
+            raise ValueError(f"registration: shift_gradient_sigma must be >= 0, got {shift_gradient_sigma}")
+        self.shift_gradient_sigma = float(shift_gradient_sigma)
         if bending_weight < 0 or max_shift_mm <= 0:
             raise ValueError(f"registration: need bending_weight >= 0 and max_shift_mm > 0, got {bending_weight}, {max_shift_mm}")
         self.subject = subject
@@ -106,8 +163,21 @@ class MvMMRegistration(nn.Module):
             else None
         )
         self._maps = {s: sampling_map(subject.grids[s], subject.grid) for s in others}
+        self.marginal_correction = bool(marginal_correction) and self.shifts is not None
+        if self.marginal_correction:
+            for n, s in enumerate(subject.sequences):
+                if s in self.shifts.sequences:
+                    values = self.images[0, n][self.coverage[0, n] > 0]
+                    centres, log_w, bw = kernel_density(values, marginal_bins)
+                    self.register_buffer(f"_kde_centres_{s}", centres, persistent=False)
+                    self.register_buffer(f"_kde_logw_{s}", log_w, persistent=False)
+                    self.register_buffer(f"_kde_bw_{s}", bw, persistent=False)
+        self._last_images: Tensor | None = None
         for s in others:
-            self.register_buffer(f"_native_{s}", subject.native_images[s].float(), persistent=False)
+            native = subject.native_images[s].float()
+            self.register_buffer(f"_native_{s}", native, persistent=False)
+            if self.shifts is not None and self.shift_gradient_sigma > 0:
+                self.register_buffer(f"_grad_{s}", inplane_gradient(native, self.shift_gradient_sigma), persistent=False)
 
     @property
     def fits_anything(self) -> bool:
@@ -140,6 +210,33 @@ class MvMMRegistration(nn.Module):
                 g["lr"] = float(self.lr[g["name"]])
         return groups
 
+    def _shifted(self, s: str) -> Tensor:
+        """Sequence ``s`` ``[1, *S]`` in the common space with its slice shifts applied.
+
+        With ``shift_gradient_sigma > 0`` the value is the bilinear sample of the native image and
+        the gradient with respect to the shifts (and angles) is that of a first-order expansion
+        around the current position using the smoothed image gradient (see the class docstring).
+        """
+        native, smap = getattr(self, f"_native_{s}"), self._maps[s]
+        shift, angle = self.shifts.voxels(s), self.shifts.angles(s)
+        if self.shift_gradient_sigma == 0:
+            return sample(native, smap, slice_shifts=shift, slice_angles=angle)
+        grad = getattr(self, f"_grad_{s}")
+        vals = sample(
+            torch.cat((native, grad)).to(shift.dtype), smap, slice_shifts=shift.detach(),
+            slice_angles=None if angle is None else angle.detach(),
+        )
+        k = smap.slice_index.to(shift.device)
+        move = (shift - shift.detach())[k].movedim(-1, 0)  # [2, *S] source voxels
+        if angle is not None:
+            centre = (torch.tensor(smap.source_shape[:2], dtype=shift.dtype, device=shift.device) - 1) / 2
+            d = smap.index[..., :2].to(shift) - centre
+            a = angle.detach()[k]
+            cos, sin = torch.cos(a), torch.sin(a)
+            da = (angle - angle.detach())[k]
+            move = move + torch.stack((-sin * d[..., 0] - cos * d[..., 1], cos * d[..., 0] - sin * d[..., 1])) * da
+        return vals[:1] + (move * vals[1:]).sum(0, keepdim=True)
+
     def _images(self) -> Tensor:
         if self.shifts is None:
             return self.images
@@ -147,10 +244,7 @@ class MvMMRegistration(nn.Module):
         chans = [self.images[0, 0]]
         for n, s in enumerate(subj.sequences[1:], start=1):
             if s in self.shifts.sequences:
-                img = sample(
-                    getattr(self, f"_native_{s}"), self._maps[s],
-                    slice_shifts=self.shifts.voxels(s), slice_angles=self.shifts.angles(s),
-                )
+                img = self._shifted(s)
                 chans.append(img[0] * (self.coverage[0, n] > 0))
             else:
                 chans.append(self.images[0, n])
@@ -163,13 +257,35 @@ class MvMMRegistration(nn.Module):
 
     def forward(self) -> Warped:
         atlas, _ = self.warped_atlas()
-        return Warped(self._images(), self.coverage, log_atlas_from_prob(atlas.clamp_min(0), self.atlas_floor))
+        images = self._images()
+        self._last_images = images if self.marginal_correction else None
+        return Warped(images, self.coverage, log_atlas_from_prob(atlas.clamp_min(0), self.atlas_floor))
+
+    def marginal_log_density(self) -> Tensor:
+        """Per-voxel mean over Omega of ``sum_s cov_s log p_s(I_s(x))`` for the shifted sequences ``s``,
+        ``p_s`` their fixed kernel densities, on the images of the last forward (differentiable in
+        the slice shifts); the same normalisation as :func:`mvmm_monai.mixture.log_likelihood`."""
+        images = self._last_images if self._last_images is not None else self._images()
+        cov = self.coverage[0]
+        omega = cov.amax(dim=0) > 0
+        total = images.new_zeros(())
+        for n, s in enumerate(self.subject.sequences):
+            if s not in self.shifts.sequences:
+                continue
+            mask = cov[n] > 0
+            total = total + kernel_log_density(
+                images[0, n][mask], getattr(self, f"_kde_centres_{s}"), getattr(self, f"_kde_logw_{s}"),
+                getattr(self, f"_kde_bw_{s}"),
+            ).sum()
+        return total / omega.sum().clamp_min(1)
 
     def regularisers(self) -> dict[str, Tensor]:
         regs = {}
         d = self.deformation
         if d is not None and len(d.velocity) and self.bending_weight > 0:
             regs["bending"] = self.bending_weight * d.bending()
+        if self.marginal_correction and any(p.requires_grad for p in self.shifts.parameters()):
+            regs["intensity_marginal"] = self.marginal_log_density()
         if d is not None and d.log_scale is not None and self.affine_weight > 0:
             regs["affine"] = self.affine_weight * (d.log_scale.pow(2).sum() + d.rotation.pow(2).sum())
         return regs
