@@ -144,7 +144,7 @@ def test_marginal_correction_is_the_intensity_log_density_of_the_shifted_sequenc
     reg()
     regs = reg.regularisers()
     expected = kernel_log_density(values, centres, log_w, bw).mean()
-    assert float(regs["intensity_marginal"].detach()) == pytest.approx(float(expected), rel=1e-4)
+    assert float(regs["intensity_marginal"].detach()) == pytest.approx(float(expected), rel=1e-3)  # a fine lookup table
     regs["intensity_marginal"].backward()
     assert reg.shifts.translation_mm["C0"].grad.abs().sum() > 0
     off = MvMMRegistration(subject, atlas, scales=(4,), marginal_correction=False)

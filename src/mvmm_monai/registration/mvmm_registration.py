@@ -53,6 +53,17 @@ def kernel_log_density(x: Tensor, centres: Tensor, log_w: Tensor, bw: Tensor) ->
     return torch.logsumexp(log_w - 0.5 * z * z, dim=-1) - torch.log(bw) - 0.5 * math.log(2 * math.pi)
 
 
+def table_lookup(x: Tensor, table: Tensor, value_range: Tensor) -> Tensor:
+    """Piecewise-linear interpolation of ``table`` (values on an even grid over ``value_range``
+    ``[lo, hi]``) at ``x`` (clamped to the range); differentiable in ``x``."""
+    lo, hi = value_range.to(x)
+    pos = ((x - lo) / (hi - lo) * (table.numel() - 1)).clamp(0, table.numel() - 1 - 1e-4)
+    i0 = pos.detach().floor().long()
+    frac = pos - i0.to(pos.dtype)
+    t = table.to(x)
+    return t[i0] * (1 - frac) + t[i0 + 1] * frac
+
+
 class RegistrationError(RuntimeError):
     """The registration produced NaN, folded the atlas or moved a slice beyond the bound."""
 
@@ -169,9 +180,10 @@ class MvMMRegistration(nn.Module):
                 if s in self.shifts.sequences:
                     values = self.images[0, n][self.coverage[0, n] > 0]
                     centres, log_w, bw = kernel_density(values, marginal_bins)
-                    self.register_buffer(f"_kde_centres_{s}", centres, persistent=False)
-                    self.register_buffer(f"_kde_logw_{s}", log_w, persistent=False)
-                    self.register_buffer(f"_kde_bw_{s}", bw, persistent=False)
+                    lo, hi = float(centres[0] - 4 * bw), float(centres[-1] + 4 * bw)
+                    table_x = torch.linspace(lo, hi, 2048, dtype=centres.dtype, device=centres.device)
+                    self.register_buffer(f"_kde_table_{s}", kernel_log_density(table_x, centres, log_w, bw), persistent=False)
+                    self.register_buffer(f"_kde_range_{s}", torch.tensor([lo, hi]), persistent=False)
         self._last_images: Tensor | None = None
         for s in others:
             native = subject.native_images[s].float()
@@ -273,9 +285,8 @@ class MvMMRegistration(nn.Module):
             if s not in self.shifts.sequences:
                 continue
             mask = cov[n] > 0
-            total = total + kernel_log_density(
-                images[0, n][mask], getattr(self, f"_kde_centres_{s}"), getattr(self, f"_kde_logw_{s}"),
-                getattr(self, f"_kde_bw_{s}"),
+            total = total + table_lookup(
+                images[0, n][mask], getattr(self, f"_kde_table_{s}"), getattr(self, f"_kde_range_{s}")
             ).sum()
         return total / omega.sum().clamp_min(1)
 

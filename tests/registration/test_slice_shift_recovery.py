@@ -1,0 +1,59 @@
+"""Slice-shift recovery against the synthetic generator's truth (issue #3).
+
+The subject has known per-slice motion of C0 and T2 but sits where the atlas expects it
+(``SyntheticConfig(misalignment=True, atlas_misalignment=False)``); ``registration=full`` fits the
+atlas deformation and the shifts together. Only slices with at least ``MIN_HEART_MM2`` of labelled
+heart are checked: a slice without heart has nothing to align its shift to (unobservable), and the
+apical slice (about 240 mm2 of heart on patient1) is not recovered yet.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from mvmm_monai.cli import compose_config, fit
+from mvmm_monai.data.synthetic import SyntheticConfig, make_cohort
+
+MIN_HEART_MM2 = 500.0
+
+
+@pytest.fixture(scope="module")
+def shift_errors(tmp_path_factory):
+    """Per sequence: ``(errors in the sequence's voxels, heart mask)`` over its slices."""
+    root = make_cohort(tmp_path_factory.mktemp("shifts"), SyntheticConfig(n_subjects=1, misalignment=True,
+                                                                         atlas_misalignment=False))
+    out = tmp_path_factory.mktemp("fit")
+    fit(compose_config([
+        f"paths.output_dir={out}", "callbacks.progress.refresh_rate=0", "~logger", "subject=patient1",
+        "data=mscmr", f"data.root={root}", f"atlas.path={root}/atlas.nii.gz", "atlas.placement=identity",
+        "registration=full", "trainer.max_epochs=80",
+    ]))
+    fitted = json.loads((out / "params.json").read_text())["slice_shifts_mm"]
+    truth = json.loads((root / "truth" / "patient1_truth.json").read_text())["slice_shifts_mm"]
+    result = {}
+    for seq in ("C0", "T2"):
+        lab = nib.load(root / f"patient1_{seq}_manual.nii.gz")
+        pixel = lab.header.get_zooms()[:2]
+        heart = (np.asarray(lab.dataobj) > 0).sum(axis=(0, 1)) * pixel[0] * pixel[1] >= MIN_HEART_MM2
+        err_vox = np.linalg.norm((np.array(fitted[seq]) - np.array(truth[seq])) / np.array(pixel), axis=1)
+        result[seq] = (err_vox, heart)
+    return result
+
+
+@pytest.mark.slow
+def test_slice_shifts_are_recovered_within_two_voxels_on_heart_slices(shift_errors):
+    for seq, (err, heart) in shift_errors.items():
+        assert heart.sum() >= 3, seq
+        assert err[heart].max() < 2.0, f"{seq}: errors (voxels) {np.round(err, 2).tolist()} on heart slices {heart.tolist()}"
+        assert np.median(err[heart]) < 1.0, f"{seq}: errors (voxels) {np.round(err, 2).tolist()}"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue #3: one C0 slice (z = +15 mm) stays 1.4 voxels off; see RESULTS.md section 4")
+def test_slice_shifts_are_recovered_within_one_voxel_on_heart_slices(shift_errors):
+    for seq, (err, heart) in shift_errors.items():
+        assert err[heart].max() < 1.0, f"{seq}: errors (voxels) {np.round(err, 2).tolist()}"
