@@ -33,7 +33,7 @@ def main() -> None:
     logging.disable(logging.INFO)
     warnings.filterwarnings("ignore")
     from mvmm_monai.atlas import atlas_roi, place_atlas, read_atlas
-    from mvmm_monai.cli import _build, compose_config, subtype_counts
+    from mvmm_monai.cli import _build, compose_config, subtype_counts, with_dataset_defaults
     from mvmm_monai.evaluation import dice_per_class
     from mvmm_monai.fit_module import MvMMFit
     from mvmm_monai.mixture import log_likelihood
@@ -45,7 +45,7 @@ def main() -> None:
     atlas = place_atlas(read_atlas(ds.default_atlas()), s.grid)
     s = s.with_roi(atlas_roi(atlas, tuple(s.grid.spacing.tolist()), cfg.model.roi_margin_mm))
     reg = _build(cfg.registration.model)(subject=s, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
-    em = _build(cfg.model.em)
+    em = _build(with_dataset_defaults(cfg, ds).model.em)
     m = MvMMFit(s, reg, subtype_counts(cfg.model, s.sequences), em, optimizer=_build(cfg.registration.optimizer))
     pl.Trainer(max_epochs=args.em_iterations, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False).fit(m)

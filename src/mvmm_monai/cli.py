@@ -37,6 +37,7 @@ def hparams(cfg: DictConfig) -> dict:
             "mrf_beta": float(cfg.model.em.beta),
             "update_pi": bool(cfg.model.em.update_pi),
             "roi_margin_mm": -1.0 if cfg.model.roi_margin_mm is None else float(cfg.model.roi_margin_mm),
+            "atlas_weight": float(cfg.model.get("atlas_weight", 1.0)),
             "registration": str(cfg.registration.model._target_).rsplit(".", 1)[-1],
         }
     )
@@ -202,9 +203,34 @@ def prepare_subject(cfg: DictConfig, dataset, name: str) -> Prepared:
     return Prepared(subject.with_roi(roi), atlas, roi, placement)
 
 
+def temper_atlas(atlas: torch.Tensor, weight: float) -> torch.Tensor:
+    """``A_k^w / sum_j A_j^w`` ``[K, *S]``: ``model.atlas_weight`` w < 1 lets the images speak louder
+    than a blurred population atlas near boundaries (ANTs Atropos' prior weighting; 1 = MvMM as written)."""
+    if not 0 < weight <= 1:
+        raise ValueError(f"model.atlas_weight must be in (0, 1], got {weight}")
+    if weight == 1:
+        return atlas
+    t = atlas.clamp_min(1e-12) ** weight
+    return t / t.sum(0, keepdim=True)
+
+
+def with_dataset_defaults(cfg: DictConfig, dataset) -> DictConfig:
+    """``cfg`` with the ``model.em`` keys left null filled from the dataset's ``em_defaults``."""
+    em = cfg.model.em
+    missing = {k: v for k, v in dataset.em_defaults.items() if k in em and em[k] is None}
+    if not missing:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for k, v in missing.items():
+            cfg.model.em[k] = v
+    return cfg
+
+
 def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     """Fit subject ``name`` of ``dataset`` and write its results into ``out``; returns its metrics."""
     start = time.perf_counter()
+    cfg = with_dataset_defaults(cfg, dataset)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(out)
     if str(cfg.paths.get("output_dir")) != str(out):  # a cohort member: logs and checkpoints go with it
@@ -213,6 +239,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
             cfg.paths.output_dir = str(out)
     prep = prepare_subject(cfg, dataset, name)
     subject, atlas, placement = prep.subject, prep.atlas, prep.placement
+    atlas = temper_atlas(atlas, float(cfg.model.get("atlas_weight", 1.0)))
     registration = _build(cfg.registration.model)(subject=subject, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
     optimizer = _build(cfg.registration.optimizer) if cfg.registration.get("optimizer") else None
     if getattr(registration, "fits_anything", False) and optimizer is None:
@@ -228,8 +255,8 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     )
     callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values()]
     logger = _build(cfg.logger) if cfg.get("logger") else False
-    trainer: pl.Trainer = _build(cfg.trainer, logger=logger, callbacks=callbacks)
     with lightning_notes_silenced():
+        trainer: pl.Trainer = _build(cfg.trainer, logger=logger, callbacks=callbacks)
         trainer.fit(module, ckpt_path=cfg.get("ckpt_path"))
     if not trainer.is_global_zero:
         return {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import logging
 import warnings
 from contextlib import contextmanager
 
@@ -76,10 +77,24 @@ LIGHTNING_NOTES = (
 )
 
 
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's log line advertising its cloud logger (printed at every Trainer start)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
 @contextmanager
 def lightning_notes_silenced():
-    """Silence, by message, the Lightning advice in :data:`LIGHTNING_NOTES` (nothing else)."""
-    with warnings.catch_warnings():
-        for msg in LIGHTNING_NOTES:
-            warnings.filterwarnings("ignore", message=msg)
-        yield
+    """Silence, by message, the Lightning advice in :data:`LIGHTNING_NOTES` and its cloud-logger
+    advert (nothing else)."""
+    lg = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    adverts = _NoAdverts()
+    lg.addFilter(adverts)
+    try:
+        with warnings.catch_warnings():
+            for msg in LIGHTNING_NOTES:
+                warnings.filterwarnings("ignore", message=msg)
+            yield
+    finally:
+        lg.removeFilter(adverts)

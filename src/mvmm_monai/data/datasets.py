@@ -72,6 +72,10 @@ class _Dataset:
     #: ``atlas.placement`` when the config leaves it null: real full-field-of-view data need the
     #: heart found (``auto``); the synthetic cohort's and explicit files' atlases sit in world space.
     default_placement: str = "identity"
+    #: ``model.em`` settings used where the config leaves them null, measured per kind of data
+    #: (``benchmarks/RESULTS.md``: the pi update and a stronger MRF lift real-data Dice, the
+    #: synthetic cohort's RV suffers from the pi update).
+    em_defaults: dict = {"beta": 0.5, "update_pi": False}
 
     lower_percentile: float = 1.0
     upper_percentile: float = 99.0
@@ -113,6 +117,7 @@ class MSCMRDataset(_Dataset):
 
     name = "mscmr"
     default_placement = "auto"
+    em_defaults = {"beta": 1.0, "update_pi": True}
 
     def __init__(
         self,
@@ -153,6 +158,7 @@ class SyntheticDataset(MSCMRDataset):
 
     name = "synthetic"
     default_placement = "identity"  # its atlas ships in world space
+    em_defaults = {"beta": 0.5, "update_pi": False}
 
     def __init__(
         self,
@@ -203,6 +209,7 @@ class MyoPSDataset(_Dataset):
     name = "myops"
     default_label_map = MYOPS_LABELS
     default_placement = "auto"
+    em_defaults = {"beta": 1.0, "update_pi": True}
 
     def __init__(
         self,

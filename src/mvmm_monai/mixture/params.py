@@ -44,6 +44,9 @@ class EMConfig:
             )
         if self.chunk_voxels < 1:
             raise ValueError(f"EMConfig.chunk_voxels must be >= 1, got {self.chunk_voxels}")
+        for name in ("beta", "update_pi"):
+            if getattr(self, name) is None:
+                raise ValueError(f"EMConfig.{name} is None: model.em.{name}=null must be resolved from the dataset first")
         if self.beta < 0:
             raise ValueError(f"EMConfig.beta must be >= 0, got {self.beta}")
         if self.mrf_neighbourhood not in ("inplane", "full"):
