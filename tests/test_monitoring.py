@@ -71,7 +71,7 @@ def test_cohort_finishes_the_others_and_reports_the_bad_subject(tmp_path, cache_
     img = nib.load(bad)
     nib.save(nib.Nifti1Image(np.full(img.shape, np.nan, dtype=np.float32), img.affine), bad)
     out = tmp_path / "cohort"
-    summary = run(out, cache_dir, "data=mscmr", f"data.root={data}", f"atlas.path={data / 'atlas.nii.gz'}",
+    summary = run(out, cache_dir, "data=mscmr", f"data.root={data}", f"atlas.path={data / 'atlas.nii.gz'}", "atlas.placement=identity",
                   "subject=[patient1,patient2,patient3]", "trainer.max_epochs=5", "~logger")
     assert summary["subjects"] == ["patient1", "patient3"]
     assert "patient2_T2.nii.gz" in summary["failed"]["patient2"] and "NaN" in summary["failed"]["patient2"]
