@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from mvmm_monai import CLASS_NAMES
 from mvmm_monai.atlas import PLACEMENTS, atlas_roi, crop_box, place_atlas, place_atlas_auto, read_atlas
 from mvmm_monai.evaluation import segmentation_metrics
 from mvmm_monai.fit_module import MvMMFit
+from mvmm_monai.postprocess import fill_lv_cavity
 from mvmm_monai.progress import lightning_notes_silenced
 from mvmm_monai.outputs import native_segmentation, save_json, save_nifti, save_png
 from mvmm_monai.scar_output import write_scar
@@ -262,6 +264,8 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         return {}
 
     result = module.result()
+    if cfg.model.get("lv_cavity_fill", False):  # the labelling convention: trabeculae belong to the cavity
+        result = dataclasses.replace(result, posterior=fill_lv_cavity(result.posterior))
     full = subject.parent or subject  # the uncut subject when the common space was cropped
     segs, scores = _metrics(full, subject.uncrop(result.posterior, 0.0, 1.0), registration.native_shifts_voxels())
     if subject.reference in full.labels:  # the placed (and deformed) atlas alone: the baseline the mixture must beat
@@ -319,7 +323,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
             "config": OmegaConf.to_container(cfg.model, resolve=True),
         },
     )
-    save_png(out / f"{subject.name}_overlay.png", module.overlay(title=f"{subject.name}: final segmentation"))
+    save_png(out / f"{subject.name}_overlay.png", module.overlay(title=f"{subject.name}: final segmentation", posterior=result.posterior))
     metrics["seconds"] = time.perf_counter() - start
     if logger:
         logger.log_hyperparams(hparams(cfg), metrics=final_scalars(metrics))

@@ -184,14 +184,14 @@ class MvMMFit(pl.LightningModule):
 
     # -- pictures --------------------------------------------------------------------------
     @torch.no_grad()
-    def overlay(self, title: str = ""):
-        """Overlay figure of the current state (see :func:`mvmm_monai.monitoring.overlay_figure`)."""
+    def overlay(self, title: str = "", posterior: Tensor | None = None):
+        """Overlay figure of the current state, or of ``posterior`` ``[K, *S]`` (e.g. the final,
+        post-processed one); see :func:`mvmm_monai.monitoring.overlay_figure`."""
         from mvmm_monai.monitoring import overlay_figure
 
         w = self.registration().detach()
-        return overlay_figure(
-            w.images[0], w.coverage[0], self.subject.sequences, self.posterior[0], torch.exp(w.log_atlas[0]), title=title
-        )
+        post = self.posterior[0] if posterior is None else posterior
+        return overlay_figure(w.images[0], w.coverage[0], self.subject.sequences, post, torch.exp(w.log_atlas[0]), title=title)
 
     # -- results ---------------------------------------------------------------------------
     @torch.no_grad()

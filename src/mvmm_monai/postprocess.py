@@ -1,0 +1,69 @@
+"""Post-processing of the final posterior that follows the manual labelling conventions.
+
+MS-CMRSeg and MyoPS (like ACDC) count papillary muscles and trabeculations as part of the left
+ventricular cavity: the manual endocardial contour is drawn smoothly around them. Intensity
+models see those structures as myocardium-like (intermediate in bSSFP and LGE), so the mixture
+labels a rim of the cavity as myocardium. :func:`fill_lv_cavity` gives every voxel inside the
+convex hull of a slice's main LV blood pool that the mixture called myocardium back to the LV.
+The compact myocardium lies outside that hull and is untouched.
+
+Measured on the real MyoPS cases (``benchmarks/RESULTS.md`` section 5): LV Dice 0.846 -> 0.867,
+myocardium 0.813 -> 0.819, RV unchanged. Switch it off with ``model.lv_cavity_fill=false``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+from scipy.spatial import Delaunay, QhullError
+from torch import Tensor
+
+MYO, LV = 1, 2
+
+
+def _convex_hull_mask(mask: np.ndarray) -> np.ndarray:
+    """Pixels of a 2D grid inside the convex hull of ``mask``'s pixel centres."""
+    pts = np.argwhere(mask)
+    if len(pts) < 4:
+        return mask.copy()
+    try:
+        tri = Delaunay(pts)
+    except QhullError:  # collinear pixels
+        return mask.copy()
+    lo, hi = pts.min(0), pts.max(0) + 1
+    box = np.stack(np.meshgrid(np.arange(lo[0], hi[0]), np.arange(lo[1], hi[1]), indexing="ij"), -1).reshape(-1, 2)
+    out = np.zeros_like(mask)
+    inside = tri.find_simplex(box) >= 0
+    out[box[inside, 0], box[inside, 1]] = True
+    return out
+
+
+def lv_cavity_mask(labels: np.ndarray, min_voxels: int = 10) -> np.ndarray:
+    """``[X, Y, Z]`` bool: per slice, the convex hull of the largest connected LV region of the
+    class map ``labels`` (slices with fewer than ``min_voxels`` LV voxels: none)."""
+    out = np.zeros(labels.shape, dtype=bool)
+    for z in range(labels.shape[2]):
+        lv = labels[..., z] == LV
+        if lv.sum() < min_voxels:
+            continue
+        comp, n = ndimage.label(lv)
+        if n > 1:
+            sizes = ndimage.sum(lv, comp, range(1, n + 1))
+            lv = comp == 1 + int(np.argmax(sizes))
+        out[..., z] = _convex_hull_mask(lv)
+    return out
+
+
+def fill_lv_cavity(posterior: Tensor) -> Tensor:
+    """Posterior ``[K, X, Y, Z]`` in which every voxel inside the LV cavity hull
+    (:func:`lv_cavity_mask` of the argmax) whose argmax is myocardium swaps its myocardium and
+    LV probabilities (so it becomes LV and the distribution stays a distribution)."""
+    if posterior.ndim != 4 or posterior.shape[0] <= LV:
+        raise ValueError(f"fill_lv_cavity: posterior must be [K>=3, X, Y, Z], got {tuple(posterior.shape)}")
+    labels = posterior.argmax(0).cpu().numpy()
+    flip = torch.from_numpy(lv_cavity_mask(labels) & (labels == MYO)).to(posterior.device)
+    out = posterior.clone()
+    out[MYO] = torch.where(flip, posterior[LV], posterior[MYO])
+    out[LV] = torch.where(flip, posterior[MYO], posterior[LV])
+    return out

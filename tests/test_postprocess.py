@@ -1,0 +1,47 @@
+"""The LV cavity fill: trabeculae inside the cavity's convex hull go to the LV, nothing else moves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mvmm_monai.postprocess import fill_lv_cavity, lv_cavity_mask
+
+
+def labelled_slice():
+    """LV disc (r 10) with a myocardial notch carved into it, myocardial ring (r 10-15), RV and a
+    far-away stray LV blob."""
+    x, y = np.meshgrid(np.arange(60), np.arange(60), indexing="ij")
+    r = np.hypot(x - 30, y - 30)
+    lab = np.zeros((60, 60), dtype=np.int64)
+    lab[r <= 15] = 1
+    lab[r <= 10] = 2
+    notch = (r <= 10) & (r > 6) & (np.abs(y - 30) <= 2) & (x > 30)  # a trabecula reaching in from the wall
+    lab[notch] = 1
+    lab[(np.hypot(x - 30, y - 52) <= 6)] = 3
+    lab[2:5, 2:5] = 2  # stray LV voxels: must not widen the hull
+    return lab, notch
+
+
+def test_fill_moves_only_the_enclosed_myocardium():
+    lab, notch = labelled_slice()
+    stack = np.stack([lab, lab], -1)
+    post = torch.nn.functional.one_hot(torch.from_numpy(stack), 4).permute(3, 0, 1, 2).double() * 0.7 + 0.075
+    out = fill_lv_cavity(post)
+    new = out.argmax(0).numpy()
+    assert torch.allclose(out.sum(0), post.sum(0))
+    for z in range(2):
+        moved = (new[..., z] != stack[..., z])
+        # the notch voxels strictly inside the disc's hull go to LV; the ring, RV and the stray blob stay
+        assert moved.any() and (new[..., z][moved] == 2).all() and (stack[..., z][moved] == 1).all()
+        assert moved[notch].mean() > 0.6 and not moved[~notch].any()
+    assert (new[2:5, 2:5] == 2).all() and (new[15:45, 15:45] == 1).sum() > 0
+
+
+def test_cavity_mask_skips_tiny_lv_and_checks_shape():
+    lab = np.zeros((20, 20, 1), dtype=np.int64)
+    lab[5, 5, 0] = 2
+    assert not lv_cavity_mask(lab).any()
+    with pytest.raises(ValueError, match="fill_lv_cavity"):
+        fill_lv_cavity(torch.zeros(4, 5, 5))
