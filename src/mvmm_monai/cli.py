@@ -253,6 +253,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         em=_build(cfg.model.em),
         em_steps=cfg.model.em_steps,
         optimizer=optimizer,
+        scheduler=_build(cfg.registration.scheduler) if cfg.registration.get("scheduler") else None,
         tol_window=cfg.model.tol_window,
     )
     callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values()]

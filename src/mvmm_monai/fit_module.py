@@ -67,6 +67,9 @@ class MvMMFit(pl.LightningModule):
         em_steps: EM steps per ICM iteration.
         optimizer: ``params -> torch.optim.Optimizer`` (a Hydra partial) for the registration
             parameters; unused when the registration fits nothing.
+        scheduler: optional ``optimizer -> LRScheduler`` (a Hydra partial), stepped after every
+            registration step: a decaying step size bounds how far the registration can wander
+            once the mixture has settled (no drift on long fits).
         tol_window: ``em/relative_change`` is the largest relative change of the log-likelihood
             over this many iterations, so a fit stops only once it has been still for a while.
     """
@@ -80,6 +83,7 @@ class MvMMFit(pl.LightningModule):
         em_steps: int = 1,
         optimizer: Callable | None = None,
         tol_window: int = 5,
+        scheduler: Callable | None = None,
     ) -> None:
         super().__init__()
         if em_steps < 1:
@@ -92,6 +96,7 @@ class MvMMFit(pl.LightningModule):
         self.em = em
         self.em_steps = em_steps
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         with torch.no_grad():
             w = registration()
             init = initialise_from_atlas(
@@ -129,7 +134,10 @@ class MvMMFit(pl.LightningModule):
         groups = self.registration.param_groups()
         if not groups or self.optimizer_factory is None:
             return None
-        return self.optimizer_factory(groups)
+        opt = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "epoch"}}
 
     def training_step(self, batch, batch_idx: int) -> None:
         it = self.current_epoch + 1
@@ -166,6 +174,9 @@ class MvMMFit(pl.LightningModule):
             loss = -objective.mean() + sum(regs.values(), torch.zeros((), device=objective.device))
             self.manual_backward(loss)
             opt.step()
+            sched = self.lr_schedulers()
+            if sched is not None:
+                sched.step()
             self.registration.check(it)
             metrics["reg/loss"] = float(loss.detach())
             metrics.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
