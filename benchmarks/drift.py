@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Drift: Dice when a fit stops on its criterion and when it is forced to run four times longer.
+
+    .venv/bin/python benchmarks/drift.py [--root DIR] [--threads 1] [--case Case3018]
+
+Rows: synthetic patient2 (known misalignment) with registration=full; a real MyoPS case (atlas
+from Case3001..Case3015, automatic placement) with registration=none (the real-data default) and
+registration=full. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mvmm_monai.cli import build_atlas, compose_config, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["callbacks.progress.refresh_rate=0", "~logger"]
+
+
+def pair(base: list[str], work: Path, tag: str) -> tuple[dict, dict]:
+    first = fit(compose_config([*base, *QUIET, f"paths.output_dir={work / (tag + '_default')}"]))
+    n = first["iterations"]
+    longer = fit(compose_config([*base, *QUIET, f"paths.output_dir={work / (tag + '_4x')}",
+                                 f"trainer.min_epochs={4 * n}", f"trainer.max_epochs={4 * n}"]))
+    return first, longer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "myops"))
+    ap.add_argument("--case", default="Case3018")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="mvmm_drift_"))
+    rows = []
+    syn = ["subject=patient2", "data.misalignment=true", "registration=full", f"paths.cache_dir={work / 'cache'}"]
+    rows.append(("synthetic patient2, registration=full", "DE", *pair(syn, work, "syn")))
+    atlas = work / "atlas.nii.gz"
+    build_atlas(compose_config([f"data.root={args.root}", "subjects=Case3001..Case3015", f"output={atlas}"], config_name="build_atlas"))
+    for reg in ("none", "full"):
+        real = ["data=myops", f"data.root={args.root}", f"subject={args.case}", f"atlas.path={atlas}", f"registration={reg}"]
+        rows.append((f"{args.case}, registration={reg}", "LGE", *pair(real, work, f"real_{reg}")))
+    print("\n| fit | iterations | myocardium | LV | RV | 4x iterations | myocardium | LV | RV | change myo / LV / RV |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, seq, a, b in rows:
+        da, db = a["dice"][seq], b["dice"][seq]
+        ch = " / ".join(f"{db[k] - da[k]:+.3f}" for k in ("myocardium", "lv", "rv"))
+        print(f"| {name} | {a['iterations']} | " + " | ".join(f"{da[k]:.3f}" for k in ("myocardium", "lv", "rv"))
+              + f" | {b['iterations']} | " + " | ".join(f"{db[k]:.3f}" for k in ("myocardium", "lv", "rv")) + f" | {ch} |")
+
+
+if __name__ == "__main__":
+    main()
