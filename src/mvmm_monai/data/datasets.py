@@ -239,6 +239,8 @@ class MyoPSDataset(_Dataset):
 class FilesDataset(_Dataset):
     """Explicit files: ``images`` maps sequence names to paths; ``label`` lies on ``label_sequence``."""
 
+    em_defaults = {"beta": 1.0, "update_pi": True}  # your own (real) images: the real-data settings
+
     images: dict[str, str | None] = field(default_factory=dict)
     label: str | None = None
     label_sequence: str | None = None
