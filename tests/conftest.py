@@ -26,3 +26,13 @@ def myops_root() -> Path:
     if not MYOPS_ROOT.is_dir():
         pytest.skip(f"real MyoPS data not found at {MYOPS_ROOT}")
     return MYOPS_ROOT
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a fit: the same result every run, and on a busy 2-CPU machine seconds
+    instead of minutes (OpenMP threads competing with other processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

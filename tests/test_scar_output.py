@@ -23,14 +23,6 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_synthetic_scar_truth_is_loaded(cache_dir):
     ds = SyntheticDataset(cache_dir)
     with_scar, without = ds.load("patient2"), ds.load("patient1")

@@ -16,7 +16,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from mvmm_monai.cli import compose_config, fit
 from mvmm_monai.data.midslice import (
@@ -36,16 +35,6 @@ MAX_EPOCHS = 30
 MYO_DICE_FLOOR = {"Case3016": 0.70, "Case3020": 0.70}
 # Margin by which the fit must beat the atlas argmax (None: it does not on this case)
 BEATS_ATLAS_BY = {"Case3016": 0.05, "Case3020": None}
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread for the fit: same result, and on a busy 2-CPU machine ~1.5 s instead of
-    30+ s per case (OpenMP threads competing with other processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

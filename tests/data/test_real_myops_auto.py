@@ -14,7 +14,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from mvmm_monai.cli import build_atlas, compose_config, fit
 
@@ -36,14 +35,6 @@ def myops_atlas(tmp_path_factory) -> Path:
         compose_config([f"data.root={MYOPS_ROOT}", "subjects=Case3001..Case3015", f"output={out}"], config_name="build_atlas")
     )
     return out
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

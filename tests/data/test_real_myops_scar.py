@@ -11,7 +11,6 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from mvmm_monai.cli import compose_config, fit
 from mvmm_monai.data.midslice import fit_overrides, mid_slice_atlas, mid_slice_crop, write_atlas, write_crop
@@ -19,14 +18,6 @@ from mvmm_monai.data.midslice import fit_overrides, mid_slice_atlas, mid_slice_c
 ATLAS_CASES = [f"Case{i}" for i in range(3001, 3016)]
 CASE = "Case3018"
 SCAR_DICE_FLOOR = 0.69  # measured minus ~0.1
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

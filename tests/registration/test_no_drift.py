@@ -10,17 +10,8 @@ is what holds it: without it the same run lost 0.014 myocardium and 0.034 RV.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mvmm_monai.cli import compose_config, fit
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow
