@@ -294,17 +294,7 @@ def atropos_fit(
     )
 
 
-def atropos_segment(
-    images: Sequence[np.ndarray],
-    spacing: Sequence[float],
-    priors: np.ndarray,
-    mask: np.ndarray | None = None,
-    prior_weight: float = 0.5,
-    mrf: str | None = None,
-    iterations: int = 25,
-    **kwargs,
-) -> np.ndarray:
+def atropos_segment(*args, **kwargs) -> np.ndarray:
     """Class indices ``[*S]`` (int64, the priors' order: 0 background, 1 myocardium, 2 LV, 3 RV)
     from ANTs Atropos; the arguments are those of :func:`atropos_fit`."""
-    return atropos_fit(images, spacing, priors, mask, prior_weight=prior_weight, mrf=mrf,
-                       iterations=iterations, **kwargs).labels
+    return atropos_fit(*args, **kwargs).labels

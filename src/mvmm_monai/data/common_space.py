@@ -175,6 +175,14 @@ def resample(
     if image.ndim != 4 or tuple(image.shape[1:]) != tuple(source.shape):
         raise ValueError(f"resample: image must be [C, {', '.join(map(str, source.shape))}], got {tuple(image.shape)}")
     dtype = image.dtype if image.is_floating_point() else torch.float32
+    if through_plane not in ("nearest", "linear"):
+        raise ValueError(f"resample: through_plane must be 'nearest' or 'linear', got {through_plane!r}")
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"resample: mode must be 'bilinear' or 'nearest', got {mode!r}")
+    still = slice_shifts is None and slice_angles is None and target_slice_shifts is None
+    if still and source.shape == target.shape and torch.allclose(source.affine, target.affine, atol=1e-4):
+        # the same grid (e.g. MyoPS' co-registered sequences): every voxel maps onto itself
+        return image.to(dtype).clone(), torch.ones(target.shape, dtype=dtype, device=image.device)
     smap = sampling_map(source, target, through_plane=through_plane, target_slice_shifts=target_slice_shifts, dtype=dtype)
     out = sample(image, smap, slice_shifts=slice_shifts, slice_angles=slice_angles, mode=mode)
     return out, smap.coverage

@@ -147,8 +147,8 @@ def load_subject(files: SubjectFiles, lower_percentile: float = 1.0, upper_perce
     native = {s: loaded[s].as_tensor().clone() for s in seqs}
     images, coverage = [], []
     for s in seqs:
-        if s == ref or (grids[s].shape == grids[ref].shape and torch.allclose(grids[s].affine, grids[ref].affine, atol=1e-4)):
-            img, cov = native[s], torch.ones(grids[s].shape)  # already on the reference grid (e.g. MyoPS)
+        if s == ref:
+            img, cov = native[s], torch.ones(grids[s].shape)
         else:
             img, cov = resample(native[s], grids[s], grids[ref])
             if cov.sum() == 0:
