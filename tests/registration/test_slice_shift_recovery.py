@@ -4,7 +4,8 @@ The subject has known per-slice motion of C0 and T2 but sits where the atlas exp
 (``SyntheticConfig(misalignment=True, atlas_misalignment=False)``); ``registration=full`` fits the
 atlas deformation and the shifts together. Only slices with at least ``MIN_HEART_MM2`` of labelled
 heart are checked: a slice without heart has nothing to align its shift to (unobservable), and the
-apical slice (about 240 mm2 of heart on patient1) is not recovered yet.
+apical slice of patient1 (about 240 mm2 of heart, a thin ring at the slice's edge) stays a few
+voxels off.
 """
 
 from __future__ import annotations
@@ -45,15 +46,7 @@ def shift_errors(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_slice_shifts_are_recovered_within_two_voxels_on_heart_slices(shift_errors):
-    for seq, (err, heart) in shift_errors.items():
-        assert heart.sum() >= 3, seq
-        assert err[heart].max() < 2.0, f"{seq}: errors (voxels) {np.round(err, 2).tolist()} on heart slices {heart.tolist()}"
-        assert np.median(err[heart]) < 1.0, f"{seq}: errors (voxels) {np.round(err, 2).tolist()}"
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue #3: C0 slices 6 and 7 (z = +15, +25 mm) stay 1.6 and 1.1 voxels off (measured 2026-11-24 with the decaying step size); see RESULTS.md sections 4d-4f")
 def test_slice_shifts_are_recovered_within_one_voxel_on_heart_slices(shift_errors):
     for seq, (err, heart) in shift_errors.items():
-        assert err[heart].max() < 1.0, f"{seq}: errors (voxels) {np.round(err, 2).tolist()}"
+        assert heart.sum() >= 3, seq
+        assert err[heart].max() < 1.0, f"{seq}: errors (voxels) {np.round(err, 2).tolist()} on heart slices {heart.tolist()}"

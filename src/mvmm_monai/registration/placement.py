@@ -142,11 +142,12 @@ def at_level(volume: np.ndarray, t: float) -> np.ndarray:
     return np.tensordot(volume, level_weights(t, volume.shape[-1]), axes=([-1], [0]))
 
 
-def stack_levels(n: int, apex_first: bool = True) -> list[float]:
-    """Normalised long-axis positions of ``n`` slices assumed to span apex to base."""
+def stack_levels(n: int, apex_first: bool = True, start: float = 0.0, end: float = 1.0) -> list[float]:
+    """Normalised long-axis positions of ``n`` evenly spaced slices whose apical slice lies at
+    ``start`` and basal slice at ``end`` (default: spanning apex to base); one slice sits midway."""
     if n == 1:
-        return [0.5]
-    t = [z / (n - 1) for z in range(n)]
+        return [(start + end) / 2]
+    t = [start + (end - start) * z / (n - 1) for z in range(n)]
     return t if apex_first else t[::-1]
 
 
@@ -165,6 +166,12 @@ class PlacementConfig:
         slice_window_mm: how far a slice's centre may move from the stack's centre in refinement.
         slice_tolerance_mm: in the coarse search, each slice may sit this far from the stack centre.
         fine_angles_deg / fine_scales: the refinement's local steps around the coarse optimum.
+        level_starts / level_ends: which part of the ventricle the stack covers. A stack need not
+            run from apex to base (a 3-slice stack may start mid-ventricle); its first (apical)
+            and last (basal) slice are given every atlas level ``a`` of ``level_starts`` and
+            ``b`` of ``level_ends`` (0 apex, 1 base), the slices between spaced evenly, and the
+            pair whose template matches best (mean NCC, centres refined per slice) is kept.
+            ``[0]`` and ``[1]`` alone: the stack is taken to span apex to base.
     """
 
     coarse_mm: float = 2.5
@@ -177,6 +184,8 @@ class PlacementConfig:
     slice_tolerance_mm: float = 7.5
     fine_angles_deg: tuple[float, ...] = (-5.0, 0.0, 5.0)
     fine_scales: tuple[float, ...] = (0.95, 1.0, 1.05)
+    level_starts: tuple[float, ...] = (0.0, 0.125, 0.25, 0.375)
+    level_ends: tuple[float, ...] = (0.625, 0.75, 0.875, 1.0)
 
     def __post_init__(self) -> None:
         for name in ("coarse_mm", "fine_mm", "context", "slice_window_mm"):
@@ -184,6 +193,17 @@ class PlacementConfig:
                 raise ValueError(f"PlacementConfig: {name} must be > 0, got {getattr(self, name)}")
         if not self.angles_deg or not self.scales or any(s <= 0 for s in (*self.scales, *self.fine_scales)):
             raise ValueError(f"PlacementConfig: angles_deg and scales must be non-empty and scales > 0, got {self.angles_deg}, {self.scales}")
+        levels = (*self.level_starts, *self.level_ends)
+        if not self.level_starts or not self.level_ends or any(not 0.0 <= t <= 1.0 for t in levels):
+            raise ValueError(
+                f"PlacementConfig: level_starts and level_ends must be non-empty, in [0, 1] (0 apex, 1 base), "
+                f"got {list(self.level_starts)}, {list(self.level_ends)}"
+            )
+        if min(self.level_ends) < max(self.level_starts):
+            raise ValueError(
+                f"PlacementConfig: every level_end must be >= every level_start (the stack runs apex to base), "
+                f"got {list(self.level_starts)}, {list(self.level_ends)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -380,6 +400,33 @@ def find_heart(
             if s > best_fine[0]:
                 best_fine = (s, (phi, sigma, centres, np.array(scores)))
     score, (phi, sigma, centres, scores) = best_fine
+
+    # coverage: which part of the ventricle the stack spans (its apical and basal slices' levels)
+    ranges = [(a, b) for a in cfg.level_starts for b in cfg.level_ends]
+    if ranges != [(0.0, 1.0)]:
+        cache: dict = {}
+
+        def slice_best(z: int, t: float):
+            key = (z, round(t, 6))
+            if key not in cache:
+                r = slice_ncc(fine, z, t, phi, sigma, cfg.fine_mm)
+                if r is None:
+                    cache[key] = (None, np.nan)
+                else:
+                    ii, jj = np.meshgrid(np.arange(r.shape[0]), np.arange(r.shape[1]), indexing="ij")
+                    c = centre0 / cfg.fine_mm
+                    r = np.where((ii - c[0]) ** 2 + (jj - c[1]) ** 2 <= win**2, r, -np.inf)
+                    i = np.unravel_index(int(np.argmax(r)), r.shape)
+                    cache[key] = (np.array(i, dtype=float) * cfg.fine_mm, float(r[i]))
+            return cache[key]
+
+        for a, b in ranges:
+            lv = stack_levels(nz, apex_first, a, b)
+            found = [slice_best(z, lv[z]) for z in range(nz)]
+            s = float(np.nanmean([f[1] for f in found]))
+            if s > score:
+                score, levels = s, lv
+                centres, scores = [f[0] for f in found], np.array([f[1] for f in found])
     known = [c for c in centres if c is not None]
     centres = np.stack([c if c is not None else np.mean(known, 0) for c in centres])
     return Placement(centres, float(phi), float(sigma), np.array(levels), score, scores)
