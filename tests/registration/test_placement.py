@@ -13,9 +13,11 @@ from mvmm_monai.registration.placement import (
     canonical_to_slice,
     find_heart,
     heart_frame,
+    at_level,
     level_weights,
     place_canonical,
     slice_to_canonical,
+    stack_levels,
 )
 
 PX = 1.0  # canonical pixel (mm)
@@ -118,11 +120,40 @@ def test_find_heart_among_bright_distractors(truth):
     assert 2 * (lv_pred & lv_true).sum() / (lv_pred.sum() + lv_true.sum()) > 0.85
 
 
+def test_level_search_finds_a_stack_that_starts_mid_ventricle():
+    """Two-level template (small LV at the apex, large at the base); a 3-slice stack rendered from
+    levels 0.5, 0.75, 1: the level search files it there, the default assumes apex to base."""
+    c = (SIZE - 1) / 2 * PX
+    template = np.stack(
+        [INTENSITY[heart_labels((SIZE, SIZE), (PX, PX), (c, c), 0.0, 1.0, lv_r=r)] for r in (7.0, 20.0)], -1
+    )[None].astype(np.float32)
+    spacing, shape, centre = (1.25, 1.25), (120, 120, 3), (75.0, 70.0)
+    truth = [0.5, 0.75, 1.0]
+    rng = np.random.default_rng(1)
+    images = np.full((1, *shape), 0.3, dtype=np.float32)
+    for z, t in enumerate(truth):
+        images[0, ..., z] = canonical_to_slice(at_level(template, t), PX, shape[:2], spacing, centre, 1.0, 0.0, cval=0.3)[0]
+    images += 0.03 * rng.standard_normal(images.shape).astype(np.float32)
+    base = dict(angles_deg=(0.0,), scales=(1.0,), both_directions=False, fine_angles_deg=(0.0,), fine_scales=(1.0,))
+    default = find_heart(images, np.ones_like(images), spacing, template, [0], PX, R_EPI, PlacementConfig(**base))
+    assert default.levels.tolist() == stack_levels(3) == [0.0, 0.5, 1.0]
+    searched = find_heart(images, np.ones_like(images), spacing, template, [0], PX, R_EPI,
+                          PlacementConfig(**base, level_starts=(0.0, 0.25, 0.5), level_ends=(0.75, 1.0)))
+    assert np.allclose(searched.levels, truth)
+    assert searched.score > default.score
+    for z in range(3):
+        assert np.hypot(*(searched.centres_mm[z] - centre)) < 2.0
+
+
 def test_placement_config_rejects_silly_values():
     with pytest.raises(ValueError, match="coarse_mm"):
         PlacementConfig(coarse_mm=0)
     with pytest.raises(ValueError, match="scales"):
         PlacementConfig(scales=(1.0, -1.0))
+    with pytest.raises(ValueError, match="level_starts"):
+        PlacementConfig(level_starts=(1.5,))
+    with pytest.raises(ValueError, match="level_end must be >= every level_start"):
+        PlacementConfig(level_starts=(0.0, 0.8), level_ends=(0.6, 1.0))
 
 
 def test_crop_and_uncrop_keep_world_positions():

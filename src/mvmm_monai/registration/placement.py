@@ -381,6 +381,14 @@ def find_heart(
     # fine: per-slice centres within slice_window_mm of the stack centre, a local angle/scale search
     fine = stats_at(cfg.fine_mm)
     win = cfg.slice_window_mm / cfg.fine_mm
+
+    def best_in_window(r: np.ndarray) -> tuple[np.ndarray, float]:
+        """The best centre (mm) of an NCC map within ``slice_window_mm`` of the stack centre, and its score."""
+        ii, jj = np.meshgrid(np.arange(r.shape[0]), np.arange(r.shape[1]), indexing="ij")
+        c = centre0 / cfg.fine_mm
+        r = np.where((ii - c[0]) ** 2 + (jj - c[1]) ** 2 <= win**2, r, -np.inf)
+        i = np.unravel_index(int(np.argmax(r)), r.shape)
+        return np.array(i, dtype=float) * cfg.fine_mm, float(r[i])
     best_fine = (-np.inf, None)
     for dphi in cfg.fine_angles_deg:
         for ds in cfg.fine_scales:
@@ -392,12 +400,9 @@ def find_heart(
                     centres.append(None)
                     scores.append(np.nan)
                     continue
-                ii, jj = np.meshgrid(np.arange(r.shape[0]), np.arange(r.shape[1]), indexing="ij")
-                c = centre0 / cfg.fine_mm
-                r = np.where((ii - c[0]) ** 2 + (jj - c[1]) ** 2 <= win**2, r, -np.inf)
-                i = np.unravel_index(int(np.argmax(r)), r.shape)
-                centres.append(np.array(i, dtype=float) * cfg.fine_mm)
-                scores.append(float(r[i]))
+                centre, best_score = best_in_window(r)
+                centres.append(centre)
+                scores.append(best_score)
             s = float(np.nanmean(scores))
             if s > best_fine[0]:
                 best_fine = (s, (phi, sigma, centres, np.array(scores)))
@@ -415,11 +420,7 @@ def find_heart(
                 if r is None:
                     cache[key] = (None, np.nan)
                 else:
-                    ii, jj = np.meshgrid(np.arange(r.shape[0]), np.arange(r.shape[1]), indexing="ij")
-                    c = centre0 / cfg.fine_mm
-                    r = np.where((ii - c[0]) ** 2 + (jj - c[1]) ** 2 <= win**2, r, -np.inf)
-                    i = np.unravel_index(int(np.argmax(r)), r.shape)
-                    cache[key] = (np.array(i, dtype=float) * cfg.fine_mm, float(r[i]))
+                    cache[key] = best_in_window(r)
             return cache[key]
 
         for a, b in ranges:
