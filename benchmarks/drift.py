@@ -10,15 +10,14 @@ registration=full. Prints a Markdown table.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-import torch
 
 from mvmm_monai.cli import build_atlas, compose_config, fit
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import argument_parser, parse_args
+
 QUIET = ["callbacks.progress.refresh_rate=0", "~logger"]
 
 
@@ -31,12 +30,9 @@ def pair(base: list[str], work: Path, tag: str) -> tuple[dict, dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "myops"))
+    ap = argument_parser(__doc__, myops=True, threads=1, overrides=False)
     ap.add_argument("--case", default="Case3018")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(ap)
     work = Path(tempfile.mkdtemp(prefix="mvmm_drift_"))
     rows = []
     syn = ["subject=patient2", "data.misalignment=true", "registration=full", f"paths.cache_dir={work / 'cache'}"]

@@ -77,7 +77,7 @@ def main() -> None:
         t = time.perf_counter()
         params, est = em_step(images, cov, log_atlas, params, cfg)
         times.append(time.perf_counter() - t)
-    print(f"\nEM iteration, 3 x 256x256x16, K=4, subtypes (3,2,2,2), float32:")
+    print("\nEM iteration, 3 x 256x256x16, K=4, subtypes (3,2,2,2), float32:")
     print(f"  mvmm_monai (torch, chunked): median {np.median(times):.3f} s, min {np.min(times):.3f} s over {args.repeats}")
 
     # numpy reference on the same inputs (padded to 3 subtypes, padded slots weight 0)
@@ -109,7 +109,7 @@ def main() -> None:
             t = time.perf_counter()
             m = fit(cfg)
             total = time.perf_counter() - t
-        print(f"\nWhole default fit (synthetic patient1, registration=none, 3 sequences, DE grid 112x112x10):")
+        print("\nWhole default fit (synthetic patient1, registration=none, 3 sequences, DE grid 112x112x10):")
         print(f"  {total:.1f} s wall, {m['iterations']} ICM iterations, {total / max(m['iterations'], 1):.3f} s/iteration incl. I/O")
         print("  Dice DE: " + ", ".join(f"{k} {v:.3f}" for k, v in m["dice"]["DE"].items()))
 

@@ -28,7 +28,6 @@ setting, the atlas alone = argmax of the atlas), then mean +- std (ddof=1) per m
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import os
@@ -53,7 +52,8 @@ from mvmm_monai.data.midslice import (
     write_crop,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from common import argument_parser, parse_args
+
 CLASSES = ("myocardium", "lv", "rv")
 
 
@@ -215,26 +215,19 @@ def header(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=REPO.parent / "shared" / "data" / "myops", help="MyoPS folder")
+    parser = argument_parser(__doc__, myops=True)
     parser.add_argument("--out", type=Path, default=Path("/tmp/myops_2d_mid"), help="where crops, atlases and fits go")
     parser.add_argument("--atlas-cases", default="Case3001-Case3015")
     parser.add_argument("--test-cases", default="Case3016-Case3025")
     parser.add_argument("--size", type=int, default=192, help="crop size in voxels")
     parser.add_argument("--sigma", type=float, default=2.0, help="atlas smoothing, in-plane voxels")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--peers", default="", help="comma list of peers to run on the same crops: atropos")
     parser.add_argument("--atropos-weights", default="0.5,0.25", help="Atropos prior weights (first = headline)")
     parser.add_argument("--atropos-iterations", type=int, default=25, help="Atropos iterations (-c [n,0])")
     parser.add_argument("--atropos-sequences", default="C0,LGE,T2", help="Atropos input channels")
     parser.add_argument("--no-fit", action="store_true", help="skip our fits (with --peers: peers and atlas only)")
     parser.add_argument("--atropos-mrf", type=float, default=0.1, help="Atropos MRF smoothing factor (-m [s,1x1])")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. model.em.beta=1.0")
-    args = parser.parse_args(argv)
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser, argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")

@@ -18,7 +18,6 @@ is a row with its error, never left out. Prints a Markdown block for ``benchmark
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -35,7 +34,8 @@ import torch
 from mvmm_monai.cli import _build, compose_config, fit, prepare_subject, select_subjects
 from mvmm_monai.evaluation import dice_per_class
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import argument_parser, parse_args
+
 STRUCTS = ("myocardium", "lv", "rv")
 
 
@@ -45,18 +45,13 @@ def _row_mean(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "myops"))
+    ap = argument_parser(__doc__, myops=True)
     ap.add_argument("--out", default="/tmp/mvmm_real_myops")
     ap.add_argument("--atlas-cases", default="Case3001..Case3015")
     ap.add_argument("--test-cases", default="Case3016..Case3025")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--peers", default="", help="comma-separated peers to run as well: atropos")
     ap.add_argument("--atropos-weight", type=float, default=0.5)
-    ap.add_argument("overrides", nargs="*", help="hydra overrides of the fit, e.g. registration=slice_shift")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(ap)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     peers = [p for p in args.peers.split(",") if p]

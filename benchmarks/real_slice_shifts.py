@@ -12,7 +12,6 @@ misalignment) and the error in mm.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -23,17 +22,16 @@ import numpy as np
 
 from mvmm_monai.cli import build_atlas, compose_config, fit
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import argument_parser, parse_args
+
 ADDED = {"C0": [(3, -2), (-2, 2), (2, 3)], "T2": [(-3, 1), (2, -2), (0, 3)]}  # voxels, per slice
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "myops"))
+    ap = argument_parser(__doc__, myops=True)
     ap.add_argument("--case", default="Case3018")
     ap.add_argument("--out", default="/tmp/mvmm_real_slice_shifts")
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = parse_args(ap)
     root, case, work = Path(args.root), args.case, Path(args.out)
     atlas = work / "atlas.nii.gz"
     if not atlas.exists():

@@ -9,20 +9,19 @@ generator's truth on the slices that contain heart (> 50 labelled voxels). Print
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import logging
 import os
 import platform
 import sys
 import tempfile
 import time
-import warnings
 
 import nibabel as nib
 import numpy as np
 import torch
+
+from common import argument_parser, parse_args
 
 SETTINGS_ALL = {  # label -> overrides
     "misaligned, registration=none": ["data.misalignment=true", "registration=none"],
@@ -48,16 +47,10 @@ def shift_errors(params_file, files) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argument_parser(__doc__)
     ap.add_argument("--subjects", default="patient1,patient2,patient3")
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--settings", default=";".join(SETTINGS_ALL), help="semicolon-separated subset of the settings")
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.disable(logging.INFO)
-    warnings.filterwarnings("ignore")
+    args = parse_args(ap, quiet=True)
     from mvmm_monai.cli import _build, compose_config, fit
 
     print(f"Command: `python {' '.join(sys.argv)}`\n")

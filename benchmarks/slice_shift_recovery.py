@@ -13,14 +13,11 @@ misalignment (slices with >= 500 mm2 of heart within one voxel).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import logging
 import platform
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -30,18 +27,14 @@ import torch
 from mvmm_monai.cli import compose_config, fit
 from mvmm_monai.data.synthetic import SyntheticConfig, make_cohort
 
+from common import argument_parser, parse_args
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argument_parser(__doc__)
     ap.add_argument("--atlas-misalignment", action="store_true", help="also misplace and deform the atlas")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.disable(logging.INFO)
-    warnings.filterwarnings("ignore")
+    args = parse_args(ap, quiet=True)
     work = Path(args.out or tempfile.mkdtemp(prefix="mvmm_shift_recovery_"))
     root, out = work / "cohort", work / "fit"
     make_cohort(root, SyntheticConfig(n_subjects=1, misalignment=True, atlas_misalignment=args.atlas_misalignment))
