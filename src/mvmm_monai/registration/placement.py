@@ -411,16 +411,14 @@ def find_heart(
     # coverage: which part of the ventricle the stack spans (its apical and basal slices' levels)
     ranges = [(a, b) for a in cfg.level_starts for b in cfg.level_ends]
     if ranges != [(0.0, 1.0)]:
-        cache: dict = {}
+        # the refinement above already matched every slice at its apex-to-base level
+        cache: dict = {(z, round(levels[z], 6)): (centres[z], scores[z]) for z in range(nz)}
 
         def slice_best(z: int, t: float):
             key = (z, round(t, 6))
             if key not in cache:
                 r = slice_ncc(fine, z, t, phi, sigma, cfg.fine_mm)
-                if r is None:
-                    cache[key] = (None, np.nan)
-                else:
-                    cache[key] = best_in_window(r)
+                cache[key] = (None, np.nan) if r is None else best_in_window(r)
             return cache[key]
 
         for a, b in ranges:
