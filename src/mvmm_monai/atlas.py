@@ -136,10 +136,13 @@ def place_atlas_auto(atlas: Atlas, subject, config: PlacementConfig | None = Non
         )
     side = atlas.sidecar
     tseq = list(side["template_sequences"])
-    channels = [tseq.index(s) if s in tseq else None for s in subject.sequences]
+    chosen = None if config is None or config.sequences is None else list(config.sequences)
+    if chosen is not None and (missing := [s for s in chosen if s not in subject.sequences]):
+        raise ValueError(f"atlas.auto.sequences: {missing} not among subject {subject.name}'s sequences {list(subject.sequences)}")
+    channels = [tseq.index(s) if s in tseq and (chosen is None or s in chosen) else None for s in subject.sequences]
     if all(c is None for c in channels):
         raise ValueError(
-            f"{atlas.path}: its template covers sequences {tseq}, none of the subject's {list(subject.sequences)}"
+            f"{atlas.path}: its template covers sequences {tseq}, none of the subject's {chosen or list(subject.sequences)}"
         )
     spacing = tuple(subject.grid.spacing[:2].tolist())
     found = find_heart(

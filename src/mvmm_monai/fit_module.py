@@ -22,7 +22,9 @@ from mvmm_monai.data.common_space import sampling_map
 from mvmm_monai.data.subject import SubjectData
 from mvmm_monai.evaluation import dice_per_class
 from mvmm_monai.outputs import native_segmentation
-from mvmm_monai.mixture import EMConfig, MixtureParams, e_step, em_step, initialise_from_atlas, log_likelihood
+from mvmm_monai.mixture import (
+    EMConfig, MixtureParams, e_step, em_step, initialise_from_atlas, log_likelihood, voxel_log_likelihood,
+)
 from mvmm_monai.mixture.em import log_prior
 from mvmm_monai.registration.base import IdentityRegistration, Warped
 
@@ -143,6 +145,9 @@ class MvMMFit(pl.LightningModule):
         it = self.current_epoch + 1
         self.registration.set_iteration(self.current_epoch)
         fitting_registration = self.registration.fits_anything and self.optimizer_factory is not None
+        searched = {}
+        if fitting_registration and self.registration.search_due(self.current_epoch):
+            searched = self._search_shifts()
         with torch.set_grad_enabled(fitting_registration):
             warped = self.registration()
         fixed = warped.detach()
@@ -180,6 +185,7 @@ class MvMMFit(pl.LightningModule):
             self.registration.check(it)
             metrics["reg/loss"] = float(loss.detach())
             metrics.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
+        metrics.update({f"reg/search_move_mm/{seq}": mm for seq, mm in searched.items()})
         for k, p in enumerate(torch.exp(self.log_pi[0])):
             metrics[f"em/pi/{CLASS_NAMES[k]}"] = float(p)
         if self.subject.labels:
@@ -192,6 +198,20 @@ class MvMMFit(pl.LightningModule):
                 for name, d in dice_per_class(pred, label).items():
                     metrics[f"dice/{seq}/{name}"] = d
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
+
+    def _search_shifts(self) -> dict[str, float]:
+        """The registration's exhaustive slice-shift search with the current mixture and prior; the
+        optimiser forgets the moved parameters' momentum (it pointed towards the old optimum)."""
+        with torch.no_grad():
+            held = self.registration()
+        params, posterior, em = self.params, self.posterior, self.em
+        moved = self.registration.search_shifts(
+            lambda images: voxel_log_likelihood(images, held.coverage, held.log_atlas, params, em, posterior)
+        )
+        opt = self.optimizers().optimizer
+        for p in self.registration.shift_parameters():
+            opt.state.pop(p, None)
+        return moved
 
     # -- pictures --------------------------------------------------------------------------
     @torch.no_grad()

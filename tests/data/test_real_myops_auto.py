@@ -165,14 +165,8 @@ def shift_errors_mm(myops_atlas, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.real
-def test_added_slice_shifts_are_undone_within_two_pixels(shift_errors_mm):
-    for seq, err in shift_errors_mm.items():
-        assert max(err) < 1.5, f"{seq}: errors (mm) {np.round(err, 2).tolist()}"  # 0.73 mm pixels
-
-
-@pytest.mark.slow
-@pytest.mark.real
-@pytest.mark.xfail(strict=True, reason="issue #3: 4 of 6 slices within 1 mm, the others 1.03 and 1.38 mm (RESULTS 4e)")
 def test_added_slice_shifts_are_undone_within_one_mm(shift_errors_mm):
+    """With the placement on the reference (LGE) alone, as the CLI chooses when slice shifts are
+    fitted; placing on all three sequences left 1.03 and 1.38 mm (RESULTS 4e, 4h)."""
     for seq, err in shift_errors_mm.items():
-        assert max(err) < 1.0, f"{seq}: errors (mm) {np.round(err, 2).tolist()}"
+        assert max(err) < 1.0, f"{seq}: errors (mm) {np.round(err, 2).tolist()}"  # 0.73 mm pixels

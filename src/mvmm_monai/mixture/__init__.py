@@ -14,6 +14,7 @@ from mvmm_monai.mixture.em import (
     fit_em,
     log_likelihood,
     m_step,
+    voxel_log_likelihood,
 )
 from mvmm_monai.mixture.gaussian import component_log_densities, intensity_features, log_normal, subtype_mask
 from mvmm_monai.mixture.init import initialise_from_atlas
@@ -36,4 +37,5 @@ __all__ = [
     "mrf_log_potential",
     "subtype_mask",
     "update_log_pi",
+    "voxel_log_likelihood",
 ]

@@ -30,6 +30,7 @@ __all__ = [
     "log_likelihood",
     "log_prior",
     "m_step",
+    "voxel_log_likelihood",
 ]
 
 
@@ -179,6 +180,24 @@ def log_likelihood(
     The same quantity as :attr:`EStepResult.log_likelihood`, computed with autograd-friendly
     operations; the registration ascends it with the mixture parameters held.
     """
+    log_norm = voxel_log_likelihood(images, coverage, log_atlas, params, config, posterior)
+    omega = (coverage.detach().amax(dim=1) > 0).flatten(1).to(log_norm.dtype)
+    return log_norm.flatten(1).sum(-1) / omega.sum(-1).clamp_min(1.0)
+
+
+def voxel_log_likelihood(
+    images: Tensor,
+    coverage: Tensor,
+    log_atlas: Tensor,
+    params: MixtureParams,
+    config: EMConfig,
+    posterior: Tensor | None = None,
+) -> Tensor:
+    """``log p(I(x))`` ``[B, *S]`` at every voxel (0 where no image covers x); differentiable.
+
+    ``log sum_k pi_kx prod_{n in A(x)} sum_c tau_nkc N(I_n(x))``: :func:`log_likelihood` is its mean
+    over Omega; the slice-shift search sums it over the voxels of one slice.
+    """
     lp = log_prior(log_atlas, params.log_pi, posterior, config)
     _check_inputs(images, coverage, lp)
     b, n = images.shape[:2]
@@ -187,7 +206,7 @@ def log_likelihood(
     log_class = torch.logsumexp(component_log_densities(x, params.log_tau, params.mean, params.var), dim=3)
     log_norm = torch.logsumexp(lp.reshape(b, lp.shape[1], -1) + (log_class * cov[:, :, None]).sum(1), dim=1)
     omega = (cov.detach().amax(dim=1) > 0).to(x.dtype)
-    return (log_norm * omega).sum(-1) / omega.sum(-1).clamp_min(1.0)
+    return (log_norm * omega).reshape(b, *images.shape[2:])
 
 
 def m_step(

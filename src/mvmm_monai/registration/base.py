@@ -67,6 +67,14 @@ class IdentityRegistration(nn.Module):
     def set_iteration(self, iteration: int) -> None:
         """Nothing is scheduled."""
 
+    def search_due(self, iteration: int) -> bool:
+        """Whether ICM ``iteration`` runs the slice-shift search (never here)."""
+        return False
+
+    def shift_parameters(self) -> list[Tensor]:
+        """The slice-shift parameters (none here)."""
+        return []
+
     def param_groups(self) -> list[dict]:
         return []
 
