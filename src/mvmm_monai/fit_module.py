@@ -167,6 +167,8 @@ class MvMMFit(pl.LightningModule):
         self.last_log_likelihood.fill_(ll)
         self.recent_changes.copy_(torch.cat((self.recent_changes[1:], self.recent_changes.new_tensor([step_change]))))
         rel = float(self.recent_changes.max())
+        if self.current_epoch <= self.registration.schedule_end():
+            rel = max(rel, 1.0)  # a scheduled registration phase is still to come: not converged
 
         metrics = {"em/log_likelihood": ll, "em/relative_change": rel}
         if est.lower_bound is not None:

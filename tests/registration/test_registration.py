@@ -173,6 +173,9 @@ def test_shift_search_finds_whole_voxel_offsets_and_keeps_aligned_slices():
     moves = reg.search_shifts(lambda images: voxel_log_likelihood(images, reg.coverage, log_atlas, params, EMConfig()))
     assert torch.equal(reg.shifts.voxels("C0").round().long(), truth)
     assert moves["C0"] == pytest.approx(3 * 1.5)
+    scheduled = MvMMRegistration(subject, atlas, scales=(4,), scale_start=(15,), shift_search_at=(30,),
+                                 shift_gradient_exact_after=35, warmup=10)
+    assert scheduled.schedule_end() == 45  # the fit may not stop before the exact gradient switches on
     with pytest.raises(ValueError, match="shift_search_radius"):
         MvMMRegistration(subject, atlas, shift_search_radius=0)
     with pytest.raises(ValueError, match="shift_search_at"):

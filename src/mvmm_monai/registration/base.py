@@ -67,6 +67,10 @@ class IdentityRegistration(nn.Module):
     def set_iteration(self, iteration: int) -> None:
         """Nothing is scheduled."""
 
+    def schedule_end(self) -> int:
+        """ICM iteration of the last scheduled switch (none here)."""
+        return 0
+
     def search_due(self, iteration: int) -> bool:
         """Whether ICM ``iteration`` runs the slice-shift search (never here)."""
         return False

@@ -236,6 +236,21 @@ class MvMMRegistration(nn.Module):
             after = self.shift_gradient_exact_after
             self._exact_gradient = after is not None and it - self.slice_shift_start >= after
 
+    def schedule_end(self) -> int:
+        """ICM iteration (from 0) of the last scheduled switch (warm-up end, a velocity scale or the
+        slice shifts starting, a shift search, the exact shift gradient): the fit is not converged
+        before it, however still the log-likelihood is (the next phase may move it)."""
+        ends = [self.warmup]
+        d = self.deformation
+        if d is not None and len(d.velocity):
+            ends.append(self.warmup + max(d.scale_start))
+        if self.shifts is not None:
+            start = self.warmup + self.slice_shift_start
+            ends.append(start + max((*self.shift_search_at, 0)))
+            if self.shift_gradient_exact_after is not None:
+                ends.append(start + self.shift_gradient_exact_after)
+        return max(ends)
+
     def search_due(self, iteration: int) -> bool:
         """Whether ICM ``iteration`` (from 0) is one of ``shift_search_at`` (see the class docstring)."""
         if self.shifts is None or not self.shift_search_at:
