@@ -78,6 +78,8 @@ def test_placement_and_atlas_kinds_must_agree(tmp_path, cache_dir, synthetic_atl
         fit(compose_config([*base, "atlas.placement=auto"]))  # the cohort's own world-space atlas
     with pytest.raises(ValueError, match="atlas.placement must be one of"):
         fit(compose_config([*base, "atlas.placement=magic"]))
+    with pytest.raises(ValueError, match=r"atlas.auto.sequences: \['LGE'\] not among subject patient5's sequences"):
+        fit(compose_config([*base, f"atlas.path={synthetic_atlas}", "atlas.placement=auto", "atlas.auto.sequences=[LGE]"]))
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.nii.gz"))
 
 

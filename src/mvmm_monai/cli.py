@@ -21,7 +21,6 @@ from mvmm_monai.evaluation import segmentation_metrics
 from mvmm_monai.fit_module import MvMMFit
 from mvmm_monai.postprocess import fill_lv_cavity
 from mvmm_monai.progress import lightning_notes_silenced
-from mvmm_monai.registration.placement import PlacementConfig
 from mvmm_monai.outputs import native_segmentation, save_json, save_nifti, save_png
 from mvmm_monai.scar_output import write_scar
 
@@ -166,10 +165,7 @@ def _place(cfg: DictConfig, dataset, atlas, subject):
         raise ValueError(f"atlas.placement must be one of {PLACEMENTS} or null, got {placement!r}")
     if placement != "auto":
         return place_atlas(atlas, subject.grid, placement), None
-    search = _build(cfg.atlas.auto, _convert_="all") if cfg.atlas.get("auto") else PlacementConfig()
-    if search.sequences is None and cfg.registration.model.get("slice_shifts", False):
-        # the other sequences' slices are about to be moved against the reference: place on it alone
-        search = dataclasses.replace(search, sequences=(subject.reference,))
+    search = _build(cfg.atlas.auto, _convert_="all") if cfg.atlas.get("auto") else None
     prob, found = place_atlas_auto(atlas, subject, search)
     log.info(
         "%s: heart found (template NCC %.2f; rotation %.0f deg, scale %.2f, slices %s from apex 0 to base 1)",
