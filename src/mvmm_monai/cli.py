@@ -229,6 +229,18 @@ def with_dataset_defaults(cfg: DictConfig, dataset) -> DictConfig:
     return cfg
 
 
+def sequence_weights(model_cfg: DictConfig, sequences) -> list[float]:
+    """``model.sequence_weights`` (sequence -> weight, the others 1) as one weight per sequence."""
+    given = dict(model_cfg.get("sequence_weights") or {})
+    unknown = sorted(set(given) - set(sequences))
+    if unknown:
+        raise ValueError(f"model.sequence_weights: {unknown} not among the subject's sequences {list(sequences)}")
+    bad = {k: v for k, v in given.items() if not (isinstance(v, (int, float)) and v > 0)}
+    if bad:
+        raise ValueError(f"model.sequence_weights must be positive numbers, got {bad}")
+    return [float(given.get(s, 1.0)) for s in sequences]
+
+
 def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     """Fit subject ``name`` of ``dataset`` and write its results into ``out``; returns its metrics."""
     start = time.perf_counter()
@@ -255,6 +267,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         optimizer=optimizer,
         scheduler=_build(cfg.registration.scheduler) if cfg.registration.get("scheduler") else None,
         tol_window=cfg.model.tol_window,
+        sequence_weights=sequence_weights(cfg.model, subject.sequences),
     )
     callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values()]
     logger = _build(cfg.logger) if cfg.get("logger") else False

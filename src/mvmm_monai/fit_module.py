@@ -74,6 +74,10 @@ class MvMMFit(pl.LightningModule):
             once the mixture has settled (no drift on long fits).
         tol_window: ``em/relative_change`` is the largest relative change of the log-likelihood
             over this many iterations, so a fit stops only once it has been still for a while.
+        sequence_weights: ``[N]`` positive weight of each sequence's log-density in the class
+            posterior (``None``: all 1, MvMM as written). A weight w tempers sequence n's
+            likelihood to ``p_nk(I_n)^w``: it enters the E-step as a soft coverage, so subtype
+            means, variances and weights are still each sequence's own weighted moments.
     """
 
     def __init__(
@@ -86,8 +90,13 @@ class MvMMFit(pl.LightningModule):
         optimizer: Callable | None = None,
         tol_window: int = 5,
         scheduler: Callable | None = None,
+        sequence_weights: Tensor | None = None,
     ) -> None:
         super().__init__()
+        n = len(subject.sequences)
+        weights = torch.ones(n) if sequence_weights is None else torch.as_tensor(sequence_weights, dtype=torch.float32)
+        if weights.shape != (n,) or not bool((weights > 0).all()) or not bool(torch.isfinite(weights).all()):
+            raise ValueError(f"MvMMFit: sequence_weights must be {n} positive numbers (one per sequence), got {weights.tolist()}")
         if em_steps < 1:
             raise ValueError(f"MvMMFit: em_steps must be >= 1, got {em_steps}")
         if tol_window < 1:
@@ -107,6 +116,7 @@ class MvMMFit(pl.LightningModule):
         for name, value in init.as_dict().items():
             self.register_buffer(name, value.clone())
         self.register_buffer("posterior", torch.exp(w.log_atlas).clone())
+        self.register_buffer("sequence_weights", weights.reshape(1, n, *([1] * (w.images.ndim - 2))), persistent=False)
         self.register_buffer("last_log_likelihood", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("recent_changes", torch.ones(tol_window, dtype=torch.float64))
         # the per-iteration Dice: every labelled sequence once per distinct manual label (MyoPS has
@@ -127,6 +137,10 @@ class MvMMFit(pl.LightningModule):
         for name, value in params.as_dict().items():
             getattr(self, name).copy_(value)
         self.posterior.copy_(posterior)
+
+    def _weighted(self, coverage: Tensor) -> Tensor:
+        """Coverage ``[B, N, *S]`` times each sequence's weight (see ``sequence_weights``)."""
+        return coverage * self.sequence_weights.to(coverage)
 
     # -- Lightning -------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -153,7 +167,7 @@ class MvMMFit(pl.LightningModule):
         fixed = warped.detach()
         params, posterior = self.params, self.posterior if self.current_epoch > 0 else None
         for _ in range(self.em_steps):
-            params, est = em_step(fixed.images, fixed.coverage, fixed.log_atlas, params, self.em, posterior)
+            params, est = em_step(fixed.images, self._weighted(fixed.coverage), fixed.log_atlas, params, self.em, posterior)
             posterior = est.posterior
         ll = float(est.log_likelihood.mean())
         bad = [k for k, v in params.as_dict().items() if torch.isnan(v).any()]
@@ -176,7 +190,7 @@ class MvMMFit(pl.LightningModule):
         if fitting_registration:
             opt = self.optimizers()
             opt.zero_grad()
-            objective = log_likelihood(warped.images, warped.coverage, warped.log_atlas, self.params, self.em, posterior)
+            objective = log_likelihood(warped.images, self._weighted(warped.coverage), warped.log_atlas, self.params, self.em, posterior)
             regs = self.registration.regularisers()
             loss = -objective.mean() + sum(regs.values(), torch.zeros((), device=objective.device))
             self.manual_backward(loss)
@@ -208,7 +222,7 @@ class MvMMFit(pl.LightningModule):
             held = self.registration()
         params, posterior, em = self.params, self.posterior, self.em
         moved = self.registration.search_shifts(
-            lambda images: voxel_log_likelihood(images, held.coverage, held.log_atlas, params, em, posterior)
+            lambda images: voxel_log_likelihood(images, self._weighted(held.coverage), held.log_atlas, params, em, posterior)
         )
         opt = self.optimizers().optimizer
         for p in self.registration.shift_parameters():
@@ -232,7 +246,7 @@ class MvMMFit(pl.LightningModule):
         """Final posterior from one E-step with the fitted parameters and registration."""
         warped = self.registration().detach()
         lp = log_prior(warped.log_atlas, self.log_pi, self.posterior if self.current_epoch > 0 else None, self.em)
-        est = e_step(warped.images, warped.coverage, lp, self.params, chunk_voxels=self.em.chunk_voxels)
+        est = e_step(warped.images, self._weighted(warped.coverage), lp, self.params, chunk_voxels=self.em.chunk_voxels)
         return FitResult(
             posterior=est.posterior[0],
             params=self.params.detach(),

@@ -223,6 +223,42 @@ def test_chunking_does_not_change_the_e_step_and_matches_the_differentiable_like
     assert torch.allclose(ll, a.log_likelihood)
 
 
+def test_a_sequence_weight_as_soft_coverage_tempers_its_likelihood():
+    """Coverage w for image n gives ``P_k ~ pi_k p_0k(I_0) p_1k(I_1)^w`` (the fit's
+    ``model.sequence_weights``), while each image's subtype moments stay its own: a weighted
+    M-step gives the same means and variances as weights 1 do for the same posterior."""
+    from mvmm_monai.mixture import component_log_densities, m_step, voxel_log_likelihood
+
+    counts = torch.tensor([[2, 2, 1, 1], [2, 1, 2, 1]])
+    images, atlas, _, _ = sample_mixture((20, 20, 2), counts, seed=3)
+    log_atlas = log_atlas_from_prob(atlas, 1e-4)
+    params = initialise_from_atlas(images, torch.ones_like(images), atlas, counts)
+    lp = atlas_log_prior(log_atlas, params.log_pi)
+    w = 0.3
+    cov = torch.ones_like(images)
+    cov[:, 1] = w
+    est = e_step(images, cov, lp, params)
+    log_class = torch.logsumexp(component_log_densities(images.reshape(1, 2, -1), params.log_tau, params.mean, params.var), dim=3)
+    joint = lp.reshape(1, 4, -1) + log_class[:, 0] + w * log_class[:, 1]
+    expected = torch.log_softmax(joint, dim=1).reshape(est.log_posterior.shape)
+    assert torch.allclose(est.log_posterior, expected, atol=1e-10)
+    ll = voxel_log_likelihood(images, cov, log_atlas, params, EMConfig())
+    assert torch.allclose(ll.flatten(), torch.logsumexp(joint, dim=1).flatten(), atol=1e-10)
+    # every statistic of image 1 carries the factor w (its responsibilities sum to w per voxel), so
+    # its means and variances, ratios of these sums, are still image 1's own posterior-weighted moments
+    v = images[0, 0].numel()
+    assert float(est.mass[0, 0].sum()) == pytest.approx(v)
+    assert float(est.mass[0, 1].sum()) == pytest.approx(w * v)
+    with pytest.raises(ValueError, match="sequence_weights must be 2 positive numbers"):
+        from mvmm_monai.fit_module import MvMMFit
+        from mvmm_monai.registration.base import IdentityRegistration
+        from tests.registration.test_registration import tiny_subject
+
+        subject, tiny_atlas = tiny_subject(dtype=torch.float32)
+        MvMMFit(subject, IdentityRegistration(subject, tiny_atlas), torch.ones(2, 4, dtype=torch.long),
+                sequence_weights=torch.tensor([1.0, 0.0]))
+
+
 def test_bad_shapes_raise_clear_errors():
     images = torch.zeros(1, 2, 8, 8)
     with pytest.raises(ValueError, match="coverage shape"):
