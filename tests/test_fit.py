@@ -120,8 +120,8 @@ def test_label_with_unknown_values_is_named(tmp_path, cache_dir, cohort_copy):
         ("atlas.placement=upside_down", "atlas.placement must be one of"),
         ("data.lower_percentile=99", "lower_percentile < upper_percentile"),
         ("trainer.devices=2", "one subject is fitted on one device"),
-        ("+model.sequence_weights.XX=0.5", r"model.sequence_weights: \['XX'\] not among"),
-        ("+model.sequence_weights.C0=0", "model.sequence_weights must be positive numbers"),
+        ("model.sequence_weights={XX:0.5}", r"model.sequence_weights: \['XX'\] not among"),
+        ("model.sequence_weights={C0:0}", "model.sequence_weights must be positive numbers"),
     ],
 )
 def test_silly_config_values(tmp_path, cache_dir, override, message):

@@ -229,9 +229,13 @@ def with_dataset_defaults(cfg: DictConfig, dataset) -> DictConfig:
     return cfg
 
 
-def sequence_weights(model_cfg: DictConfig, sequences) -> list[float]:
-    """``model.sequence_weights`` (sequence -> weight, the others 1) as one weight per sequence."""
-    given = dict(model_cfg.get("sequence_weights") or {})
+def sequence_weights(model_cfg: DictConfig, sequences, defaults: dict | None = None) -> list[float]:
+    """``model.sequence_weights`` (sequence -> weight, the others 1) as one weight per sequence;
+    null takes the dataset's ``sequence_weights_default`` (for the sequences the subject has)."""
+    given = model_cfg.get("sequence_weights")
+    if given is None:
+        given = {k: v for k, v in (defaults or {}).items() if k in sequences}
+    given = dict(given)
     unknown = sorted(set(given) - set(sequences))
     if unknown:
         raise ValueError(f"model.sequence_weights: {unknown} not among the subject's sequences {list(sequences)}")
@@ -267,7 +271,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         optimizer=optimizer,
         scheduler=_build(cfg.registration.scheduler) if cfg.registration.get("scheduler") else None,
         tol_window=cfg.model.tol_window,
-        sequence_weights=sequence_weights(cfg.model, subject.sequences),
+        sequence_weights=sequence_weights(cfg.model, subject.sequences, dataset.sequence_weights_default),
     )
     callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values()]
     logger = _build(cfg.logger) if cfg.get("logger") else False

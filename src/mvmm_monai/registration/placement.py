@@ -171,9 +171,10 @@ class PlacementConfig:
             and last (basal) slice are given every atlas level ``a`` of ``level_starts`` and
             ``b`` of ``level_ends`` (0 apex, 1 base), the slices between spaced evenly, and the
             pair whose template matches best (mean NCC, centres refined per slice) is kept.
-            ``[0]`` and ``[1]`` alone (the default): the stack is taken to span apex to base. A
-            search over ``[0, 0.125, 0.25, 0.375]`` x ``[0.625, 0.75, 0.875, 1]`` helped on held-out
-            atlas cases but not on Case3016-3025 (RESULTS 5b), so it is not the default.
+            ``[0]`` and ``[1]`` alone (this class's default): the stack is taken to span apex to
+            base. The Hydra config (``atlas.auto``) searches ``[0, 0.125, 0.25, 0.375]`` x
+            ``[0.625, 0.75, 0.875, 1]``, chosen on held-out atlas cases together with the MyoPS
+            sequence weights (RESULTS 5c, 5d).
         sequences: the subject sequences whose images are matched to the template (``None``: every
             one the template has). The reference alone keeps the placement independent of the
             other sequences' slice motion (the real added-shift experiment uses it so that both of
