@@ -280,23 +280,24 @@ class MvMMRegistration(nn.Module):
             start = param.detach().clone()
             covered = self.coverage[0, n] > 0
             k = self._maps[s].slice_index.to(covered.device)[covered]
-            scores = torch.empty(len(offsets), start.shape[0], dtype=torch.float64)
+            scores = torch.empty(len(offsets), start.shape[0], dtype=torch.float64, device=covered.device)
             for m, off in enumerate(offsets):
                 param.copy_(start + off.to(start) * spacing)
                 images = self._images()
                 ll = voxel_log_likelihood(images)[0][covered]
                 if self.marginal_correction:
                     ll = ll - table_lookup(images[0, n][covered], getattr(self, f"_kde_table_{s}"), getattr(self, f"_kde_range_{s}"))
-                scores[m] = torch.zeros(start.shape[0], dtype=torch.float64).index_add_(0, k, ll.double())
+                scores[m] = scores.new_zeros(start.shape[0]).index_add_(0, k, ll.double())
             score, pick = scores.max(dim=0)
             stay = len(offsets) // 2  # offset (0, 0): a slice moves only where it strictly gains
             pick = torch.where(score > scores[stay], pick, stay)
-            best = offsets[pick].to(start) * spacing  # [Z, 2] mm
+            best = offsets.to(start)[pick.to(start.device)] * spacing  # [Z, 2] mm
             param.copy_(start + best)
             moved[s] = float(best.norm(dim=-1).max())
         return moved
 
     def shift_parameters(self) -> list[Tensor]:
+        """The slice-shift parameters (the fit resets their optimiser state after a search)."""
         return [] if self.shifts is None else list(self.shifts.parameters())
 
     def param_groups(self) -> list[dict]:
