@@ -2,10 +2,10 @@
 its accuracy (the lecture's code loses 0.15 Dice between 200 and 5000 iterations).
 
 Measured (1 torch thread, synthetic patient2 with its known misalignment, registration=full with
-its shift search and exact gradient, RESULTS 4h): stops after 54 ICM iterations at DE Dice
-myocardium 0.845 / LV 0.976 / RV 0.804; forced to 216 iterations: 0.858 / 0.974 / 0.785. The
-decaying step size (registration.scheduler, gamma 0.98) is what holds it: without it an earlier
-version lost 0.014 myocardium and 0.034 RV (RESULTS 4f).
+its shift search and exact gradient, RESULTS 4h): stops after 61 ICM iterations at DE Dice
+myocardium 0.850 / LV 0.978 / RV 0.809; forced to 244 iterations: 0.847 / 0.977 / 0.804. The
+decaying step size (registration.scheduler, gamma 0.97) is what holds it: with 0.98 the RV lost
+0.019, and without any decay an earlier version lost 0.014 myocardium and 0.034 RV (RESULTS 4f, 4h).
 """
 
 from __future__ import annotations
@@ -30,4 +30,4 @@ def test_four_times_longer_loses_at_most_a_hundredth(tmp_path_factory, one_threa
     assert d0["myocardium"] > 0.78
     assert d4["myocardium"] >= d0["myocardium"] - 0.01
     assert d4["lv"] >= d0["lv"] - 0.01
-    assert d4["rv"] >= d0["rv"] - 0.02
+    assert d4["rv"] >= d0["rv"] - 0.01
