@@ -7,7 +7,8 @@ Builds the atlas from Case3001..Case3015, copies the case twice (as is, and with
 shifts rolled into its C0 and T2 slices: image(p) = original(p - shift)), fits both with
 automatic placement on the reference LGE alone (``atlas.auto.sequences=[LGE]``: the added shifts
 leave it untouched, so both fits share one placement; pass ``atlas.auto.sequences=null`` to place on
-all three) and ``registration=slice_shift``, and prints, per slice, the added shift, the recovered
+all three), every sequence at full weight (``model.sequence_weights={}``: MvMM as written) and
+``registration=slice_shift``, and prints, per slice, the added shift, the recovered
 one (the difference of the two fits' shifts: the real sequences carry their own small misalignment)
 and the error in mm.
 """
@@ -55,7 +56,8 @@ def main() -> None:
         out = work / f"out_{name}"
         m = fit(compose_config(["data=myops", f"data.root={work / name}", f"subject={case}", f"atlas.path={atlas}",
                                 f"paths.output_dir={out}", "callbacks.progress.refresh_rate=0", "~logger",
-                                "registration=slice_shift", "atlas.auto.sequences=[LGE]", *args.overrides]))
+                                "registration=slice_shift", "atlas.auto.sequences=[LGE]", "model.sequence_weights={}",
+                                *args.overrides]))
         fitted[name] = json.loads((out / "params.json").read_text())["slice_shifts_mm"]
         print(f"{name}: LGE Dice {m['dice']['LGE']}, {m['iterations']} iterations, {time.perf_counter() - t:.0f} s")
     sp = nib.load(root / case / f"{case}_C0.nii.gz").header.get_zooms()[:2]

@@ -102,6 +102,7 @@ class MvMMFit(pl.LightningModule):
         if tol_window < 1:
             raise ValueError(f"MvMMFit: tol_window must be >= 1, got {tol_window}")
         self.automatic_optimization = False
+        registration.use_sequence_weights(dict(zip(subject.sequences, weights.tolist())))
         self.subject = subject
         self.registration = registration
         self.em = em

@@ -147,6 +147,9 @@ def test_marginal_correction_is_the_intensity_log_density_of_the_shifted_sequenc
     assert float(regs["intensity_marginal"].detach()) == pytest.approx(float(expected), rel=1e-3)  # a fine lookup table
     regs["intensity_marginal"].backward()
     assert reg.shifts.translation_mm["C0"].grad.abs().sum() > 0
+    reg.use_sequence_weights({"DE": 1.0, "C0": 0.5})  # a tempered sequence: its correction tempered alike
+    reg()
+    assert float(reg.regularisers()["intensity_marginal"].detach()) == pytest.approx(0.5 * float(expected), rel=1e-3)
     off = MvMMRegistration(subject, atlas, scales=(4,), marginal_correction=False)
     off.set_iteration(off.warmup)
     off()

@@ -71,6 +71,9 @@ class IdentityRegistration(nn.Module):
         """ICM iteration of the last scheduled switch (none here)."""
         return 0
 
+    def use_sequence_weights(self, weights: dict[str, float]) -> None:
+        """The fit's per-sequence likelihood weights (nothing uses them here)."""
+
     def search_due(self, iteration: int) -> bool:
         """Whether ICM ``iteration`` runs the slice-shift search (never here)."""
         return False

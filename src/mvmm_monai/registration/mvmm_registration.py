@@ -157,6 +157,7 @@ class MvMMRegistration(nn.Module):
                 f"got {list(self.shift_search_at)}, {shift_search_radius}"
             )
         self.shift_search_radius = int(shift_search_radius)
+        self.sequence_weights: dict[str, float] = {}  # see use_sequence_weights
         if shift_gradient_sigma < 0:
             raise ValueError(f"registration: shift_gradient_sigma must be >= 0, got {shift_gradient_sigma}")
         self.shift_gradient_sigma = float(shift_gradient_sigma)
@@ -286,7 +287,9 @@ class MvMMRegistration(nn.Module):
                 images = self._images()
                 ll = voxel_log_likelihood(images)[0][covered]
                 if self.marginal_correction:
-                    ll = ll - table_lookup(images[0, n][covered], getattr(self, f"_kde_table_{s}"), getattr(self, f"_kde_range_{s}"))
+                    ll = ll - self.sequence_weights.get(s, 1.0) * table_lookup(
+                        images[0, n][covered], getattr(self, f"_kde_table_{s}"), getattr(self, f"_kde_range_{s}")
+                    )
                 scores[m] = scores.new_zeros(start.shape[0]).index_add_(0, k, ll.double())
             score, pick = scores.max(dim=0)
             stay = len(offsets) // 2  # offset (0, 0): a slice moves only where it strictly gains
@@ -379,10 +382,16 @@ class MvMMRegistration(nn.Module):
             if s not in self.shifts.sequences:
                 continue
             mask = cov[n] > 0
-            total = total + table_lookup(
+            total = total + self.sequence_weights.get(s, 1.0) * table_lookup(
                 images[0, n][mask], getattr(self, f"_kde_table_{s}"), getattr(self, f"_kde_range_{s}")
             ).sum()
         return total / omega.sum().clamp_min(1)
+
+    def use_sequence_weights(self, weights: dict[str, float]) -> None:
+        """The fit's ``sequence_weights`` (a sequence's log-density counts ``w`` times in the
+        likelihood): its marginal correction is weighted alike, so it still cancels the intensity
+        term of that sequence's likelihood."""
+        self.sequence_weights = {s: float(w) for s, w in weights.items()}
 
     def regularisers(self) -> dict[str, Tensor]:
         regs = {}
