@@ -280,11 +280,13 @@ class MvMMRegistration(nn.Module):
             spacing = getattr(self.shifts, f"_spacing_{s}")
             start = param.detach().clone()
             covered = self.coverage[0, n] > 0
-            k = self._maps[s].slice_index.to(covered.device)[covered]
+            smap, native, angle = self._maps[s], getattr(self, f"_native_{s}"), self.shifts.angles(s)
+            k = smap.slice_index.to(covered.device)[covered]
+            images = self._images()  # the other sequences as they stand; only channel n changes below
             scores = torch.empty(len(offsets), start.shape[0], dtype=torch.float64, device=covered.device)
             for m, off in enumerate(offsets):
-                param.copy_(start + off.to(start) * spacing)
-                images = self._images()
+                shift_mm = start + off.to(start) * spacing
+                images[0, n] = sample(native, smap, slice_shifts=shift_mm / spacing, slice_angles=angle)[0] * covered
                 ll = voxel_log_likelihood(images)[0][covered]
                 if self.marginal_correction:
                     ll = ll - self.sequence_weights.get(s, 1.0) * table_lookup(

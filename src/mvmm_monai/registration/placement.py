@@ -391,11 +391,15 @@ def find_heart(
     fine = stats_at(cfg.fine_mm)
     win = cfg.slice_window_mm / cfg.fine_mm
 
+    windows: dict = {}  # map shape -> the disc within slice_window_mm of the stack centre
+
     def best_in_window(r: np.ndarray) -> tuple[np.ndarray, float]:
         """The best centre (mm) of an NCC map within ``slice_window_mm`` of the stack centre, and its score."""
-        ii, jj = np.meshgrid(np.arange(r.shape[0]), np.arange(r.shape[1]), indexing="ij")
-        c = centre0 / cfg.fine_mm
-        r = np.where((ii - c[0]) ** 2 + (jj - c[1]) ** 2 <= win**2, r, -np.inf)
+        if r.shape not in windows:
+            ii, jj = np.meshgrid(np.arange(r.shape[0]), np.arange(r.shape[1]), indexing="ij")
+            c = centre0 / cfg.fine_mm
+            windows[r.shape] = (ii - c[0]) ** 2 + (jj - c[1]) ** 2 <= win**2
+        r = np.where(windows[r.shape], r, -np.inf)
         i = np.unravel_index(int(np.argmax(r)), r.shape)
         return np.array(i, dtype=float) * cfg.fine_mm, float(r[i])
     best_fine = (-np.inf, None)
