@@ -122,6 +122,7 @@ def test_label_with_unknown_values_is_named(tmp_path, cache_dir, cohort_copy):
         ("trainer.devices=2", "one subject is fitted on one device"),
         ("model.sequence_weights={XX:0.5}", r"model.sequence_weights: \['XX'\] not among"),
         ("model.sequence_weights={C0:0}", "model.sequence_weights must be positive numbers"),
+        ("model.lv_cavity_fill=convex", "model.lv_cavity_fill must be true, false or one of"),
     ],
 )
 def test_silly_config_values(tmp_path, cache_dir, override, message):

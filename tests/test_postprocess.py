@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvmm_monai.postprocess import fill_lv_cavity, lv_cavity_mask
+from mvmm_monai.postprocess import fill_lv_cavity, lv_cavity_fill_mode, lv_cavity_mask
 
 
 def labelled_slice():
@@ -45,3 +45,31 @@ def test_cavity_mask_skips_tiny_lv_and_checks_shape():
     assert not lv_cavity_mask(lab).any()
     with pytest.raises(ValueError, match="fill_lv_cavity"):
         fill_lv_cavity(torch.zeros(4, 5, 5))
+
+
+def test_holes_mode_fills_enclosed_myocardium_only():
+    """``holes``: a papillary muscle the pool surrounds goes to the LV, a notch open to the wall stays."""
+    lab, notch = labelled_slice()
+    x, y = np.meshgrid(np.arange(60), np.arange(60), indexing="ij")
+    muscle = np.hypot(x - 27, y - 27) <= 2  # inside the pool, away from the notch
+    lab[muscle] = 1
+    mask = lv_cavity_mask(lab[..., None], mode="holes")[..., 0]
+    assert mask[muscle].all() and not mask[notch].any()
+    hull = lv_cavity_mask(lab[..., None], mode="hull")[..., 0]
+    assert hull[muscle].all() and hull[notch].mean() > 0.6
+    post = torch.nn.functional.one_hot(torch.from_numpy(lab[..., None]), 4).permute(3, 0, 1, 2).double()
+    new = fill_lv_cavity(post, mode="holes").argmax(0).numpy()[..., 0]
+    assert (new[muscle] == 2).all() and (new[notch] == 1).all()
+
+
+@pytest.mark.parametrize("value, mode", [(True, "hull"), (False, None), (None, None), ("holes", "holes"), ("hull", "hull")])
+def test_fill_mode_from_config(value, mode):
+    assert lv_cavity_fill_mode(value) == mode
+
+
+@pytest.mark.parametrize("value", ["convex", 1, "yes"])
+def test_bad_fill_mode_names_the_key(value):
+    with pytest.raises(ValueError, match="model.lv_cavity_fill"):
+        lv_cavity_fill_mode(value)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        lv_cavity_mask(np.zeros((4, 4, 1), dtype=np.int64), mode="convex")

@@ -19,7 +19,7 @@ from mvmm_monai import CLASS_NAMES
 from mvmm_monai.atlas import PLACEMENTS, atlas_roi, crop_box, place_atlas, place_atlas_auto, read_atlas
 from mvmm_monai.evaluation import segmentation_metrics
 from mvmm_monai.fit_module import MvMMFit
-from mvmm_monai.postprocess import fill_lv_cavity
+from mvmm_monai.postprocess import fill_lv_cavity, lv_cavity_fill_mode
 from mvmm_monai.progress import lightning_notes_silenced
 from mvmm_monai.outputs import native_segmentation, save_json, save_nifti, save_png
 from mvmm_monai.scar_output import write_scar
@@ -249,6 +249,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     """Fit subject ``name`` of ``dataset`` and write its results into ``out``; returns its metrics."""
     start = time.perf_counter()
     cfg = with_dataset_defaults(cfg, dataset)
+    fill_mode = lv_cavity_fill_mode(cfg.model.get("lv_cavity_fill", False))  # a bad value fails before any work
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(out)
     if str(cfg.paths.get("output_dir")) != str(out):  # a cohort member: logs and checkpoints go with it
@@ -282,8 +283,8 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         return {}
 
     result = module.result()
-    if cfg.model.get("lv_cavity_fill", False):  # the labelling convention: trabeculae belong to the cavity
-        result = dataclasses.replace(result, posterior=fill_lv_cavity(result.posterior))
+    if fill_mode:  # the labelling convention: trabeculae belong to the cavity
+        result = dataclasses.replace(result, posterior=fill_lv_cavity(result.posterior, fill_mode))
     full = subject.parent or subject  # the uncut subject when the common space was cropped
     segs, scores = _metrics(full, subject.uncrop(result.posterior, 0.0, 1.0), registration.native_shifts_voxels())
     if subject.reference in full.labels:  # the placed (and deformed) atlas alone: the baseline the mixture must beat

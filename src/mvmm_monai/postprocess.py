@@ -39,9 +39,16 @@ def _convex_hull_mask(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def lv_cavity_mask(labels: np.ndarray, min_voxels: int = 10) -> np.ndarray:
-    """``[X, Y, Z]`` bool: per slice, the convex hull of the largest connected LV region of the
-    class map ``labels`` (slices with fewer than ``min_voxels`` LV voxels: none)."""
+FILL_MODES = ("hull", "holes")
+
+
+def lv_cavity_mask(labels: np.ndarray, min_voxels: int = 10, mode: str = "hull") -> np.ndarray:
+    """``[X, Y, Z]`` bool: per slice, the largest connected LV region of the class map ``labels``
+    closed to its convex hull (``mode="hull"``) or with its enclosed holes filled (``"holes"``: only
+    what the pool surrounds completely, so the border's concavities stay myocardium); slices with
+    fewer than ``min_voxels`` LV voxels: none."""
+    if mode not in FILL_MODES:
+        raise ValueError(f"lv_cavity_mask: mode must be one of {FILL_MODES}, got {mode!r}")
     out = np.zeros(labels.shape, dtype=bool)
     for z in range(labels.shape[2]):
         lv = labels[..., z] == LV
@@ -51,18 +58,30 @@ def lv_cavity_mask(labels: np.ndarray, min_voxels: int = 10) -> np.ndarray:
         if n > 1:
             sizes = ndimage.sum(lv, comp, range(1, n + 1))
             lv = comp == 1 + int(np.argmax(sizes))
-        out[..., z] = _convex_hull_mask(lv)
+        out[..., z] = _convex_hull_mask(lv) if mode == "hull" else ndimage.binary_fill_holes(lv)
     return out
 
 
-def fill_lv_cavity(posterior: Tensor) -> Tensor:
+def lv_cavity_fill_mode(value) -> str | None:
+    """The fill mode of the config value ``model.lv_cavity_fill``: ``true`` = ``"hull"``, ``false`` /
+    ``null`` = none, or a mode name; anything else is a config error naming the key."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "hull"
+    if isinstance(value, str) and value in FILL_MODES:
+        return value
+    raise ValueError(f"model.lv_cavity_fill must be true, false or one of {FILL_MODES}, got {value!r}")
+
+
+def fill_lv_cavity(posterior: Tensor, mode: str = "hull") -> Tensor:
     """Posterior ``[K, X, Y, Z]`` in which every voxel inside the LV cavity hull
     (:func:`lv_cavity_mask` of the argmax) whose argmax is myocardium swaps its myocardium and
     LV probabilities (so it becomes LV and the distribution stays a distribution)."""
     if posterior.ndim != 4 or posterior.shape[0] <= LV:
         raise ValueError(f"fill_lv_cavity: posterior must be [K>=3, X, Y, Z], got {tuple(posterior.shape)}")
     labels = posterior.argmax(0).cpu().numpy()
-    flip = torch.from_numpy(lv_cavity_mask(labels) & (labels == MYO)).to(posterior.device)
+    flip = torch.from_numpy(lv_cavity_mask(labels, mode=mode) & (labels == MYO)).to(posterior.device)
     out = posterior.clone()
     out[MYO] = torch.where(flip, posterior[LV], posterior[MYO])
     out[LV] = torch.where(flip, posterior[MYO], posterior[LV])
