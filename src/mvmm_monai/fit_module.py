@@ -191,7 +191,9 @@ class MvMMFit(pl.LightningModule):
         if fitting_registration:
             opt = self.optimizers()
             opt.zero_grad()
-            objective = log_likelihood(warped.images, self._weighted(warped.coverage), warped.log_atlas, self.params, self.em, posterior)
+            objective = log_likelihood(
+                warped.images, self._weighted(warped.coverage), warped.log_atlas, self.params, self.em, self.registration.objective_posterior(posterior)
+            )
             regs = self.registration.regularisers()
             loss = -objective.mean() + sum(regs.values(), torch.zeros((), device=objective.device))
             self.manual_backward(loss)
@@ -221,7 +223,7 @@ class MvMMFit(pl.LightningModule):
         optimiser forgets the moved parameters' momentum (it pointed towards the old optimum)."""
         with torch.no_grad():
             held = self.registration()
-        params, posterior, em = self.params, self.posterior, self.em
+        params, posterior, em = self.params, self.registration.objective_posterior(self.posterior), self.em
         moved = self.registration.search_shifts(
             lambda images: voxel_log_likelihood(images, self._weighted(held.coverage), held.log_atlas, params, em, posterior)
         )

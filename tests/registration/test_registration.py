@@ -183,3 +183,38 @@ def test_shift_search_finds_whole_voxel_offsets_and_keeps_aligned_slices():
         MvMMRegistration(subject, atlas, shift_search_radius=0)
     with pytest.raises(ValueError, match="shift_search_at"):
         MvMMRegistration(subject, atlas, shift_search_at=(-1,))
+
+
+def test_the_mrf_of_the_current_posterior_holds_slices_so_the_objective_leaves_it_out():
+    """With a noisy reference, the class posterior follows C0 where its slices stand; the MRF of that
+    posterior then votes for the current position and the search stops short of the true offsets.
+    The registration's default objective (``objective_mrf=False``: atlas times pi) finds them."""
+    from mvmm_monai.mixture import em_step, voxel_log_likelihood
+
+    subject, atlas = tiny_subject(shape=(20, 20, 3), dtype=torch.float32)
+    truth = torch.tensor([[2, -1], [0, 3], [0, 0]])
+    moved = subject.native_images["C0"].clone()
+    for z, (dx, dy) in enumerate(truth.tolist()):
+        moved[0, :, :, z] = torch.roll(moved[0, :, :, z], shifts=(dx, dy), dims=(0, 1))
+    subject.native_images["C0"] = moved
+    subject.images[1] = moved[0]
+    noisy = subject.images[0] + 0.4 * torch.randn(subject.images[0].shape, generator=torch.Generator().manual_seed(5))
+    subject.images[0] = noisy
+    subject.native_images["DE"] = noisy[None].clone()
+    params = initialise_from_atlas(subject.images[None], subject.coverage[None], atlas[None], torch.ones(2, 4, dtype=torch.long))
+    em = EMConfig(beta=1.0)
+    found = {}
+    for use_mrf in (True, False):
+        reg = MvMMRegistration(subject, atlas, atlas_affine=False, atlas_svf=False, shift_search_at=(0,),
+                               shift_search_radius=3, objective_mrf=use_mrf)
+        w, post, p = reg(), None, params
+        for _ in range(5):  # the mixture and posterior settle with the slices where they stand
+            p, est = em_step(w.images, w.coverage, w.log_atlas, p, em, post)
+            post = est.posterior
+        held = reg.objective_posterior(post)  # what the fit module's search and gradient use
+        assert (held is post) == use_mrf
+        reg.search_shifts(lambda images: voxel_log_likelihood(images, reg.coverage, w.log_atlas, p, em, held))
+        found[use_mrf] = reg.shifts.voxels("C0").round().long()
+    assert torch.equal(found[False], truth)
+    assert not torch.equal(found[True], truth)
+    assert MvMMRegistration(subject, atlas).objective_mrf is False

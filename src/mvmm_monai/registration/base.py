@@ -74,6 +74,10 @@ class IdentityRegistration(nn.Module):
     def use_sequence_weights(self, weights: dict[str, float]) -> None:
         """The fit's per-sequence likelihood weights (nothing uses them here)."""
 
+    def objective_posterior(self, posterior: Tensor | None) -> Tensor | None:
+        """The posterior whose MRF enters the registration's objective (nothing is fitted here)."""
+        return None
+
     def search_due(self, iteration: int) -> bool:
         """Whether ICM ``iteration`` runs the slice-shift search (never here)."""
         return False

@@ -119,6 +119,14 @@ class MvMMRegistration(nn.Module):
             whatever the alignment; the difference is a pointwise mutual information of class and
             intensity, which only alignment raises. It does not depend on the atlas deformation.
         marginal_bins: kernel centres of that density.
+        objective_mrf: whether the registration's objective (the gradient and the shift search)
+            includes the mean-field MRF of the current class posterior in the prior. ``False`` (the
+            default): the prior is the (warped) atlas times the class proportions, MvMM as written.
+            The posterior was computed with every slice where it stands, so its MRF votes for the
+            current position and holds a slice there: on real Case3023, at the end of a fit, every
+            slice sat at its own best whole-voxel offset under the MRF, in the fit of the original
+            and of the shifted images alike; under the atlas prior alone the optima moved with the
+            added shifts (RESULTS 4i; ``tests/registration`` reproduces the hold on a tiny subject).
         lr: learning rate per parameter group: ``translation`` (atlas, mm), ``affine`` (rotation in
             radians and log-scales), ``svf`` (voxels), ``slice_shift`` (mm, and radians if rotating).
     """
@@ -148,8 +156,10 @@ class MvMMRegistration(nn.Module):
         marginal_bins: int = 64,
         shift_search_at: tuple[int, ...] = (),
         shift_search_radius: int = 4,
+        objective_mrf: bool = False,
     ) -> None:
         super().__init__()
+        self.objective_mrf = bool(objective_mrf)
         self.shift_search_at = tuple(int(i) for i in (shift_search_at or ()))
         if any(i < 0 for i in self.shift_search_at) or shift_search_radius < 1:
             raise ValueError(
@@ -251,6 +261,11 @@ class MvMMRegistration(nn.Module):
             if self.shift_gradient_exact_after is not None:
                 ends.append(start + self.shift_gradient_exact_after)
         return max(ends)
+
+    def objective_posterior(self, posterior: Tensor | None) -> Tensor | None:
+        """The class posterior whose MRF enters the registration's objective: ``posterior`` with
+        ``objective_mrf``, else none (the atlas prior alone; see the class docstring)."""
+        return posterior if self.objective_mrf else None
 
     def search_due(self, iteration: int) -> bool:
         """Whether ICM ``iteration`` (from 0) is one of ``shift_search_at`` (see the class docstring)."""
