@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Drift: Dice when a fit stops on its criterion and when it is forced to run four times longer.
 
-    .venv/bin/python benchmarks/drift.py [--root DIR] [--threads 1] [--case Case3018]
+    .venv/bin/python benchmarks/drift.py [--root DIR] [--threads 1] [--case Case3018] [--subjects patient2,patient3] [--skip-real] [hydra overrides...]
 
 Rows: synthetic patient2 (known misalignment) with registration=full; a real MyoPS case (atlas
 from Case3001..Case3015, automatic placement) with registration=none (the real-data default) and
@@ -30,18 +30,27 @@ def pair(base: list[str], work: Path, tag: str) -> tuple[dict, dict]:
 
 
 def main() -> None:
-    ap = argument_parser(__doc__, myops=True, threads=1, overrides=False)
+    ap = argument_parser(__doc__, myops=True, threads=1)
     ap.add_argument("--case", default="Case3018")
+    ap.add_argument("--subjects", default="patient2", help="synthetic subjects, comma-separated")
+    ap.add_argument("--skip-real", action="store_true", help="synthetic rows only")
     args = parse_args(ap)
     work = Path(tempfile.mkdtemp(prefix="mvmm_drift_"))
     rows = []
-    syn = ["subject=patient2", "data.misalignment=true", "registration=full", f"paths.cache_dir={work / 'cache'}"]
-    rows.append(("synthetic patient2, registration=full", "DE", *pair(syn, work, "syn")))
+    for subject in args.subjects.split(","):
+        syn = [f"subject={subject}", "data.misalignment=true", "registration=full", f"paths.cache_dir={work / 'cache'}", *args.overrides]
+        rows.append((f"synthetic {subject}, registration=full", "DE", *pair(syn, work, f"syn_{subject}")))
+    if args.skip_real:
+        real_regs = ()
+    else:
+        real_regs = ("none", "full")
     atlas = work / "atlas.nii.gz"
-    build_atlas(compose_config([f"data.root={args.root}", "subjects=Case3001..Case3015", f"output={atlas}"], config_name="build_atlas"))
-    for reg in ("none", "full"):
-        real = ["data=myops", f"data.root={args.root}", f"subject={args.case}", f"atlas.path={atlas}", f"registration={reg}"]
+    if real_regs:
+        build_atlas(compose_config([f"data.root={args.root}", "subjects=Case3001..Case3015", f"output={atlas}"], config_name="build_atlas"))
+    for reg in real_regs:
+        real = ["data=myops", f"data.root={args.root}", f"subject={args.case}", f"atlas.path={atlas}", f"registration={reg}", *args.overrides]
         rows.append((f"{args.case}, registration={reg}", "LGE", *pair(real, work, f"real_{reg}")))
+    print("\noverrides:", " ".join(args.overrides) or "(none)")
     print("\n| fit | iterations | myocardium | LV | RV | 4x iterations | myocardium | LV | RV | change myo / LV / RV |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, seq, a, b in rows:

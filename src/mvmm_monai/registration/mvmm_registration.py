@@ -121,7 +121,9 @@ class MvMMRegistration(nn.Module):
         marginal_bins: kernel centres of that density.
         objective_mrf: whether the registration's objective (the gradient and the shift search)
             includes the mean-field MRF of the current class posterior in the prior. ``False`` (the
-            default): the prior is the (warped) atlas times the class proportions, MvMM as written.
+            default, and ``registration=slice_shift``'s): the prior is the (warped) atlas times the
+            class proportions, MvMM as written (``full`` sets ``True``: with the atlas deformation
+            fitted too, the synthetic RV drifted more without the MRF).
             The posterior was computed with every slice where it stands, so its MRF votes for the
             current position and holds a slice there: on real Case3023, at the end of a fit, every
             slice sat at its own best whole-voxel offset under the MRF, in the fit of the original
