@@ -39,7 +39,7 @@ def test_synthetic_scar_truth_is_loaded(cache_dir):
 def test_fit_writes_scar_on_reference_grid(tmp_path, cache_dir, one_thread, subject, has_scar):
     out = tmp_path / "out"
     cfg = compose_config([f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}", f"subject={subject}", *QUIET])
-    metrics = fit(cfg)
+    fit(cfg)
     cohort = ensure_cohort(cache_dir, SyntheticConfig(misalignment=False))
     img = nib.load(out / f"{subject}_scar.nii.gz")
     src = nib.load(cohort / f"{subject}_DE.nii.gz")

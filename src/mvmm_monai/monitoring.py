@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor

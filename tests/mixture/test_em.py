@@ -227,7 +227,7 @@ def test_a_sequence_weight_as_soft_coverage_tempers_its_likelihood():
     """Coverage w for image n gives ``P_k ~ pi_k p_0k(I_0) p_1k(I_1)^w`` (the fit's
     ``model.sequence_weights``), while each image's subtype moments stay its own: a weighted
     M-step gives the same means and variances as weights 1 do for the same posterior."""
-    from mvmm_monai.mixture import component_log_densities, m_step, voxel_log_likelihood
+    from mvmm_monai.mixture import component_log_densities, voxel_log_likelihood
 
     counts = torch.tensor([[2, 2, 1, 1], [2, 1, 2, 1]])
     images, atlas, _, _ = sample_mixture((20, 20, 2), counts, seed=3)

@@ -21,7 +21,6 @@ module pulls in nothing from the layers above it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
