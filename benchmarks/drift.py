@@ -40,10 +40,7 @@ def main() -> None:
     for subject in args.subjects.split(","):
         syn = [f"subject={subject}", "data.misalignment=true", "registration=full", f"paths.cache_dir={work / 'cache'}", *args.overrides]
         rows.append((f"synthetic {subject}, registration=full", "DE", *pair(syn, work, f"syn_{subject}")))
-    if args.skip_real:
-        real_regs = ()
-    else:
-        real_regs = ("none", "full")
+    real_regs = () if args.skip_real else ("none", "full")
     atlas = work / "atlas.nii.gz"
     if real_regs:
         build_atlas(compose_config([f"data.root={args.root}", "subjects=Case3001..Case3015", f"output={atlas}"], config_name="build_atlas"))
