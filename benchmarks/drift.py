@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Drift: Dice when a fit stops on its criterion and when it is forced to run four times longer.
 
-    .venv/bin/python benchmarks/drift.py [--root DIR] [--threads 1] [--case Case3018] [--subjects patient2,patient3] [--skip-real] [hydra overrides...]
+    .venv/bin/python benchmarks/drift.py [--root DIR] [--threads 1] [--case Case3018] [--subjects patient2,patient3] [--skip-real] \
+        [--real-registrations none,slice_shift,full] [hydra overrides...]
 
 Rows: synthetic patient2 (known misalignment) with registration=full; a real MyoPS case (atlas
-from Case3001..Case3015, automatic placement) with registration=none (the real-data default) and
-registration=full. Prints a Markdown table.
+from Case3001..Case3015, automatic placement) with registration=none (the real-data default),
+registration=slice_shift and registration=full. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ def pair(base: list[str], work: Path, tag: str) -> tuple[dict, dict]:
 def main() -> None:
     ap = argument_parser(__doc__, myops=True, threads=1)
     ap.add_argument("--case", default="Case3018")
-    ap.add_argument("--subjects", default="patient2", help="synthetic subjects, comma-separated")
+    ap.add_argument("--subjects", default="patient2", help="synthetic subjects, comma-separated (\"\": none)")
     ap.add_argument("--skip-real", action="store_true", help="synthetic rows only")
+    ap.add_argument("--real-registrations", default="none,slice_shift,full", help="registration presets of the real rows")
     args = parse_args(ap)
     work = Path(tempfile.mkdtemp(prefix="mvmm_drift_"))
     rows = []
-    for subject in args.subjects.split(","):
+    for subject in [s for s in args.subjects.split(",") if s]:
         syn = [f"subject={subject}", "data.misalignment=true", "registration=full", f"paths.cache_dir={work / 'cache'}", *args.overrides]
         rows.append((f"synthetic {subject}, registration=full", "DE", *pair(syn, work, f"syn_{subject}")))
-    real_regs = () if args.skip_real else ("none", "full")
+    real_regs = () if args.skip_real else tuple(r for r in args.real_registrations.split(",") if r)
     atlas = work / "atlas.nii.gz"
     if real_regs:
         build_atlas(compose_config([f"data.root={args.root}", "subjects=Case3001..Case3015", f"output={atlas}"], config_name="build_atlas"))

@@ -4,7 +4,7 @@ from its raw full-field-of-view files (automatic placement, no label, no manual 
 
     .venv/bin/python benchmarks/real_myops.py [--root DIR] [--out DIR] \
         [--atlas-cases Case3001..Case3015] [--test-cases Case3016..Case3025] [--threads N] \
-        [--peers atropos [--atropos-weight 0.5]] [hydra overrides of the fit ...]
+        [--peers atropos [--atropos-weight 0.5]] [--atlas-option levels=7 ...] [hydra overrides of the fit ...]
 
 For every test case it reports LGE-grid Dice (myocardium, LV, RV) of
 - MvMM: ``scripts/fit.py data=myops`` with the built atlas (``atlas.placement`` defaults to auto),
@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--test-cases", default="Case3016..Case3025")
     ap.add_argument("--peers", default="", help="comma-separated peers to run as well: atropos")
     ap.add_argument("--atropos-weight", type=float, default=0.5)
+    ap.add_argument("--atlas-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override of conf/build_atlas.yaml for the atlas (repeatable), e.g. levels=7")
     args = parse_args(ap)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,8 @@ def main() -> None:
     atlas_path = out / "atlas" / "myops_atlas.nii.gz"
     t0 = time.perf_counter()
     build_cfg = compose_config(
-        [f"data.root={args.root}", f"subjects={args.atlas_cases}", f"output={atlas_path}"], config_name="build_atlas"
+        [f"data.root={args.root}", f"subjects={args.atlas_cases}", f"output={atlas_path}", *args.atlas_option],
+        config_name="build_atlas",
     )
     build_atlas(build_cfg)
     atlas_seconds = time.perf_counter() - t0

@@ -207,9 +207,10 @@ def prepare_subject(cfg: DictConfig, dataset, name: str) -> Prepared:
 
 def temper_atlas(atlas: torch.Tensor, weight: float) -> torch.Tensor:
     """``A_k^w / sum_j A_j^w`` ``[K, *S]``: ``model.atlas_weight`` w < 1 lets the images speak louder
-    than a blurred population atlas near boundaries (ANTs Atropos' prior weighting; 1 = MvMM as written)."""
-    if not 0 < weight <= 1:
-        raise ValueError(f"model.atlas_weight must be in (0, 1], got {weight}")
+    than a blurred population atlas near boundaries (ANTs Atropos' prior weighting), w > 1 sharpens
+    it; 1 = MvMM as written."""
+    if not 0 < weight <= 4:
+        raise ValueError(f"model.atlas_weight must be in (0, 4], got {weight}")
     if weight == 1:
         return atlas
     t = atlas.clamp_min(1e-12) ** weight

@@ -145,6 +145,51 @@ def test_level_search_finds_a_stack_that_starts_mid_ventricle():
         assert np.hypot(*(searched.centres_mm[z] - centre)) < 2.0
 
 
+def test_slice_scales_refine_each_slice_s_heart_size():
+    """Slices rendered at 0.8, 1.0 and 1.2 times the canonical heart: one scale per stack fits the
+    middle slice only; ``slice_scales`` finds each slice's own size and the placed LV follows it."""
+    prob, template = canonical_template()
+    spacing, shape, centre = (1.25, 1.25), (120, 120, 3), (75.0, 70.0)
+    truth = [0.8, 1.0, 1.2]
+    rng = np.random.default_rng(2)
+    images = np.full((1, *shape), 0.35, dtype=np.float32)
+    for z, s in enumerate(truth):
+        images[0, ..., z] = INTENSITY[heart_labels(shape[:2], spacing, centre, 0.0, s)]
+    images += 0.03 * rng.standard_normal(images.shape).astype(np.float32)
+    base = dict(angles_deg=(0.0,), scales=(1.0,), both_directions=False, fine_angles_deg=(0.0,), fine_scales=(1.0,))
+    one = find_heart(images, np.ones_like(images), spacing, template, [0], PX, R_EPI, PlacementConfig(**base))
+    per = find_heart(images, np.ones_like(images), spacing, template, [0], PX, R_EPI,
+                     PlacementConfig(**base, slice_scales=(0.8, 0.9, 1.0, 1.1, 1.2)))
+    assert one.slice_scales is None and "slice_scales" not in one.as_dict()
+    assert np.allclose(per.slice_scales, truth) and per.as_dict()["slice_scales"] == truth
+    assert per.score > one.score
+
+    def lv_dice(found):
+        placed = place_canonical(prob, PX, shape, spacing, found)[2] > 0.5
+        true = np.stack([heart_labels(shape[:2], spacing, centre, 0.0, s) == 2 for s in truth], -1)
+        return [2 * (placed[..., z] & true[..., z]).sum() / (placed[..., z].sum() + true[..., z].sum()) for z in range(3)]
+
+    d_one, d_per = lv_dice(one), lv_dice(per)
+    assert min(d_per) > 0.95 and d_one[0] < 0.9 and d_one[2] < 0.9
+
+
+def test_slice_angles_refine_each_slice_s_rotation():
+    """Slices whose RV sits at -15, 0 and 15 degrees: ``slice_angles_deg`` finds each slice's turn."""
+    _, template = canonical_template()
+    spacing, shape, centre = (1.25, 1.25), (120, 120, 3), (75.0, 70.0)
+    truth = [-15.0, 0.0, 15.0]
+    rng = np.random.default_rng(3)
+    images = np.full((1, *shape), 0.35, dtype=np.float32)
+    for z, a in enumerate(truth):
+        images[0, ..., z] = INTENSITY[heart_labels(shape[:2], spacing, centre, a, 1.0)]
+    images += 0.03 * rng.standard_normal(images.shape).astype(np.float32)
+    cfg = PlacementConfig(angles_deg=(0.0,), scales=(1.0,), both_directions=False, fine_angles_deg=(0.0,),
+                          fine_scales=(1.0,), slice_angles_deg=(-15.0, 0.0, 15.0))
+    found = find_heart(images, np.ones_like(images), spacing, template, [0], PX, R_EPI, cfg)
+    assert found.slice_scales is None and np.allclose(found.slice_angles, truth)
+    assert [found.slice_angle(z) for z in range(3)] == truth
+
+
 def test_placement_config_rejects_silly_values():
     with pytest.raises(ValueError, match="coarse_mm"):
         PlacementConfig(coarse_mm=0)
@@ -152,6 +197,10 @@ def test_placement_config_rejects_silly_values():
         PlacementConfig(scales=(1.0, -1.0))
     with pytest.raises(ValueError, match="level_starts"):
         PlacementConfig(level_starts=(1.5,))
+    with pytest.raises(ValueError, match="slice_scales"):
+        PlacementConfig(slice_scales=())
+    with pytest.raises(ValueError, match="slice_angles_deg"):
+        PlacementConfig(slice_angles_deg=())
     with pytest.raises(ValueError, match="level_end must be >= every level_start"):
         PlacementConfig(level_starts=(0.0, 0.8), level_ends=(0.6, 1.0))
 

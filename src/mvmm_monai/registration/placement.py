@@ -175,6 +175,11 @@ class PlacementConfig:
             base. The Hydra config (``atlas.auto``) searches ``[0, 0.125, 0.25, 0.375]`` x
             ``[0.625, 0.75, 0.875, 1]``, chosen on held-out atlas cases together with the MyoPS
             sequence weights (RESULTS 5c, 5d).
+        slice_scales: per-slice scale refinement: after the stack's levels are chosen, every slice
+            tries these multiples of the stack's scale (its centre found again for each) and keeps
+            its best template match. ``[1]`` (the default): one scale for the whole stack.
+        slice_angles_deg: the same for the rotation: offsets (degrees) from the stack's angle that
+            every slice tries, with every ``slice_scales`` value. ``[0]``: one angle per stack.
         sequences: the subject sequences whose images are matched to the template (``None``: every
             one the template has). The reference alone keeps the placement independent of the
             other sequences' slice motion (the real added-shift experiment uses it so that both of
@@ -194,12 +199,18 @@ class PlacementConfig:
     fine_scales: tuple[float, ...] = (0.95, 1.0, 1.05)
     level_starts: tuple[float, ...] = (0.0,)
     level_ends: tuple[float, ...] = (1.0,)
+    slice_scales: tuple[float, ...] = (1.0,)
+    slice_angles_deg: tuple[float, ...] = (0.0,)
     sequences: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("coarse_mm", "fine_mm", "context", "slice_window_mm"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PlacementConfig: {name} must be > 0, got {getattr(self, name)}")
+        if not self.slice_scales or any(s <= 0 for s in self.slice_scales):
+            raise ValueError(f"PlacementConfig: slice_scales must be non-empty and > 0, got {list(self.slice_scales)}")
+        if not self.slice_angles_deg:
+            raise ValueError("PlacementConfig: slice_angles_deg must be non-empty ([0]: one angle per stack)")
         if not self.angles_deg or not self.scales or any(s <= 0 for s in (*self.scales, *self.fine_scales)):
             raise ValueError(f"PlacementConfig: angles_deg and scales must be non-empty and scales > 0, got {self.angles_deg}, {self.scales}")
         levels = (*self.level_starts, *self.level_ends)
@@ -228,6 +239,8 @@ class Placement:
         levels: ``[Z]`` long-axis position of every slice (0 apex, 1 base).
         score: mean NCC of the template at the optimum (about 0.3-0.7 where the heart was found).
         slice_scores: ``[Z]`` NCC per slice.
+        slice_scales: ``[Z]`` each slice's scale as a multiple of ``scale`` (``None``: one scale per stack).
+        slice_angles: ``[Z]`` each slice's rotation offset from ``angle_deg`` (``None``: one angle per stack).
     """
 
     centres_mm: np.ndarray
@@ -236,6 +249,16 @@ class Placement:
     levels: np.ndarray
     score: float
     slice_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    slice_scales: np.ndarray | None = None
+    slice_angles: np.ndarray | None = None
+
+    def slice_scale(self, z: int) -> float:
+        """The heart size on slice ``z`` relative to the atlas' mean heart."""
+        return float(self.scale * (1.0 if self.slice_scales is None else self.slice_scales[z]))
+
+    def slice_angle(self, z: int) -> float:
+        """The rotation of slice ``z`` from the canonical frame (degrees)."""
+        return float(self.angle_deg + (0.0 if self.slice_angles is None else self.slice_angles[z]))
 
     def as_dict(self) -> dict:
         return {
@@ -245,6 +268,8 @@ class Placement:
             "levels": self.levels.round(3).tolist(),
             "score": round(float(self.score), 4),
             "slice_scores": self.slice_scores.round(4).tolist(),
+            **({"slice_scales": self.slice_scales.round(4).tolist()} if self.slice_scales is not None else {}),
+            **({"slice_angles": self.slice_angles.round(2).tolist()} if self.slice_angles is not None else {}),
         }
 
 
@@ -441,9 +466,26 @@ def find_heart(
             if s > score:
                 score, levels = s, lv
                 centres, scores = [f[0] for f in found], np.array([f[1] for f in found])
+    factors = offsets = None
+    if tuple(cfg.slice_scales) != (1.0,) or tuple(cfg.slice_angles_deg) != (0.0,):
+        # per slice: the heart's size and turn at this level may differ from the stack's
+        factors, offsets = np.ones(nz), np.zeros(nz)
+        scores = np.array(scores, dtype=float)
+        for z in range(nz):
+            for f in cfg.slice_scales:
+                for d in cfg.slice_angles_deg:
+                    r = slice_ncc(fine, z, levels[z], phi + d, sigma * f, cfg.fine_mm)
+                    if r is None:
+                        continue
+                    c, s_ = best_in_window(r)
+                    if not s_ <= scores[z]:  # a better match (or the first for a slice without one)
+                        centres[z], scores[z], factors[z], offsets[z] = c, s_, f, d
+        score = float(np.nanmean(scores))
+        factors = None if tuple(cfg.slice_scales) == (1.0,) else factors
+        offsets = None if tuple(cfg.slice_angles_deg) == (0.0,) else offsets
     known = [c for c in centres if c is not None]
     centres = np.stack([c if c is not None else np.mean(known, 0) for c in centres])
-    return Placement(centres, float(phi), float(sigma), np.array(levels), score, scores)
+    return Placement(centres, float(phi), float(sigma), np.array(levels), score, scores, factors, offsets)
 
 
 def place_canonical(
@@ -454,7 +496,7 @@ def place_canonical(
     out = np.zeros((prob.shape[0], *shape), dtype=np.float32)
     for z in range(shape[2]):
         canon = at_level(prob, float(placement.levels[z]))
-        slab = canonical_to_slice(canon, pixel_mm, shape[:2], spacing, placement.centres_mm[z], placement.scale, placement.angle_deg)
+        slab = canonical_to_slice(canon, pixel_mm, shape[:2], spacing, placement.centres_mm[z], placement.slice_scale(z), placement.slice_angle(z))
         slab = np.clip(slab, 0, None)
         slab[0] += np.clip(1.0 - slab.sum(0), 0, None)
         out[..., z] = slab / slab.sum(0, keepdims=True)
