@@ -123,6 +123,8 @@ def test_label_with_unknown_values_is_named(tmp_path, cache_dir, cohort_copy):
         ("model.sequence_weights={XX:0.5}", r"model.sequence_weights: \['XX'\] not among"),
         ("model.sequence_weights={C0:0}", "model.sequence_weights must be positive numbers"),
         ("model.lv_cavity_fill=convex", "model.lv_cavity_fill must be true, false or one of"),
+        ("model.atlas_weight=0", r"model.atlas_weight must be in \(0, 4\]"),
+        ("model.atlas_weight=9", r"model.atlas_weight must be in \(0, 4\]"),
     ],
 )
 def test_silly_config_values(tmp_path, cache_dir, override, message):
