@@ -111,8 +111,8 @@ def test_bad_real_files_are_named(case_copy, myops_atlas, tmp_path):
 @pytest.mark.real
 def test_no_drift_on_a_real_case(myops_root, myops_atlas, tmp_path, one_thread):
     """The real-data default fit of Case3018, then forced four times longer: at most 0.01 Dice lost
-    (benchmarks/drift.py, RESULTS 4h: 50 iterations, myocardium 0.830 / LV 0.870; 200 iterations,
-    0.828 / 0.863; measured with one heart size per placed stack)."""
+    (benchmarks/drift.py, RESULTS 4j: 76 iterations, myocardium 0.830 / LV 0.853; 304 iterations,
+    0.827 / 0.846)."""
     base = ["data=myops", f"data.root={myops_root}", "subject=Case3018", f"atlas.path={myops_atlas}",
             "callbacks.progress.refresh_rate=0", "~logger"]
     first = fit(compose_config([*base, f"paths.output_dir={tmp_path / 'default'}"]))
