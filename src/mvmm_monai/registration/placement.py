@@ -475,6 +475,8 @@ def find_heart(
         for z in range(nz):
             for f in cfg.slice_scales:
                 for d in cfg.slice_angles_deg:
+                    if f == 1.0 and d == 0.0:  # the stack's own scale and angle: scores[z] already
+                        continue
                     r = slice_ncc(fine, z, levels[z], phi + d, sigma * f, cfg.fine_mm)
                     if r is None:
                         continue
