@@ -205,6 +205,16 @@ def prepare_subject(cfg: DictConfig, dataset, name: str) -> Prepared:
     return Prepared(subject.with_roi(roi), atlas, roi, placement)
 
 
+def convergence_window(cfg: DictConfig) -> int:
+    """ICM iterations in a row the log-likelihood must be still for before a fit stops:
+    ``model.tol_window``, or the registration preset's ``min_tol_window`` if that is larger."""
+    window, least = cfg.model.tol_window, cfg.registration.get("min_tol_window")
+    for key, value in (("model.tol_window", window), ("registration.min_tol_window", least)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    return max(window, least or 1)
+
+
 def temper_atlas(atlas: torch.Tensor, weight: float) -> torch.Tensor:
     """``A_k^w / sum_j A_j^w`` ``[K, *S]``: ``model.atlas_weight`` w < 1 lets the images speak louder
     than a blurred population atlas near boundaries (ANTs Atropos' prior weighting), w > 1 sharpens
@@ -272,7 +282,8 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         em_steps=cfg.model.em_steps,
         optimizer=optimizer,
         scheduler=_build(cfg.registration.scheduler) if cfg.registration.get("scheduler") else None,
-        tol_window=cfg.model.tol_window,
+        tol_window=convergence_window(cfg),
+        settle_tol=cfg.model.tol if cfg.registration.get("settle", True) else None,
         sequence_weights=sequence_weights(cfg.model, subject.sequences, dataset.sequence_weights_default),
     )
     callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -295,7 +306,8 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
             subject.reference: segmentation_metrics(atlas_seg, ref_labels, tuple(full.grid.spacing.tolist()))["dice"]
         }
     scores["scar"] = write_scar(subject, result, registration.native_shifts_voxels(), out, **(cfg.model.get("scar") or {}))
-    converged = trainer.current_epoch < trainer.max_epochs
+    # met the criterion: stopped before max_epochs, or was kept running past it (trainer.min_epochs)
+    converged = trainer.current_epoch < trainer.max_epochs or float(module.recent_changes.max()) < cfg.model.tol
     if not converged:
         log.warning(
             "%s: stopped at trainer.max_epochs=%d before the relative log-likelihood change fell below model.tol=%g "
@@ -308,6 +320,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         "log_likelihood": result.log_likelihood,
         "iterations": result.iterations,
         "converged": converged,
+        **({"registration_settled_at": int(module.settled_at) or None} if registration.fits_anything else {}),
         **({"placement": placement.as_dict()} if placement is not None else {}),
         "seconds": time.perf_counter() - start,
     }

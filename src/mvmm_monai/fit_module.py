@@ -74,6 +74,11 @@ class MvMMFit(pl.LightningModule):
             once the mixture has settled (no drift on long fits).
         tol_window: ``em/relative_change`` is the largest relative change of the log-likelihood
             over this many iterations, so a fit stops only once it has been still for a while.
+        settle_tol: once ``em/relative_change`` falls below this (the stopping criterion, met
+            after the registration's last scheduled phase), the registration is settled: it takes
+            no further step, and a fit kept running past its stopping point (``trainer.min_epochs``)
+            only refines the mixture. ``None``: the registration moves for as long as the fit runs
+            (its step size still decays by the scheduler). The iteration is in ``settled_at``.
         sequence_weights: ``[N]`` positive weight of each sequence's log-density in the class
             posterior (``None``: all 1, MvMM as written). A weight w tempers sequence n's
             likelihood to ``p_nk(I_n)^w``: it enters the E-step as a soft coverage, so subtype
@@ -91,6 +96,7 @@ class MvMMFit(pl.LightningModule):
         tol_window: int = 5,
         scheduler: Callable | None = None,
         sequence_weights: Tensor | None = None,
+        settle_tol: float | None = None,
     ) -> None:
         super().__init__()
         n = len(subject.sequences)
@@ -101,6 +107,8 @@ class MvMMFit(pl.LightningModule):
             raise ValueError(f"MvMMFit: em_steps must be >= 1, got {em_steps}")
         if tol_window < 1:
             raise ValueError(f"MvMMFit: tol_window must be >= 1, got {tol_window}")
+        if settle_tol is not None and not settle_tol >= 0:
+            raise ValueError(f"MvMMFit: settle_tol must be >= 0 or None, got {settle_tol}")
         self.automatic_optimization = False
         registration.use_sequence_weights(dict(zip(subject.sequences, weights.tolist())))
         self.subject = subject
@@ -109,6 +117,7 @@ class MvMMFit(pl.LightningModule):
         self.em_steps = em_steps
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.settle_tol = settle_tol
         with torch.no_grad():
             w = registration()
             init = initialise_from_atlas(
@@ -120,6 +129,8 @@ class MvMMFit(pl.LightningModule):
         self.register_buffer("sequence_weights", weights.reshape(1, n, *([1] * (w.images.ndim - 2))), persistent=False)
         self.register_buffer("last_log_likelihood", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("recent_changes", torch.ones(tol_window, dtype=torch.float64))
+        # ICM iteration after which the registration stopped moving (0: still moving); in checkpoints
+        self.register_buffer("settled_at", torch.zeros((), dtype=torch.int64))
         # the per-iteration Dice: every labelled sequence once per distinct manual label (MyoPS has
         # one label file for its three co-registered sequences: score it on the reference only)
         ref_label = subject.files.labels.get(subject.reference)
@@ -159,7 +170,9 @@ class MvMMFit(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> None:
         it = self.current_epoch + 1
         self.registration.set_iteration(self.current_epoch)
-        fitting_registration = self.registration.fits_anything and self.optimizer_factory is not None
+        fitting_registration = (
+            self.registration.fits_anything and self.optimizer_factory is not None and int(self.settled_at) == 0
+        )
         searched = {}
         if fitting_registration and self.registration.search_due(self.current_epoch):
             searched = self._search_shifts()
@@ -202,6 +215,8 @@ class MvMMFit(pl.LightningModule):
             if sched is not None:
                 sched.step()
             self.registration.check(it)
+            if self.settle_tol is not None and rel < self.settle_tol:
+                self.settled_at.fill_(it)  # this was its last step (a default fit stops here anyway)
             metrics["reg/loss"] = float(loss.detach())
             metrics.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
         metrics.update({f"reg/search_move_mm/{seq}": mm for seq, mm in searched.items()})

@@ -109,17 +109,22 @@ def test_bad_real_files_are_named(case_copy, myops_atlas, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.real
-def test_no_drift_on_a_real_case(myops_root, myops_atlas, tmp_path, one_thread):
-    """The real-data default fit of Case3018, then forced four times longer: at most 0.01 Dice lost
-    (benchmarks/drift.py, RESULTS 4j: 76 iterations, myocardium 0.830 / LV 0.853; 304 iterations,
-    0.827 / 0.846)."""
+@pytest.mark.parametrize("registration", ["none", "full"])
+def test_no_drift_on_a_real_case(myops_root, myops_atlas, tmp_path, one_thread, registration):
+    """Case3018 fitted with the real-data default (``registration=none``) and with the atlas
+    deformation and slice shifts (``full``), each then forced four times longer: at most 0.01 Dice
+    lost (benchmarks/drift.py, RESULTS 4k). ``full`` settles: its deformation and slice shifts do not
+    move after the default fit's stopping point."""
     base = ["data=myops", f"data.root={myops_root}", "subject=Case3018", f"atlas.path={myops_atlas}",
-            "callbacks.progress.refresh_rate=0", "~logger"]
+            f"registration={registration}", "callbacks.progress.refresh_rate=0", "~logger"]
     first = fit(compose_config([*base, f"paths.output_dir={tmp_path / 'default'}"]))
     n = first["iterations"]
     assert first["converged"]
     longer = fit(compose_config([*base, f"paths.output_dir={tmp_path / 'longer'}", f"trainer.min_epochs={4 * n}",
                                  f"trainer.max_epochs={4 * n}"]))
+    assert longer["iterations"] == 4 * n
+    if registration == "full":
+        assert first["registration_settled_at"] == longer["registration_settled_at"] == n
     for k in ("myocardium", "lv", "rv"):
         assert longer["dice"]["LGE"][k] >= first["dice"]["LGE"][k] - 0.01, k
 
