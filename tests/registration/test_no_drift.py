@@ -11,9 +11,9 @@ but a real case lost 0.027 (RESULTS 4j, 4k).
 
 from __future__ import annotations
 
-import pytest
-
 import json
+
+import pytest
 
 from mvmm_monai.cli import compose_config, fit
 
