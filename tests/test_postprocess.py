@@ -73,3 +73,35 @@ def test_bad_fill_mode_names_the_key(value):
         lv_cavity_fill_mode(value)
     with pytest.raises(ValueError, match="mode must be one of"):
         lv_cavity_mask(np.zeros((4, 4, 1), dtype=np.int64), mode="convex")
+
+
+def test_thin_wall_gives_the_bulge_back_to_the_myocardium():
+    """A true LV (r <= 15 mm) inside an 8 mm wall; the mixture's LV bulges to r = 21 mm over a
+    60-degree sector (scar taken for blood), leaving 2 mm of wall there. With a 6 mm minimum wall
+    the LV is cut back to r <= 17 mm in the sector and nowhere else, on an anisotropic grid."""
+    from mvmm_monai.postprocess import thin_lv_at_wall
+
+    sx, sy = 0.8, 1.2  # mm
+    x, y = np.meshgrid(np.arange(80) * sx, np.arange(54) * sy, indexing="ij")
+    dx, dy = x - 32.0, y - 32.0
+    r, ang = np.hypot(dx, dy), np.degrees(np.arctan2(dy, dx))
+    truth = np.zeros(r.shape, dtype=np.int64)
+    truth[r <= 23] = 1
+    truth[r <= 15] = 2
+    sector = (ang >= 0) & (ang <= 60)
+    pred = truth.copy()
+    pred[sector & (r <= 21)] = 2
+    stack = np.stack([pred, np.ones_like(pred)], -1)  # second slice: all myocardium, no outside
+    post = torch.nn.functional.one_hot(torch.from_numpy(stack), 4).permute(3, 0, 1, 2).double() * 0.7 + 0.075
+    out = thin_lv_at_wall(post, (sx, sy), 6.0)
+    assert torch.allclose(out.sum(0), torch.ones(out.shape[1:], dtype=out.dtype))
+    lab = out.argmax(0).numpy()[..., 0]
+    assert not ((lab == 2) & sector & (r > 17.0 + 0.5 * max(sx, sy))).any()  # cut back to the 6 mm wall
+    assert (lab[r <= 15] == 2).all()  # the true pool untouched
+    assert np.array_equal(lab[~sector], pred[~sector])  # elsewhere the 8 mm wall is thick enough
+    dice = lambda a, b: 2 * ((a == 2) & (b == 2)).sum() / ((a == 2).sum() + (b == 2).sum())
+    assert dice(lab, truth) > dice(pred, truth) + 0.02
+    assert torch.equal(out[..., 1], post[..., 1])  # a slice with no outside tissue: left alone
+    assert thin_lv_at_wall(post, (sx, sy), 0.0) is post
+    with pytest.raises(ValueError, match="min_wall_mm must be >= 0"):
+        thin_lv_at_wall(post, (sx, sy), -1.0)

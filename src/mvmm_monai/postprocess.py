@@ -7,6 +7,12 @@ labels a rim of the cavity as myocardium. :func:`fill_lv_cavity` gives every vox
 convex hull of a slice's main LV blood pool that the mixture called myocardium back to the LV.
 The compact myocardium lies outside that hull and is untouched.
 
+A second convention: the manual myocardium includes scar and oedema, which LGE and bSSFP show as
+bright as blood, so the mixture can take them into the LV pool and leave a wall thinner than any
+the labels draw. :func:`thin_lv_at_wall` gives back to the myocardium every LV voxel closer than
+``model.min_wall_mm`` (in-plane) to tissue that is neither LV nor myocardium; it runs before the
+cavity fill.
+
 Measured on the real MyoPS cases (``benchmarks/RESULTS.md`` section 5): LV Dice 0.846 -> 0.867,
 myocardium 0.813 -> 0.819, RV unchanged. Switch it off with ``model.lv_cavity_fill=false``;
 ``model.lv_cavity_fill=holes`` fills only what the pool encloses completely (for labels drawn
@@ -89,4 +95,32 @@ def fill_lv_cavity(posterior: Tensor, mode: str = "hull") -> Tensor:
     out = posterior.clone()
     out[MYO] = torch.where(flip, posterior[LV], posterior[MYO])
     out[LV] = torch.where(flip, posterior[MYO], posterior[LV])
+    return out
+
+
+def thin_lv_at_wall(posterior: Tensor, spacing_mm: tuple[float, float], min_wall_mm: float) -> Tensor:
+    """Posterior ``[K, X, Y, Z]`` in which every voxel whose argmax is the LV and whose in-plane
+    distance to the nearest voxel labelled neither LV nor myocardium (background, RV) is below
+    ``min_wall_mm`` swaps its LV and myocardium probabilities (it becomes myocardium; the
+    distribution stays a distribution). The distance is Euclidean in mm over the slice
+    (``spacing_mm`` = in-plane voxel size). ``min_wall_mm=0`` changes nothing; slices without any
+    such tissue are left alone."""
+    if posterior.ndim != 4 or posterior.shape[0] <= LV:
+        raise ValueError(f"thin_lv_at_wall: posterior must be [K>=3, X, Y, Z], got {tuple(posterior.shape)}")
+    if not min_wall_mm >= 0:
+        raise ValueError(f"thin_lv_at_wall: min_wall_mm must be >= 0, got {min_wall_mm}")
+    if min_wall_mm == 0:
+        return posterior
+    labels = posterior.argmax(0).cpu().numpy()
+    flip = np.zeros(labels.shape, dtype=bool)
+    for z in range(labels.shape[2]):
+        heart = np.isin(labels[..., z], (MYO, LV))
+        if heart.all() or not (labels[..., z] == LV).any():
+            continue
+        dist = ndimage.distance_transform_edt(heart, sampling=tuple(float(v) for v in spacing_mm))
+        flip[..., z] = (labels[..., z] == LV) & (dist < min_wall_mm)
+    flip_t = torch.from_numpy(flip).to(posterior.device)
+    out = posterior.clone()
+    out[MYO] = torch.where(flip_t, posterior[LV], posterior[MYO])
+    out[LV] = torch.where(flip_t, posterior[MYO], posterior[LV])
     return out

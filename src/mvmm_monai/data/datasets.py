@@ -78,6 +78,8 @@ class _Dataset:
     em_defaults: dict = {"beta": 0.5, "update_pi": False}
     # model.sequence_weights when left null (sequence -> weight; missing sequences 1)
     sequence_weights_default: dict = {}
+    # model.min_wall_mm when left null (0: off)
+    min_wall_mm_default: float = 0.0
 
     lower_percentile: float = 1.0
     upper_percentile: float = 99.0
@@ -216,6 +218,9 @@ class MyoPSDataset(_Dataset):
     # subendocardial scar, and T2's bright slow-flow blood, mislead at the LV border: halved, chosen on
     # held-out atlas cases (RESULTS 5d)
     sequence_weights_default = {"LGE": 0.5, "T2": 0.5}
+    # the manual myocardium includes scar and oedema, which look like blood in LGE and bSSFP: an LV pool that reaches
+    # within this of the heart's outside has taken in wall (RESULTS 5i, chosen on held-out atlas cases)
+    min_wall_mm_default = 6.0
 
     def __init__(
         self,
