@@ -91,11 +91,7 @@ def fill_lv_cavity(posterior: Tensor, mode: str = "hull") -> Tensor:
     if posterior.ndim != 4 or posterior.shape[0] <= LV:
         raise ValueError(f"fill_lv_cavity: posterior must be [K>=3, X, Y, Z], got {tuple(posterior.shape)}")
     labels = posterior.argmax(0).cpu().numpy()
-    flip = torch.from_numpy(lv_cavity_mask(labels, mode=mode) & (labels == MYO)).to(posterior.device)
-    out = posterior.clone()
-    out[MYO] = torch.where(flip, posterior[LV], posterior[MYO])
-    out[LV] = torch.where(flip, posterior[MYO], posterior[LV])
-    return out
+    return _swap_myocardium_and_lv(posterior, lv_cavity_mask(labels, mode=mode) & (labels == MYO))
 
 
 def thin_lv_at_wall(posterior: Tensor, spacing_mm: tuple[float, float], min_wall_mm: float) -> Tensor:
@@ -119,8 +115,14 @@ def thin_lv_at_wall(posterior: Tensor, spacing_mm: tuple[float, float], min_wall
             continue
         dist = ndimage.distance_transform_edt(heart, sampling=tuple(float(v) for v in spacing_mm))
         flip[..., z] = (labels[..., z] == LV) & (dist < min_wall_mm)
-    flip_t = torch.from_numpy(flip).to(posterior.device)
+    return _swap_myocardium_and_lv(posterior, flip)
+
+
+def _swap_myocardium_and_lv(posterior: Tensor, where: np.ndarray) -> Tensor:
+    """``posterior`` ``[K, *S]`` with its myocardium and LV probabilities swapped at the voxels of
+    the boolean ``where`` ``[*S]`` (the label changes between the two; a distribution stays one)."""
+    flip = torch.from_numpy(where).to(posterior.device)
     out = posterior.clone()
-    out[MYO] = torch.where(flip_t, posterior[LV], posterior[MYO])
-    out[LV] = torch.where(flip_t, posterior[MYO], posterior[LV])
+    out[MYO] = torch.where(flip, posterior[LV], posterior[MYO])
+    out[LV] = torch.where(flip, posterior[MYO], posterior[LV])
     return out
