@@ -126,6 +126,7 @@ def test_label_with_unknown_values_is_named(tmp_path, cache_dir, cohort_copy):
         ("model.atlas_weight=0", r"model.atlas_weight must be in \(0, 4\]"),
         ("model.atlas_weight=9", r"model.atlas_weight must be in \(0, 4\]"),
         ("model.min_wall_mm=-1", r"model.min_wall_mm must be a thickness in mm in \[0, 30\]"),
+        ("model.endocardium_median_deg=400", r"model.endocardium_median_deg must be an angle in degrees in \[0, 180\]"),
         ("model.tol_window=0", "model.tol_window must be an integer >= 1"),
         ("+registration.min_tol_window=-2", "registration.min_tol_window must be an integer >= 1"),
     ],

@@ -19,7 +19,7 @@ from mvmm_monai import CLASS_NAMES
 from mvmm_monai.atlas import PLACEMENTS, atlas_roi, crop_box, place_atlas, place_atlas_auto, read_atlas
 from mvmm_monai.evaluation import segmentation_metrics
 from mvmm_monai.fit_module import MvMMFit
-from mvmm_monai.postprocess import fill_lv_cavity, lv_cavity_fill_mode, thin_lv_at_wall
+from mvmm_monai.postprocess import fill_lv_cavity, lv_cavity_fill_mode, smooth_endocardium, thin_lv_at_wall
 from mvmm_monai.progress import lightning_notes_silenced
 from mvmm_monai.outputs import native_segmentation, save_json, save_nifti, save_png
 from mvmm_monai.scar_output import write_scar
@@ -256,13 +256,23 @@ def sequence_weights(model_cfg: DictConfig, sequences, defaults: dict | None = N
     return [float(given.get(s, 1.0)) for s in sequences]
 
 
+def _postprocess_amount(model_cfg: DictConfig, key: str, default: float, upper: float, unit: str) -> float:
+    """``model.<key>`` checked: a number in [0, upper] (0: off), null: the dataset's ``default``."""
+    value = model_cfg.get(key)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= upper:
+        raise ValueError(f"model.{key} must be {unit} in [0, {upper:g}] (0: off) or null, got {value!r}")
+    return float(value)
+
+
 def min_wall_mm(model_cfg: DictConfig, default: float = 0.0) -> float:
     """``model.min_wall_mm`` checked (null: the dataset's ``min_wall_mm_default``; 0: off)."""
-    value = model_cfg.get("min_wall_mm")
-    value = default if value is None else value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 30:
-        raise ValueError(f"model.min_wall_mm must be a thickness in mm in [0, 30] (0: off) or null, got {value!r}")
-    return float(value)
+    return _postprocess_amount(model_cfg, "min_wall_mm", default, 30, "a thickness in mm")
+
+
+def endocardium_median_deg(model_cfg: DictConfig, default: float = 0.0) -> float:
+    """``model.endocardium_median_deg`` checked (null: the dataset's ``endocardium_median_deg_default``; 0: off)."""
+    return _postprocess_amount(model_cfg, "endocardium_median_deg", default, 180, "an angle in degrees")
 
 
 def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
@@ -271,6 +281,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     cfg = with_dataset_defaults(cfg, dataset)
     fill_mode = lv_cavity_fill_mode(cfg.model.get("lv_cavity_fill", False))  # a bad value fails before any work
     min_wall = min_wall_mm(cfg.model, dataset.min_wall_mm_default)
+    endo_median = endocardium_median_deg(cfg.model, dataset.endocardium_median_deg_default)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(out)
     if str(cfg.paths.get("output_dir")) != str(out):  # a cohort member: logs and checkpoints go with it
@@ -305,11 +316,13 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         return {}
 
     result = module.result()
+    spacing = tuple(float(v) for v in subject.grid.spacing[:2])
     if min_wall:  # the labelling convention: scar and oedema belong to the myocardium, whose wall is never this thin
-        spacing = tuple(float(v) for v in subject.grid.spacing[:2])
         result = dataclasses.replace(result, posterior=thin_lv_at_wall(result.posterior, spacing, min_wall))
     if fill_mode:  # the labelling convention: trabeculae belong to the cavity
         result = dataclasses.replace(result, posterior=fill_lv_cavity(result.posterior, fill_mode))
+    if endo_median:  # the labelling convention: the endocardial contour is a smooth curve
+        result = dataclasses.replace(result, posterior=smooth_endocardium(result.posterior, spacing, endo_median))
     full = subject.parent or subject  # the uncut subject when the common space was cropped
     segs, scores = _metrics(full, subject.uncrop(result.posterior, 0.0, 1.0), registration.native_shifts_voxels())
     if subject.reference in full.labels:  # the placed (and deformed) atlas alone: the baseline the mixture must beat

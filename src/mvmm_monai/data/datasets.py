@@ -80,6 +80,8 @@ class _Dataset:
     sequence_weights_default: dict = {}
     # model.min_wall_mm when left null (0: off)
     min_wall_mm_default: float = 0.0
+    # model.endocardium_median_deg when left null (0: off)
+    endocardium_median_deg_default: float = 0.0
 
     lower_percentile: float = 1.0
     upper_percentile: float = 99.0
@@ -221,6 +223,9 @@ class MyoPSDataset(_Dataset):
     # the manual myocardium includes scar and oedema, which look like blood in LGE and bSSFP: an LV pool that reaches
     # within this of the heart's outside has taken in wall (RESULTS 5i, chosen on held-out atlas cases)
     min_wall_mm_default = 6.0
+    # the manual endocardium is a smooth curve: the pool's radius around its centroid, median over +-32 degrees
+    # (RESULTS 5j, chosen on held-out atlas cases)
+    endocardium_median_deg_default = 32.0
 
     def __init__(
         self,
