@@ -27,7 +27,7 @@ def labelled_slice():
 def test_fill_moves_only_the_enclosed_myocardium():
     lab, notch = labelled_slice()
     stack = np.stack([lab, lab], -1)
-    post = torch.nn.functional.one_hot(torch.from_numpy(stack), 4).permute(3, 0, 1, 2).double() * 0.7 + 0.075
+    post = _one_hot_posterior(stack)
     out = fill_lv_cavity(post)
     new = out.argmax(0).numpy()
     assert torch.allclose(out.sum(0), post.sum(0))
@@ -75,12 +75,9 @@ def test_bad_fill_mode_names_the_key(value):
         lv_cavity_mask(np.zeros((4, 4, 1), dtype=np.int64), mode="convex")
 
 
-def test_thin_wall_gives_the_bulge_back_to_the_myocardium():
-    """A true LV (r <= 15 mm) inside an 8 mm wall; the mixture's LV bulges to r = 21 mm over a
-    60-degree sector (scar taken for blood), leaving 2 mm of wall there. With a 6 mm minimum wall
-    the LV is cut back to r <= 17 mm in the sector and nowhere else, on an anisotropic grid."""
-    from mvmm_monai.postprocess import thin_lv_at_wall
-
+def _ring():
+    """An anisotropic slice (0.8 x 1.2 mm pixels) with a true LV of r <= 15 mm inside an 8 mm
+    wall: spacing, offsets from the centre (mm), radius, angle (degrees) and the class map."""
     sx, sy = 0.8, 1.2  # mm
     x, y = np.meshgrid(np.arange(80) * sx, np.arange(54) * sy, indexing="ij")
     dx, dy = x - 32.0, y - 32.0
@@ -88,11 +85,25 @@ def test_thin_wall_gives_the_bulge_back_to_the_myocardium():
     truth = np.zeros(r.shape, dtype=np.int64)
     truth[r <= 23] = 1
     truth[r <= 15] = 2
+    return sx, sy, dx, dy, r, ang, truth
+
+
+def _one_hot_posterior(stack: np.ndarray) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.from_numpy(stack), 4).permute(3, 0, 1, 2).double() * 0.7 + 0.075
+
+
+def test_thin_wall_gives_the_bulge_back_to_the_myocardium():
+    """A true LV (r <= 15 mm) inside an 8 mm wall; the mixture's LV bulges to r = 21 mm over a
+    60-degree sector (scar taken for blood), leaving 2 mm of wall there. With a 6 mm minimum wall
+    the LV is cut back to r <= 17 mm in the sector and nowhere else, on an anisotropic grid."""
+    from mvmm_monai.postprocess import thin_lv_at_wall
+
+    sx, sy, dx, dy, r, ang, truth = _ring()
     sector = (ang >= 0) & (ang <= 60)
     pred = truth.copy()
     pred[sector & (r <= 21)] = 2
     stack = np.stack([pred, np.ones_like(pred)], -1)  # second slice: all myocardium, no outside
-    post = torch.nn.functional.one_hot(torch.from_numpy(stack), 4).permute(3, 0, 1, 2).double() * 0.7 + 0.075
+    post = _one_hot_posterior(stack)
     out = thin_lv_at_wall(post, (sx, sy), 6.0)
     assert torch.allclose(out.sum(0), torch.ones(out.shape[1:], dtype=out.dtype))
     lab = out.argmax(0).numpy()[..., 0]
@@ -114,20 +125,14 @@ def test_smooth_endocardium_fills_a_dent_and_cuts_a_bulge():
     touches neither the background nor the RV."""
     from mvmm_monai.postprocess import smooth_endocardium
 
-    sx, sy = 0.8, 1.2  # mm
-    x, y = np.meshgrid(np.arange(80) * sx, np.arange(54) * sy, indexing="ij")
-    dx, dy = x - 32.0, y - 32.0
-    r, ang = np.hypot(dx, dy), np.degrees(np.arctan2(dy, dx))
-    truth = np.zeros(r.shape, dtype=np.int64)
-    truth[r <= 23] = 1
-    truth[r <= 15] = 2
+    sx, sy, dx, dy, r, ang, truth = _ring()
     truth[(dx > 26) & (np.abs(dy) < 8)] = 3  # an RV patch outside the wall
     dent, bulge = (ang >= 100) & (ang <= 124), (ang >= -60) & (ang <= -36)
     pred = truth.copy()
     pred[dent & (r > 6) & (r <= 15)] = 1
     pred[bulge & (r > 15) & (r <= 21)] = 2
     stack = np.stack([pred, np.where(r <= 3, 2, 1)], -1)  # second slice: a pool too small to smooth
-    post = torch.nn.functional.one_hot(torch.from_numpy(stack), 4).permute(3, 0, 1, 2).double() * 0.7 + 0.075
+    post = _one_hot_posterior(stack)
     out = smooth_endocardium(post, (sx, sy), 32.0)
     assert torch.allclose(out.sum(0), torch.ones(out.shape[1:], dtype=out.dtype))
     lab = out.argmax(0).numpy()[..., 0]

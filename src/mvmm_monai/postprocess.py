@@ -58,6 +58,18 @@ def _convex_hull_mask(mask: np.ndarray) -> np.ndarray:
 FILL_MODES = ("hull", "holes")
 
 
+def _main_pool(labels2d: np.ndarray, min_voxels: int) -> np.ndarray | None:
+    """The largest connected LV region of a slice's class map (bool), or None with fewer than
+    ``min_voxels`` LV pixels."""
+    lv = labels2d == LV
+    if lv.sum() < min_voxels:
+        return None
+    comp, n = ndimage.label(lv)
+    if n > 1:
+        lv = comp == 1 + int(np.argmax(ndimage.sum(lv, comp, range(1, n + 1))))
+    return lv
+
+
 def lv_cavity_mask(labels: np.ndarray, min_voxels: int = 10, mode: str = "hull") -> np.ndarray:
     """``[X, Y, Z]`` bool: per slice, the largest connected LV region of the class map ``labels``
     closed to its convex hull (``mode="hull"``) or with its enclosed holes filled (``"holes"``: only
@@ -67,13 +79,9 @@ def lv_cavity_mask(labels: np.ndarray, min_voxels: int = 10, mode: str = "hull")
         raise ValueError(f"lv_cavity_mask: mode must be one of {FILL_MODES}, got {mode!r}")
     out = np.zeros(labels.shape, dtype=bool)
     for z in range(labels.shape[2]):
-        lv = labels[..., z] == LV
-        if lv.sum() < min_voxels:
+        lv = _main_pool(labels[..., z], min_voxels)
+        if lv is None:
             continue
-        comp, n = ndimage.label(lv)
-        if n > 1:
-            sizes = ndimage.sum(lv, comp, range(1, n + 1))
-            lv = comp == 1 + int(np.argmax(sizes))
         out[..., z] = _convex_hull_mask(lv) if mode == "hull" else ndimage.binary_fill_holes(lv)
     return out
 
@@ -149,12 +157,9 @@ def smooth_endocardium(
     gx, gy = np.meshgrid(np.arange(labels.shape[0]) * sx, np.arange(labels.shape[1]) * sy, indexing="ij")
     flip = np.zeros(labels.shape, dtype=bool)
     for z in range(labels.shape[2]):
-        lv = labels[..., z] == LV
-        if lv.sum() < min_voxels:
+        lv = _main_pool(labels[..., z], min_voxels)
+        if lv is None:
             continue
-        comp, n = ndimage.label(lv)
-        if n > 1:
-            lv = comp == 1 + int(np.argmax(ndimage.sum(lv, comp, range(1, n + 1))))
         dx, dy = gx - gx[lv].mean(), gy - gy[lv].mean()
         radius = np.hypot(dx, dy)
         sector = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * n_angles).astype(np.int64) % n_angles
