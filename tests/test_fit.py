@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mvmm_monai.cli import compose_config, fit
@@ -134,3 +135,23 @@ def test_label_with_unknown_values_is_named(tmp_path, cache_dir, cohort_copy):
 def test_silly_config_values(tmp_path, cache_dir, override, message):
     with pytest.raises(ValueError, match=message):
         run(tmp_path, cache_dir, "subject=patient1", "trainer.max_epochs=2", override)
+
+
+def test_registration_presets_share_slice_shift_settings(tmp_path):
+    """``registration=full`` and ``atlas_only`` inherit every setting of ``slice_shift`` through
+    Hydra's defaults list and change only what they name; the trainer override still applies."""
+    out = [f"paths.output_dir={tmp_path}"]
+    base = compose_config(out + ["registration=slice_shift"])
+    changed = {
+        "full": {"atlas_affine": True, "atlas_svf": True, "shift_search_at": [25], "objective_mrf": True},
+        "atlas_only": {"atlas_affine": True, "atlas_svf": True, "slice_shifts": False,
+                       "shift_gradient_exact_after": None, "shift_search_at": [], "objective_mrf": True},
+    }
+    for preset, named in changed.items():
+        cfg = compose_config(out + [f"registration={preset}"])
+        model, base_model = OmegaConf.to_container(cfg.registration.model), OmegaConf.to_container(base.registration.model)
+        assert {k: v for k, v in model.items() if base_model[k] != v} == named
+        assert cfg.registration.min_tol_window == 5 and cfg.trainer.max_epochs == 200
+        assert cfg.registration.optimizer == base.registration.optimizer
+        assert cfg.registration.scheduler.gamma == (0.97 if preset == "full" else 0.98)
+    assert compose_config(out + ["registration=full", "trainer.max_epochs=7"]).trainer.max_epochs == 7
