@@ -2,7 +2,7 @@
 """Dice of saved real MyoPS fits relabelled with several minimum wall thicknesses (``model.min_wall_mm``)
 and endocardium medians (``model.endocardium_median_deg``).
 
-    .venv/bin/python benchmarks/min_wall_sweep.py --fits OUT/A OUT/B [--root DIR] [--walls 0,5,6,8] [--medians 0,32]
+    .venv/bin/python benchmarks/min_wall_sweep.py --fits OUT/A OUT/B [--root DIR] [--walls 0,5,6,8] [--medians 0,32] [--smooth-before-fill]
 
 Each ``OUT/*`` is a ``benchmarks/real_myops.py --out`` folder of fits made with
 ``model.min_wall_mm=0 model.endocardium_median_deg=0`` (their ``CaseN/CaseN_posterior.nii.gz`` is
@@ -31,7 +31,9 @@ MYO_VALUES, LV_VALUE, RV_VALUE = (200, 1220, 2221), 500, 600
 NAMES = ("myocardium", "lv", "rv")
 
 
-def case_scores(case_dir: Path, root: Path, settings: list[tuple[float, float]]) -> dict[tuple[float, float], list[float]]:
+def case_scores(
+    case_dir: Path, root: Path, settings: list[tuple[float, float]], smooth_before_fill: bool = False
+) -> dict[tuple[float, float], list[float]]:
     case = case_dir.name
     img = nib.load(case_dir / f"{case}_posterior.nii.gz")  # [X, Y, Z, K] on the fit's (cropped) LGE grid
     posterior = torch.from_numpy(np.moveaxis(np.asarray(img.dataobj, dtype=np.float32), -1, 0))
@@ -44,7 +46,11 @@ def case_scores(case_dir: Path, root: Path, settings: list[tuple[float, float]])
     spacing = tuple(float(v) for v in img.header.get_zooms()[:2])
     out = {}
     for wall, median in settings:
-        labels = smooth_endocardium(fill_lv_cavity(thin_lv_at_wall(posterior, spacing, wall)), spacing, median).argmax(0).numpy()
+        thinned = thin_lv_at_wall(posterior, spacing, wall)
+        if smooth_before_fill:  # the order RESULTS 5j rejected: the raw pool's notches pull the median in
+            labels = fill_lv_cavity(smooth_endocardium(thinned, spacing, median)).argmax(0).numpy()
+        else:
+            labels = smooth_endocardium(fill_lv_cavity(thinned), spacing, median).argmax(0).numpy()
         full = np.zeros(gd.shape, dtype=np.int64)
         x, y, z = offset
         full[x : x + labels.shape[0], y : y + labels.shape[1], z : z + labels.shape[2]] = labels
@@ -57,6 +63,7 @@ def main() -> None:
     ap.add_argument("--fits", type=Path, nargs="+", required=True, help="benchmarks/real_myops.py --out folders")
     ap.add_argument("--walls", default="0,2,3,4,5,6,7,8,10", help="comma-separated minimum walls, mm")
     ap.add_argument("--medians", default="0", help="comma-separated endocardium median half-windows, degrees")
+    ap.add_argument("--smooth-before-fill", action="store_true", help="median before the cavity fill (not what a fit does)")
     args = parse_args(ap)
     settings = [(float(w), float(m)) for w in args.walls.split(",") for m in args.medians.split(",")]
     rows = {s: [] for s in settings}
@@ -65,7 +72,7 @@ def main() -> None:
         if not cases:
             raise FileNotFoundError(f"{fits}: no CaseN/CaseN_posterior.nii.gz (a benchmarks/real_myops.py --out folder?)")
         for case_dir in cases:
-            for key, d in case_scores(case_dir, args.root, settings).items():
+            for key, d in case_scores(case_dir, args.root, settings, args.smooth_before_fill).items():
                 rows[key].append(d)
     print(f"| `model.min_wall_mm` | `model.endocardium_median_deg` | {' | '.join(NAMES)} (mean over {len(rows[settings[0]])} cases) |")
     print("|---|---|" + "---|" * len(NAMES))
