@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: where the MyoPS data lie and the common part of their command line.
+"""What the benchmark scripts share: where the MyoPS data lie, the common part of their command line,
+and saved real_myops.py fits read back next to their manual labels.
 
 Every script runs as ``python benchmarks/NAME.py``, so this folder is first on ``sys.path`` and
 ``from common import ...`` finds this module.
@@ -9,9 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
+
+from mvmm_monai.data.labels import MYOPS_LABELS
 
 MYOPS_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "myops"  # ../shared beside the checkout
 
@@ -39,3 +45,48 @@ def parse_args(ap: argparse.ArgumentParser, argv=None, *, quiet: bool = False) -
         logging.disable(logging.INFO)
         warnings.filterwarnings("ignore")
     return args
+
+
+@dataclass
+class SavedFit:
+    """A saved ``benchmarks/real_myops.py`` fit of one MyoPS case, next to its manual label."""
+
+    posterior: torch.Tensor  # [K, X, Y, Z] on the fit's (cropped) LGE grid
+    spacing: tuple[float, float]  # in-plane voxel size, mm
+    box: tuple[slice, slice, slice]  # where that grid lies in the case's full grid
+    truth: np.ndarray  # class indices of CaseN_gd over the whole grid
+
+    @property
+    def truth_in_box(self) -> np.ndarray:
+        return self.truth[self.box]
+
+    def dice(self, classes: np.ndarray) -> list[float]:
+        """Dice of myocardium, LV and RV of the class map ``classes`` (on the fit's grid) against
+        the whole label: what the label has outside the grid counts as missed."""
+        inside = self.truth_in_box
+        return [2 * ((classes == k) & (inside == k)).sum() / max((classes == k).sum() + (self.truth == k).sum(), 1)
+                for k in (1, 2, 3)]
+
+
+def load_saved_fit(case_dir: Path, root: Path) -> SavedFit:
+    """``case_dir/CaseN_posterior.nii.gz`` and ``root/CaseN/CaseN_gd.nii.gz`` (MyoPS values mapped to
+    classes by the package's label map); a grid that does not fit inside the label's is named."""
+    case = case_dir.name
+    img = nib.load(case_dir / f"{case}_posterior.nii.gz")
+    posterior = torch.from_numpy(np.moveaxis(np.asarray(img.dataobj, dtype=np.float32), -1, 0))
+    gd_file = root / case / f"{case}_gd.nii.gz"
+    gd_img = nib.load(gd_file)
+    truth = MYOPS_LABELS.to_classes(torch.from_numpy(np.asarray(gd_img.dataobj).astype(np.int64)), str(gd_file)).numpy()
+    offset = np.round((np.linalg.inv(gd_img.affine) @ img.affine)[:3, 3]).astype(int)
+    if (offset < 0).any() or any(o + s > g for o, s, g in zip(offset, posterior.shape[1:], truth.shape)):
+        raise ValueError(f"{case_dir}: the posterior's grid does not lie inside {gd_file}'s grid (offset {offset.tolist()})")
+    box = tuple(slice(o, o + s) for o, s in zip(offset, posterior.shape[1:]))
+    return SavedFit(posterior, tuple(float(v) for v in img.header.get_zooms()[:2]), box, truth)
+
+
+def saved_fit_dirs(fits: Path) -> list[Path]:
+    """The case folders of a ``benchmarks/real_myops.py --out`` folder that hold a posterior."""
+    cases = sorted(d for d in fits.iterdir() if d.is_dir() and (d / f"{d.name}_posterior.nii.gz").is_file())
+    if not cases:
+        raise FileNotFoundError(f"{fits}: no CaseN/CaseN_posterior.nii.gz (a benchmarks/real_myops.py --out folder?)")
+    return cases

@@ -19,31 +19,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import torch
 
 from mvmm_monai.postprocess import fill_lv_cavity, smooth_endocardium, thin_lv_at_wall
 
-from common import argument_parser, parse_args
+from common import argument_parser, load_saved_fit, parse_args, saved_fit_dirs
 
-MYO_VALUES, LV_VALUE, RV_VALUE = (200, 1220, 2221), 500, 600
 NAMES = ("myocardium", "lv", "rv")
 
 
 def case_scores(
     case_dir: Path, root: Path, settings: list[tuple[float, float]], smooth_before_fill: bool = False
 ) -> dict[tuple[float, float], list[float]]:
-    case = case_dir.name
-    img = nib.load(case_dir / f"{case}_posterior.nii.gz")  # [X, Y, Z, K] on the fit's (cropped) LGE grid
-    posterior = torch.from_numpy(np.moveaxis(np.asarray(img.dataobj, dtype=np.float32), -1, 0))
-    gd_img = nib.load(root / case / f"{case}_gd.nii.gz")
-    gd = np.asarray(gd_img.dataobj)
-    truth = np.select([np.isin(gd, MYO_VALUES), gd == LV_VALUE, gd == RV_VALUE], [1, 2, 3], 0)
-    offset = np.round((np.linalg.inv(gd_img.affine) @ img.affine)[:3, 3]).astype(int)
-    if (offset < 0).any() or any(o + s > g for o, s, g in zip(offset, posterior.shape[1:], gd.shape)):
-        raise ValueError(f"{case_dir}: the posterior's grid does not lie inside {case}_gd's grid (offset {offset.tolist()})")
-    spacing = tuple(float(v) for v in img.header.get_zooms()[:2])
+    fit = load_saved_fit(case_dir, root)
+    posterior, spacing = fit.posterior, fit.spacing
     out = {}
     for wall, median in settings:
         thinned = thin_lv_at_wall(posterior, spacing, wall)
@@ -51,10 +40,7 @@ def case_scores(
             labels = fill_lv_cavity(smooth_endocardium(thinned, spacing, median)).argmax(0).numpy()
         else:
             labels = smooth_endocardium(fill_lv_cavity(thinned), spacing, median).argmax(0).numpy()
-        full = np.zeros(gd.shape, dtype=np.int64)
-        x, y, z = offset
-        full[x : x + labels.shape[0], y : y + labels.shape[1], z : z + labels.shape[2]] = labels
-        out[wall, median] = [2 * ((full == k) & (truth == k)).sum() / max((full == k).sum() + (truth == k).sum(), 1) for k in (1, 2, 3)]
+        out[wall, median] = fit.dice(labels)
     return out
 
 
@@ -68,10 +54,7 @@ def main() -> None:
     settings = [(float(w), float(m)) for w in args.walls.split(",") for m in args.medians.split(",")]
     rows = {s: [] for s in settings}
     for fits in args.fits:
-        cases = sorted(d for d in fits.iterdir() if d.is_dir() and (d / f"{d.name}_posterior.nii.gz").is_file())
-        if not cases:
-            raise FileNotFoundError(f"{fits}: no CaseN/CaseN_posterior.nii.gz (a benchmarks/real_myops.py --out folder?)")
-        for case_dir in cases:
+        for case_dir in saved_fit_dirs(fits):
             for key, d in case_scores(case_dir, args.root, settings, args.smooth_before_fill).items():
                 rows[key].append(d)
     print(f"| `model.min_wall_mm` | `model.endocardium_median_deg` | {' | '.join(NAMES)} (mean over {len(rows[settings[0]])} cases) |")

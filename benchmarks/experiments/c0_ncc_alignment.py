@@ -15,14 +15,17 @@ Then run the two 5c fold commands with ``--root DIR``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import argument_parser, parse_args  # noqa: E402
 
 
 def ncc(a: np.ndarray, b: np.ndarray) -> float:
@@ -43,12 +46,11 @@ def heart_mask(case: str, root: Path, fits: dict[str, Path], lge: nib.Nifti1Imag
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data" / "myops")
+    ap = argument_parser(__doc__, myops=True, overrides=False)
     ap.add_argument("--fits", type=Path, nargs="+", required=True, help="benchmarks/real_myops.py --out folders")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--reach", type=int, default=6, help="largest shift searched, pixels")
-    args = ap.parse_args()
+    args = parse_args(ap)
     fits = {d.name: d for f in args.fits for d in f.iterdir() if d.is_dir() and d.name.startswith("Case")}
     shifts = {}
     for number in range(3001, 3016):

@@ -28,11 +28,10 @@ import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import argument_parser, parse_args  # noqa: E402
+from common import argument_parser, load_saved_fit, parse_args, saved_fit_dirs  # noqa: E402
 
 from mvmm_monai.postprocess import fill_lv_cavity, smooth_endocardium, thin_lv_at_wall  # noqa: E402
 
-MYO_VALUES, LV_VALUE, RV_VALUE = (200, 1220, 2221), 500, 600
 BAND_MM, WALL_MM, MEDIAN_DEG = 5.0, 6.0, 32.0
 
 
@@ -42,14 +41,8 @@ def relabel(posterior: torch.Tensor, spacing) -> torch.Tensor:
 
 def case_data(case_dir: Path, root: Path) -> dict:
     case = case_dir.name
-    img = nib.load(case_dir / f"{case}_posterior.nii.gz")
-    posterior = torch.from_numpy(np.moveaxis(np.asarray(img.dataobj, dtype=np.float32), -1, 0))
-    spacing = tuple(float(v) for v in img.header.get_zooms()[:2])
-    gd_img = nib.load(root / case / f"{case}_gd.nii.gz")
-    gd = np.asarray(gd_img.dataobj)
-    full_truth = np.select([np.isin(gd, MYO_VALUES), gd == LV_VALUE, gd == RV_VALUE], [1, 2, 3], 0)
-    x, y, z = np.round((np.linalg.inv(gd_img.affine) @ img.affine)[:3, 3]).astype(int)
-    box = (slice(x, x + posterior.shape[1]), slice(y, y + posterior.shape[2]), slice(z, z + posterior.shape[3]))
+    fit = load_saved_fit(case_dir, root)
+    posterior, spacing, box = fit.posterior, fit.spacing, fit.box
     post = relabel(posterior, spacing)
     lab = post.argmax(0).numpy()
     features = []
@@ -67,15 +60,11 @@ def case_data(case_dir: Path, root: Path) -> dict:
     level = np.broadcast_to(np.asarray(levels, dtype=float)[None, None, :], lab.shape)
     band = np.isin(lab, (1, 2)) & (np.abs(border) <= BAND_MM)
     stack = [*features, outside, border, level, post[2].numpy(), post[1].numpy()]
-    truth = full_truth[box]
+    truth = fit.truth_in_box
     return {
         "X": np.stack([f[band] for f in stack], 1), "y": truth[band] == 2, "valid": np.isin(truth[band], (1, 2)),
-        "band": band, "lab": lab, "truth": truth, "full_truth": full_truth, "spacing": spacing,
+        "band": band, "lab": lab, "fit": fit,
     }
-
-
-def lv_dice(lab: np.ndarray, truth: np.ndarray, full_truth: np.ndarray) -> float:
-    return float(2 * ((lab == 2) & (truth == 2)).sum() / max((lab == 2).sum() + (full_truth == 2).sum(), 1))
 
 
 def main() -> None:
@@ -86,10 +75,7 @@ def main() -> None:
     args = parse_args(ap, quiet=True)
     folds = []
     for fits in args.fits:
-        cases = sorted(d for d in fits.iterdir() if d.is_dir() and (d / f"{d.name}_posterior.nii.gz").is_file())
-        if not cases:
-            raise FileNotFoundError(f"{fits}: no CaseN/CaseN_posterior.nii.gz (a benchmarks/real_myops.py --out folder?)")
-        folds.append({d.name: case_data(d, args.root) for d in cases})
+        folds.append({d.name: case_data(d, args.root) for d in saved_fit_dirs(fits)})
     before, after = [], []
     print("| case | LV Dice, 5j defaults | LV Dice, learned decision |\n|---|---|---|")
     for train, test in ((folds[0], folds[1]), (folds[1], folds[0])):
@@ -100,9 +86,9 @@ def main() -> None:
             lab = d["lab"].copy()
             lab[d["band"]] = np.where(clf.predict_proba(d["X"])[:, 1] > 0.5, 2, 1)
             onehot = torch.nn.functional.one_hot(torch.from_numpy(lab), 4).permute(3, 0, 1, 2).double()
-            new = smooth_endocardium(fill_lv_cavity(onehot), d["spacing"], MEDIAN_DEG).argmax(0).numpy()
-            before.append(lv_dice(d["lab"], d["truth"], d["full_truth"]))
-            after.append(lv_dice(new, d["truth"], d["full_truth"]))
+            new = smooth_endocardium(fill_lv_cavity(onehot), d["fit"].spacing, MEDIAN_DEG).argmax(0).numpy()
+            before.append(d["fit"].dice(d["lab"])[1])
+            after.append(d["fit"].dice(new)[1])
             print(f"| {case} | {before[-1]:.3f} | {after[-1]:.3f} |", flush=True)
     print(f"| **mean** | {np.mean(before):.4f} | {np.mean(after):.4f} |")
 
