@@ -1,4 +1,5 @@
-"""The LV cavity fill: trabeculae inside the cavity's convex hull go to the LV, nothing else moves."""
+"""Post-processing of the final labels: the LV cavity fill (trabeculae inside the cavity's convex hull
+go to the LV), the minimum wall and the smooth endocardium; each moves only what it should."""
 
 from __future__ import annotations
 
@@ -6,7 +7,30 @@ import numpy as np
 import pytest
 import torch
 
-from mvmm_monai.postprocess import fill_lv_cavity, lv_cavity_fill_mode, lv_cavity_mask
+from mvmm_monai.postprocess import (
+    fill_lv_cavity,
+    lv_cavity_fill_mode,
+    lv_cavity_mask,
+    smooth_endocardium,
+    thin_lv_at_wall,
+)
+
+
+def _ring():
+    """An anisotropic slice (0.8 x 1.2 mm pixels) with a true LV of r <= 15 mm inside an 8 mm
+    wall: spacing, offsets from the centre (mm), radius, angle (degrees) and the class map."""
+    sx, sy = 0.8, 1.2  # mm
+    x, y = np.meshgrid(np.arange(80) * sx, np.arange(54) * sy, indexing="ij")
+    dx, dy = x - 32.0, y - 32.0
+    r, ang = np.hypot(dx, dy), np.degrees(np.arctan2(dy, dx))
+    truth = np.zeros(r.shape, dtype=np.int64)
+    truth[r <= 23] = 1
+    truth[r <= 15] = 2
+    return sx, sy, dx, dy, r, ang, truth
+
+
+def _one_hot_posterior(stack: np.ndarray) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.from_numpy(stack), 4).permute(3, 0, 1, 2).double() * 0.7 + 0.075
 
 
 def labelled_slice():
@@ -75,29 +99,10 @@ def test_bad_fill_mode_names_the_key(value):
         lv_cavity_mask(np.zeros((4, 4, 1), dtype=np.int64), mode="convex")
 
 
-def _ring():
-    """An anisotropic slice (0.8 x 1.2 mm pixels) with a true LV of r <= 15 mm inside an 8 mm
-    wall: spacing, offsets from the centre (mm), radius, angle (degrees) and the class map."""
-    sx, sy = 0.8, 1.2  # mm
-    x, y = np.meshgrid(np.arange(80) * sx, np.arange(54) * sy, indexing="ij")
-    dx, dy = x - 32.0, y - 32.0
-    r, ang = np.hypot(dx, dy), np.degrees(np.arctan2(dy, dx))
-    truth = np.zeros(r.shape, dtype=np.int64)
-    truth[r <= 23] = 1
-    truth[r <= 15] = 2
-    return sx, sy, dx, dy, r, ang, truth
-
-
-def _one_hot_posterior(stack: np.ndarray) -> torch.Tensor:
-    return torch.nn.functional.one_hot(torch.from_numpy(stack), 4).permute(3, 0, 1, 2).double() * 0.7 + 0.075
-
-
 def test_thin_wall_gives_the_bulge_back_to_the_myocardium():
     """A true LV (r <= 15 mm) inside an 8 mm wall; the mixture's LV bulges to r = 21 mm over a
     60-degree sector (scar taken for blood), leaving 2 mm of wall there. With a 6 mm minimum wall
     the LV is cut back to r <= 17 mm in the sector and nowhere else, on an anisotropic grid."""
-    from mvmm_monai.postprocess import thin_lv_at_wall
-
     sx, sy, dx, dy, r, ang, truth = _ring()
     sector = (ang >= 0) & (ang <= 60)
     pred = truth.copy()
@@ -123,8 +128,6 @@ def test_smooth_endocardium_fills_a_dent_and_cuts_a_bulge():
     r = 6 mm (a dark trabecula) and a 24-degree bulge to r = 21 mm (bright wall). The running
     median of the radius over +-32 degrees restores the round pool on an anisotropic grid, and
     touches neither the background nor the RV."""
-    from mvmm_monai.postprocess import smooth_endocardium
-
     sx, sy, dx, dy, r, ang, truth = _ring()
     truth[(dx > 26) & (np.abs(dy) < 8)] = 3  # an RV patch outside the wall
     dent, bulge = (ang >= 100) & (ang <= 124), (ang >= -60) & (ang <= -36)
