@@ -47,7 +47,7 @@ def parse_args(ap: argparse.ArgumentParser, argv=None, *, quiet: bool = False) -
     return args
 
 
-@dataclass
+@dataclass(frozen=True)
 class SavedFit:
     """A saved ``benchmarks/real_myops.py`` fit of one MyoPS case, next to its manual label."""
 
