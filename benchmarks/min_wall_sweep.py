@@ -1,18 +1,19 @@
 #!/usr/bin/env python
-"""Dice of saved real MyoPS fits relabelled with several minimum wall thicknesses (``model.min_wall_mm``)
-and endocardium medians (``model.endocardium_median_deg``).
+"""Dice of saved real MyoPS fits relabelled with several minimum wall thicknesses (``model.min_wall_mm``),
+endocardium medians (``model.endocardium_median_deg``) and blood rims (``model.blood_rim``).
 
-    .venv/bin/python benchmarks/min_wall_sweep.py --fits OUT/A OUT/B [--root DIR] [--walls 0,5,6,8] [--medians 0,32] [--smooth-before-fill]
+    .venv/bin/python benchmarks/min_wall_sweep.py --fits OUT/A OUT/B [--root DIR] [--walls 0,5,6,8] [--medians 0,32] [--rims off C0:0.25,T2:0] [--smooth-before-fill]
 
 Each ``OUT/*`` is a ``benchmarks/real_myops.py --out`` folder of fits made with
-``model.min_wall_mm=0 model.endocardium_median_deg=0`` (their ``CaseN/CaseN_posterior.nii.gz`` is
+``model.min_wall_mm=0 model.endocardium_median_deg=0 "model.blood_rim={}"`` (their ``CaseN/CaseN_posterior.nii.gz`` is
 the final posterior), best also with ``model.lv_cavity_fill=false``: then the replay below is
 exactly what a fit with those settings gives (otherwise the saved posterior is already filled once
 before the wall). Every pair of wall and median is applied to it the way
-a fit applies them: :func:`mvmm_monai.postprocess.thin_lv_at_wall`, the cavity fill again, then
-:func:`~mvmm_monai.postprocess.smooth_endocardium`, and the labels are
+a fit applies them: :func:`mvmm_monai.postprocess.thin_lv_at_wall`, the cavity fill again,
+:func:`~mvmm_monai.postprocess.smooth_endocardium`, then :func:`~mvmm_monai.postprocess.claim_blood_rim`
+(on the case's images as a fit scales them, within its region of interest), and the labels are
 scored on the LGE grid against ``CaseN_gd`` (myocardium = 200 + 1220 + 2221). No fit is rerun, so a
-sweep takes seconds; a value chosen here is then run in full (RESULTS 5i, 5j).
+sweep takes seconds; a value chosen here is then run in full (RESULTS 5i, 5j, 5k).
 """
 
 from __future__ import annotations
@@ -21,26 +22,45 @@ from pathlib import Path
 
 import numpy as np
 
-from mvmm_monai.postprocess import fill_lv_cavity, smooth_endocardium, thin_lv_at_wall
+from mvmm_monai.postprocess import claim_blood_rim, fill_lv_cavity, smooth_endocardium, thin_lv_at_wall
 
-from common import argument_parser, load_saved_fit, parse_args, saved_fit_dirs
+from common import argument_parser, load_saved_fit, parse_args, saved_fit_dirs, saved_fit_images
+
+SEQUENCES = ("LGE", "C0", "T2")  # the channel order of a MyoPS fit (the reference first)
 
 NAMES = ("myocardium", "lv", "rv")
 
 
+def parse_rim(text: str) -> dict[str, float]:
+    """``off`` -> {}; ``C0:0.25,T2:0`` -> {"C0": 0.25, "T2": 0.0}."""
+    if text == "off":
+        return {}
+    rim = {k: float(v) for k, v in (item.split(":") for item in text.split(","))}
+    unknown = sorted(set(rim) - set(SEQUENCES))
+    if unknown:
+        raise SystemExit(f"--rims {text}: {unknown} not among {SEQUENCES}")
+    return rim
+
+
 def case_scores(
-    case_dir: Path, root: Path, settings: list[tuple[float, float]], smooth_before_fill: bool = False
-) -> dict[tuple[float, float], list[float]]:
+    case_dir: Path, root: Path, settings: list[tuple[float, float, str]], smooth_before_fill: bool = False
+) -> dict[tuple[float, float, str], list[float]]:
     fit = load_saved_fit(case_dir, root)
     posterior, spacing = fit.posterior, fit.spacing
+    images = coverage = None
     out = {}
-    for wall, median in settings:
+    for wall, median, rim in settings:
         thinned = thin_lv_at_wall(posterior, spacing, wall)
         if smooth_before_fill:  # the order RESULTS 5j rejected: the raw pool's notches pull the median in
-            labels = fill_lv_cavity(smooth_endocardium(thinned, spacing, median)).argmax(0).numpy()
+            final = fill_lv_cavity(smooth_endocardium(thinned, spacing, median))
         else:
-            labels = smooth_endocardium(fill_lv_cavity(thinned), spacing, median).argmax(0).numpy()
-        out[wall, median] = fit.dice(labels)
+            final = smooth_endocardium(fill_lv_cavity(thinned), spacing, median)
+        fractions = parse_rim(rim)
+        if fractions:
+            if images is None:
+                images, coverage = saved_fit_images(case_dir, root, fit)
+            final = claim_blood_rim(final, images, coverage, {SEQUENCES.index(k): v for k, v in fractions.items()})
+        out[wall, median, rim] = fit.dice(final.argmax(0).numpy())
     return out
 
 
@@ -49,18 +69,21 @@ def main() -> None:
     ap.add_argument("--fits", type=Path, nargs="+", required=True, help="benchmarks/real_myops.py --out folders")
     ap.add_argument("--walls", default="0,2,3,4,5,6,7,8,10", help="comma-separated minimum walls, mm")
     ap.add_argument("--medians", default="0", help="comma-separated endocardium median half-windows, degrees")
+    ap.add_argument("--rims", nargs="+", default=["off"], help="blood rims: off, or SEQ:FRACTION,... (e.g. C0:0.25,T2:0)")
     ap.add_argument("--smooth-before-fill", action="store_true", help="median before the cavity fill (not what a fit does)")
     args = parse_args(ap)
-    settings = [(float(w), float(m)) for w in args.walls.split(",") for m in args.medians.split(",")]
+    for rim in args.rims:
+        parse_rim(rim)  # a bad one fails before any work
+    settings = [(float(w), float(m), r) for w in args.walls.split(",") for m in args.medians.split(",") for r in args.rims]
     rows = {s: [] for s in settings}
     for fits in args.fits:
         for case_dir in saved_fit_dirs(fits):
             for key, d in case_scores(case_dir, args.root, settings, args.smooth_before_fill).items():
                 rows[key].append(d)
-    print(f"| `model.min_wall_mm` | `model.endocardium_median_deg` | {' | '.join(NAMES)} (mean over {len(rows[settings[0]])} cases) |")
-    print("|---|---|" + "---|" * len(NAMES))
-    for (w, m), scores in rows.items():
-        print(f"| {w:g} | {m:g} | " + " | ".join(f"{v:.4f}" for v in np.mean(scores, axis=0)) + " |")
+    print(f"| `model.min_wall_mm` | `model.endocardium_median_deg` | `model.blood_rim` | {' | '.join(NAMES)} (mean over {len(rows[settings[0]])} cases) |")
+    print("|---|---|---|" + "---|" * len(NAMES))
+    for (w, m, r), scores in rows.items():
+        print(f"| {w:g} | {m:g} | {r} | " + " | ".join(f"{v:.4f}" for v in np.mean(scores, axis=0)) + " |")
 
 
 if __name__ == "__main__":

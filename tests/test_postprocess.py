@@ -1,13 +1,16 @@
 """Post-processing of the final labels: the LV cavity fill (trabeculae inside the cavity's convex hull
-go to the LV), the minimum wall and the smooth endocardium; each moves only what it should."""
+go to the LV), the minimum wall, the smooth endocardium and the blood rim; each moves only what it
+should."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from mvmm_monai.postprocess import (
+    claim_blood_rim,
     fill_lv_cavity,
     lv_cavity_fill_mode,
     lv_cavity_mask,
@@ -149,3 +152,39 @@ def test_smooth_endocardium_fills_a_dent_and_cuts_a_bulge():
     assert smooth_endocardium(post, (sx, sy), 0.0) is post
     with pytest.raises(ValueError, match="half_window_deg must be in"):
         smooth_endocardium(post, (sx, sy), -5.0)
+
+
+def test_blood_rim_claims_the_partial_volume_rim_but_not_oedema():
+    """The mixture's pool stops one voxel short of the true LV: that voxel ring is partial volume
+    (bSSFP between wall and blood, T2 between the dark blood and the wall). It goes to the LV,
+    except in a sector of oedema (bright in bSSFP *and* T2) and a sector where the ring is plain
+    wall; nothing beyond the ring moves, and a sequence that does not cover a slice vetoes it."""
+    sx, sy, dx, dy, r, ang, _ = _ring()
+    pred = np.zeros(r.shape, dtype=np.int64)
+    pred[r <= 23] = 1
+    pred[r <= 13] = 2
+    pred[(dx > 26) & (np.abs(dy) < 8)] = 3  # an RV patch outside the wall
+    ring = ndimage.binary_dilation(pred == 2) & (pred == 1)  # the four-neighbour ring
+    oedema, plain = (ang >= 0) & (ang <= 60), (ang >= 150) & (ang <= 200)
+    tissue = {0: (0.1, 0.5), 1: (0.35, 0.4), 2: (0.8, 0.1), 3: (0.75, 0.15)}  # class: (bSSFP, T2)
+    c0, t2 = np.zeros(r.shape), np.zeros(r.shape)
+    for k, (a, b) in tissue.items():
+        c0[pred == k], t2[pred == k] = a, b
+    c0[ring], t2[ring] = 0.55, 0.25  # partial volume: a little over a third of the way to the blood
+    c0[oedema & (pred == 1)], t2[oedema & (pred == 1)] = 0.7, 0.7  # oedematous wall, ring included
+    c0[plain & ring], t2[plain & ring] = 0.35, 0.4
+    images = torch.from_numpy(np.stack([np.stack([c0, c0], -1), np.stack([t2, t2], -1)])).float()
+    coverage = torch.ones_like(images)
+    coverage[1, ..., 1] = 0  # T2 does not cover the second slice
+    post = _one_hot_posterior(np.stack([pred, pred], -1))
+    out = claim_blood_rim(post, images, coverage, {0: 0.25, 1: 0.0})
+    assert torch.allclose(out.sum(0), torch.ones(out.shape[1:], dtype=out.dtype))
+    lab = out.argmax(0).numpy()
+    moved = lab[..., 0] != pred
+    assert np.array_equal(moved, ring & ~oedema & ~plain) and (lab[..., 0][moved] == 2).all()
+    assert moved.sum() > 50
+    assert np.array_equal(lab[..., 1], pred)  # uncovered by T2: vetoed
+    assert claim_blood_rim(post, images, coverage, {0: 0.25}).argmax(0)[..., 0][oedema & ring].eq(2).all()  # bSSFP alone: oedema taken
+    assert claim_blood_rim(post, images, coverage, {}) is post
+    with pytest.raises(ValueError, match="claim_blood_rim: images"):
+        claim_blood_rim(post, images[:, :-1], coverage[:, :-1], {0: 0.25})

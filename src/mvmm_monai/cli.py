@@ -19,7 +19,7 @@ from mvmm_monai import CLASS_NAMES
 from mvmm_monai.atlas import PLACEMENTS, atlas_roi, crop_box, place_atlas, place_atlas_auto, read_atlas
 from mvmm_monai.evaluation import segmentation_metrics
 from mvmm_monai.fit_module import MvMMFit
-from mvmm_monai.postprocess import fill_lv_cavity, lv_cavity_fill_mode, smooth_endocardium, thin_lv_at_wall
+from mvmm_monai.postprocess import claim_blood_rim, fill_lv_cavity, lv_cavity_fill_mode, smooth_endocardium, thin_lv_at_wall
 from mvmm_monai.progress import lightning_notes_silenced
 from mvmm_monai.outputs import native_segmentation, save_json, save_nifti, save_png
 from mvmm_monai.scar_output import write_scar
@@ -275,6 +275,24 @@ def endocardium_median_deg(model_cfg: DictConfig, default: float = 0.0) -> float
     return _postprocess_amount(model_cfg, "endocardium_median_deg", default, 180, "an angle in degrees")
 
 
+def blood_rim(model_cfg: DictConfig, sequences, default: dict | None = None) -> dict[str, float]:
+    """``model.blood_rim`` (sequence -> fraction in [-1, 1]) checked against the sequences; null takes the dataset's ``blood_rim_default`` (for the sequences the
+    subject has), ``{}`` is off."""
+    given = model_cfg.get("blood_rim")
+    if given is None:
+        given = {k: v for k, v in (default or {}).items() if k in sequences}
+    if not isinstance(given, (dict, DictConfig)):
+        raise ValueError(f"model.blood_rim must be a mapping sequence -> fraction (e.g. {{C0: 0.25, T2: 0}}), {{}} or null, got {given!r}")
+    given = dict(given)
+    unknown = sorted(set(given) - set(sequences))
+    if unknown:
+        raise ValueError(f"model.blood_rim: {unknown} not among the subject's sequences {list(sequences)}")
+    bad = {k: v for k, v in given.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not -1 <= v <= 1}
+    if bad:
+        raise ValueError(f"model.blood_rim: fractions must be numbers in [-1, 1], got {bad}")
+    return {k: float(v) for k, v in given.items()}
+
+
 def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     """Fit subject ``name`` of ``dataset`` and write its results into ``out``; returns its metrics."""
     start = time.perf_counter()
@@ -282,6 +300,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     fill_mode = lv_cavity_fill_mode(cfg.model.get("lv_cavity_fill", False))  # a bad value fails before any work
     min_wall = min_wall_mm(cfg.model, dataset.min_wall_mm_default)
     endo_median = endocardium_median_deg(cfg.model, dataset.endocardium_median_deg_default)
+    rim = blood_rim(cfg.model, dataset.sequences, dataset.blood_rim_default)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(out)
     if str(cfg.paths.get("output_dir")) != str(out):  # a cohort member: logs and checkpoints go with it
@@ -323,6 +342,10 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         result = dataclasses.replace(result, posterior=fill_lv_cavity(result.posterior, fill_mode))
     if endo_median:  # the labelling convention: the endocardial contour is a smooth curve
         result = dataclasses.replace(result, posterior=smooth_endocardium(result.posterior, spacing, endo_median))
+    if rim:  # the labelling convention: the partial-volume rim of the pool is cavity
+        images, coverage = result.warped.images[0], result.warped.coverage[0]
+        channels = {subject.sequences.index(k): v for k, v in rim.items() if k in subject.sequences}
+        result = dataclasses.replace(result, posterior=claim_blood_rim(result.posterior, images, coverage, channels))
     full = subject.parent or subject  # the uncut subject when the common space was cropped
     segs, scores = _metrics(full, subject.uncrop(result.posterior, 0.0, 1.0), registration.native_shifts_voxels())
     if subject.reference in full.labels:  # the placed (and deformed) atlas alone: the baseline the mixture must beat

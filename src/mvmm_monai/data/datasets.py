@@ -82,6 +82,8 @@ class _Dataset:
     min_wall_mm_default: float = 0.0
     # model.endocardium_median_deg when left null (0: off)
     endocardium_median_deg_default: float = 0.0
+    # model.blood_rim when left null (sequence -> fraction; empty: off)
+    blood_rim_default: dict = {}
 
     lower_percentile: float = 1.0
     upper_percentile: float = 99.0
@@ -226,6 +228,9 @@ class MyoPSDataset(_Dataset):
     # the manual endocardium is a smooth curve: the pool's radius around its centroid, median over +-32 degrees
     # (RESULTS 5j, chosen on held-out atlas cases)
     endocardium_median_deg_default = 32.0
+    # the manual endocardium includes the partial-volume rim: a wall voxel touching the pool that bSSFP puts a
+    # quarter of the way to the blood and T2 not brighter than the wall (not oedema) is LV (RESULTS 5k)
+    blood_rim_default = {"C0": 0.25, "T2": 0.0}
 
     def __init__(
         self,
