@@ -12,7 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mvmm_monai.cli import compose_config, fit
+from mvmm_monai.cli import blood_rim, compose_config, fit
+from mvmm_monai.data.datasets import MyoPSDataset, SyntheticDataset
 from mvmm_monai.data.synthetic import SyntheticConfig, ensure_cohort
 
 QUIET = ["callbacks.progress.refresh_rate=0"]
@@ -138,6 +139,18 @@ def test_label_with_unknown_values_is_named(tmp_path, cache_dir, cohort_copy):
 def test_silly_config_values(tmp_path, cache_dir, override, message):
     with pytest.raises(ValueError, match=message):
         run(tmp_path, cache_dir, "subject=patient1", "trainer.max_epochs=2", override)
+
+
+def test_blood_rim_defaults_per_dataset():
+    """``model.blood_rim=null`` takes the dataset's default (MyoPS: bSSFP 0.25, T2 0; the synthetic
+    cohort: off), an explicit mapping wins, ``{}`` is off."""
+    seqs = ("LGE", "C0", "T2")
+    rim = lambda value, default: blood_rim(OmegaConf.create({"blood_rim": value}), seqs, default)
+    assert rim(None, MyoPSDataset.blood_rim_default) == {"C0": 0.25, "T2": 0.0}
+    assert rim(None, SyntheticDataset.blood_rim_default) == {}
+    assert rim({"C0": 0.4}, MyoPSDataset.blood_rim_default) == {"C0": 0.4}
+    assert rim({}, MyoPSDataset.blood_rim_default) == {}
+    assert blood_rim(OmegaConf.create({"blood_rim": None}), ("LGE", "C0"), MyoPSDataset.blood_rim_default) == {"C0": 0.25}
 
 
 def test_registration_presets_share_slice_shift_settings(tmp_path):

@@ -276,8 +276,9 @@ def endocardium_median_deg(model_cfg: DictConfig, default: float = 0.0) -> float
 
 
 def blood_rim(model_cfg: DictConfig, sequences, default: dict | None = None) -> dict[str, float]:
-    """``model.blood_rim`` (sequence -> fraction in [-1, 1]) checked against the sequences; null takes the dataset's ``blood_rim_default`` (for the sequences the
-    subject has), ``{}`` is off."""
+    """``model.blood_rim`` (sequence -> fraction in [-1, 1]) checked against the dataset's
+    ``sequences``; null takes the dataset's ``blood_rim_default`` (for the sequences it has), ``{}``
+    is off."""
     given = model_cfg.get("blood_rim")
     if given is None:
         given = {k: v for k, v in (default or {}).items() if k in sequences}
