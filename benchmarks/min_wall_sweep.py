@@ -9,9 +9,9 @@ Each ``OUT/*`` is a ``benchmarks/real_myops.py --out`` folder of fits made with
 the final posterior), best also with ``model.lv_cavity_fill=false``: then the replay below is
 exactly what a fit with those settings gives (otherwise the saved posterior is already filled once
 before the wall). Every pair of wall and median is applied to it the way
-a fit applies them: :func:`mvmm_monai.postprocess.thin_lv_at_wall`, the cavity fill again,
-:func:`~mvmm_monai.postprocess.smooth_endocardium`, then :func:`~mvmm_monai.postprocess.claim_blood_rim`
-(on the case's images as a fit scales them, within its region of interest), and the labels are
+a fit applies them (:func:`mvmm_monai.postprocess.follow_labelling_conventions`: the wall, the
+cavity fill again, the median, then the blood rim on the case's images as a fit scales them, within
+its region of interest), and the labels are
 scored on the LGE grid against ``CaseN_gd`` (myocardium = 200 + 1220 + 2221). No fit is rerun, so a
 sweep takes seconds; a value chosen here is then run in full (RESULTS 5i, 5j, 5k).
 """
@@ -22,45 +22,45 @@ from pathlib import Path
 
 import numpy as np
 
-from mvmm_monai.postprocess import claim_blood_rim, fill_lv_cavity, smooth_endocardium, thin_lv_at_wall
+from mvmm_monai.data.datasets import MyoPSDataset
+from mvmm_monai.postprocess import fill_lv_cavity, follow_labelling_conventions, smooth_endocardium, thin_lv_at_wall
 
 from common import argument_parser, load_saved_fit, parse_args, saved_fit_dirs, saved_fit_images
-
-SEQUENCES = ("LGE", "C0", "T2")  # the channel order of a MyoPS fit (the reference first)
 
 NAMES = ("myocardium", "lv", "rv")
 
 
-def parse_rim(text: str) -> dict[str, float]:
-    """``off`` -> {}; ``C0:0.25,T2:0`` -> {"C0": 0.25, "T2": 0.0}."""
+def parse_rim(text: str, sequences: tuple[str, ...]) -> dict[str, float]:
+    """``off`` -> {}; ``C0:0.25,T2:0`` -> {"C0": 0.25, "T2": 0.0} (names among ``sequences``)."""
     if text == "off":
         return {}
     rim = {k: float(v) for k, v in (item.split(":") for item in text.split(","))}
-    unknown = sorted(set(rim) - set(SEQUENCES))
+    unknown = sorted(set(rim) - set(sequences))
     if unknown:
-        raise SystemExit(f"--rims {text}: {unknown} not among {SEQUENCES}")
+        raise SystemExit(f"--rims {text}: {unknown} not among {sequences}")
     return rim
 
 
 def case_scores(
-    case_dir: Path, root: Path, settings: list[tuple[float, float, str]], smooth_before_fill: bool = False
-) -> dict[tuple[float, float, str], list[float]]:
+    case_dir: Path, root: Path, settings: list[tuple[float, float, dict[str, float]]], smooth_before_fill: bool = False
+) -> list[list[float]]:
+    """Dice of myocardium, LV and RV for each (wall, median, rim) of ``settings``, in their order."""
     fit = load_saved_fit(case_dir, root)
     posterior, spacing = fit.posterior, fit.spacing
-    images = coverage = None
-    out = {}
-    for wall, median, rim in settings:
-        thinned = thin_lv_at_wall(posterior, spacing, wall)
+    images = coverage = sequences = None
+    out = []
+    for wall, median, fractions in settings:
         if smooth_before_fill:  # the order RESULTS 5j rejected: the raw pool's notches pull the median in
-            final = fill_lv_cavity(smooth_endocardium(thinned, spacing, median))
+            final = fill_lv_cavity(smooth_endocardium(thin_lv_at_wall(posterior, spacing, wall), spacing, median))
         else:
-            final = smooth_endocardium(fill_lv_cavity(thinned), spacing, median)
-        fractions = parse_rim(rim)
-        if fractions:
-            if images is None:
-                images, coverage = saved_fit_images(case_dir, root, fit)
-            final = claim_blood_rim(final, images, coverage, {SEQUENCES.index(k): v for k, v in fractions.items()})
-        out[wall, median, rim] = fit.dice(final.argmax(0).numpy())
+            if fractions and images is None:
+                images, coverage, sequences = saved_fit_images(case_dir, root, fit)
+            final = follow_labelling_conventions(
+                posterior, spacing, min_wall_mm=wall, endocardium_median_deg=median,
+                blood_rim={sequences.index(k): v for k, v in fractions.items()} if fractions else None,
+                images=images, coverage=coverage,
+            )
+        out.append(fit.dice(final.argmax(0).numpy()))
     return out
 
 
@@ -70,20 +70,20 @@ def main() -> None:
     ap.add_argument("--walls", default="0,2,3,4,5,6,7,8,10", help="comma-separated minimum walls, mm")
     ap.add_argument("--medians", default="0", help="comma-separated endocardium median half-windows, degrees")
     ap.add_argument("--rims", nargs="+", default=["off"], help="blood rims: off, or SEQ:FRACTION,... (e.g. C0:0.25,T2:0)")
-    ap.add_argument("--smooth-before-fill", action="store_true", help="median before the cavity fill (not what a fit does)")
+    ap.add_argument("--smooth-before-fill", action="store_true", help="median before the cavity fill (not what a fit does; no rim)")
     args = parse_args(ap)
-    for rim in args.rims:
-        parse_rim(rim)  # a bad one fails before any work
-    settings = [(float(w), float(m), r) for w in args.walls.split(",") for m in args.medians.split(",") for r in args.rims]
-    rows = {s: [] for s in settings}
-    for fits in args.fits:
-        for case_dir in saved_fit_dirs(fits):
-            for key, d in case_scores(case_dir, args.root, settings, args.smooth_before_fill).items():
-                rows[key].append(d)
-    print(f"| `model.min_wall_mm` | `model.endocardium_median_deg` | `model.blood_rim` | {' | '.join(NAMES)} (mean over {len(rows[settings[0]])} cases) |")
+    rims = {r: parse_rim(r, MyoPSDataset(args.root).sequences) for r in args.rims}  # a bad one fails before any work
+    if args.smooth_before_fill and any(rims.values()):
+        ap.error("--smooth-before-fill replays the rejected order of RESULTS 5j, without a blood rim: use --rims off")
+    keys = [(w, m, r) for w in args.walls.split(",") for m in args.medians.split(",") for r in args.rims]
+    settings = [(float(w), float(m), rims[r]) for w, m, r in keys]
+    scores = [case_scores(case_dir, args.root, settings, args.smooth_before_fill)
+              for fits in args.fits for case_dir in saved_fit_dirs(fits)]  # [case][setting][structure]
+    means = np.mean(scores, axis=0)
+    print(f"| `model.min_wall_mm` | `model.endocardium_median_deg` | `model.blood_rim` | {' | '.join(NAMES)} (mean over {len(scores)} cases) |")
     print("|---|---|---|" + "---|" * len(NAMES))
-    for (w, m, r), scores in rows.items():
-        print(f"| {w:g} | {m:g} | {r} | " + " | ".join(f"{v:.4f}" for v in np.mean(scores, axis=0)) + " |")
+    for (w, m, r), row in zip(keys, means):
+        print(f"| {float(w):g} | {float(m):g} | {r} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
 
 
 if __name__ == "__main__":

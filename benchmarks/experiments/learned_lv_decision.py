@@ -30,13 +30,13 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import argument_parser, load_saved_fit, parse_args, saved_fit_dirs  # noqa: E402
 
-from mvmm_monai.postprocess import fill_lv_cavity, smooth_endocardium, thin_lv_at_wall  # noqa: E402
+from mvmm_monai.postprocess import fill_lv_cavity, follow_labelling_conventions, smooth_endocardium  # noqa: E402
 
 BAND_MM, WALL_MM, MEDIAN_DEG = 5.0, 6.0, 32.0
 
 
 def relabel(posterior: torch.Tensor, spacing) -> torch.Tensor:
-    return smooth_endocardium(fill_lv_cavity(thin_lv_at_wall(posterior, spacing, WALL_MM)), spacing, MEDIAN_DEG)
+    return follow_labelling_conventions(posterior, spacing, min_wall_mm=WALL_MM, endocardium_median_deg=MEDIAN_DEG)
 
 
 def case_data(case_dir: Path, root: Path) -> dict:

@@ -19,7 +19,7 @@ from mvmm_monai import CLASS_NAMES
 from mvmm_monai.atlas import PLACEMENTS, atlas_roi, crop_box, place_atlas, place_atlas_auto, read_atlas
 from mvmm_monai.evaluation import segmentation_metrics
 from mvmm_monai.fit_module import MvMMFit
-from mvmm_monai.postprocess import claim_blood_rim, fill_lv_cavity, lv_cavity_fill_mode, smooth_endocardium, thin_lv_at_wall
+from mvmm_monai.postprocess import follow_labelling_conventions, lv_cavity_fill_mode
 from mvmm_monai.progress import lightning_notes_silenced
 from mvmm_monai.outputs import native_segmentation, save_json, save_nifti, save_png
 from mvmm_monai.scar_output import write_scar
@@ -240,20 +240,30 @@ def with_dataset_defaults(cfg: DictConfig, dataset) -> DictConfig:
     return cfg
 
 
-def sequence_weights(model_cfg: DictConfig, sequences, defaults: dict | None = None) -> list[float]:
-    """``model.sequence_weights`` (sequence -> weight, the others 1) as one weight per sequence;
-    null takes the dataset's ``sequence_weights_default`` (for the sequences the subject has)."""
-    given = model_cfg.get("sequence_weights")
+def _per_sequence(model_cfg: DictConfig, key: str, sequences, default: dict | None, valid, requirement: str) -> dict[str, float]:
+    """``model.<key>``, a mapping sequence -> number, checked: its names among ``sequences`` and
+    ``valid(value)`` for each value (else ``model.<key> must be <requirement>``); null takes
+    ``default`` (for the sequences there are)."""
+    given = model_cfg.get(key)
     if given is None:
-        given = {k: v for k, v in (defaults or {}).items() if k in sequences}
+        given = {k: v for k, v in (default or {}).items() if k in sequences}
+    if not isinstance(given, (dict, DictConfig)):
+        raise ValueError(f"model.{key} must be a mapping sequence -> number (e.g. {{C0: 0.5}}), {{}} or null, got {given!r}")
     given = dict(given)
     unknown = sorted(set(given) - set(sequences))
     if unknown:
-        raise ValueError(f"model.sequence_weights: {unknown} not among the subject's sequences {list(sequences)}")
-    bad = {k: v for k, v in given.items() if not (isinstance(v, (int, float)) and v > 0)}
+        raise ValueError(f"model.{key}: {unknown} not among the subject's sequences {list(sequences)}")
+    bad = {k: v for k, v in given.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not valid(v)}
     if bad:
-        raise ValueError(f"model.sequence_weights must be positive numbers, got {bad}")
-    return [float(given.get(s, 1.0)) for s in sequences]
+        raise ValueError(f"model.{key} must be {requirement}, got {bad}")
+    return {k: float(v) for k, v in given.items()}
+
+
+def sequence_weights(model_cfg: DictConfig, sequences, defaults: dict | None = None) -> list[float]:
+    """``model.sequence_weights`` (sequence -> weight, the others 1) as one weight per sequence;
+    null takes the dataset's ``sequence_weights_default`` (for the sequences the subject has)."""
+    given = _per_sequence(model_cfg, "sequence_weights", sequences, defaults, lambda v: v > 0, "positive numbers")
+    return [given.get(s, 1.0) for s in sequences]
 
 
 def _postprocess_amount(model_cfg: DictConfig, key: str, default: float, upper: float, unit: str) -> float:
@@ -279,19 +289,7 @@ def blood_rim(model_cfg: DictConfig, sequences, default: dict | None = None) -> 
     """``model.blood_rim`` (sequence -> fraction in [-1, 1]) checked against the dataset's
     ``sequences``; null takes the dataset's ``blood_rim_default`` (for the sequences it has), ``{}``
     is off."""
-    given = model_cfg.get("blood_rim")
-    if given is None:
-        given = {k: v for k, v in (default or {}).items() if k in sequences}
-    if not isinstance(given, (dict, DictConfig)):
-        raise ValueError(f"model.blood_rim must be a mapping sequence -> fraction (e.g. {{C0: 0.25, T2: 0}}), {{}} or null, got {given!r}")
-    given = dict(given)
-    unknown = sorted(set(given) - set(sequences))
-    if unknown:
-        raise ValueError(f"model.blood_rim: {unknown} not among the subject's sequences {list(sequences)}")
-    bad = {k: v for k, v in given.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not -1 <= v <= 1}
-    if bad:
-        raise ValueError(f"model.blood_rim: fractions must be numbers in [-1, 1], got {bad}")
-    return {k: float(v) for k, v in given.items()}
+    return _per_sequence(model_cfg, "blood_rim", sequences, default, lambda v: -1 <= v <= 1, "fractions in [-1, 1]")
 
 
 def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
@@ -336,17 +334,19 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         return {}
 
     result = module.result()
-    spacing = tuple(float(v) for v in subject.grid.spacing[:2])
-    if min_wall:  # the labelling convention: scar and oedema belong to the myocardium, whose wall is never this thin
-        result = dataclasses.replace(result, posterior=thin_lv_at_wall(result.posterior, spacing, min_wall))
-    if fill_mode:  # the labelling convention: trabeculae belong to the cavity
-        result = dataclasses.replace(result, posterior=fill_lv_cavity(result.posterior, fill_mode))
-    if endo_median:  # the labelling convention: the endocardial contour is a smooth curve
-        result = dataclasses.replace(result, posterior=smooth_endocardium(result.posterior, spacing, endo_median))
-    if rim:  # the labelling convention: the partial-volume rim of the pool is cavity
-        images, coverage = result.warped.images[0], result.warped.coverage[0]
-        channels = {subject.sequences.index(k): v for k, v in rim.items() if k in subject.sequences}
-        result = dataclasses.replace(result, posterior=claim_blood_rim(result.posterior, images, coverage, channels))
+    # the manual labelling conventions: scar and oedema are wall, which is never thinner than min_wall; trabeculae
+    # are cavity; the endocardium is a smooth curve; the pool's partial-volume rim is cavity
+    posterior = follow_labelling_conventions(
+        result.posterior,
+        tuple(float(v) for v in subject.grid.spacing[:2]),
+        min_wall_mm=min_wall,
+        fill_mode=fill_mode,
+        endocardium_median_deg=endo_median,
+        blood_rim={subject.sequences.index(k): v for k, v in rim.items() if k in subject.sequences},
+        images=result.warped.images[0],
+        coverage=result.warped.coverage[0],
+    )
+    result = dataclasses.replace(result, posterior=posterior)
     full = subject.parent or subject  # the uncut subject when the common space was cropped
     segs, scores = _metrics(full, subject.uncrop(result.posterior, 0.0, 1.0), registration.native_shifts_voxels())
     if subject.reference in full.labels:  # the placed (and deformed) atlas alone: the baseline the mixture must beat

@@ -214,6 +214,33 @@ def claim_blood_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractio
     return _swap_myocardium_and_lv(posterior, flip)
 
 
+def follow_labelling_conventions(
+    posterior: Tensor,
+    spacing_mm: tuple[float, float],
+    *,
+    min_wall_mm: float = 0.0,
+    fill_mode: str | None = "hull",
+    endocardium_median_deg: float = 0.0,
+    blood_rim: dict[int, float] | None = None,
+    images: Tensor | None = None,
+    coverage: Tensor | None = None,
+) -> Tensor:
+    """The final posterior ``[K, X, Y, Z]`` after every labelling step, in the order a fit applies
+    them: :func:`thin_lv_at_wall` (``min_wall_mm``), :func:`fill_lv_cavity` (``fill_mode``, None:
+    off), :func:`smooth_endocardium` (``endocardium_median_deg``) and :func:`claim_blood_rim`
+    (``blood_rim`` ``{channel: fraction}`` of ``images`` / ``coverage`` ``[N, X, Y, Z]``). A step
+    whose setting is 0, None or empty leaves the posterior as it is."""
+    posterior = thin_lv_at_wall(posterior, spacing_mm, min_wall_mm)
+    if fill_mode:
+        posterior = fill_lv_cavity(posterior, fill_mode)
+    posterior = smooth_endocardium(posterior, spacing_mm, endocardium_median_deg)
+    if blood_rim:
+        if images is None or coverage is None:
+            raise ValueError("follow_labelling_conventions: blood_rim needs the images and their coverage")
+        posterior = claim_blood_rim(posterior, images, coverage, blood_rim)
+    return posterior
+
+
 def _swap_myocardium_and_lv(posterior: Tensor, where: np.ndarray) -> Tensor:
     """``posterior`` ``[K, *S]`` with its myocardium and LV probabilities swapped at the voxels of
     the boolean ``where`` ``[*S]`` (the label changes between the two; a distribution stays one)."""
