@@ -84,13 +84,19 @@ def load_saved_fit(case_dir: Path, root: Path) -> SavedFit:
     return SavedFit(posterior, tuple(float(v) for v in img.header.get_zooms()[:2]), box, truth)
 
 
-def saved_fit_images(
-    case_dir: Path, root: Path, fit: SavedFit, roi_margin_mm: float = 20.0
-) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    """The images ``[N, X, Y, Z]`` (scaled as a fit scales them), their coverage and the sequence of
-    each channel, on the grid of the saved ``fit``, the coverage cut to the fit's region of interest
-    (``model.roi_margin_mm`` around ``CaseN_atlas_warped.nii.gz``): what a fit with
-    ``registration=none`` gives its labelling steps."""
+@dataclass(frozen=True)
+class SavedFitImages:
+    """A MyoPS case's images on the grid of its saved fit: what a fit with ``registration=none``
+    gives its labelling steps."""
+
+    images: torch.Tensor  # [N, X, Y, Z], scaled as a fit scales them
+    coverage: torch.Tensor  # [N, X, Y, Z], cut to the fit's region of interest
+    sequences: tuple[str, ...]  # the sequence of each channel, the reference first
+
+
+def saved_fit_images(case_dir: Path, root: Path, fit: SavedFit, roi_margin_mm: float = 20.0) -> SavedFitImages:
+    """The case's images and coverage on the grid of the saved ``fit``, the coverage cut to the
+    fit's region of interest (``model.roi_margin_mm`` around ``CaseN_atlas_warped.nii.gz``)."""
     from mvmm_monai.atlas import atlas_roi
     from mvmm_monai.data.datasets import MyoPSDataset
 
@@ -101,7 +107,7 @@ def saved_fit_images(
     if tuple(atlas.shape[1:]) != tuple(images.shape[1:]):
         raise ValueError(f"{case_dir}: the warped atlas's grid {tuple(atlas.shape[1:])} is not the posterior's {tuple(images.shape[1:])}")
     roi = atlas_roi(atlas, fit.spacing, roi_margin_mm)
-    return images.float(), coverage.float() * roi[None].float(), subject.sequences
+    return SavedFitImages(images.float(), coverage.float() * roi[None].float(), subject.sequences)
 
 
 def saved_fit_dirs(fits: Path) -> list[Path]:

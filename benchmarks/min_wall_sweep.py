@@ -47,18 +47,18 @@ def case_scores(
     """Dice of myocardium, LV and RV for each (wall, median, rim) of ``settings``, in their order."""
     fit = load_saved_fit(case_dir, root)
     posterior, spacing = fit.posterior, fit.spacing
-    images = coverage = sequences = None
+    seen = None  # the case's images, read once a rim needs them
     out = []
     for wall, median, fractions in settings:
         if smooth_before_fill:  # the order RESULTS 5j rejected: the raw pool's notches pull the median in
             final = fill_lv_cavity(smooth_endocardium(thin_lv_at_wall(posterior, spacing, wall), spacing, median))
         else:
-            if fractions and images is None:
-                images, coverage, sequences = saved_fit_images(case_dir, root, fit)
+            if fractions and seen is None:
+                seen = saved_fit_images(case_dir, root, fit)
             final = follow_labelling_conventions(
                 posterior, spacing, min_wall_mm=wall, endocardium_median_deg=median,
-                blood_rim={sequences.index(k): v for k, v in fractions.items()} if fractions else None,
-                images=images, coverage=coverage,
+                blood_rim={seen.sequences.index(k): v for k, v in fractions.items()} if fractions else None,
+                images=seen.images if seen else None, coverage=seen.coverage if seen else None,
             )
         out.append(fit.dice(final.argmax(0).numpy()))
     return out
