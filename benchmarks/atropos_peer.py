@@ -91,7 +91,7 @@ def atlas_mask(priors: np.ndarray, spacing: Sequence[float], margin_mm: float | 
                threshold: float = 0.01) -> np.ndarray:
     """Bool ``[*S]``: voxels within ``margin_mm`` (in-plane, per slice) of where the atlas
     foreground ``1 - priors[0]`` exceeds ``threshold`` -- the region our fit uses
-    (:func:`mvmm_monai.atlas.atlas_roi`, ``model.roi_margin_mm``, default 20 mm).
+    (:func:`mvmm_monai.atlas.roi.atlas_roi`, ``model.roi_margin_mm``, default 20 mm).
 
     Args:
         priors: ``[K, X, Y]`` or ``[K, X, Y, Z]`` linear probabilities, background first.
@@ -100,7 +100,7 @@ def atlas_mask(priors: np.ndarray, spacing: Sequence[float], margin_mm: float | 
     """
     import torch
 
-    from mvmm_monai.atlas import atlas_roi
+    from mvmm_monai.atlas.roi import atlas_roi
 
     priors = np.asarray(priors)
     if priors.ndim not in (3, 4):

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from mvmm_monai.data.labels import MYOPS_LABELS
+from mvmm_monai.classes import MYOPS_LABELS
 
 MYOPS_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "myops"  # ../shared beside the checkout
 
@@ -97,7 +97,7 @@ class SavedFitImages:
 def saved_fit_images(case_dir: Path, root: Path, fit: SavedFit, roi_margin_mm: float = 20.0) -> SavedFitImages:
     """The case's images and coverage on the grid of the saved ``fit``, the coverage cut to the
     fit's region of interest (``model.roi_margin_mm`` around ``CaseN_atlas_warped.nii.gz``)."""
-    from mvmm_monai.atlas import atlas_roi
+    from mvmm_monai.atlas.roi import atlas_roi
     from mvmm_monai.data.datasets import MyoPSDataset
 
     subject = MyoPSDataset(root).load(case_dir.name)

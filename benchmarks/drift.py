@@ -14,10 +14,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-
-from mvmm_monai.cli import build_atlas, compose_config, fit
-
 from common import argument_parser, parse_args
+
+from mvmm_monai import build_atlas, compose_config, fit
 
 QUIET = ["callbacks.progress.refresh_rate=0", "~logger"]
 

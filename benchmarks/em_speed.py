@@ -21,7 +21,12 @@ import time
 import numpy as np
 import torch
 
-from mvmm_monai.mixture import EMConfig, em_step, initialise_from_atlas, log_atlas_from_prob
+from mvmm_monai.mixture import (
+    EMConfig,
+    em_step,
+    initialise_from_atlas,
+    log_atlas_from_prob,
+)
 
 
 def make_inputs(shape=(256, 256, 16), n=3, k=4, seed=0):
@@ -101,7 +106,7 @@ def main() -> None:
 
         logging.disable(logging.INFO)
         warnings.filterwarnings("ignore")
-        from mvmm_monai.cli import compose_config, fit
+        from mvmm_monai import compose_config, fit
 
         with tempfile.TemporaryDirectory() as tmp:
             cfg = compose_config([f"paths.output_dir={tmp}/out", "callbacks.progress.refresh_rate=0", "subject=patient1"])

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from common import argument_parser, parse_args
 
 MYO, OEDEMA, SCAR, LV = 200, 1220, 2221, 500

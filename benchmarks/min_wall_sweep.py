@@ -9,7 +9,7 @@ Each ``OUT/*`` is a ``benchmarks/real_myops.py --out`` folder of fits made with
 the final posterior), best also with ``model.lv_cavity_fill=false``: then the replay below is
 exactly what a fit with those settings gives (otherwise the saved posterior is already filled once
 before the wall). Every pair of wall and median is applied to it the way
-a fit applies them (:func:`mvmm_monai.postprocess.follow_labelling_conventions`: the wall, the
+a fit applies them (:func:`mvmm_monai.conventions.labelling.follow_labelling_conventions`: the wall, the
 cavity fill again, the median, then the blood rim on the case's images as a fit scales them, within
 its region of interest), and the labels are
 scored on the LGE grid against ``CaseN_gd`` (myocardium = 200 + 1220 + 2221). No fit is rerun, so a
@@ -21,11 +21,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from common import (
+    argument_parser,
+    load_saved_fit,
+    parse_args,
+    saved_fit_dirs,
+    saved_fit_images,
+)
 
+from mvmm_monai.conventions.labelling import (
+    fill_lv_cavity,
+    follow_labelling_conventions,
+    smooth_endocardium,
+    thin_lv_at_wall,
+)
 from mvmm_monai.data.datasets import MyoPSDataset
-from mvmm_monai.postprocess import fill_lv_cavity, follow_labelling_conventions, smooth_endocardium, thin_lv_at_wall
-
-from common import argument_parser, load_saved_fit, parse_args, saved_fit_dirs, saved_fit_images
 
 NAMES = ("myocardium", "lv", "rv")
 

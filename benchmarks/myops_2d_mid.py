@@ -1,6 +1,6 @@
 r"""MyoPS 2020 "2D mid-slice" benchmark: LGE Dice of MvMM on the middle slice of each test case.
 
-Protocol (:mod:`mvmm_monai.data.midslice`): the middle slice of C0, LGE, T2 and gd of every case,
+Protocol (:mod:`mvmm_monai.atlas.midslice`): the middle slice of C0, LGE, T2 and gd of every case,
 cropped 192 x 192 around the label centroid; an atlas from the crops of the atlas cases (mean
 one-hot class maps, Gaussian sigma 2 px in-plane), used in voxel correspondence with each test
 crop (``atlas.placement=identity``); ``fit`` with ``data=files`` (reference LGE) per test case.
@@ -41,9 +41,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import argument_parser, parse_args
 
-from mvmm_monai.cli import compose_config, fit
-from mvmm_monai.data.midslice import (
+from mvmm_monai import compose_config, fit
+from mvmm_monai.atlas.midslice import (
     MidSliceCrop,
     fit_overrides,
     mid_slice_atlas,
@@ -51,8 +52,6 @@ from mvmm_monai.data.midslice import (
     write_atlas,
     write_crop,
 )
-
-from common import argument_parser, parse_args
 
 CLASSES = ("myocardium", "lv", "rv")
 
@@ -130,9 +129,8 @@ def run_atropos(root: Path, atlas_cases: list[str], test_cases: list[str], overr
     """Atropos (and atlas-alone) rows ``{case, method, myocardium, lv, rv, seconds}`` on the crops
     and atlas of :func:`run`; the ROI margin and intensity percentiles come from the fit config."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from monai.transforms import ScaleIntensityRangePercentiles
-
     from atropos_peer import atlas_mask, atropos_fit
+    from monai.transforms import ScaleIntensityRangePercentiles
 
     cfg = compose_config(["data=files", "paths.output_dir=/tmp/unused", *overrides])
     scale = ScaleIntensityRangePercentiles(lower=cfg.data.lower_percentile, upper=cfg.data.upper_percentile,

@@ -30,11 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from mvmm_monai.cli import _build, compose_config, fit, prepare_subject, select_subjects
-from mvmm_monai.evaluation import dice_per_class
-
 from common import argument_parser, parse_args
+
+from mvmm_monai import compose_config, fit
+from mvmm_monai.config import build as _build
+from mvmm_monai.pipeline.build_atlas import select_subjects
+from mvmm_monai.pipeline.metrics import dice_per_class
+from mvmm_monai.pipeline.prepare import prepare_subject
 
 STRUCTS = ("myocardium", "lv", "rv")
 
@@ -58,7 +60,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     peers = [p for p in args.peers.split(",") if p]
 
-    from mvmm_monai.cli import build_atlas
+    from mvmm_monai import build_atlas
 
     atlas_path = out / "atlas" / "myops_atlas.nii.gz"
     t0 = time.perf_counter()

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
-from mvmm_monai.cli import build_atlas, compose_config, fit
-
 from common import argument_parser, parse_args
+
+from mvmm_monai import build_atlas, compose_config, fit
 
 ADDED = {"C0": [(3, -2), (-2, 2), (2, 3)], "T2": [(-3, 1), (2, -2), (0, 3)]}  # voxels, per slice
 

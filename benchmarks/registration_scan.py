@@ -32,11 +32,15 @@ def main() -> None:
     args = ap.parse_args()
     logging.disable(logging.INFO)
     warnings.filterwarnings("ignore")
-    from mvmm_monai.atlas import atlas_roi, place_atlas, read_atlas
-    from mvmm_monai.cli import _build, compose_config, subtype_counts, with_dataset_defaults
-    from mvmm_monai.evaluation import dice_per_class
-    from mvmm_monai.fit_module import MvMMFit
+    from mvmm_monai import compose_config
+    from mvmm_monai.atlas.io import read_atlas
+    from mvmm_monai.atlas.placement import place_atlas
+    from mvmm_monai.atlas.roi import atlas_roi
+    from mvmm_monai.config import build as _build
     from mvmm_monai.mixture import log_likelihood
+    from mvmm_monai.pipeline.metrics import dice_per_class
+    from mvmm_monai.pipeline.module import MvMMFit
+    from mvmm_monai.pipeline.settings import subtype_counts, with_dataset_defaults
 
     cfg = compose_config(["paths.output_dir=/tmp/unused", "data.misalignment=false", "registration=atlas_only",
                           "registration.model.atlas_svf=false", f"registration.model.warmup={10**6}", *args.overrides])

@@ -20,7 +20,6 @@ import time
 import nibabel as nib
 import numpy as np
 import torch
-
 from common import argument_parser, parse_args
 
 SETTINGS_ALL = {  # label -> overrides
@@ -51,7 +50,8 @@ def main() -> None:
     ap.add_argument("--subjects", default="patient1,patient2,patient3")
     ap.add_argument("--settings", default=";".join(SETTINGS_ALL), help="semicolon-separated subset of the settings")
     args = parse_args(ap, quiet=True)
-    from mvmm_monai.cli import _build, compose_config, fit
+    from mvmm_monai import compose_config, fit
+    from mvmm_monai.config import build as _build
 
     print(f"Command: `python {' '.join(sys.argv)}`\n")
     print(f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads\n")

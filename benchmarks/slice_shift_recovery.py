@@ -23,11 +23,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-
-from mvmm_monai.cli import compose_config, fit
-from mvmm_monai.data.synthetic import SyntheticConfig, make_cohort
-
 from common import argument_parser, parse_args
+
+from mvmm_monai import compose_config, fit
+from mvmm_monai.data.synthetic import SyntheticConfig, make_cohort
 
 
 def main() -> None:

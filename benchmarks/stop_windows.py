@@ -18,11 +18,10 @@ import glob
 import tempfile
 from pathlib import Path
 
+from common import argument_parser, parse_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mvmm_monai.cli import build_atlas, compose_config, fit
-
-from common import argument_parser, parse_args
+from mvmm_monai import build_atlas, compose_config, fit
 
 WINDOWS = (1, 2, 3, 4, 5, 8)
 

@@ -10,7 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mvmm_monai.cli import build_atlas, compose_config, fit, select_subjects
+from mvmm_monai import build_atlas, compose_config, fit
+from mvmm_monai.pipeline.build_atlas import select_subjects
 
 QUIET = ["callbacks.progress.refresh_rate=0", "~logger"]
 

@@ -12,8 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mvmm_monai.cli import blood_rim, compose_config, fit
-from mvmm_monai.data.datasets import MyoPSDataset, SyntheticDataset
+from mvmm_monai import compose_config, fit
+from mvmm_monai.config import build
 from mvmm_monai.data.synthetic import SyntheticConfig, ensure_cohort
 
 QUIET = ["callbacks.progress.refresh_rate=0"]
@@ -124,14 +124,16 @@ def test_label_with_unknown_values_is_named(tmp_path, cache_dir, cohort_copy):
         ("trainer.devices=2", "one subject is fitted on one device"),
         ("model.sequence_weights={XX:0.5}", r"model.sequence_weights: \['XX'\] not among"),
         ("model.sequence_weights={C0:0}", "model.sequence_weights must be positive numbers"),
-        ("model.lv_cavity_fill=convex", "model.lv_cavity_fill must be true, false or one of"),
+        ("postprocess.lv_cavity_fill=convex", "postprocess.lv_cavity_fill must be true, false or one of"),
         ("model.atlas_weight=0", r"model.atlas_weight must be in \(0, 4\]"),
         ("model.atlas_weight=9", r"model.atlas_weight must be in \(0, 4\]"),
-        ("model.min_wall_mm=-1", r"model.min_wall_mm must be a thickness in mm in \[0, 30\]"),
-        ("model.endocardium_median_deg=400", r"model.endocardium_median_deg must be an angle in degrees in \[0, 180\]"),
-        ("model.blood_rim={XX:0.5}", r"model.blood_rim: \['XX'\] not among"),
-        ("model.blood_rim={C0:2}", r"model.blood_rim must be fractions in \[-1, 1\]"),
-        ("model.blood_rim=0.3", "model.blood_rim must be a mapping sequence -> number"),
+        ("postprocess.min_wall_mm=-1", r"postprocess.min_wall_mm must be a thickness in mm in \[0, 30\]"),
+        ("postprocess.endocardium_median_deg=400", r"postprocess.endocardium_median_deg must be an angle in degrees in \[0, 180\]"),
+        ("postprocess.blood_rim={XX:0.5}", r"postprocess.blood_rim: \['XX'\] not among"),
+        ("postprocess.blood_rim={C0:2}", r"postprocess.blood_rim must be fractions in \[-1, 1\]"),
+        ("postprocess.blood_rim=0.3", "postprocess.blood_rim must be a mapping sequence -> fraction"),
+        ("data.subject=../evil", r"cannot name an output"),
+        ("subject=../evil", r"cannot name an output"),
         ("model.sequence_weights=2", "model.sequence_weights must be a mapping sequence -> number"),
         ("model.tol_window=0", "model.tol_window must be an integer >= 1"),
         ("+registration.min_tol_window=-2", "registration.min_tol_window must be an integer >= 1"),
@@ -142,16 +144,18 @@ def test_silly_config_values(tmp_path, cache_dir, override, message):
         run(tmp_path, cache_dir, "subject=patient1", "trainer.max_epochs=2", override)
 
 
-def test_blood_rim_defaults_per_dataset():
-    """``model.blood_rim=null`` takes the dataset's default (MyoPS: bSSFP 0.25, T2 0; the synthetic
-    cohort: off), an explicit mapping wins, ``{}`` is off."""
-    seqs = ("LGE", "C0", "T2")
-    rim = lambda value, default: blood_rim(OmegaConf.create({"blood_rim": value}), seqs, default)
-    assert rim(None, MyoPSDataset.blood_rim_default) == {"C0": 0.25, "T2": 0.0}
-    assert rim(None, SyntheticDataset.blood_rim_default) == {}
-    assert rim({"C0": 0.4}, MyoPSDataset.blood_rim_default) == {"C0": 0.4}
-    assert rim({}, MyoPSDataset.blood_rim_default) == {}
-    assert blood_rim(OmegaConf.create({"blood_rim": None}), ("LGE", "C0"), MyoPSDataset.blood_rim_default) == {"C0": 0.25}
+def test_postprocess_group_follows_the_dataset_and_can_be_chosen(tmp_path):
+    """Each dataset names its labelling conventions in its defaults list; ``postprocess=...`` wins."""
+    out = f"paths.output_dir={tmp_path}"
+    composed = lambda *o: build(compose_config([out, *o]).postprocess, _convert_="all")
+    assert composed().name == "mscmr" and composed().lv_cavity_fill == "hull"
+    myops = composed("data=myops", "data.root=x")
+    assert myops.as_dict() == {
+        "name": "myops", "lv_cavity_fill": "hull", "min_wall_mm": 6.0, "endocardium_median_deg": 32.0,
+        "blood_rim": {"C0": 0.25, "T2": 0.0},
+    }
+    assert composed("data=myops", "data.root=x", "postprocess=none").as_dict()["lv_cavity_fill"] is False
+    assert composed("data=files", "data.images.DE=a.nii.gz", "postprocess=myops").name == "myops"
 
 
 def test_registration_presets_share_slice_shift_settings(tmp_path):

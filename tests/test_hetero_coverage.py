@@ -24,8 +24,13 @@ import numpy as np
 import pytest
 import torch
 
-from mvmm_monai.cli import compose_config, fit
-from mvmm_monai.data.synthetic import SequenceGeometry, SyntheticConfig, default_geometries, ensure_cohort
+from mvmm_monai import compose_config, fit
+from mvmm_monai.data.synthetic import (
+    SequenceGeometry,
+    SyntheticConfig,
+    default_geometries,
+    ensure_cohort,
+)
 
 SUBJECT = "patient1"
 SEQS = ("DE", "C0", "T2")

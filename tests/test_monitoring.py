@@ -16,7 +16,7 @@ import pytest
 from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mvmm_monai.cli import compose_config, fit
+from mvmm_monai import compose_config, fit
 from mvmm_monai.data.synthetic import SyntheticConfig, ensure_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_resumed_registration_fit_matches_the_uninterrupted_one(tmp_path, cache_
 
 
 def test_shards_partition_the_cohort():
-    from mvmm_monai.distributed import CohortShards
+    from mvmm_monai.cohort.distributed import CohortShards
 
     names = [f"s{i}" for i in range(7)]
     mod = CohortShards(None, names, Path("."), fit_subject=None)

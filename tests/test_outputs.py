@@ -1,15 +1,21 @@
-"""Result files are written atomically: a crash mid-write leaves neither a truncated file nor a temporary."""
+"""Result files are written atomically and as a whole: a crash mid-write leaves neither a truncated file
+nor a temporary, a result folder is complete or holds nothing that looks complete, and is never shared."""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from mvmm_monai.outputs import save_json, save_nifti
+from mvmm_monai.files import save_json, save_nifti
+from mvmm_monai.pipeline.checkpoint import ICMCheckpoint
+from mvmm_monai.pipeline.outputs import ResultFolder
 
 
 def test_crash_while_writing_leaves_nothing(tmp_path, monkeypatch):
@@ -36,3 +42,82 @@ def test_vector_and_json_outputs(tmp_path):
     assert np.allclose(np.asarray(img.dataobj)[:, :, :, 0], field)
     save_json(tmp_path / "m.json", {"dice": float("nan"), "x": np.float32(0.5)})
     assert json.loads((tmp_path / "m.json").read_text()) == {"dice": None, "x": 0.5}
+
+
+def test_files_get_the_permissions_of_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # group and others can read, as for any new file
+
+
+def test_result_folder_commits_whole_results_metrics_last(tmp_path):
+    out = tmp_path / "fit"
+    with ResultFolder(out, "case1") as folder:
+        save_json(folder.staging / "params.json", {"p": 1})
+        save_json(folder.staging / "metrics.json", {"subject": "case1"})
+        assert not (out / "params.json").exists()  # nothing visible before the commit
+        folder.commit()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["metrics.json", "params.json"]
+    assert not (out / ".staging").exists()
+
+
+def test_result_folder_failure_keeps_the_previous_result(tmp_path):
+    out = tmp_path / "fit"
+    with ResultFolder(out, "case1") as folder:
+        save_json(folder.staging / "metrics.json", {"subject": "case1", "run": 1})
+        folder.commit()
+    with pytest.raises(KeyError):
+        with ResultFolder(out, "case1") as folder:
+            save_json(folder.staging / "metrics.json", {"subject": "case1", "run": 2})
+            raise KeyError("killed")
+    assert json.loads((out / "metrics.json").read_text())["run"] == 1
+    assert not (out / ".staging").exists()
+
+
+def test_result_folder_cleans_leftovers_of_a_killed_fit(tmp_path):
+    out = tmp_path / "fit"
+    (out / ".staging").mkdir(parents=True)
+    (out / ".staging" / "case1_LGE_seg.nii.gz").write_bytes(b"half")
+    (out / ".case1_scar.nii.gz.abc.tmp.nii.gz").write_bytes(b"")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / ".last.ckpt.tmp").write_bytes(b"trunc")
+    with ResultFolder(out, "case1"):
+        assert not list(out.rglob(".*.tmp*")) and not list((out / ".staging").iterdir())
+
+
+def test_two_fits_cannot_share_a_folder(tmp_path):
+    out = tmp_path / "fit"
+    with ResultFolder(out, "case1"):
+        with pytest.raises(FileExistsError, match="another fit is writing into this folder"):
+            with ResultFolder(out, "case2"):
+                pass
+    with ResultFolder(out, "case1") as folder:
+        save_json(folder.staging / "metrics.json", {"subject": "case1"})
+        folder.commit()
+    with pytest.raises(FileExistsError, match="holds the results of subject 'case1'"):
+        with ResultFolder(out, "case2"):
+            pass
+
+
+def test_checkpoint_is_never_truncated(tmp_path):
+    """A disk that fills up while a checkpoint is written leaves the previous one whole."""
+    last = tmp_path / "last.ckpt"
+    last.write_bytes(b"complete checkpoint")
+
+    def full_disk(path, weights_only=False):
+        Path(path).write_bytes(b"trunc")
+        raise OSError("No space left on device")
+
+    trainer = SimpleNamespace(save_checkpoint=full_disk, global_step=0, is_global_zero=True, loggers=[], current_epoch=4)
+    with pytest.raises(OSError, match="No space left"):
+        ICMCheckpoint(dirpath=tmp_path)._save_checkpoint(trainer, str(last))
+    assert last.read_bytes() == b"complete checkpoint" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+    def fine(path, weights_only=False):
+        Path(path).write_bytes(b"new checkpoint")
+
+    ICMCheckpoint(dirpath=tmp_path)._save_checkpoint(SimpleNamespace(**{**vars(trainer), "save_checkpoint": fine}), str(last))
+    assert last.read_bytes() == b"new checkpoint" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

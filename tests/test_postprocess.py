@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from mvmm_monai.postprocess import (
+from mvmm_monai.conventions.labelling import (
     claim_blood_rim,
     fill_lv_cavity,
     lv_cavity_fill_mode,
@@ -96,7 +96,7 @@ def test_fill_mode_from_config(value, mode):
 
 @pytest.mark.parametrize("value", ["convex", 1, "yes"])
 def test_bad_fill_mode_names_the_key(value):
-    with pytest.raises(ValueError, match="model.lv_cavity_fill"):
+    with pytest.raises(ValueError, match="postprocess.lv_cavity_fill"):
         lv_cavity_fill_mode(value)
     with pytest.raises(ValueError, match="mode must be one of"):
         lv_cavity_mask(np.zeros((4, 4, 1), dtype=np.int64), mode="convex")

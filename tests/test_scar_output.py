@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvmm_monai.cli import compose_config, fit
+from mvmm_monai import compose_config, fit
 from mvmm_monai.data.datasets import SyntheticDataset
 from mvmm_monai.data.synthetic import SyntheticConfig, ensure_cohort
 

@@ -1,14 +1,34 @@
 """mvmm-monai: the Multivariate Mixture Model (Zhuang, TPAMI 2019) for multi-sequence cardiac MR.
 
-Layers (imports run one way, top to bottom):
+The public API, and nothing else (imported on first use, so that ``import mvmm_monai`` is cheap):
 
-* :mod:`mvmm_monai.cli` -- Hydra entry points used by ``scripts/``.
-* :mod:`mvmm_monai.fit_module` -- the LightningModule: one ICM iteration per training step.
-* :mod:`mvmm_monai.atlas`, :mod:`mvmm_monai.outputs`, :mod:`mvmm_monai.evaluation`,
-  :mod:`mvmm_monai.registration` -- atlas I/O, result files, metrics, spatial transforms.
-* :mod:`mvmm_monai.mixture`, :mod:`mvmm_monai.data` -- the maths (pure torch) and data loading.
+* :func:`segment` -- segment one subject's images with an atlas; returns a :class:`Segmentation`.
+* :func:`fit` -- run a composed Hydra config (what ``mvmm-fit`` / ``scripts/fit.py`` do).
+* :func:`build_atlas` -- build a canonical atlas from a composed config (``mvmm-build-atlas``).
+* :func:`compose_config` -- the config ``mvmm-fit`` would run with a list of overrides.
+* :data:`CLASS_NAMES` -- the model's classes, in tensor and atlas-channel order.
+
+Layers (imports run one way, top to bottom): ``cli`` -> ``api`` -> ``cohort`` -> ``pipeline`` ->
+``conventions`` / ``atlas`` / ``registration`` -> ``mixture`` / ``data`` -> ``classes``, ``files``.
 """
 
-__version__ = "0.1.0"
+from mvmm_monai.classes import CLASS_NAMES
+from mvmm_monai.version import __version__
 
-CLASS_NAMES = ("background", "myocardium", "lv", "rv")
+_LAZY = {
+    "segment": "mvmm_monai.api",
+    "Segmentation": "mvmm_monai.api",
+    "fit": "mvmm_monai.cohort.run",
+    "build_atlas": "mvmm_monai.pipeline.build_atlas",
+    "compose_config": "mvmm_monai.config",
+}
+
+__all__ = ["CLASS_NAMES", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mvmm_monai' has no attribute {name!r}")

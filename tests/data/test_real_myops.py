@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mvmm_monai.cli import compose_config, fit
-from mvmm_monai.data.midslice import (
+from mvmm_monai import compose_config, fit
+from mvmm_monai.atlas.midslice import (
     MidSliceCrop,
     fit_overrides,
     label_classes,
@@ -96,7 +96,7 @@ def test_mid_slice_fit(myops_root, tmp_path, case, one_thread):
 def test_crop_pads_at_the_border_and_keeps_world_position(tmp_path):
     """Without real data: a label near the image corner gives a zero-padded crop whose affine puts
     every voxel where it was in the case."""
-    from mvmm_monai.outputs import save_nifti
+    from mvmm_monai.files import save_nifti
 
     case = tmp_path / "Case9999"
     affine = np.array([[0.0, -0.7, 0.1, 10.0], [0.7, 0.0, 0.2, -5.0], [0.0, 0.05, 8.0, 3.0], [0, 0, 0, 1]])

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvmm_monai.cli import build_atlas, compose_config, fit
+from mvmm_monai import build_atlas, compose_config, fit
 
 MAX_EPOCHS = 30
 # floors: measured LGE Dice with MAX_EPOCHS on a 2-core CPU minus 0.08 (placed atlas LV / fit

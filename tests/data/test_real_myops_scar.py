@@ -12,8 +12,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mvmm_monai.cli import compose_config, fit
-from mvmm_monai.data.midslice import fit_overrides, mid_slice_atlas, mid_slice_crop, write_atlas, write_crop
+from mvmm_monai import compose_config, fit
+from mvmm_monai.atlas.midslice import (
+    fit_overrides,
+    mid_slice_atlas,
+    mid_slice_crop,
+    write_atlas,
+    write_crop,
+)
 
 ATLAS_CASES = [f"Case{i}" for i in range(3001, 3016)]
 CASE = "Case3018"

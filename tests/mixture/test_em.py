@@ -250,7 +250,7 @@ def test_a_sequence_weight_as_soft_coverage_tempers_its_likelihood():
     assert float(est.mass[0, 0].sum()) == pytest.approx(v)
     assert float(est.mass[0, 1].sum()) == pytest.approx(w * v)
     with pytest.raises(ValueError, match="sequence_weights must be 2 positive numbers"):
-        from mvmm_monai.fit_module import MvMMFit
+        from mvmm_monai.pipeline.module import MvMMFit
         from mvmm_monai.registration.base import IdentityRegistration
         from tests.registration.test_registration import tiny_subject
 

@@ -8,7 +8,7 @@ import nibabel as nib
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mvmm_monai.cli import compose_config, fit
+from mvmm_monai import compose_config, fit
 from mvmm_monai.registration import RegistrationError
 
 

@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from mvmm_monai.cli import compose_config, fit
+from mvmm_monai import compose_config, fit
 
 
 @pytest.mark.slow

@@ -8,17 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from mvmm_monai.registration.placement import (
-    PlacementConfig,
-    canonical_to_slice,
-    find_heart,
-    heart_frame,
+from mvmm_monai.atlas.frame import (
     at_level,
+    canonical_to_slice,
+    heart_frame,
     level_weights,
-    place_canonical,
     slice_to_canonical,
     stack_levels,
 )
+from mvmm_monai.atlas.placement import PlacementConfig, find_heart, place_canonical
 
 PX = 1.0  # canonical pixel (mm)
 SIZE = 121
@@ -206,9 +204,9 @@ def test_placement_config_rejects_silly_values():
 
 
 def test_crop_and_uncrop_keep_world_positions():
+    from mvmm_monai.classes import MSCMR_LABELS
     from mvmm_monai.data.common_space import Grid
     from mvmm_monai.data.datasets import SubjectFiles
-    from mvmm_monai.data.labels import MSCMR_LABELS
     from mvmm_monai.data.subject import SubjectData
 
     shape = (20, 30, 4)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from mvmm_monai.classes import MSCMR_LABELS
 from mvmm_monai.data.common_space import Grid
 from mvmm_monai.data.datasets import SubjectFiles
-from mvmm_monai.data.labels import MSCMR_LABELS
 from mvmm_monai.data.subject import SubjectData
 from mvmm_monai.mixture import EMConfig, initialise_from_atlas, log_likelihood
 from mvmm_monai.registration import MvMMRegistration, RegistrationError, thick_slices
@@ -131,7 +131,10 @@ def test_smoothed_shift_gradient_keeps_values_and_follows_the_slope():
 
 
 def test_marginal_correction_is_the_intensity_log_density_of_the_shifted_sequences():
-    from mvmm_monai.registration.mvmm_registration import kernel_density, kernel_log_density
+    from mvmm_monai.registration.mvmm_registration import (
+        kernel_density,
+        kernel_log_density,
+    )
 
     subject, atlas = tiny_subject(dtype=torch.float32)
     reg = MvMMRegistration(subject, atlas, scales=(4,), bending_weight=0.0)

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mvmm_monai.cli import compose_config, fit
+from mvmm_monai import compose_config, fit
 from mvmm_monai.data.synthetic import SyntheticConfig, make_cohort
 
 MIN_HEART_MM2 = 500.0

@@ -186,3 +186,18 @@ def resample(
     smap = sampling_map(source, target, through_plane=through_plane, target_slice_shifts=target_slice_shifts, dtype=dtype)
     out = sample(image, smap, slice_shifts=slice_shifts, slice_angles=slice_angles, mode=mode)
     return out, smap.coverage
+
+
+def native_segmentation(posterior: torch.Tensor, subject, sequence: str, slice_shifts=None, smap: SamplingMap | None = None):
+    """Class indices ``[X_n, Y_n, Z_n]`` of ``sequence``'s own grid from the common-space posterior
+    ``[K, *S]``: the posterior is resampled (bilinear in-plane, nearest slice) and its argmax taken;
+    voxels the common space does not cover are background. ``slice_shifts`` ``[Z_n, 2]`` (voxels)
+    are the fitted motions of the sequence's slices: the labels move with them. Without shifts, a
+    precomputed ``smap`` (:func:`sampling_map` from the common space
+    to the sequence) saves recomputing the index map, e.g. at every iteration of a fit."""
+    if sequence == subject.reference:
+        return posterior.argmax(0)
+    if smap is None or slice_shifts is not None:
+        smap = sampling_map(subject.grid, subject.grids[sequence], target_slice_shifts=slice_shifts)
+    prob = sample(posterior.float(), smap)
+    return torch.where(smap.coverage.to(prob.device) > 0, prob.argmax(0), torch.zeros((), dtype=torch.long, device=prob.device))

@@ -11,31 +11,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mvmm_monai.data.labels import MSCMR_LABELS, MYOPS_LABELS, LabelMap
+from mvmm_monai.classes import MSCMR_LABELS, MYOPS_LABELS, LabelMap
+from mvmm_monai.data.subject import SubjectFiles, load_subject
 
 
-@dataclass(frozen=True)
-class SubjectFiles:
-    """The files of one subject.
-
-    Attributes:
-        name: subject name used in output file names.
-        images: sequence name -> image path (the reference first).
-        labels: sequence name -> manual label path on that sequence's grid (may be empty).
-        label_map: the dataset's label values.
-        reference: the sequence whose grid is the common space.
-        truth: optional JSON with generator ground truth (synthetic cohort only).
-        scar_labels: sequence -> scar mask (nonzero = scar) on that sequence's grid, for datasets
-            whose labels do not carry a scar value (the synthetic cohort's ``truth/<name>_DE_scar``).
-    """
-
-    name: str
-    images: dict[str, Path]
-    labels: dict[str, Path]
-    label_map: LabelMap
-    reference: str
-    truth: Path | None = None
-    scar_labels: dict[str, Path] = field(default_factory=dict)
+def check_subject_name(name: str, owner: str = "subject") -> str:
+    """``name`` if it can name files inside an output folder, else a ``ValueError``: a subject's
+    name becomes part of output paths, so it must not hold a path separator, be ``.``/``..``, start
+    with a dot or be empty."""
+    text = str(name)
+    if not text or text in (".", "..") or text.startswith(".") or "/" in text or "\\" in text or "\0" in text:
+        raise ValueError(f"{owner} name {text!r} cannot name an output: no path separators, no leading dot, not empty")
+    return text
 
 
 def _natural_key(name: str) -> list:
@@ -69,21 +56,12 @@ class _Dataset:
         """An atlas that ships with the dataset (the synthetic cohort's), else ``None``."""
         return None
 
-    #: ``atlas.placement`` when the config leaves it null: real full-field-of-view data need the
-    #: heart found (``auto``); the synthetic cohort's and explicit files' atlases sit in world space.
-    default_placement: str = "identity"
     #: ``model.em`` settings used where the config leaves them null, measured per kind of data
     #: (``benchmarks/RESULTS.md``: the pi update and a stronger MRF lift real-data Dice, the
     #: synthetic cohort's RV suffers from the pi update).
     em_defaults: dict = {"beta": 0.5, "update_pi": False}
     # model.sequence_weights when left null (sequence -> weight; missing sequences 1)
     sequence_weights_default: dict = {}
-    # model.min_wall_mm when left null (0: off)
-    min_wall_mm_default: float = 0.0
-    # model.endocardium_median_deg when left null (0: off)
-    endocardium_median_deg_default: float = 0.0
-    # model.blood_rim when left null (sequence -> fraction; empty: off)
-    blood_rim_default: dict = {}
 
     lower_percentile: float = 1.0
     upper_percentile: float = 99.0
@@ -104,11 +82,10 @@ class _Dataset:
 
     def load(self, subject: str):
         """Read ``subject`` into a :class:`~mvmm_monai.data.subject.SubjectData`."""
-        from mvmm_monai.data.subject import load_subject
-
         return load_subject(self.files(subject), self.lower_percentile, self.upper_percentile)
 
     def files(self, subject: str) -> SubjectFiles:
+        check_subject_name(subject)
         available = self.subjects()
         if subject not in available:
             shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
@@ -124,7 +101,6 @@ class MSCMRDataset(_Dataset):
     """MS-CMRSeg layout: ``patientN_{C0,DE,T2}.nii.gz`` and ``patientN_<SEQ>_manual.nii.gz``."""
 
     name = "mscmr"
-    default_placement = "auto"
     em_defaults = {"beta": 1.0, "update_pi": True}
 
     def __init__(
@@ -165,7 +141,6 @@ class SyntheticDataset(MSCMRDataset):
     """The built-in synthetic cohort, generated deterministically into ``cache_dir`` on first use."""
 
     name = "synthetic"
-    default_placement = "identity"  # its atlas ships in world space
     em_defaults = {"beta": 0.5, "update_pi": False}
 
     def __init__(
@@ -216,21 +191,11 @@ class MyoPSDataset(_Dataset):
 
     name = "myops"
     default_label_map = MYOPS_LABELS
-    default_placement = "auto"
     em_defaults = {"beta": 1.0, "update_pi": True}
     # bSSFP (C0) draws the blood pool as the manual contours do; LGE's dark slow-flow blood and bright
     # subendocardial scar, and T2's bright slow-flow blood, mislead at the LV border: halved, chosen on
-    # held-out atlas cases (RESULTS 5d)
+    # held-out atlas folds by benchmarks/real_myops.py
     sequence_weights_default = {"LGE": 0.5, "T2": 0.5}
-    # the manual myocardium includes scar and oedema, which look like blood in LGE and bSSFP: an LV pool that reaches
-    # within this of the heart's outside has taken in wall (RESULTS 5i, chosen on held-out atlas cases)
-    min_wall_mm_default = 6.0
-    # the manual endocardium is a smooth curve: the pool's radius around its centroid, median over +-32 degrees
-    # (RESULTS 5j, chosen on held-out atlas cases)
-    endocardium_median_deg_default = 32.0
-    # the manual endocardium includes the partial-volume rim: a wall voxel touching the pool that bSSFP puts a
-    # quarter of the way to the blood and T2 not brighter than the wall (not oedema) is LV (RESULTS 5k)
-    blood_rim_default = {"C0": 0.25, "T2": 0.0}
 
     def __init__(
         self,
@@ -273,6 +238,7 @@ class FilesDataset(_Dataset):
     name: str = "files"
 
     def __post_init__(self) -> None:
+        check_subject_name(self.subject, "data.subject")
         self._set_percentiles(self.lower_percentile, self.upper_percentile)
         given = {s: Path(p) for s, p in dict(self.images).items() if p not in (None, "")}
         if not given:

@@ -4,15 +4,39 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from monai.data import Dataset
 from torch import Tensor
 
+from mvmm_monai.classes import LabelMap
 from mvmm_monai.data.common_space import Grid, resample
-from mvmm_monai.data.datasets import SubjectFiles
-from mvmm_monai.data.labels import LabelMap
 from mvmm_monai.data.transforms import subject_transforms
+
+
+@dataclass(frozen=True)
+class SubjectFiles:
+    """The files of one subject.
+
+    Attributes:
+        name: subject name used in output file names.
+        images: sequence name -> image path (the reference first).
+        labels: sequence name -> manual label path on that sequence's grid (may be empty).
+        label_map: the dataset's label values.
+        reference: the sequence whose grid is the common space.
+        truth: optional JSON with generator ground truth (synthetic cohort only).
+        scar_labels: sequence -> scar mask (nonzero = scar) on that sequence's grid, for datasets
+            whose labels do not carry a scar value (the synthetic cohort's ``truth/<name>_DE_scar``).
+    """
+
+    name: str
+    images: dict[str, Path]
+    labels: dict[str, Path]
+    label_map: LabelMap
+    reference: str
+    truth: Path | None = None
+    scar_labels: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

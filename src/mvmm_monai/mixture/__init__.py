@@ -16,9 +16,18 @@ from mvmm_monai.mixture.em import (
     m_step,
     voxel_log_likelihood,
 )
-from mvmm_monai.mixture.gaussian import component_log_densities, log_normal, subtype_mask
+from mvmm_monai.mixture.gaussian import (
+    component_log_densities,
+    log_normal,
+    subtype_mask,
+)
 from mvmm_monai.mixture.init import initialise_from_atlas
-from mvmm_monai.mixture.prior import atlas_log_prior, log_atlas_from_prob, mrf_log_potential, update_log_pi
+from mvmm_monai.mixture.prior import (
+    atlas_log_prior,
+    log_atlas_from_prob,
+    mrf_log_potential,
+    update_log_pi,
+)
 
 __all__ = [
     "EMConfig",

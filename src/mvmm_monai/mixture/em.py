@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mvmm_monai.mixture.gaussian import intensity_features, component_log_densities
+from mvmm_monai.mixture.gaussian import component_log_densities, intensity_features
 from mvmm_monai.mixture.init import initialise_from_atlas
 from mvmm_monai.mixture.params import EMConfig, MixtureParams
 from mvmm_monai.mixture.prior import atlas_log_prior, mrf_log_potential, update_log_pi

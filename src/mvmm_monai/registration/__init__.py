@@ -2,7 +2,11 @@
 
 from mvmm_monai.registration.atlas_deformation import AtlasDeformation
 from mvmm_monai.registration.base import IdentityRegistration, Warped
-from mvmm_monai.registration.mvmm_registration import MvMMRegistration, RegistrationError, thick_slices
+from mvmm_monai.registration.mvmm_registration import (
+    MvMMRegistration,
+    RegistrationError,
+    thick_slices,
+)
 from mvmm_monai.registration.slice_shift import SliceShifts
 
 __all__ = [

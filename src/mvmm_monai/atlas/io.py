@@ -1,0 +1,94 @@
+"""Probabilistic atlases: reading, checking, placing into the common space, building from labels.
+
+An atlas is a 4D NIfTI ``[X, Y, Z, K]`` (one channel per class in :data:`CLASS_NAMES` order,
+probabilities summing to one) with an optional JSON sidecar (``atlas.json`` beside it or
+``<name>.json``) naming the classes and label values.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import Tensor
+
+from mvmm_monai.classes import CLASS_NAMES
+from mvmm_monai.data.common_space import Grid
+
+
+@dataclass(frozen=True)
+class Atlas:
+    """A probabilistic atlas: ``prob`` ``[K, X, Y, Z]`` on ``grid``; ``path`` it was read from."""
+
+    prob: Tensor
+    grid: Grid
+    path: Path | None = None
+    sidecar: dict | None = None
+    template: Tensor | None = None
+
+    @property
+    def canonical(self) -> bool:
+        """Built by ``scripts/build_atlas.py`` in the heart-centred frame (placed with ``auto``)."""
+        return bool(self.sidecar) and self.sidecar.get("frame") == "canonical"
+
+
+def _sidecar(path: Path) -> dict | None:
+    for cand in (path.with_name(path.name.replace(".nii.gz", ".json").replace(".nii", ".json")), path.with_name("atlas.json")):
+        if cand.is_file():
+            return json.loads(cand.read_text())
+    return None
+
+
+def read_atlas(path: str | Path) -> Atlas:
+    """Read and check a 4D atlas NIfTI (classes in the last dimension; 2D atlases ``[X, Y, 1, K]``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: wrong dimensionality or number of classes, NaN, negative values or voxels
+            whose probabilities do not sum to ~1 (the file is named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"atlas file not found: {path}")
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    if data.ndim == 3 and data.shape[-1] == len(CLASS_NAMES):  # a 2D atlas [X, Y, K]
+        data = data[:, :, None, :]
+    if data.ndim != 4:
+        raise ValueError(f"{path}: atlas must be 4D [X, Y, Z, K], got shape {data.shape}")
+    if data.shape[-1] != len(CLASS_NAMES):
+        raise ValueError(
+            f"{path}: atlas has {data.shape[-1]} classes, expected {len(CLASS_NAMES)} {list(CLASS_NAMES)}"
+        )
+    if not np.isfinite(data).all():
+        raise ValueError(f"{path}: atlas contains NaN/Inf")
+    if data.min() < -1e-4:
+        raise ValueError(f"{path}: atlas has negative probabilities (min {data.min():.3g})")
+    total = data.sum(-1)
+    if np.abs(total - 1).max() > 1e-2:
+        raise ValueError(f"{path}: atlas probabilities must sum to 1 over classes (found {total.min():.3g}..{total.max():.3g})")
+    prob = torch.from_numpy(np.moveaxis(np.clip(data, 0, None) / total[..., None], -1, 0).copy())
+    grid = Grid(torch.as_tensor(img.affine, dtype=torch.float64), tuple(prob.shape[1:]))
+    sidecar = _sidecar(path)
+    template = None
+    if sidecar and sidecar.get("frame") == "canonical":
+        for key in ("pixel_mm", "radius_mm", "template", "template_sequences"):
+            if key not in sidecar:
+                raise ValueError(f"{path}: the sidecar of a canonical atlas lacks {key!r} (rebuild it with scripts/build_atlas.py)")
+        tpath = path.with_name(sidecar["template"])
+        if not tpath.is_file():
+            raise FileNotFoundError(f"{path}: its intensity template {tpath} is missing (rebuild with scripts/build_atlas.py)")
+        tdata = np.asanyarray(nib.load(str(tpath)).dataobj).astype(np.float32)
+        if tdata.ndim != 4 or tdata.shape[:3] != data.shape[:3] or tdata.shape[3] != len(sidecar["template_sequences"]):
+            raise ValueError(
+                f"{tpath}: template shape {tdata.shape} does not match the atlas {data.shape[:3]} "
+                f"with {len(sidecar['template_sequences'])} sequences"
+            )
+        if not np.isfinite(tdata).all():
+            raise ValueError(f"{tpath}: template contains NaN/Inf")
+        template = torch.from_numpy(np.moveaxis(tdata, -1, 0).copy())
+    return Atlas(prob=prob, grid=grid, path=path, sidecar=sidecar, template=template)

@@ -1,0 +1,70 @@
+"""The model's classes and the label values of each labelling protocol: one place for both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+#: the model's classes, in the order of every ``[B, K, ...]`` tensor and atlas channel
+CLASS_NAMES = ("background", "myocardium", "lv", "rv")
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Which label values of a dataset make up each class.
+
+    Attributes:
+        values: per class (in :data:`mvmm_monai.CLASS_NAMES` order) the label values that belong to
+            it; the first value is the one written in output label maps.
+        extra: named sub-structures kept for their own metrics (e.g. MyoPS scar 2221).
+    """
+
+    values: tuple[tuple[int, ...], ...]
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.values) != len(CLASS_NAMES):
+            raise ValueError(f"LabelMap: need {len(CLASS_NAMES)} classes {CLASS_NAMES}, got {len(self.values)}")
+
+    @property
+    def scar_value(self) -> int | None:
+        """The label value of scar (``extra["scar"]``, MyoPS 2221), or ``None`` when there is none."""
+        return self.extra.get("scar")
+
+    @property
+    def output_values(self) -> tuple[int, ...]:
+        return tuple(v[0] for v in self.values)
+
+    @property
+    def known_values(self) -> set[int]:
+        return {v for vs in self.values for v in vs}
+
+    def to_classes(self, label: Tensor, source: str = "label") -> Tensor:
+        """Label values -> class indices (long, same shape). Unknown values raise ``ValueError``."""
+        known = torch.tensor(sorted(self.known_values), dtype=label.dtype, device=label.device)
+        inside = torch.isin(label, known)
+        unknown = [] if bool(inside.all()) else sorted({int(v) for v in torch.unique(label[~inside])})
+        if unknown:
+            hint = ""
+            if self is not MYOPS_LABELS and set(unknown) <= MYOPS_LABELS.known_values:
+                hint = " (these are MyoPS label values: with data=files add data.label_values=myops, and postprocess=myops for MyoPS's labelling conventions)"
+            raise ValueError(
+                f"{source}: label values {unknown} are not in the dataset's label map "
+                f"{dict(zip(CLASS_NAMES, self.values))}{hint}"
+            )
+        out = torch.zeros(label.shape, dtype=torch.long, device=label.device)
+        for k, vs in enumerate(self.values):
+            for v in vs:
+                out[label == v] = k
+        return out
+
+    def to_values(self, classes: Tensor) -> Tensor:
+        """Class indices -> output label values (int16)."""
+        lut = torch.tensor(self.output_values, dtype=torch.int16, device=classes.device)
+        return lut[classes.long()]
+
+
+MSCMR_LABELS = LabelMap(values=((0,), (200,), (500,), (600,)))
+MYOPS_LABELS = LabelMap(values=((0,), (200, 1220, 2221), (500,), (600,)), extra={"edema": 1220, "scar": 2221})

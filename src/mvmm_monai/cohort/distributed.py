@@ -1,0 +1,108 @@
+"""Cohorts on several devices or nodes: Lightning launches the processes, each fits its shard.
+
+Per-subject state is never shared between processes: every subject is fitted, start to finish,
+by exactly one process (subject ``i`` by rank ``i % world_size``), with its own single-device
+:class:`~mvmm_monai.pipeline.module.MvMMFit` run, so neither DDP's gradient averaging nor Lightning's
+unsynchronised buffers ever touch it. Lightning's ``ddp_spawn`` strategy only provides the
+processes, their ranks and the process group (``trainer.devices``, ``trainer.num_nodes``); each
+shard writes its subjects' results (or ``error.txt``) into their folders, and the launching
+process writes the cohort summary once, after all shards are done.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.utilities import rank_zero as fabric_rank_zero
+from omegaconf import DictConfig, open_dict
+from pytorch_lightning.utilities import rank_zero as pl_rank_zero
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mvmm_monai.cohort.summary import read_results, write_cohort_summary
+from mvmm_monai.files import atomic_write
+from mvmm_monai.pipeline.module import SingleStep
+from mvmm_monai.pipeline.progress import lightning_notes_silenced
+
+log = logging.getLogger(__name__)
+
+
+class CohortShards(pl.LightningModule):
+    """One training step per process: fit this rank's share of ``names`` with ``fit_subject``.
+
+    ``_anchor`` exists only because DDP refuses a module without parameters; it gets no gradient.
+    """
+
+    def __init__(self, cfg: DictConfig, names: list[str], out: Path, fit_subject: Callable) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.cfg, self.names, self.out, self.fit_subject = cfg, list(names), Path(out), fit_subject
+        self._anchor = nn.Parameter(torch.zeros(1))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(SingleStep(), batch_size=None)
+
+    def configure_optimizers(self):
+        return None
+
+    def shard(self, rank: int, world: int) -> list[str]:
+        return self.names[rank::world]
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        from hydra.utils import instantiate
+
+        rank, world = self.global_rank, self.trainer.world_size
+        mine = self.shard(rank, world)
+        log.info("rank %d/%d fits %s", rank, world, mine)
+        cfg = self.cfg
+        if self.device.type != "cpu":  # each rank's fits go to the device Lightning gave this rank
+            cfg = cfg.copy()
+            with open_dict(cfg):
+                cfg.trainer.devices = [self.device.index or 0]
+        dataset = instantiate(cfg.data)
+        saved = pl_rank_zero.rank_zero_only.rank, fabric_rank_zero.rank_zero_only.rank
+        pl_rank_zero.rank_zero_only.rank = fabric_rank_zero.rank_zero_only.rank = 0  # each fit is its own world
+        try:
+            for name in mine:
+                folder = self.out / name
+                try:
+                    self.fit_subject(cfg, dataset, name, folder)
+                except Exception as err:  # reported in the summary; the shard goes on
+                    msg = f"{type(err).__name__}: {err}"
+                    log.error("subject %s failed on rank %d: %s\n%s", name, rank, msg, traceback.format_exc(limit=3))
+                    atomic_write(folder / "error.txt", lambda tmp, m=msg: Path(tmp).write_text(m + "\n"))
+        finally:
+            pl_rank_zero.rank_zero_only.rank, fabric_rank_zero.rank_zero_only.rank = saved
+
+
+def run_cohort_distributed(cfg: DictConfig, names: list[str], out: Path, fit_subject: Callable) -> dict:
+    """Fit ``names`` across ``trainer.devices`` x ``trainer.num_nodes`` processes; summary by the launcher."""
+    single = cfg.copy()
+    with open_dict(single):
+        single.trainer.devices = 1
+        single.trainer.num_nodes = 1
+        single.trainer.strategy = "auto"
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    launcher = pl.Trainer(
+        accelerator=accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.get("num_nodes", 1),
+        strategy="ddp_spawn",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    with lightning_notes_silenced():
+        launcher.fit(CohortShards(single, names, out, fit_subject))
+    results, failed = read_results(out, names)
+    return write_cohort_summary(out, results, failed)

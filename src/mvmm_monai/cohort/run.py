@@ -1,0 +1,70 @@
+"""What a fit command runs: one subject, or a cohort (one process after another, or sharded across
+devices), every subject into its own folder and a summary of them all."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from mvmm_monai.cohort.summary import write_cohort_summary
+from mvmm_monai.config import build
+from mvmm_monai.pipeline.fit import fit_subject
+
+log = logging.getLogger(__name__)
+
+
+def _subjects(cfg: DictConfig, dataset) -> list[str] | None:
+    """``subject``: null (the first), a name, ``all``, or a list. ``None`` means a single fit."""
+    sel = cfg.subject
+    if sel is None:
+        return None
+    if isinstance(sel, str) and sel != "all":
+        return None
+    names = dataset.subjects() if sel == "all" else [str(x) for x in sel]
+    if not names:
+        raise ValueError(f"{dataset.name}: no subjects found")
+    return names
+
+
+def fit(cfg: DictConfig) -> dict:
+    """Fit what ``cfg`` asks for and write the results under ``cfg.paths.output_dir``.
+
+    One subject (``subject=NAME`` or null): returns the content of its ``metrics.json``. A cohort
+    (``subject=all`` or ``subject=[a,b]``): every subject into its own folder, a failing subject
+    reported with its error while the others go on, and ``cohort_summary.{csv,md}``; returns the
+    summary (``{"subjects": [...], "failed": {...}, "mean": ..., "std": ...}``).
+    """
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    several = str(devices) not in ("1", "auto") or int(nodes) != 1
+    dataset = build(cfg.data)
+    names = _subjects(cfg, dataset)
+    out = Path(cfg.paths.output_dir)
+    if names is None:
+        if several:
+            raise ValueError(
+                f"trainer.devices={devices}, trainer.num_nodes={nodes}: one subject is fitted on one device; "
+                "several devices shard a cohort (subject=all or subject=[a,b,...])"
+            )
+        name = cfg.subject if cfg.subject is not None else dataset.subjects()[0]
+        return fit_subject(cfg, dataset, name, out)
+    if several:
+        from mvmm_monai.cohort.distributed import run_cohort_distributed
+
+        return run_cohort_distributed(cfg, names, out, fit_subject)
+    return run_cohort(cfg, dataset, names, out)
+
+
+def run_cohort(cfg: DictConfig, dataset, names: list[str], out: Path) -> dict:
+    """Fit ``names`` one after another into ``out/<subject>/`` and write ``out/cohort_summary.*``."""
+    results: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    for name in names:
+        try:
+            results[name] = fit_subject(cfg, dataset, name, out / name)
+        except Exception as err:  # a cohort goes on; the summary says what went wrong
+            failed[name] = f"{type(err).__name__}: {err}"
+            log.error("subject %s failed: %s\n%s", name, failed[name], traceback.format_exc(limit=3))
+    return write_cohort_summary(out, results, failed)

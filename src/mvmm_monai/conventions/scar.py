@@ -1,0 +1,93 @@
+"""The scar output of a fit: ``<subject>_scar.nii.gz`` and the ``scar`` entry of ``metrics.json``.
+
+The rule lives in :mod:`mvmm_monai.mixture.scar`; this module applies it to a finished fit, brings
+the mask to the reference sequence's native grid the same way the reference segmentation goes
+there (:func:`~mvmm_monai.data.common_space.native_segmentation`), writes it and scores it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mvmm_monai.data.common_space import native_segmentation
+from mvmm_monai.files import save_nifti
+from mvmm_monai.mixture.scar import MYOCARDIUM, ScarResult, scar_segmentation
+
+
+def mask_dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """Dice of two boolean masks of one shape; 1.0 when both are empty."""
+    if pred.shape != truth.shape:
+        raise ValueError(f"mask_dice: shapes differ, {tuple(pred.shape)} vs {tuple(truth.shape)}")
+    pred, truth = pred.bool(), truth.bool()
+    total = int(pred.sum()) + int(truth.sum())
+    return 2.0 * int((pred & truth).sum()) / total if total else 1.0
+
+
+def native_scar(
+    subject, scores: torch.Tensor, result, shifts: dict, min_contrast: float = 2.0, min_blood_fraction: float = 0.45
+) -> tuple[torch.Tensor, ScarResult]:
+    """Scar mask ``[X, Y, Z]`` (bool) on the reference sequence's native grid, and the common-space result.
+
+    Args:
+        subject: the fitted :class:`~mvmm_monai.data.subject.SubjectData` (reference first); when
+            its common space is a crop (``subject.parent``), the mask is put back on the uncut grid.
+        scores: ``[K, *S]`` label scores of the ``postprocess`` stage (the posterior itself with
+            ``postprocess=none``): scar is looked for in the myocardium they label.
+        result: the :class:`~mvmm_monai.pipeline.module.FitResult` of the fit (images, parameters).
+        shifts: sequence -> fitted slice shifts in voxels (as for the segmentations).
+        min_contrast, min_blood_fraction: see :func:`~mvmm_monai.mixture.scar.scar_segmentation`.
+    """
+    ref = subject.reference
+    w = result.warped
+    res = scar_segmentation(
+        w.images,
+        w.coverage,
+        scores[None].to(w.images.dtype),
+        result.params,
+        sequence_index=subject.sequences.index(ref),
+        class_index=MYOCARDIUM,
+        min_contrast=min_contrast,
+        min_blood_fraction=min_blood_fraction,
+    )
+    mask = res.mask[0]
+    two_class = torch.stack((~mask, mask)).to(scores.dtype)  # [2, *S]: no scar, scar
+    full = getattr(subject, "parent", None) or subject  # the uncut subject when the common space was cropped
+    if full is not subject:
+        two_class = subject.uncrop(two_class, 0.0, 1.0)
+    native = native_segmentation(two_class, full, ref, shifts.get(ref)) == 1
+    return native.cpu(), res
+
+
+def _finite(v: torch.Tensor) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, min_contrast: float = 2.0, min_blood_fraction: float = 0.45) -> dict:
+    """Write ``<subject>_scar.nii.gz`` (uint8 0/1, the reference's native grid) into ``out``.
+
+    Returns the ``scar`` entry of ``metrics.json``: ``volume_ml``, the two guards of the rule
+    (``contrast`` in SDs and ``blood_fraction``, see :func:`~mvmm_monai.mixture.scar.subtype_contrast`;
+    null with one myocardium subtype) and, when the subject has a manual scar label on the
+    reference, ``dice`` (1.0 when both masks are empty) and ``true_volume_ml``.
+    """
+    ref = subject.reference
+    mask, res = native_scar(subject, scores, result, shifts, min_contrast, min_blood_fraction)
+    full = getattr(subject, "parent", None) or subject
+    grid = full.grids[ref]
+    save_nifti(Path(out) / f"{subject.name}_scar.nii.gz", mask.numpy().astype(np.uint8), grid.affine.numpy())
+    voxel_ml = float(torch.prod(grid.spacing.to(torch.float64))) / 1000.0
+    entry: dict = {
+        "volume_ml": int(mask.sum()) * voxel_ml,
+        "contrast": _finite(res.contrast[0]),
+        "blood_fraction": _finite(res.blood_fraction[0]),
+    }
+    truth = full.scar_labels.get(ref)
+    if truth is not None:
+        entry["dice"] = mask_dice(mask, truth.cpu())
+        entry["true_volume_ml"] = int(truth.sum()) * voxel_ml
+    return entry

@@ -1,0 +1,206 @@
+"""One subject's fit, top to bottom: settings, preparation, the ICM loop, the result, the label
+maps derived from it, scores, files.
+
+The mixture's result (:class:`~mvmm_monai.pipeline.module.FitResult`: posterior, parameters) is
+written as computed. Label maps are derived from it by the ``postprocess`` stage (the labelling
+conventions of a protocol, :class:`~mvmm_monai.conventions.labelling.LabellingConventions`), and
+scar from the LGE myocardium's subtypes within the labelled myocardium: separate, named steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mvmm_monai.config import build
+from mvmm_monai.conventions.labelling import LabellingConventions
+from mvmm_monai.conventions.scar import write_scar
+from mvmm_monai.data.common_space import native_segmentation
+from mvmm_monai.data.datasets import check_subject_name
+from mvmm_monai.files import save_json
+from mvmm_monai.pipeline.metrics import segmentation_metrics
+from mvmm_monai.pipeline.module import MvMMFit
+from mvmm_monai.pipeline.outputs import ResultFolder, params_record, write_results
+from mvmm_monai.pipeline.prepare import prepare_subject, temper_atlas
+from mvmm_monai.pipeline.progress import lightning_notes_silenced
+from mvmm_monai.pipeline.settings import (
+    convergence_window,
+    final_scalars,
+    hparams,
+    sequence_weights,
+    subtype_counts,
+    with_dataset_defaults,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """What the ``postprocess`` stage derives from a fit: ``scores`` ``[K, *S]`` (the posterior
+    with the conventions' reassignments; its argmax is the common-space label map) and ``classes``
+    (sequence -> ``[X_n, Y_n, Z_n]`` class indices on that sequence's native, uncut grid)."""
+
+    scores: torch.Tensor
+    classes: dict[str, torch.Tensor]
+
+
+def resolve_settings(cfg: DictConfig, dataset) -> tuple[DictConfig, LabellingConventions]:
+    """``cfg`` with the dataset's defaults filled in, and the labelling conventions; every check that
+    can fail on a config value runs here, before any work."""
+    cfg = with_dataset_defaults(cfg, dataset)
+    conventions = build(cfg.postprocess, _convert_="all") if cfg.get("postprocess") else LabellingConventions()
+    conventions.check_sequences(dataset.sequences)
+    subtype_counts(cfg.model, dataset.sequences)
+    sequence_weights(cfg.model, dataset.sequences, dataset.sequence_weights_default)
+    convergence_window(cfg)
+    return cfg, conventions
+
+
+def effective_settings(cfg: DictConfig, dataset, subject, conventions: LabellingConventions, placement: str) -> dict:
+    """Every setting the fit used, with the dataset's defaults filled in (``params.json`` → ``settings``)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model["sequence_weights"] = dict(
+        zip(subject.sequences, sequence_weights(cfg.model, subject.sequences, dataset.sequence_weights_default))
+    )
+    return {
+        "data": dataset.name,
+        "model": model,
+        "postprocess": conventions.as_dict(),
+        "atlas": {**OmegaConf.to_container(cfg.atlas, resolve=True), "path": str(cfg.atlas.path or dataset.default_atlas()), "placement": placement},
+        "registration": OmegaConf.to_container(cfg.registration, resolve=True),
+    }
+
+
+def run_icm(cfg: DictConfig, dataset, prep, out: Path) -> tuple[MvMMFit, pl.Trainer, object, object]:
+    """Build the registration and the LightningModule and run Lightning's Trainer (one ICM
+    iteration per epoch); returns the module, the trainer, the registration and the logger."""
+    subject = prep.subject
+    atlas = temper_atlas(prep.atlas, float(cfg.model.get("atlas_weight", 1.0)))
+    registration = build(cfg.registration.model)(subject=subject, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
+    optimizer = build(cfg.registration.optimizer) if cfg.registration.get("optimizer") else None
+    if getattr(registration, "fits_anything", False) and optimizer is None:
+        raise ValueError("registration.optimizer is required when the registration fits parameters")
+    module = MvMMFit(
+        subject=subject,
+        registration=registration,
+        counts=subtype_counts(cfg.model, subject.sequences),
+        em=build(cfg.model.em),
+        em_steps=cfg.model.em_steps,
+        optimizer=optimizer,
+        scheduler=build(cfg.registration.scheduler) if cfg.registration.get("scheduler") else None,
+        tol_window=convergence_window(cfg),
+        settle_tol=cfg.model.tol if cfg.registration.get("settle", True) else None,
+        sequence_weights=sequence_weights(cfg.model, subject.sequences, dataset.sequence_weights_default),
+    )
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values()]
+    logger = build(cfg.logger) if cfg.get("logger") else False
+    with lightning_notes_silenced():
+        trainer: pl.Trainer = build(cfg.trainer, logger=logger, callbacks=callbacks)
+        trainer.fit(module, ckpt_path=cfg.get("ckpt_path"))
+    return module, trainer, registration, logger
+
+
+def derive_labels(subject, result, conventions: LabellingConventions, shifts: dict) -> Labelled:
+    """The ``postprocess`` stage: label scores in the common space, and class indices on every
+    sequence's native grid (the fitted slice shifts ``shifts`` move the labels with the slices)."""
+    scores = conventions.apply(
+        result.posterior,
+        tuple(float(v) for v in subject.grid.spacing[:2]),
+        subject.sequences,
+        images=result.warped.images[0],
+        coverage=result.warped.coverage[0],
+    )
+    full = subject.parent or subject  # the uncut subject when the common space was cropped
+    uncut = subject.uncrop(scores, 0.0, 1.0)
+    return Labelled(scores, {s: native_segmentation(uncut, full, s, shifts.get(s)) for s in subject.sequences})
+
+
+def score(subject, labelled: Labelled, result) -> dict:
+    """Dice and HD95 (mm) per sequence where manual labels exist, and ``atlas_dice`` (the placed,
+    possibly deformed atlas alone: the baseline the mixture must beat) on the reference."""
+    full = subject.parent or subject
+    scores: dict = {"dice": {}, "hd95_mm": {}}
+    done: dict = {}
+    for s, label in full.labels.items():
+        # the same label file on the same grid with the same segmentation (co-registered sequences): score once
+        key = (str(full.files.labels.get(s)), tuple(full.grids[s].shape), full.grids[s].affine.numpy().round(3).tobytes())
+        if key in done and torch.equal(labelled.classes[s], labelled.classes[done[key]]):
+            scores["dice"][s], scores["hd95_mm"][s] = scores["dice"][done[key]], scores["hd95_mm"][done[key]]
+            continue
+        done[key] = s
+        m = segmentation_metrics(labelled.classes[s], label, tuple(full.grids[s].spacing.tolist()))
+        scores["dice"][s], scores["hd95_mm"][s] = m["dice"], m["hd95_mm"]
+    if subject.reference in full.labels:
+        atlas_seg = subject.uncrop(result.warped.log_atlas[0].float().exp(), 0.0, 1.0).argmax(0)
+        spacing = tuple(full.grid.spacing.tolist())
+        scores["atlas_dice"] = {subject.reference: segmentation_metrics(atlas_seg, full.labels[subject.reference], spacing)["dice"]}
+    return scores
+
+
+def converged(cfg: DictConfig, module: MvMMFit, trainer: pl.Trainer, name: str) -> bool:
+    """Whether the fit met its criterion: it stopped before ``trainer.max_epochs``, or was kept
+    running past the point where it met it (``trainer.min_epochs``); a warning says what to try."""
+    last = float(module.recent_changes.max())
+    met = trainer.current_epoch < trainer.max_epochs or last < cfg.model.tol
+    if not met:
+        log.warning(
+            "%s: stopped at trainer.max_epochs=%d before the relative log-likelihood change fell below model.tol=%g "
+            "(last %.1e); raise trainer.max_epochs or model.tol if the curve in TensorBoard is still moving",
+            name, trainer.max_epochs, cfg.model.tol, last,
+        )
+    return met
+
+
+def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
+    """Fit subject ``name`` of ``dataset`` and write its results into ``out``; returns its metrics."""
+    start = time.perf_counter()
+    check_subject_name(name)
+    cfg, conventions = resolve_settings(cfg, dataset)
+    out = Path(out)
+    if str(cfg.paths.get("output_dir")) != str(out):  # a cohort member: logs and checkpoints go with it
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    with ResultFolder(out, name) as folder:
+        prep = prepare_subject(cfg, dataset, name)
+        module, trainer, registration, logger = run_icm(cfg, dataset, prep, out)
+        if not trainer.is_global_zero:
+            return {}
+        subject, result = prep.subject, module.result()
+        shifts = registration.native_shifts_voxels()
+        labelled = derive_labels(subject, result, conventions, shifts)
+        metrics = {
+            "subject": subject.name,
+            **score(subject, labelled, result),
+            "scar": write_scar(subject, labelled.scores, result, shifts, folder.staging, **(cfg.model.get("scar") or {})),
+            "log_likelihood": result.log_likelihood,
+            "iterations": result.iterations,
+            "converged": converged(cfg, module, trainer, subject.name),
+            **({"registration_settled_at": int(module.settled_at) or None} if registration.fits_anything else {}),
+            **({"placement": prep.placement.as_dict()} if prep.placement is not None else {}),
+            "postprocess": conventions.name,
+        }
+        full = subject.parent or subject
+        labels = {s: full.label_map.to_values(c) for s, c in labelled.classes.items()}
+        settings = effective_settings(cfg, dataset, subject, conventions, "auto" if prep.placement is not None else "identity")
+        overlay = module.overlay(title=f"{subject.name}: final segmentation ({conventions.name} labels)", posterior=labelled.scores)
+        write_results(folder.staging, subject, result, labels, registration, params_record(subject, result, registration, prep.placement, settings), overlay)
+        metrics["seconds"] = time.perf_counter() - start
+        if logger:
+            logger.log_hyperparams(hparams(cfg), metrics=final_scalars(metrics))
+            logger.finalize("success")
+        save_json(folder.staging / "metrics.json", metrics)
+        folder.commit()
+    if subject.reference in metrics["dice"]:
+        d = metrics["dice"][subject.reference]
+        log.info("%s: Dice on %s " + ", ".join(f"{k} %.3f" for k in d), subject.name, subject.reference, *d.values())
+    log.info("results written to %s", out)
+    return metrics

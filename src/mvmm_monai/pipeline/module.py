@@ -1,0 +1,279 @@
+"""The LightningModule of an MvMM fit: one ICM iteration per training step.
+
+An ICM iteration: warp (the registration's current atlas deformation and slice shifts), a few EM
+steps without gradient, then one optimiser step of the registration parameters on the
+log-likelihood minus the regularisers (when the registration fits anything). The EM state lives in
+persistent buffers, so a Lightning checkpoint resumes a fit where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from mvmm_monai.classes import CLASS_NAMES
+from mvmm_monai.data.common_space import native_segmentation, sampling_map
+from mvmm_monai.data.subject import SubjectData
+from mvmm_monai.mixture import (
+    EMConfig,
+    MixtureParams,
+    e_step,
+    em_step,
+    initialise_from_atlas,
+    log_likelihood,
+    voxel_log_likelihood,
+)
+from mvmm_monai.mixture.em import log_prior
+from mvmm_monai.pipeline.metrics import dice_per_class
+from mvmm_monai.registration.base import IdentityRegistration, Warped
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The outcome of a fit, in the common space.
+
+    Attributes:
+        posterior: ``[K, *S]`` class posteriors.
+        params: final :class:`MixtureParams` (batch of one).
+        log_likelihood: final per-voxel mean log-likelihood.
+        iterations: ICM iterations run.
+        warped: the final registration outputs.
+    """
+
+    posterior: Tensor
+    params: MixtureParams
+    log_likelihood: float
+    iterations: int
+    warped: Warped
+
+
+class SingleStep(torch.utils.data.Dataset):
+    """A one-item dataset: every epoch is one step (one ICM iteration; one cohort shard)."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class MvMMFit(pl.LightningModule):
+    """Fit the MvMM to one subject.
+
+    Args:
+        subject: the loaded subject (common-space images, coverage, labels).
+        registration: a registration module (``IdentityRegistration`` for ``registration=none``).
+        counts: ``[N, K]`` subtype counts.
+        em: EM settings.
+        em_steps: EM steps per ICM iteration.
+        optimizer: ``params -> torch.optim.Optimizer`` (a Hydra partial) for the registration
+            parameters; unused when the registration fits nothing.
+        scheduler: optional ``optimizer -> LRScheduler`` (a Hydra partial), stepped after every
+            registration step: a decaying step size bounds how far the registration can wander
+            once the mixture has settled (no drift on long fits).
+        tol_window: ``em/relative_change`` is the largest relative change of the log-likelihood
+            over this many iterations, so a fit stops only once it has been still for a while.
+        settle_tol: once ``em/relative_change`` falls below this (the stopping criterion, met
+            after the registration's last scheduled phase), the registration is settled: it takes
+            no further step, and a fit kept running past its stopping point (``trainer.min_epochs``)
+            only refines the mixture. ``None``: the registration moves for as long as the fit runs
+            (its step size still decays by the scheduler). The iteration is in ``settled_at``.
+        sequence_weights: ``[N]`` positive weight of each sequence's log-density in the class
+            posterior (``None``: all 1, MvMM as written). A weight w tempers sequence n's
+            likelihood to ``p_nk(I_n)^w``: it enters the E-step as a soft coverage, so subtype
+            means, variances and weights are still each sequence's own weighted moments.
+    """
+
+    def __init__(
+        self,
+        subject: SubjectData,
+        registration: IdentityRegistration,
+        counts: Tensor,
+        em: EMConfig = EMConfig(),
+        em_steps: int = 1,
+        optimizer: Callable | None = None,
+        tol_window: int = 5,
+        scheduler: Callable | None = None,
+        sequence_weights: Tensor | None = None,
+        settle_tol: float | None = None,
+    ) -> None:
+        super().__init__()
+        n = len(subject.sequences)
+        weights = torch.ones(n) if sequence_weights is None else torch.as_tensor(sequence_weights, dtype=torch.float32)
+        if weights.shape != (n,) or not bool((weights > 0).all()) or not bool(torch.isfinite(weights).all()):
+            raise ValueError(f"MvMMFit: sequence_weights must be {n} positive numbers (one per sequence), got {weights.tolist()}")
+        if em_steps < 1:
+            raise ValueError(f"MvMMFit: em_steps must be >= 1, got {em_steps}")
+        if tol_window < 1:
+            raise ValueError(f"MvMMFit: tol_window must be >= 1, got {tol_window}")
+        if settle_tol is not None and not settle_tol >= 0:
+            raise ValueError(f"MvMMFit: settle_tol must be >= 0 or None, got {settle_tol}")
+        self.automatic_optimization = False
+        registration.use_sequence_weights(dict(zip(subject.sequences, weights.tolist())))
+        self.subject = subject
+        self.registration = registration
+        self.em = em
+        self.em_steps = em_steps
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.settle_tol = settle_tol
+        with torch.no_grad():
+            w = registration()
+            init = initialise_from_atlas(
+                w.images, w.coverage, torch.exp(w.log_atlas), counts, min_variance=em.min_variance
+            )
+        for name, value in init.as_dict().items():
+            self.register_buffer(name, value.clone())
+        self.register_buffer("posterior", torch.exp(w.log_atlas).clone())
+        self.register_buffer("sequence_weights", weights.reshape(1, n, *([1] * (w.images.ndim - 2))), persistent=False)
+        self.register_buffer("last_log_likelihood", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("recent_changes", torch.ones(tol_window, dtype=torch.float64))
+        # ICM iteration after which the registration stopped moving (0: still moving); in checkpoints
+        self.register_buffer("settled_at", torch.zeros((), dtype=torch.int64))
+        # the per-iteration Dice: every labelled sequence once per distinct manual label (MyoPS has
+        # one label file for its three co-registered sequences: score it on the reference only)
+        ref_label = subject.files.labels.get(subject.reference)
+        self._monitored = [
+            s for s in subject.labels if s == subject.reference or ref_label is None or subject.files.labels.get(s) != ref_label
+        ]
+        # index maps common space -> each monitored labelled sequence
+        self._label_maps = {s: sampling_map(subject.grid, subject.grids[s]) for s in self._monitored if s != subject.reference}
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def params(self) -> MixtureParams:
+        return MixtureParams(self.log_pi, self.log_tau, self.mean, self.var)
+
+    def _store(self, params: MixtureParams, posterior: Tensor) -> None:
+        for name, value in params.as_dict().items():
+            getattr(self, name).copy_(value)
+        self.posterior.copy_(posterior)
+
+    def _weighted(self, coverage: Tensor) -> Tensor:
+        """Coverage ``[B, N, *S]`` times each sequence's weight (see ``sequence_weights``)."""
+        return coverage * self.sequence_weights.to(coverage)
+
+    # -- Lightning -------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(SingleStep(), batch_size=None)
+
+    def configure_optimizers(self):
+        groups = self.registration.param_groups()
+        if not groups or self.optimizer_factory is None:
+            return None
+        opt = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "epoch"}}
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        it = self.current_epoch + 1
+        self.registration.set_iteration(self.current_epoch)
+        fitting_registration = (
+            self.registration.fits_anything and self.optimizer_factory is not None and int(self.settled_at) == 0
+        )
+        searched = {}
+        if fitting_registration and self.registration.search_due(self.current_epoch):
+            searched = self._search_shifts()
+        with torch.set_grad_enabled(fitting_registration):
+            warped = self.registration()
+        fixed = warped.detach()
+        params, posterior = self.params, self.posterior if self.current_epoch > 0 else None
+        for _ in range(self.em_steps):
+            params, est = em_step(fixed.images, self._weighted(fixed.coverage), fixed.log_atlas, params, self.em, posterior)
+            posterior = est.posterior
+        ll = float(est.log_likelihood.mean())
+        bad = [k for k, v in params.as_dict().items() if torch.isnan(v).any()]
+        if not math.isfinite(ll) or bad:
+            raise FloatingPointError(
+                f"MvMM fit of {self.subject.name}: non-finite {'log-likelihood' if not bad else bad} at ICM iteration {it}"
+            )
+        self._store(params, posterior)
+        prev = float(self.last_log_likelihood)
+        step_change = abs(ll - prev) / max(abs(prev), 1e-12) if math.isfinite(prev) else 1.0
+        self.last_log_likelihood.fill_(ll)
+        self.recent_changes.copy_(torch.cat((self.recent_changes[1:], self.recent_changes.new_tensor([step_change]))))
+        rel = float(self.recent_changes.max())
+        if self.current_epoch <= self.registration.schedule_end():
+            rel = max(rel, 1.0)  # a scheduled registration phase is still to come: not converged
+
+        metrics = {"em/log_likelihood": ll, "em/relative_change": rel}
+        if est.lower_bound is not None:
+            metrics["em/lower_bound"] = float(est.lower_bound.mean())
+        if fitting_registration:
+            opt = self.optimizers()
+            opt.zero_grad()
+            objective = log_likelihood(
+                warped.images, self._weighted(warped.coverage), warped.log_atlas, self.params, self.em, self.registration.objective_posterior(posterior)
+            )
+            regs = self.registration.regularisers()
+            loss = -objective.mean() + sum(regs.values(), torch.zeros((), device=objective.device))
+            self.manual_backward(loss)
+            opt.step()
+            sched = self.lr_schedulers()
+            if sched is not None:
+                sched.step()
+            self.registration.check(it)
+            if self.settle_tol is not None and rel < self.settle_tol:
+                self.settled_at.fill_(it)  # this was its last step (a default fit stops here anyway)
+            metrics["reg/loss"] = float(loss.detach())
+            metrics.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
+        metrics.update({f"reg/search_move_mm/{seq}": mm for seq, mm in searched.items()})
+        for k, p in enumerate(torch.exp(self.log_pi[0])):
+            metrics[f"em/pi/{CLASS_NAMES[k]}"] = float(p)
+        if self.subject.labels:
+            shifts = self.registration.native_shifts_voxels()
+            for seq in self._monitored:
+                label = self.subject.labels[seq]
+                pred = native_segmentation(
+                    posterior[0], self.subject, seq, shifts.get(seq), self._label_maps.get(seq)
+                ).to(label.device)
+                for name, d in dice_per_class(pred, label).items():
+                    metrics[f"dice/{seq}/{name}"] = d
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
+
+    def _search_shifts(self) -> dict[str, float]:
+        """The registration's exhaustive slice-shift search with the current mixture and prior; the
+        optimiser forgets the moved parameters' momentum (it pointed towards the old optimum)."""
+        with torch.no_grad():
+            held = self.registration()
+        params, posterior, em = self.params, self.registration.objective_posterior(self.posterior), self.em
+        moved = self.registration.search_shifts(
+            lambda images: voxel_log_likelihood(images, self._weighted(held.coverage), held.log_atlas, params, em, posterior)
+        )
+        opt = self.optimizers().optimizer
+        for p in self.registration.shift_parameters():
+            opt.state.pop(p, None)
+        return moved
+
+    # -- pictures --------------------------------------------------------------------------
+    @torch.no_grad()
+    def overlay(self, title: str = "", posterior: Tensor | None = None):
+        """Overlay figure of the current state, or of ``posterior`` ``[K, *S]`` (e.g. the final,
+        post-processed one); see :func:`mvmm_monai.pipeline.monitoring.overlay_figure`."""
+        from mvmm_monai.pipeline.monitoring import overlay_figure
+
+        w = self.registration().detach()
+        post = self.posterior[0] if posterior is None else posterior
+        return overlay_figure(w.images[0], w.coverage[0], self.subject.sequences, post, torch.exp(w.log_atlas[0]), title=title)
+
+    # -- results ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def result(self) -> FitResult:
+        """Final posterior from one E-step with the fitted parameters and registration."""
+        warped = self.registration().detach()
+        lp = log_prior(warped.log_atlas, self.log_pi, self.posterior if self.current_epoch > 0 else None, self.em)
+        est = e_step(warped.images, self._weighted(warped.coverage), lp, self.params, chunk_voxels=self.em.chunk_voxels)
+        return FitResult(
+            posterior=est.posterior[0],
+            params=self.params.detach(),
+            log_likelihood=float(est.log_likelihood.mean()),
+            iterations=int(self.current_epoch),
+            warped=warped,
+        )

@@ -1,0 +1,106 @@
+"""What a researcher watches: overlays of the segmentation on every sequence, TensorBoard images.
+
+Figures are drawn with matplotlib's object API on an Agg canvas (no display, no global pyplot
+state), so they work on headless servers and inside DDP workers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytorch_lightning as pl
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from mvmm_monai.classes import CLASS_NAMES
+
+# myocardium, LV, RV
+COLOURS = ("#f5d000", "#ff3b30", "#2f7bff")
+
+
+def _rgb(prob: Tensor) -> np.ndarray:
+    """``[K, X, Y]`` class probabilities -> an RGB picture (R LV, G myocardium, B RV)."""
+    p = prob.detach().float().cpu().numpy()
+    return np.clip(np.stack((p[2], p[1], p[3]), axis=-1), 0, 1)
+
+
+def overlay_figure(
+    images: Tensor,
+    coverage: Tensor,
+    sequences: tuple[str, ...],
+    posterior: Tensor,
+    atlas: Tensor | None = None,
+    slice_index: int | None = None,
+    title: str = "",
+) -> Figure:
+    """One row: every sequence with the segmentation contours, then the posterior and the atlas.
+
+    Args:
+        images, coverage: ``[N, X, Y, Z]`` common-space sequences and coverage masks.
+        sequences: names of the N sequences.
+        posterior: ``[K, X, Y, Z]`` class posteriors.
+        atlas: ``[K, X, Y, Z]`` warped atlas, or None.
+        slice_index: the slice to show (default: the middle one).
+    """
+    z = images.shape[-1] // 2 if slice_index is None else slice_index
+    labels = posterior[..., z].argmax(0).cpu().numpy()
+    panels = len(sequences) + 1 + (atlas is not None)
+    fig = Figure(figsize=(3.2 * panels, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels)
+    for n, name in enumerate(sequences):
+        ax = axes[n]
+        img = images[n, ..., z].detach().float().cpu().numpy()
+        shown = np.where(coverage[n, ..., z].cpu().numpy() > 0, img, np.nan)
+        ax.imshow(shown.T, cmap="gray", origin="lower", vmin=0, vmax=1)
+        for k, colour in zip(range(1, len(CLASS_NAMES)), COLOURS):
+            mask = (labels == k).astype(float)
+            if mask.any() and not mask.all():
+                ax.contour(mask.T, levels=[0.5], colors=[colour], linewidths=1.0, origin="lower")
+        ax.set_title(f"{name} (slice {z})", fontsize=9)
+    axes[len(sequences)].imshow(np.transpose(_rgb(posterior[..., z]), (1, 0, 2)), origin="lower")
+    axes[len(sequences)].set_title("posterior (G myo, R LV, B RV)", fontsize=9)
+    if atlas is not None:
+        axes[-1].imshow(np.transpose(_rgb(atlas[..., z]), (1, 0, 2)), origin="lower")
+        axes[-1].set_title("atlas as used", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """RGB ``uint8`` array ``[H, W, 3]`` of a figure."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+class OverlayLogger(pl.Callback):
+    """Adds the overlay figure to TensorBoard every ``every_n_iterations`` ICM iterations and at the end.
+
+    The module must offer ``overlay(title) -> Figure``.
+    """
+
+    def __init__(self, every_n_iterations: int = 10) -> None:
+        if every_n_iterations < 1:
+            raise ValueError(f"OverlayLogger: every_n_iterations must be >= 1, got {every_n_iterations}")
+        self.every = every_n_iterations
+
+    def _log(self, trainer: pl.Trainer, module: pl.LightningModule, step: int) -> None:
+        logger = trainer.logger
+        if logger is None or not trainer.is_global_zero or not hasattr(logger.experiment, "add_image"):
+            return
+        fig = module.overlay(title=f"{module.subject.name}, ICM iteration {step}")
+        logger.experiment.add_image("overlay", figure_to_array(fig), step, dataformats="HWC")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        it = trainer.current_epoch + 1
+        if it == 1 or it % self.every == 0:
+            self._log(trainer, module, it)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._log(trainer, module, trainer.current_epoch)

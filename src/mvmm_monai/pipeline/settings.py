@@ -1,0 +1,107 @@
+"""Settings of a fit, checked before any work: subtype counts, convergence window, sequence
+weights, the dataset's defaults for what the config leaves null, and TensorBoard's HParams."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, open_dict
+
+from mvmm_monai.classes import CLASS_NAMES
+
+
+def hparams(cfg: DictConfig) -> dict:
+    """Flat settings for TensorBoard's HParams dashboard: subtype counts, MRF, registration weights."""
+    flat = {f"subtypes/{k}": int(v) for k, v in cfg.model.subtypes.items()}
+    for seq, row in (cfg.model.get("subtype_overrides") or {}).items():
+        flat.update({f"subtypes/{seq}/{k}": int(v) for k, v in row.items()})
+    flat.update(
+        {
+            "mrf_beta": float(cfg.model.em.beta),
+            "update_pi": bool(cfg.model.em.update_pi),
+            "roi_margin_mm": -1.0 if cfg.model.roi_margin_mm is None else float(cfg.model.roi_margin_mm),
+            "atlas_weight": float(cfg.model.get("atlas_weight", 1.0)),
+            "registration": str(cfg.registration.model._target_).rsplit(".", 1)[-1],
+        }
+    )
+    reg = cfg.registration.model
+    if "bending_weight" in reg:
+        flat["bending_weight"] = float(reg.bending_weight)
+        flat.update({f"lr/{k}": float(v) for k, v in (reg.get("lr") or {}).items()})
+    return flat
+
+
+def final_scalars(metrics: dict) -> dict:
+    """``final/...`` scalars of a finished fit (Dice per structure and sequence, log-likelihood)."""
+    out = {"final/log_likelihood": metrics["log_likelihood"]}
+    for seq, d in metrics.get("dice", {}).items():
+        out.update({f"final/dice/{seq}/{k}": v for k, v in d.items() if v == v})
+    return out
+
+
+def subtype_counts(model_cfg: DictConfig, sequences: tuple[str, ...]) -> torch.Tensor:
+    """``[N, K]`` subtype counts from ``model.subtypes`` and ``model.subtype_overrides``."""
+    base = dict(model_cfg.subtypes)
+    overrides = dict(model_cfg.get("subtype_overrides") or {})
+    unknown_cls = set(base) - set(CLASS_NAMES)
+    if unknown_cls or set(CLASS_NAMES) - set(base):
+        raise ValueError(f"model.subtypes must name exactly the classes {list(CLASS_NAMES)}, got {sorted(base)}")
+    unknown_seq = set(overrides) - set(sequences)
+    if unknown_seq:
+        raise ValueError(f"model.subtype_overrides names unknown sequences {sorted(unknown_seq)}; sequences: {list(sequences)}")
+    counts = []
+    for s in sequences:
+        row = dict(base) | dict(overrides.get(s) or {})
+        bad = {k: v for k, v in row.items() if k not in CLASS_NAMES or not isinstance(v, int) or not 1 <= v <= 10}
+        if bad:
+            raise ValueError(f"model.subtypes for {s}: counts must be integers in 1..10 per class {list(CLASS_NAMES)}, got {bad}")
+        counts.append([row[c] for c in CLASS_NAMES])
+    return torch.tensor(counts, dtype=torch.long)
+
+
+def convergence_window(cfg: DictConfig) -> int:
+    """ICM iterations in a row the log-likelihood must be still for before a fit stops:
+    ``model.tol_window``, or the registration preset's ``min_tol_window`` if that is larger."""
+    window, least = cfg.model.tol_window, cfg.registration.get("min_tol_window")
+    for key, value in (("model.tol_window", window), ("registration.min_tol_window", least)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    return max(window, least or 1)
+
+
+def with_dataset_defaults(cfg: DictConfig, dataset) -> DictConfig:
+    """``cfg`` with the ``model.em`` keys left null filled from the dataset's ``em_defaults``."""
+    em = cfg.model.em
+    missing = {k: v for k, v in dataset.em_defaults.items() if k in em and em[k] is None}
+    if not missing:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for k, v in missing.items():
+            cfg.model.em[k] = v
+    return cfg
+
+
+def _per_sequence(model_cfg: DictConfig, key: str, sequences, default: dict | None, valid, requirement: str) -> dict[str, float]:
+    """``model.<key>``, a mapping sequence -> number, checked: its names among ``sequences`` and
+    ``valid(value)`` for each value (else ``model.<key> must be <requirement>``); null takes
+    ``default`` (for the sequences there are)."""
+    given = model_cfg.get(key)
+    if given is None:
+        given = {k: v for k, v in (default or {}).items() if k in sequences}
+    if not isinstance(given, (dict, DictConfig)):
+        raise ValueError(f"model.{key} must be a mapping sequence -> number (e.g. {{C0: 0.5}}), {{}} or null, got {given!r}")
+    given = dict(given)
+    unknown = sorted(set(given) - set(sequences))
+    if unknown:
+        raise ValueError(f"model.{key}: {unknown} not among the subject's sequences {list(sequences)}")
+    bad = {k: v for k, v in given.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not valid(v)}
+    if bad:
+        raise ValueError(f"model.{key} must be {requirement}, got {bad}")
+    return {k: float(v) for k, v in given.items()}
+
+
+def sequence_weights(model_cfg: DictConfig, sequences, defaults: dict | None = None) -> list[float]:
+    """``model.sequence_weights`` (sequence -> weight, the others 1) as one weight per sequence;
+    null takes the dataset's ``sequence_weights_default`` (for the sequences the subject has)."""
+    given = _per_sequence(model_cfg, "sequence_weights", sequences, defaults, lambda v: v > 0, "positive numbers")
+    return [given.get(s, 1.0) for s in sequences]
