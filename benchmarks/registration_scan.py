@@ -40,7 +40,7 @@ def main() -> None:
     from mvmm_monai.mixture import log_likelihood
     from mvmm_monai.pipeline.metrics import dice_per_class
     from mvmm_monai.pipeline.module import MvMMFit
-    from mvmm_monai.pipeline.settings import subtype_counts, with_dataset_defaults
+    from mvmm_monai.pipeline.settings import subtype_counts
 
     cfg = compose_config(["paths.output_dir=/tmp/unused", "data.misalignment=false", "registration=atlas_only",
                           "registration.model.atlas_svf=false", f"registration.model.warmup={10**6}", *args.overrides])
@@ -49,7 +49,7 @@ def main() -> None:
     atlas = place_atlas(read_atlas(ds.default_atlas()), s.grid)
     s = s.with_roi(atlas_roi(atlas, tuple(s.grid.spacing.tolist()), cfg.model.roi_margin_mm))
     reg = _build(cfg.registration.model)(subject=s, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
-    em = _build(with_dataset_defaults(cfg, ds).model.em)
+    em = _build(cfg.model.em)
     m = MvMMFit(s, reg, subtype_counts(cfg.model, s.sequences), em, optimizer=_build(cfg.registration.optimizer))
     pl.Trainer(max_epochs=args.em_iterations, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False).fit(m)

@@ -63,3 +63,13 @@ def test_command_line_user_error_is_one_line(tmp_path):
     assert "cannot name an output" in text and "Traceback" not in text
     assert not (tmp_path / "evil").exists() and not (tmp_path / "outputs").exists()
     assert (tmp_path / "out" / ".hydra").is_dir()  # Hydra's run files go beside the results
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "", "a\\b"])
+def test_subject_names_never_leave_the_output_folder(name, tmp_path):
+    from mvmm_monai.data.datasets import FilesDataset, check_subject_name
+
+    with pytest.raises(ValueError, match="cannot name an output"):
+        check_subject_name(name)
+    with pytest.raises(ValueError, match="cannot name an output"):
+        FilesDataset(images={"DE": str(tmp_path / "x.nii.gz")}, subject=name)

@@ -132,7 +132,6 @@ def test_label_with_unknown_values_is_named(tmp_path, cache_dir, cohort_copy):
         ("postprocess.blood_rim={XX:0.5}", r"postprocess.blood_rim: \['XX'\] not among"),
         ("postprocess.blood_rim={C0:2}", r"postprocess.blood_rim must be fractions in \[-1, 1\]"),
         ("postprocess.blood_rim=0.3", "postprocess.blood_rim must be a mapping sequence -> fraction"),
-        ("data.subject=../evil", r"cannot name an output"),
         ("subject=../evil", r"cannot name an output"),
         ("model.sequence_weights=2", "model.sequence_weights must be a mapping sequence -> number"),
         ("model.tol_window=0", "model.tol_window must be an integer >= 1"),
@@ -156,6 +155,18 @@ def test_postprocess_group_follows_the_dataset_and_can_be_chosen(tmp_path):
     }
     assert composed("data=myops", "data.root=x", "postprocess=none").as_dict()["lv_cavity_fill"] is False
     assert composed("data=files", "data.images.DE=a.nii.gz", "postprocess=myops").name == "myops"
+
+
+def test_tuning_group_follows_the_dataset_and_can_be_chosen(tmp_path):
+    """The model settings measured per kind of data come from the ``tuning`` group, which each dataset
+    names and ``tuning=...`` or an explicit ``model....`` overrides; the fit records what it used."""
+    tuned = lambda *o: OmegaConf.to_container(compose_config([f"paths.output_dir={tmp_path}", *o]).model, resolve=True)
+    synthetic, myops = tuned(), tuned("data=myops", "data.root=x")
+    assert (synthetic["em"]["beta"], synthetic["em"]["update_pi"], synthetic["sequence_weights"]) == (0.5, False, None)
+    assert (myops["em"]["beta"], myops["em"]["update_pi"], myops["sequence_weights"]) == (1.0, True, {"LGE": 0.5, "T2": 0.5})
+    as_myops = tuned("data=files", "+data.images.LGE=a.nii.gz", "data.reference=LGE", "tuning=myops")
+    assert as_myops["sequence_weights"] == {"LGE": 0.5, "T2": 0.5} and as_myops["em"]["beta"] == 1.0
+    assert tuned("data=myops", "data.root=x", "model.em.beta=0.25")["em"]["beta"] == 0.25
 
 
 def test_registration_presets_share_slice_shift_settings(tmp_path):

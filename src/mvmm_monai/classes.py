@@ -4,11 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
 #: the model's classes, in the order of every ``[B, K, ...]`` tensor and atlas channel
 CLASS_NAMES = ("background", "myocardium", "lv", "rv")
+
+#: one colour per heart class, used by every picture (fit overlays, TensorBoard, the atlas PNG)
+CLASS_COLOURS = {"myocardium": "#f5d000", "lv": "#ff3b30", "rv": "#2f7bff"}
+
+
+def class_rgb(prob) -> np.ndarray:
+    """An RGB picture ``[*S, 3]`` in [0, 1] of class probabilities ``[K, *S]`` (numpy or torch, linear):
+    each heart class adds its :data:`CLASS_COLOURS` colour weighted by its probability."""
+    p = prob.detach().float().cpu().numpy() if hasattr(prob, "detach") else np.asarray(prob, dtype=np.float32)
+    rgb = np.zeros((*p.shape[1:], 3), dtype=np.float32)
+    for k, name in enumerate(CLASS_NAMES):
+        if name in CLASS_COLOURS:
+            colour = np.array([int(CLASS_COLOURS[name][i : i + 2], 16) / 255 for i in (1, 3, 5)], dtype=np.float32)
+            rgb += p[k][..., None] * colour
+    return np.clip(rgb, 0, 1)
 
 
 @dataclass(frozen=True)

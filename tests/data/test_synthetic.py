@@ -67,7 +67,8 @@ def test_files_labels_and_grids(cohort_on):
         assert {"slice_shifts_mm", "atlas_offset", "has_scar", "scar", "geometry"} <= set(truth)
     atlas_meta = json.loads((cohort_on / "atlas.json").read_text())
     assert atlas_meta["classes"] == ["background", "myocardium", "lv", "rv"]
-    assert atlas_meta["label_values"] == [0, 200, 500, 600]
+    assert atlas_meta["label_values"] == {"background": [0], "myocardium": [200], "lv": [500], "rv": [600]}
+    assert atlas_meta["frame"] == "world" and atlas_meta["format"] == "mvmm-monai atlas 2"
 
 
 def test_geometry_of_sequences(cohort_on):

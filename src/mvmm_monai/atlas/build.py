@@ -17,7 +17,6 @@ frame, how it was built) and a picture ``NAME.png``.
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +25,10 @@ import numpy as np
 from scipy import ndimage
 
 from mvmm_monai.atlas.frame import heart_frame, level_weights, slice_to_canonical
-from mvmm_monai.classes import CLASS_NAMES
+from mvmm_monai.atlas.io import atlas_sidecar, write_atlas
+from mvmm_monai.classes import CLASS_NAMES, LabelMap, class_rgb
 from mvmm_monai.data.subject import SubjectData
-from mvmm_monai.files import save_json, save_nifti, save_png
-from mvmm_monai.version import __version__
-
-ATLAS_FORMAT = "mvmm-monai canonical atlas 1"
+from mvmm_monai.files import save_png
 
 
 @dataclass(frozen=True)
@@ -160,19 +157,19 @@ def canonical_affine(size: int, pixel_mm: float, levels: int, level_mm: float = 
 
 
 def atlas_figure(atlas: CanonicalAtlas, title: str = ""):
-    """A picture of the atlas: one row per level, RGB classes (R myocardium, G LV, B RV) then the
+    """A picture of the atlas: one row per level, the classes in the colours of every fit overlay
+    (:data:`~mvmm_monai.classes.CLASS_COLOURS`: myocardium yellow, LV red, RV blue), then the
     template of each sequence."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     L = atlas.prob.shape[-1]
     cols = 1 + len(atlas.sequences)
-    fig, axes = plt.subplots(L, cols, figsize=(2.2 * cols, 2.2 * L), squeeze=False)
+    fig = Figure(figsize=(2.2 * cols, 2.2 * L))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(L, cols, squeeze=False)
     for l in range(L):
-        rgb = np.stack([atlas.prob[1, ..., l], atlas.prob[2, ..., l], atlas.prob[3, ..., l]], -1)
-        axes[l, 0].imshow(np.transpose(np.clip(rgb, 0, 1), (1, 0, 2)), origin="lower")
+        axes[l, 0].imshow(np.transpose(class_rgb(atlas.prob[..., l]), (1, 0, 2)), origin="lower")
         axes[l, 0].set_ylabel(f"t={l / max(L - 1, 1):.2f}" + (" apex" if l == 0 else " base" if l == L - 1 else ""))
         for j, seq in enumerate(atlas.sequences):
             axes[l, 1 + j].imshow(atlas.template[j, ..., l].T, cmap="gray", origin="lower")
@@ -188,47 +185,25 @@ def atlas_figure(atlas: CanonicalAtlas, title: str = ""):
     return fig
 
 
-def atlas_paths(path: str | Path) -> dict[str, Path]:
-    """The files of an atlas named ``path`` (``.nii.gz``): atlas, template, sidecar, picture."""
-    path = Path(path)
-    stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
-    return {
-        "atlas": path,
-        "template": path.with_name(f"{stem}_template.nii.gz"),
-        "sidecar": path.with_name(f"{stem}.json"),
-        "picture": path.with_name(f"{stem}.png"),
-    }
-
-
-def write_canonical_atlas(atlas: CanonicalAtlas, path: str | Path, label_values: dict, built: dict | None = None) -> dict[str, Path]:
-    """Write the atlas NIfTI, its template, the JSON sidecar and the picture (each atomically)."""
-    paths = atlas_paths(path)
-    if not str(paths["atlas"]).endswith((".nii.gz", ".nii")):
-        raise ValueError(f"atlas output must be a .nii.gz path, got {path}")
+def write_canonical_atlas(atlas: CanonicalAtlas, path: str | Path, label_map: LabelMap, built: dict | None = None) -> dict[str, Path]:
+    """Write the atlas NIfTI, its template, the JSON sidecar (:func:`~mvmm_monai.atlas.io.atlas_sidecar`)
+    and the picture (each atomically)."""
     size, L = atlas.prob.shape[1], atlas.prob.shape[-1]
-    aff = canonical_affine(size, atlas.pixel_mm, L)
-    save_nifti(paths["template"], np.moveaxis(atlas.template, 0, -1), aff)
-    save_nifti(paths["atlas"], np.moveaxis(atlas.prob, 0, -1), aff)
-    save_json(
-        paths["sidecar"],
-        {
-            "format": ATLAS_FORMAT,
-            "frame": "canonical",
-            "classes": list(CLASS_NAMES),
-            "label_values": label_values,
-            "levels": L,
-            "level_positions": [l / max(L - 1, 1) for l in range(L)],
-            "level_meaning": "normalised long-axis position, 0 = apex, 1 = base",
-            "pixel_mm": atlas.pixel_mm,
-            "radius_mm": atlas.radius_mm,
-            "angle_deg": atlas.angle_deg,
-            "template": paths["template"].name,
-            "template_sequences": list(atlas.sequences),
-            "subjects": list(atlas.subjects),
-            "slices_per_level": np.round(atlas.slices_per_level, 2).tolist(),
-            "built": {"by": f"mvmm-monai {__version__}", "date": _dt.date.today().isoformat(), **(built or {})},
-        },
+    sidecar = atlas_sidecar(
+        "canonical",
+        label_map,
+        built or {},
+        levels=L,
+        level_positions=[l / max(L - 1, 1) for l in range(L)],
+        level_meaning="normalised long-axis position, 0 = apex, 1 = base",
+        pixel_mm=atlas.pixel_mm,
+        radius_mm=atlas.radius_mm,
+        angle_deg=atlas.angle_deg,
+        template_sequences=list(atlas.sequences),
+        subjects=list(atlas.subjects),
+        slices_per_level=np.round(atlas.slices_per_level, 2).tolist(),
     )
+    paths = write_atlas(path, atlas.prob, canonical_affine(size, atlas.pixel_mm, L), sidecar, template=atlas.template)
     save_png(paths["picture"], atlas_figure(atlas, f"{paths['atlas'].name}: {len(atlas.subjects)} subjects"))
     return paths
 

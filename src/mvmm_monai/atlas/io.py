@@ -1,12 +1,14 @@
-"""Probabilistic atlases: reading, checking, placing into the common space, building from labels.
+"""Atlas files: reading and checking, writing, and the one JSON sidecar schema.
 
 An atlas is a 4D NIfTI ``[X, Y, Z, K]`` (one channel per class in :data:`CLASS_NAMES` order,
-probabilities summing to one) with an optional JSON sidecar (``atlas.json`` beside it or
-``<name>.json``) naming the classes and label values.
+probabilities summing to one) with a JSON sidecar ``<name>.json`` (or ``atlas.json``) beside it
+(:func:`atlas_sidecar`: classes, label values, frame, how it was built) and, for an atlas in the
+heart-centred frame, an intensity template ``<name>_template.nii.gz`` for automatic placement.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mvmm_monai.classes import CLASS_NAMES
+from mvmm_monai.classes import CLASS_NAMES, LabelMap
 from mvmm_monai.data.common_space import Grid
+from mvmm_monai.files import save_json, save_nifti
+from mvmm_monai.version import __version__
+
+#: the one sidecar schema of every atlas this package writes (built, 2D mid-slice, synthetic)
+ATLAS_FORMAT = "mvmm-monai atlas 2"
+FRAMES = ("world", "canonical")
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,56 @@ class Atlas:
     def canonical(self) -> bool:
         """Built by ``scripts/build_atlas.py`` in the heart-centred frame (placed with ``auto``)."""
         return bool(self.sidecar) and self.sidecar.get("frame") == "canonical"
+
+
+def atlas_paths(path: str | Path) -> dict[str, Path]:
+    """The files of an atlas named ``path`` (``NAME.nii.gz``): ``atlas``, ``template``
+    (``NAME_template.nii.gz``), ``sidecar`` (``NAME.json``) and ``picture`` (``NAME.png``)."""
+    path = Path(path)
+    stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
+    return {
+        "atlas": path,
+        "template": path.with_name(f"{stem}_template.nii.gz"),
+        "sidecar": path.with_name(f"{stem}.json"),
+        "picture": path.with_name(f"{stem}.png"),
+    }
+
+
+def atlas_sidecar(frame: str, label_map: LabelMap, built: dict, **fields) -> dict:
+    """The JSON sidecar of an atlas: ``format``, ``frame`` (``world``: placed where its affine puts
+    it; ``canonical``: the heart-centred frame of :mod:`mvmm_monai.atlas.frame`, placed
+    automatically), ``classes``, ``label_values`` (class, and named sub-structure such as MyoPS
+    scar, -> label values), ``built`` (by, date, and ``built``'s entries: from what, how) and
+    ``fields`` (a canonical atlas: levels, pixel_mm, radius_mm, angle_deg, template, ...)."""
+    if frame not in FRAMES:
+        raise ValueError(f"atlas_sidecar: frame must be one of {FRAMES}, got {frame!r}")
+    values = {c: list(v) for c, v in zip(CLASS_NAMES, label_map.values)} | {k: [v] for k, v in label_map.extra.items()}
+    return {
+        "format": ATLAS_FORMAT,
+        "frame": frame,
+        "classes": list(CLASS_NAMES),
+        "label_values": values,
+        "built": {"by": f"mvmm-monai {__version__}", "date": datetime.date.today().isoformat(), **built},
+        **fields,
+    }
+
+
+def write_atlas(path: str | Path, prob: np.ndarray, affine: np.ndarray, sidecar: dict, template: np.ndarray | None = None) -> dict[str, Path]:
+    """Write ``prob`` ``[K, X, Y, Z]`` as the 4D NIfTI ``[X, Y, Z, K]`` ``path`` with ``affine``, its
+    ``sidecar`` (:func:`atlas_sidecar`) beside it and, if given, the intensity ``template``
+    ``[S, X, Y, Z]`` (named in the sidecar's ``template``); each file atomically. Returns the paths."""
+    paths = atlas_paths(path)
+    if not str(paths["atlas"]).endswith((".nii.gz", ".nii")):
+        raise ValueError(f"atlas output must be a .nii.gz path, got {path}")
+    prob = np.asarray(prob, dtype=np.float32)
+    if prob.ndim != 4 or prob.shape[0] != len(CLASS_NAMES):
+        raise ValueError(f"write_atlas: prob must be [{len(CLASS_NAMES)}, X, Y, Z], got {prob.shape}")
+    if template is not None:
+        save_nifti(paths["template"], np.moveaxis(np.asarray(template, dtype=np.float32), 0, -1), affine)
+        sidecar = {**sidecar, "template": paths["template"].name}
+    save_nifti(paths["atlas"], np.moveaxis(prob, 0, -1), affine)
+    save_json(paths["sidecar"], sidecar)
+    return paths
 
 
 def _sidecar(path: Path) -> dict | None:

@@ -179,25 +179,12 @@ def write_atlas(
 ) -> Path:
     """Write ``prob`` ``[K, X, Y, Z]`` as a 4D NIfTI ``[X, Y, Z, K]`` with ``affine`` at ``path``
     and a JSON sidecar ``<stem>.json`` beside it (classes, label values, cases, protocol)."""
-    from mvmm_monai.files import save_json, save_nifti
+    from mvmm_monai.atlas.io import atlas_sidecar
+    from mvmm_monai.atlas.io import write_atlas as write_atlas_files
 
-    prob = np.asarray(prob, dtype=np.float32)
-    if prob.ndim != 4 or prob.shape[0] != len(CLASS_NAMES):
-        raise ValueError(f"write_atlas: prob must be [{len(CLASS_NAMES)}, X, Y, Z], got {prob.shape}")
-    path = Path(path)
-    save_nifti(path, np.moveaxis(prob, 0, -1), affine)
-    stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
-    save_json(
-        path.with_name(f"{stem}.json"),
-        {
-            "classes": list(CLASS_NAMES),
-            "label_values": list(MYOPS_LABELS.output_values),
-            "class_label_values": {c: list(v) for c, v in zip(CLASS_NAMES, MYOPS_LABELS.values)},
-            "built_from": list(built_from or []),
-            "protocol": PROTOCOL.format(size=prob.shape[1], sigma=sigma_px),
-        },
-    )
-    return path
+    sidecar = atlas_sidecar("world", MYOPS_LABELS, {"from": list(built_from or []), "protocol": PROTOCOL.format(size=np.shape(prob)[1], sigma=sigma_px)})
+    write_atlas_files(path, prob, affine, sidecar)
+    return Path(path)
 
 
 def fit_overrides(name: str, paths: dict[str, Path], atlas_path: str | Path, output_dir: str | Path) -> list[str]:

@@ -20,11 +20,13 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities import rank_zero as fabric_rank_zero
 from omegaconf import DictConfig, open_dict
+from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero as pl_rank_zero
 from torch import nn
 from torch.utils.data import DataLoader
 
 from mvmm_monai.cohort.summary import read_results, write_cohort_summary
+from mvmm_monai.config import build
 from mvmm_monai.files import atomic_write
 from mvmm_monai.pipeline.module import SingleStep
 from mvmm_monai.pipeline.progress import lightning_notes_silenced
@@ -54,29 +56,47 @@ class CohortShards(pl.LightningModule):
         return self.names[rank::world]
 
     def training_step(self, batch, batch_idx: int) -> None:
-        from hydra.utils import instantiate
-
         rank, world = self.global_rank, self.trainer.world_size
         mine = self.shard(rank, world)
         log.info("rank %d/%d fits %s", rank, world, mine)
-        cfg = self.cfg
-        if self.device.type != "cpu":  # each rank's fits go to the device Lightning gave this rank
-            cfg = cfg.copy()
-            with open_dict(cfg):
-                cfg.trainer.devices = [self.device.index or 0]
-        dataset = instantiate(cfg.data)
-        saved = pl_rank_zero.rank_zero_only.rank, fabric_rank_zero.rank_zero_only.rank
-        pl_rank_zero.rank_zero_only.rank = fabric_rank_zero.rank_zero_only.rank = 0  # each fit is its own world
-        try:
-            for name in mine:
-                folder = self.out / name
-                try:
-                    self.fit_subject(cfg, dataset, name, folder)
-                except Exception as err:  # reported in the summary; the shard goes on
-                    msg = f"{type(err).__name__}: {err}"
-                    log.error("subject %s failed on rank %d: %s\n%s", name, rank, msg, traceback.format_exc(limit=3))
-                    atomic_write(folder / "error.txt", lambda tmp, m=msg: Path(tmp).write_text(m + "\n"))
-        finally:
+        cfg = self.cfg.copy()
+        with open_dict(cfg):  # each subject: a single-device world on the device Lightning gave this rank
+            cfg.trainer.devices = 1
+            cfg.trainer.accelerator = self.device.type
+            cfg.trainer.strategy = {"_target_": f"{__name__}.ShardMemberStrategy", "device": str(self.device)}
+        dataset = build(cfg.data)
+        for name in mine:
+            folder = self.out / name
+            try:
+                metrics = self.fit_subject(cfg, dataset, name, folder)
+                dice = next(iter(metrics.get("dice", {}).values()), {})  # the reference sequence's, when labelled
+                log.info("rank %d: %s done: Dice %s", rank, name, ", ".join(f"{k} {v:.3f}" for k, v in dice.items()) or "(no labels)")
+            except Exception as err:  # reported in the summary; the shard goes on
+                msg = f"{type(err).__name__}: {err}"
+                log.error("subject %s failed on rank %d: %s\n%s", name, rank, msg, traceback.format_exc(limit=3))
+                atomic_write(folder / "error.txt", lambda tmp, m=msg: Path(tmp).write_text(m + "\n"))
+
+
+class ShardMemberStrategy(SingleDeviceStrategy):
+    """The strategy of one subject's fit inside a cohort shard: a world of one process.
+
+    Lightning's distributed strategies declare the process's rank to its ``rank_zero_only``
+    utilities when they set up (``rank_zero_only.rank = global_rank``); a subject fitted by shard
+    process r is its own single-device world, so this strategy declares rank 0 while it runs (its
+    TensorBoard logs, checkpoints and messages are written) and restores the shard's rank after.
+    """
+
+    strategy_name = "mvmm_shard_member"
+
+    def setup_environment(self) -> None:
+        self._shard_rank = pl_rank_zero.rank_zero_only.rank, fabric_rank_zero.rank_zero_only.rank
+        pl_rank_zero.rank_zero_only.rank = fabric_rank_zero.rank_zero_only.rank = 0
+        super().setup_environment()
+
+    def teardown(self) -> None:
+        super().teardown()
+        saved = getattr(self, "_shard_rank", None)
+        if saved is not None:
             pl_rank_zero.rank_zero_only.rank, fabric_rank_zero.rank_zero_only.rank = saved
 
 

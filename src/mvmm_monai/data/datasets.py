@@ -56,12 +56,6 @@ class _Dataset:
         """An atlas that ships with the dataset (the synthetic cohort's), else ``None``."""
         return None
 
-    #: ``model.em`` settings used where the config leaves them null, measured per kind of data
-    #: (``benchmarks/RESULTS.md``: the pi update and a stronger MRF lift real-data Dice, the
-    #: synthetic cohort's RV suffers from the pi update).
-    em_defaults: dict = {"beta": 0.5, "update_pi": False}
-    # model.sequence_weights when left null (sequence -> weight; missing sequences 1)
-    sequence_weights_default: dict = {}
 
     lower_percentile: float = 1.0
     upper_percentile: float = 99.0
@@ -101,7 +95,6 @@ class MSCMRDataset(_Dataset):
     """MS-CMRSeg layout: ``patientN_{C0,DE,T2}.nii.gz`` and ``patientN_<SEQ>_manual.nii.gz``."""
 
     name = "mscmr"
-    em_defaults = {"beta": 1.0, "update_pi": True}
 
     def __init__(
         self,
@@ -141,7 +134,6 @@ class SyntheticDataset(MSCMRDataset):
     """The built-in synthetic cohort, generated deterministically into ``cache_dir`` on first use."""
 
     name = "synthetic"
-    em_defaults = {"beta": 0.5, "update_pi": False}
 
     def __init__(
         self,
@@ -191,11 +183,6 @@ class MyoPSDataset(_Dataset):
 
     name = "myops"
     default_label_map = MYOPS_LABELS
-    em_defaults = {"beta": 1.0, "update_pi": True}
-    # bSSFP (C0) draws the blood pool as the manual contours do; LGE's dark slow-flow blood and bright
-    # subendocardial scar, and T2's bright slow-flow blood, mislead at the LV border: halved, chosen on
-    # held-out atlas folds by benchmarks/real_myops.py
-    sequence_weights_default = {"LGE": 0.5, "T2": 0.5}
 
     def __init__(
         self,
@@ -225,7 +212,6 @@ class MyoPSDataset(_Dataset):
 class FilesDataset(_Dataset):
     """Explicit files: ``images`` maps sequence names to paths; ``label`` lies on ``label_sequence``."""
 
-    em_defaults = {"beta": 1.0, "update_pi": True}  # your own (real) images: the real-data settings
 
     images: dict[str, str | None] = field(default_factory=dict)
     label: str | None = None

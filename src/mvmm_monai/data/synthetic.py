@@ -52,7 +52,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: atlas.json in the one atlas sidecar schema
 SEQUENCES = ("C0", "DE", "T2")
 REFERENCE_SEQUENCE = "DE"
 LABEL_VALUES = {"background": 0, "myocardium": 200, "lv": 500, "rv": 600}
@@ -451,12 +451,16 @@ def make_cohort(root: str | Path, config: SyntheticConfig = SyntheticConfig()) -
     for index in range(1, config.n_subjects + 1):
         _make_subject(root, config, index)
     ageo = _atlas_geometry(config.geometries[REFERENCE_SEQUENCE])
-    _save(root / "atlas.nii.gz", _build_atlas(config, ageo), ageo.affine())
-    (root / "atlas.json").write_text(json.dumps({
-        "classes": list(ATLAS_CLASSES), "label_values": [LABEL_VALUES[c] for c in ATLAS_CLASSES],
-        "built_from": f"{N_ATLAS_DRAWS} aligned random draws of the synthetic shape model "
-                      f"(seed {config.seed}), averaged one-hot, Gaussian sigma 1.5 mm in-plane",
-        "geometry": asdict(ageo)}, indent=1))
+    from mvmm_monai.atlas.io import (  # the one atlas sidecar schema
+        atlas_sidecar,
+        write_atlas,
+    )
+    from mvmm_monai.classes import MSCMR_LABELS
+
+    built = {"from": f"{N_ATLAS_DRAWS} aligned random draws of the synthetic shape model (seed {config.seed}), "
+                     "averaged one-hot, Gaussian sigma 1.5 mm in-plane", "geometry": asdict(ageo)}
+    write_atlas(root / "atlas.nii.gz", np.moveaxis(_build_atlas(config, ageo), -1, 0), ageo.affine(),
+                atlas_sidecar("world", MSCMR_LABELS, built))
     (root / "cohort.json").write_text(json.dumps({
         "generator": "mvmm_monai.data.synthetic", "generator_version": GENERATOR_VERSION,
         "key": config_key(config), "config": _config_dict(config), "subjects": subject_names(config),

@@ -14,6 +14,7 @@ from mvmm_monai.mixture.em import (
     fit_em,
     log_likelihood,
     m_step,
+    relative_change,
     voxel_log_likelihood,
 )
 from mvmm_monai.mixture.gaussian import (
@@ -44,6 +45,7 @@ __all__ = [
     "log_normal",
     "m_step",
     "mrf_log_potential",
+    "relative_change",
     "subtype_mask",
     "update_log_pi",
     "voxel_log_likelihood",

@@ -27,6 +27,7 @@ __all__ = [
     "e_step",
     "em_step",
     "fit_em",
+    "relative_change",
     "log_likelihood",
     "log_prior",
     "m_step",
@@ -263,6 +264,13 @@ def em_step(
     return m_step(images, coverage, log_atlas, estep, params, config), estep
 
 
+def relative_change(previous: float, current: float) -> float:
+    """The convergence measure of every fit loop in this package (EM alone and the ICM loop):
+    ``|current - previous| / |previous|`` of the per-voxel mean log-likelihood (a mean, so the
+    tolerance does not depend on the image size; relative, so not on the intensity scale)."""
+    return abs(current - previous) / max(abs(previous), 1e-12)
+
+
 def fit_em(
     images: Tensor,
     coverage: Tensor,
@@ -274,7 +282,8 @@ def fit_em(
     tol: float = 1e-5,
     params: MixtureParams | None = None,
 ) -> EMFitResult:
-    """EM with a fixed atlas until the per-voxel log-likelihood changes by less than ``tol``.
+    """EM with a fixed atlas until the per-voxel mean log-likelihood's :func:`relative_change`
+    falls below ``tol`` (the measure the ICM loop's ``model.tol`` uses too).
 
     Args:
         images, coverage: ``[B, N, *S]``; log_atlas: ``[B, K, *S]``; counts: ``[N, K]`` subtypes.
@@ -295,15 +304,15 @@ def fit_em(
         ll = float(estep.log_likelihood.mean())
         if not torch.isfinite(estep.log_likelihood).all():
             raise FloatingPointError(f"fit_em: non-finite log-likelihood at iteration {it}")
-        if trace and abs(ll - trace[-1]) < tol:
+        if trace and relative_change(trace[-1], ll) < tol:
             trace.append(ll)
             converged = True
             break
         trace.append(ll)
     if not converged:
         warnings.warn(
-            f"EM did not converge in {max_iter} iterations (last change "
-            f"{abs(trace[-1] - trace[-2]) if len(trace) > 1 else float('nan'):.2e} > tol={tol}); "
+            f"EM did not converge in {max_iter} iterations (last relative change "
+            f"{relative_change(trace[-2], trace[-1]) if len(trace) > 1 else float('nan'):.2e} > tol={tol}); "
             "raise max_iter or tol, or check the atlas placement.",
             ConvergenceWarning,
             stacklevel=2,

@@ -7,7 +7,6 @@ import time
 
 from omegaconf import DictConfig
 
-from mvmm_monai.classes import CLASS_NAMES
 from mvmm_monai.config import build
 
 log = logging.getLogger(__name__)
@@ -58,11 +57,10 @@ def build_atlas(cfg: DictConfig) -> dict:
     atlas = build_canonical_atlas(
         subjects, size=int(cfg.size), pixel_mm=float(cfg.pixel_mm), levels=int(cfg.levels), sigma_mm=float(cfg.sigma_mm)
     )
-    lm = subjects[0].label_map
     paths = write_canonical_atlas(
         atlas,
         cfg.output,
-        label_values={**{c: list(v) for c, v in zip(CLASS_NAMES, lm.values)}, **{k: [v] for k, v in lm.extra.items()}},
+        label_map=subjects[0].label_map,
         built={"dataset": dataset.name, "root": str(getattr(dataset, "root", "")), "size": int(cfg.size), "sigma_mm": float(cfg.sigma_mm)},
     )
     log.info(

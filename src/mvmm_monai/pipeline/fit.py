@@ -35,7 +35,6 @@ from mvmm_monai.pipeline.settings import (
     hparams,
     sequence_weights,
     subtype_counts,
-    with_dataset_defaults,
 )
 
 log = logging.getLogger(__name__)
@@ -52,25 +51,26 @@ class Labelled:
 
 
 def resolve_settings(cfg: DictConfig, dataset) -> tuple[DictConfig, LabellingConventions]:
-    """``cfg`` with the dataset's defaults filled in, and the labelling conventions; every check that
-    can fail on a config value runs here, before any work."""
-    cfg = with_dataset_defaults(cfg, dataset)
+    """``cfg`` and the labelling conventions; every check that can fail on a config value runs here,
+    before any work."""
     conventions = build(cfg.postprocess, _convert_="all") if cfg.get("postprocess") else LabellingConventions()
     conventions.check_sequences(dataset.sequences)
     subtype_counts(cfg.model, dataset.sequences)
-    sequence_weights(cfg.model, dataset.sequences, dataset.sequence_weights_default)
+    sequence_weights(cfg.model, dataset.sequences)
     convergence_window(cfg)
     return cfg, conventions
 
 
 def effective_settings(cfg: DictConfig, dataset, subject, conventions: LabellingConventions, placement: str) -> dict:
-    """Every setting the fit used, with the dataset's defaults filled in (``params.json`` → ``settings``)."""
+    """Every setting the fit used, resolved (``params.json`` → ``settings``): the model (with the
+    ``tuning`` group's values), the labelling conventions, the atlas and its placement, the registration."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model["sequence_weights"] = dict(
-        zip(subject.sequences, sequence_weights(cfg.model, subject.sequences, dataset.sequence_weights_default))
+        zip(subject.sequences, sequence_weights(cfg.model, subject.sequences))
     )
     return {
         "data": dataset.name,
+        "tuning": OmegaConf.to_container(cfg.tuning, resolve=True) if cfg.get("tuning") else None,
         "model": model,
         "postprocess": conventions.as_dict(),
         "atlas": {**OmegaConf.to_container(cfg.atlas, resolve=True), "path": str(cfg.atlas.path or dataset.default_atlas()), "placement": placement},
@@ -97,7 +97,7 @@ def run_icm(cfg: DictConfig, dataset, prep, out: Path) -> tuple[MvMMFit, pl.Trai
         scheduler=build(cfg.registration.scheduler) if cfg.registration.get("scheduler") else None,
         tol_window=convergence_window(cfg),
         settle_tol=cfg.model.tol if cfg.registration.get("settle", True) else None,
-        sequence_weights=sequence_weights(cfg.model, subject.sequences, dataset.sequence_weights_default),
+        sequence_weights=sequence_weights(cfg.model, subject.sequences),
     )
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values()]
     logger = build(cfg.logger) if cfg.get("logger") else False

@@ -12,16 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from mvmm_monai.classes import CLASS_NAMES
-
-# myocardium, LV, RV
-COLOURS = ("#f5d000", "#ff3b30", "#2f7bff")
-
-
-def _rgb(prob: Tensor) -> np.ndarray:
-    """``[K, X, Y]`` class probabilities -> an RGB picture (R LV, G myocardium, B RV)."""
-    p = prob.detach().float().cpu().numpy()
-    return np.clip(np.stack((p[2], p[1], p[3]), axis=-1), 0, 1)
+from mvmm_monai.classes import CLASS_COLOURS, CLASS_NAMES, class_rgb
 
 
 def overlay_figure(
@@ -53,15 +44,15 @@ def overlay_figure(
         img = images[n, ..., z].detach().float().cpu().numpy()
         shown = np.where(coverage[n, ..., z].cpu().numpy() > 0, img, np.nan)
         ax.imshow(shown.T, cmap="gray", origin="lower", vmin=0, vmax=1)
-        for k, colour in zip(range(1, len(CLASS_NAMES)), COLOURS):
+        for k, colour in ((k, CLASS_COLOURS[c]) for k, c in enumerate(CLASS_NAMES) if c in CLASS_COLOURS):
             mask = (labels == k).astype(float)
             if mask.any() and not mask.all():
                 ax.contour(mask.T, levels=[0.5], colors=[colour], linewidths=1.0, origin="lower")
         ax.set_title(f"{name} (slice {z})", fontsize=9)
-    axes[len(sequences)].imshow(np.transpose(_rgb(posterior[..., z]), (1, 0, 2)), origin="lower")
-    axes[len(sequences)].set_title("posterior (G myo, R LV, B RV)", fontsize=9)
+    axes[len(sequences)].imshow(np.transpose(class_rgb(posterior[..., z]), (1, 0, 2)), origin="lower")
+    axes[len(sequences)].set_title("posterior (myo yellow, LV red, RV blue)", fontsize=9)
     if atlas is not None:
-        axes[-1].imshow(np.transpose(_rgb(atlas[..., z]), (1, 0, 2)), origin="lower")
+        axes[-1].imshow(np.transpose(class_rgb(atlas[..., z]), (1, 0, 2)), origin="lower")
         axes[-1].set_title("atlas as used", fontsize=9)
     for ax in axes:
         ax.set_xticks([])

@@ -4,7 +4,7 @@ weights, the dataset's defaults for what the config leaves null, and TensorBoard
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from mvmm_monai.classes import CLASS_NAMES
 
@@ -68,40 +68,22 @@ def convergence_window(cfg: DictConfig) -> int:
     return max(window, least or 1)
 
 
-def with_dataset_defaults(cfg: DictConfig, dataset) -> DictConfig:
-    """``cfg`` with the ``model.em`` keys left null filled from the dataset's ``em_defaults``."""
-    em = cfg.model.em
-    missing = {k: v for k, v in dataset.em_defaults.items() if k in em and em[k] is None}
-    if not missing:
-        return cfg
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        for k, v in missing.items():
-            cfg.model.em[k] = v
-    return cfg
-
-
-def _per_sequence(model_cfg: DictConfig, key: str, sequences, default: dict | None, valid, requirement: str) -> dict[str, float]:
-    """``model.<key>``, a mapping sequence -> number, checked: its names among ``sequences`` and
-    ``valid(value)`` for each value (else ``model.<key> must be <requirement>``); null takes
-    ``default`` (for the sequences there are)."""
-    given = model_cfg.get(key)
+def sequence_weights(model_cfg: DictConfig, sequences) -> list[float]:
+    """``model.sequence_weights`` (sequence -> positive weight, the others 1; null: all 1) as one
+    weight per sequence of ``sequences``. Set explicitly, every name must be one of ``sequences``;
+    taken from the ``tuning`` group (the default), names the subject lacks are left out."""
+    given = model_cfg.get("sequence_weights")
     if given is None:
-        given = {k: v for k, v in (default or {}).items() if k in sequences}
+        return [1.0] * len(sequences)
     if not isinstance(given, (dict, DictConfig)):
-        raise ValueError(f"model.{key} must be a mapping sequence -> number (e.g. {{C0: 0.5}}), {{}} or null, got {given!r}")
+        raise ValueError(f"model.sequence_weights must be a mapping sequence -> number (e.g. {{C0: 0.5}}), {{}} or null, got {given!r}")
     given = dict(given)
+    if OmegaConf.is_interpolation(model_cfg, "sequence_weights"):  # the tuning's: for the sequences there are
+        given = {k: v for k, v in given.items() if k in sequences}
     unknown = sorted(set(given) - set(sequences))
     if unknown:
-        raise ValueError(f"model.{key}: {unknown} not among the subject's sequences {list(sequences)}")
-    bad = {k: v for k, v in given.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not valid(v)}
+        raise ValueError(f"model.sequence_weights: {unknown} not among the subject's sequences {list(sequences)}")
+    bad = {k: v for k, v in given.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0}
     if bad:
-        raise ValueError(f"model.{key} must be {requirement}, got {bad}")
-    return {k: float(v) for k, v in given.items()}
-
-
-def sequence_weights(model_cfg: DictConfig, sequences, defaults: dict | None = None) -> list[float]:
-    """``model.sequence_weights`` (sequence -> weight, the others 1) as one weight per sequence;
-    null takes the dataset's ``sequence_weights_default`` (for the sequences the subject has)."""
-    given = _per_sequence(model_cfg, "sequence_weights", sequences, defaults, lambda v: v > 0, "positive numbers")
-    return [given.get(s, 1.0) for s in sequences]
+        raise ValueError(f"model.sequence_weights must be positive numbers, got {bad}")
+    return [float(given.get(s, 1.0)) for s in sequences]
