@@ -24,7 +24,7 @@ Pure numpy/scipy maths: no files, no Lightning.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -58,19 +58,21 @@ class PlacementConfig:
             pair whose template matches best (mean NCC, centres refined per slice) is kept.
             ``[0]`` and ``[1]`` alone (this class's default): the stack is taken to span apex to
             base. The Hydra config (``atlas.auto``) searches ``[0, 0.125, 0.25, 0.375]`` x
-            ``[0.625, 0.75, 0.875, 1]``, chosen on held-out atlas cases together with the MyoPS
-            sequence weights (RESULTS 5c, 5d).
+            ``[0.625, 0.75, 0.875, 1]``, chosen together with the MyoPS sequence weights on
+            held-out atlas folds of the shared MyoPS cases by ``benchmarks/real_myops.py``.
         slice_scales: per-slice scale refinement: after the stack's levels are chosen, every slice
             tries these multiples of the stack's scale (its centre found again for each) and keeps
             its best template match. ``[1]`` (this class's default): one scale for the whole stack.
-            The Hydra config searches ``[0.9, 0.95, 1, 1.05, 1.1]`` (held-out atlas folds, RESULTS 5f).
+            The Hydra config searches ``[0.9, 0.95, 1, 1.05, 1.1]`` (chosen on held-out atlas
+            folds by ``benchmarks/real_myops.py``).
         slice_angles_deg: the same for the rotation: offsets (degrees) from the stack's angle that
             every slice tries, with every ``slice_scales`` value. ``[0]``: one angle per stack.
         sequences: the subject sequences whose images are matched to the template (``None``: every
             one the template has). The reference alone keeps the placement independent of the
             other sequences' slice motion (the real added-shift experiment uses it so that both of
             its fits share one placement), but finds the heart far less well: on held-out MyoPS
-            cases LGE alone gave myocardium Dice 0.707 against 0.820 with all three (RESULTS 4h).
+            cases LGE alone gave myocardium Dice 0.707 against 0.820 with all three
+            (``benchmarks/real_myops.py``, one held-out atlas fold).
     """
 
     coarse_mm: float = 2.5
@@ -216,6 +218,221 @@ class _SliceStats:
         return out
 
 
+class _HeartSearch:
+    """What every stage of one :func:`find_heart` call shares: the subject's images, the template
+    and the search settings, and the masked NCC of one slice against the template.
+
+    Attributes:
+        images / coverage: ``[N, X, Y, Z]`` the subject's sequences (linear intensities) and where
+            each covers the common space (1 covered).
+        spacing: in-plane spacing ``(sx, sy)`` mm of the common space.
+        template: ``[S, H, W, L]`` the atlas' canonical intensity template.
+        used: ``(n, c)`` pairs: subject sequence ``n`` is matched to template channel ``c``.
+        atlas_pixel_mm: canonical pixel size (mm).
+        radius_mm: template radius (mm): ``config.context`` x the atlas' epicardial radius.
+        cfg: the search settings.
+        nz: number of slices ``Z``.
+    """
+
+    def __init__(self, images, coverage, spacing, template, template_channels, atlas_pixel_mm, atlas_radius_mm, cfg):
+        self.used = [(n, c) for n, c in enumerate(template_channels) if c is not None]
+        if not self.used:
+            raise ValueError("find_heart: none of the subject's sequences has an intensity template in the atlas")
+        self.images, self.coverage, self.spacing, self.template = images, coverage, spacing, template
+        self.atlas_pixel_mm, self.cfg = atlas_pixel_mm, cfg
+        self.radius_mm = cfg.context * atlas_radius_mm
+        self.nz = images.shape[-1]
+
+    def slice_stats(self, pixel_mm: float) -> list[dict[int, _SliceStats]]:
+        """Per slice ``z`` (a list of ``Z``): sequence ``n`` -> its slice resampled to ``pixel_mm``
+        pixels (uncovered voxels zeroed), for every used sequence covering at least half the slice."""
+        out = []
+        for z in range(self.nz):
+            per = {}
+            for n, _ in self.used:
+                cov = self.coverage[n, ..., z]
+                if cov.mean() < 0.5:  # a sequence that barely covers this slice says little
+                    continue
+                per[n] = _SliceStats(_zoom_slice(self.images[n, ..., z] * (cov > 0), self.spacing, pixel_mm))
+            out.append(per)
+        return out
+
+    def slice_ncc(self, stats, z: int, t: float, phi: float, sigma: float, pixel_mm: float) -> np.ndarray | None:
+        """NCC map of slice ``z`` (stats from :meth:`slice_stats` at ``pixel_mm``) against the template
+        at level ``t``, rotated by ``phi`` degrees and scaled by ``sigma``: ``[X', Y']`` (one value
+        per candidate centre pixel, -1 where the disc leaves the slice), the mean over the
+        sequences covering the slice; ``None`` when none does."""
+        acc, count = None, 0
+        for n, c in self.used:
+            if n not in stats[z]:
+                continue
+            level = at_level(self.template[c : c + 1], t)[0]
+            patch, mask = _template_patch(level, pixel_mm, self.atlas_pixel_mm, phi, sigma, self.radius_mm)
+            r = stats[z][n].ncc(patch, mask)
+            acc = r if acc is None else acc + r
+            count += 1
+        return None if acc is None else acc / count
+
+
+def _coarse_map(search: _HeartSearch, stats, levels: list[float], phi: float, sigma: float, tol: int) -> np.ndarray | None:
+    """Mean over slices of each slice's NCC map at ``coarse_mm`` pixels, each first maximised over
+    ``+-tol`` pixels (a slice may sit that far from the stack's centre): ``[X', Y']`` by stack
+    centre pixel; ``None`` when no slice is covered."""
+    total, k = None, 0
+    for z in range(search.nz):
+        r = search.slice_ncc(stats, z, levels[z], phi, sigma, search.cfg.coarse_mm)
+        if r is None:
+            continue
+        r = ndimage.maximum_filter(r, size=2 * tol + 1, mode="nearest")
+        total = r if total is None else total + r
+        k += 1
+    return None if total is None else total / k
+
+
+def _coarse_search(search: _HeartSearch) -> tuple[bool, float, float, np.ndarray]:
+    """The stack's long-axis direction, angle (degrees), scale and centre ``[2]`` (mm): the best
+    mean coarse NCC over direction x ``angles_deg`` x ``scales`` and every centre of the slice."""
+    cfg = search.cfg
+    stats = search.slice_stats(cfg.coarse_mm)
+    tol = max(1, int(round(cfg.slice_tolerance_mm / cfg.coarse_mm)))
+    best_score, best = -np.inf, None
+    directions = (True, False) if (cfg.both_directions and search.nz > 1) else (True,)
+    for apex_first in directions:
+        levels = stack_levels(search.nz, apex_first)
+        for phi in cfg.angles_deg:
+            for sigma in cfg.scales:
+                total = _coarse_map(search, stats, levels, phi, sigma, tol)
+                if total is None:
+                    continue
+                i = np.unravel_index(int(np.argmax(total)), total.shape)
+                if total[i] > best_score:
+                    best_score = float(total[i])
+                    best = (apex_first, phi, sigma, np.array(i, dtype=float) * cfg.coarse_mm)
+    if best is None:
+        raise ValueError("find_heart: no slice is covered by a sequence with a template")
+    return best
+
+
+class _SliceMatch:
+    """Per-slice matching at ``fine_mm`` pixels: a slice's best centre within ``slice_window_mm``
+    of the stack's coarse centre ``centre_mm`` ``[2]`` (mm)."""
+
+    def __init__(self, search: _HeartSearch, centre_mm: np.ndarray) -> None:
+        self.search, self.cfg = search, search.cfg
+        self.pixel_mm = search.cfg.fine_mm
+        self.stats = search.slice_stats(self.pixel_mm)
+        self.centre_mm = centre_mm
+        self.win = search.cfg.slice_window_mm / self.pixel_mm  # window radius (pixels)
+        self._windows: dict = {}  # NCC map shape -> the disc within slice_window_mm of the centre
+
+    def _window(self, shape) -> np.ndarray:
+        if shape not in self._windows:
+            ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+            c = self.centre_mm / self.pixel_mm
+            self._windows[shape] = (ii - c[0]) ** 2 + (jj - c[1]) ** 2 <= self.win**2
+        return self._windows[shape]
+
+    def match(self, z: int, t: float, phi: float, sigma: float) -> tuple[np.ndarray | None, float]:
+        """Slice ``z``'s best centre ``[2]`` (mm) within the window and its NCC, for the template at
+        level ``t``, angle ``phi`` (degrees), scale ``sigma``; ``(None, nan)`` if it is not covered."""
+        r = self.search.slice_ncc(self.stats, z, t, phi, sigma, self.pixel_mm)
+        if r is None:
+            return None, np.nan
+        r = np.where(self._window(r.shape), r, -np.inf)
+        i = np.unravel_index(int(np.argmax(r)), r.shape)
+        return np.array(i, dtype=float) * self.pixel_mm, float(r[i])
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """A candidate heart frame while it is refined: angle (degrees), scale, ``[Z]`` levels,
+    ``[Z]`` centres (mm, ``None`` for uncovered slices), ``[Z]`` NCC, their nanmean, and the
+    per-slice scale factors / angle offsets (``None``: one per stack)."""
+
+    phi: float
+    sigma: float
+    levels: list[float]
+    centres: list[np.ndarray | None]
+    scores: np.ndarray
+    score: float
+    slice_scales: np.ndarray | None = None
+    slice_angles: np.ndarray | None = None
+
+
+def _fine_search(match: _SliceMatch, levels: list[float], phi0: float, sigma0: float) -> _Stack:
+    """Per-slice centres around the coarse optimum for ``fine_angles_deg`` x ``fine_scales`` steps
+    from ``phi0`` / ``sigma0``, each slice at ``levels``; the step of best mean NCC."""
+    best_score, best = -np.inf, None
+    for dphi in match.cfg.fine_angles_deg:
+        for ds in match.cfg.fine_scales:
+            phi, sigma = phi0 + dphi, sigma0 * ds
+            found = [match.match(z, levels[z], phi, sigma) for z in range(len(levels))]
+            scores = [f[1] for f in found]
+            s = float(np.nanmean(scores))
+            if s > best_score:
+                best_score, best = s, _Stack(phi, sigma, levels, [f[0] for f in found], np.array(scores), s)
+    return best
+
+
+def _choose_coverage(match: _SliceMatch, stack: _Stack, apex_first: bool) -> _Stack:
+    """The stack's coverage of the ventricle: its apical slice at each of ``level_starts``, its
+    basal at each of ``level_ends``, the slices between evenly spaced, centres found again per slice;
+    ``stack`` (apex to base) unless a pair matches better (mean NCC)."""
+    ranges = [(a, b) for a in match.cfg.level_starts for b in match.cfg.level_ends]
+    if ranges == [(0.0, 1.0)]:
+        return stack
+    nz = len(stack.levels)
+    # the fine search already matched every slice at its apex-to-base level
+    cache: dict = {(z, round(stack.levels[z], 6)): (stack.centres[z], stack.scores[z]) for z in range(nz)}
+    best = stack
+    for a, b in ranges:
+        levels = stack_levels(nz, apex_first, a, b)
+        found = []
+        for z in range(nz):
+            key = (z, round(levels[z], 6))
+            if key not in cache:
+                cache[key] = match.match(z, levels[z], stack.phi, stack.sigma)
+            found.append(cache[key])
+        s = float(np.nanmean([f[1] for f in found]))
+        if s > best.score:
+            best = replace(best, levels=levels, centres=[f[0] for f in found], scores=np.array([f[1] for f in found]), score=s)
+    return best
+
+
+def _refine_slices(match: _SliceMatch, stack: _Stack) -> _Stack:
+    """Per slice: ``slice_scales`` multiples of the stack's scale x ``slice_angles_deg`` offsets
+    from its angle, each with its centre found again; every slice keeps its best match."""
+    cfg = match.cfg
+    per_scale, per_angle = tuple(cfg.slice_scales) != (1.0,), tuple(cfg.slice_angles_deg) != (0.0,)
+    if not (per_scale or per_angle):
+        return stack
+    nz = len(stack.levels)
+    centres, scores = list(stack.centres), np.array(stack.scores, dtype=float)
+    factors, offsets = np.ones(nz), np.zeros(nz)
+    for z in range(nz):
+        for f in cfg.slice_scales:
+            for d in cfg.slice_angles_deg:
+                if f == 1.0 and d == 0.0:  # the stack's own scale and angle: scores[z] already
+                    continue
+                c, s = match.match(z, stack.levels[z], stack.phi + d, stack.sigma * f)
+                if c is not None and not s <= scores[z]:  # a better match (or the first for a slice without one)
+                    centres[z], scores[z], factors[z], offsets[z] = c, s, f, d
+    return replace(
+        stack, centres=centres, scores=scores, score=float(np.nanmean(scores)),
+        slice_scales=factors if per_scale else None, slice_angles=offsets if per_angle else None,
+    )
+
+
+def _assemble(stack: _Stack) -> Placement:
+    """The :class:`Placement` of ``stack``; an uncovered slice takes the mean of the others' centres."""
+    known = [c for c in stack.centres if c is not None]
+    centres = np.stack([c if c is not None else np.mean(known, 0) for c in stack.centres])
+    return Placement(
+        centres, float(stack.phi), float(stack.sigma), np.array(stack.levels), stack.score, stack.scores,
+        stack.slice_scales, stack.slice_angles,
+    )
+
+
 def find_heart(
     images: np.ndarray,
     coverage: np.ndarray,
@@ -227,6 +444,10 @@ def find_heart(
     config: PlacementConfig | None = None,
 ) -> Placement:
     """Find the heart frame of a stack by matching the atlas' intensity template.
+
+    Stages: a coarse search for the stack's direction, angle, scale and centre; a fine per-slice
+    search around it; the choice of the stack's coverage of the ventricle; an optional per-slice
+    scale / angle refinement.
 
     Args:
         images: ``[N, X, Y, Z]`` the subject's sequences in the common space (linear intensities).
@@ -242,138 +463,12 @@ def find_heart(
         :class:`Placement`. Raises ``ValueError`` when no sequence has a template.
     """
     cfg = config or PlacementConfig()
-    used = [(n, c) for n, c in enumerate(template_channels) if c is not None]
-    if not used:
-        raise ValueError("find_heart: none of the subject's sequences has an intensity template in the atlas")
-    nz = images.shape[-1]
-    radius = cfg.context * atlas_radius_mm
-
-    def stats_at(pixel_mm: float):
-        out = []
-        for z in range(nz):
-            per = {}
-            for n, _ in used:
-                if coverage[n, ..., z].mean() < 0.5:  # a sequence that barely covers this slice says little
-                    continue
-                per[n] = _SliceStats(_zoom_slice(images[n, ..., z] * (coverage[n, ..., z] > 0), spacing, pixel_mm))
-            out.append(per)
-        return out
-
-    def slice_ncc(stats, z: int, t: float, phi: float, sigma: float, pixel_mm: float) -> np.ndarray | None:
-        acc, count = None, 0
-        for n, c in used:
-            if n not in stats[z]:
-                continue
-            patch, mask = _template_patch(at_level(template[c : c + 1], t)[0], pixel_mm, atlas_pixel_mm, phi, sigma, radius)
-            r = stats[z][n].ncc(patch, mask)
-            acc = r if acc is None else acc + r
-            count += 1
-        return None if acc is None else acc / count
-
-    # coarse: one centre for the stack (each slice may sit slice_tolerance_mm away), all angles/scales/directions
-    coarse = stats_at(cfg.coarse_mm)
-    tol = max(1, int(round(cfg.slice_tolerance_mm / cfg.coarse_mm)))
-    best = (-np.inf, None)
-    directions = (True, False) if (cfg.both_directions and nz > 1) else (True,)
-    for apex_first in directions:
-        levels = stack_levels(nz, apex_first)
-        for phi in cfg.angles_deg:
-            for sigma in cfg.scales:
-                total, k = None, 0
-                for z in range(nz):
-                    r = slice_ncc(coarse, z, levels[z], phi, sigma, cfg.coarse_mm)
-                    if r is None:
-                        continue
-                    r = ndimage.maximum_filter(r, size=2 * tol + 1, mode="nearest")
-                    total = r if total is None else total + r
-                    k += 1
-                if total is None:
-                    continue
-                total = total / k
-                i = np.unravel_index(int(np.argmax(total)), total.shape)
-                if total[i] > best[0]:
-                    best = (float(total[i]), (apex_first, phi, sigma, np.array(i, dtype=float) * cfg.coarse_mm))
-    if best[1] is None:
-        raise ValueError("find_heart: no slice is covered by a sequence with a template")
-    apex_first, phi0, sigma0, centre0 = best[1]
-    levels = stack_levels(nz, apex_first)
-
-    # fine: per-slice centres within slice_window_mm of the stack centre, a local angle/scale search
-    fine = stats_at(cfg.fine_mm)
-    win = cfg.slice_window_mm / cfg.fine_mm
-
-    windows: dict = {}  # map shape -> the disc within slice_window_mm of the stack centre
-
-    def best_in_window(r: np.ndarray) -> tuple[np.ndarray, float]:
-        """The best centre (mm) of an NCC map within ``slice_window_mm`` of the stack centre, and its score."""
-        if r.shape not in windows:
-            ii, jj = np.meshgrid(np.arange(r.shape[0]), np.arange(r.shape[1]), indexing="ij")
-            c = centre0 / cfg.fine_mm
-            windows[r.shape] = (ii - c[0]) ** 2 + (jj - c[1]) ** 2 <= win**2
-        r = np.where(windows[r.shape], r, -np.inf)
-        i = np.unravel_index(int(np.argmax(r)), r.shape)
-        return np.array(i, dtype=float) * cfg.fine_mm, float(r[i])
-    best_fine = (-np.inf, None)
-    for dphi in cfg.fine_angles_deg:
-        for ds in cfg.fine_scales:
-            phi, sigma = phi0 + dphi, sigma0 * ds
-            centres, scores = [], []
-            for z in range(nz):
-                r = slice_ncc(fine, z, levels[z], phi, sigma, cfg.fine_mm)
-                if r is None:
-                    centres.append(None)
-                    scores.append(np.nan)
-                    continue
-                centre, best_score = best_in_window(r)
-                centres.append(centre)
-                scores.append(best_score)
-            s = float(np.nanmean(scores))
-            if s > best_fine[0]:
-                best_fine = (s, (phi, sigma, centres, np.array(scores)))
-    score, (phi, sigma, centres, scores) = best_fine
-
-    # coverage: which part of the ventricle the stack spans (its apical and basal slices' levels)
-    ranges = [(a, b) for a in cfg.level_starts for b in cfg.level_ends]
-    if ranges != [(0.0, 1.0)]:
-        # the refinement above already matched every slice at its apex-to-base level
-        cache: dict = {(z, round(levels[z], 6)): (centres[z], scores[z]) for z in range(nz)}
-
-        def slice_best(z: int, t: float):
-            key = (z, round(t, 6))
-            if key not in cache:
-                r = slice_ncc(fine, z, t, phi, sigma, cfg.fine_mm)
-                cache[key] = (None, np.nan) if r is None else best_in_window(r)
-            return cache[key]
-
-        for a, b in ranges:
-            lv = stack_levels(nz, apex_first, a, b)
-            found = [slice_best(z, lv[z]) for z in range(nz)]
-            s = float(np.nanmean([f[1] for f in found]))
-            if s > score:
-                score, levels = s, lv
-                centres, scores = [f[0] for f in found], np.array([f[1] for f in found])
-    factors = offsets = None
-    if tuple(cfg.slice_scales) != (1.0,) or tuple(cfg.slice_angles_deg) != (0.0,):
-        # per slice: the heart's size and turn at this level may differ from the stack's
-        factors, offsets = np.ones(nz), np.zeros(nz)
-        scores = np.array(scores, dtype=float)
-        for z in range(nz):
-            for f in cfg.slice_scales:
-                for d in cfg.slice_angles_deg:
-                    if f == 1.0 and d == 0.0:  # the stack's own scale and angle: scores[z] already
-                        continue
-                    r = slice_ncc(fine, z, levels[z], phi + d, sigma * f, cfg.fine_mm)
-                    if r is None:
-                        continue
-                    c, s_ = best_in_window(r)
-                    if not s_ <= scores[z]:  # a better match (or the first for a slice without one)
-                        centres[z], scores[z], factors[z], offsets[z] = c, s_, f, d
-        score = float(np.nanmean(scores))
-        factors = None if tuple(cfg.slice_scales) == (1.0,) else factors
-        offsets = None if tuple(cfg.slice_angles_deg) == (0.0,) else offsets
-    known = [c for c in centres if c is not None]
-    centres = np.stack([c if c is not None else np.mean(known, 0) for c in centres])
-    return Placement(centres, float(phi), float(sigma), np.array(levels), score, scores, factors, offsets)
+    search = _HeartSearch(images, coverage, spacing, template, template_channels, atlas_pixel_mm, atlas_radius_mm, cfg)
+    apex_first, phi0, sigma0, centre0 = _coarse_search(search)
+    match = _SliceMatch(search, centre0)
+    stack = _fine_search(match, stack_levels(search.nz, apex_first), phi0, sigma0)
+    stack = _choose_coverage(match, stack, apex_first)
+    return _assemble(_refine_slices(match, stack))
 
 
 def place_canonical(
