@@ -16,7 +16,7 @@ fit: $(VENV)/.installed  ## install, then fit the default synthetic subject
 test: $(VENV)/.installed  ## install, then run the whole test suite
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed  ## speed benchmark (results go to benchmarks/RESULTS.md by hand)
+bench: $(VENV)/.installed  ## speed benchmark: writes benchmarks/results/em_speed.json; `python benchmarks/render.py` renders the tables
 	$(PY) benchmarks/em_speed.py
 
 clean:

@@ -9,9 +9,9 @@ LV voxels of the fit, false-LV voxels on manual myocardium and how many of those
 oedema (1220), false-myocardium voxels on the manual LV, and per sequence the median of
 t = (I - median of normal myocardium) / (median of LV blood - median of normal myocardium) over the
 false-LV voxels (0: like normal myocardium, 1: like blood) and over the true-positive LV voxels.
-RESULTS 5g. With ``--per-slice``: per slice instead, its long-axis level from the placement
+With ``--per-slice``: per slice instead, its long-axis level from the placement
 (``CaseN/params.json``, 0 = apex, 1 = base), the manual LV voxels, the false LV and the missed LV
-(RESULTS 5k).
+(what led to ``model.blood_rim``).
 """
 
 from __future__ import annotations

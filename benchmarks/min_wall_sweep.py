@@ -13,7 +13,7 @@ a fit applies them (:func:`mvmm_monai.conventions.labelling.follow_labelling_con
 cavity fill again, the median, then the blood rim on the case's images as a fit scales them, within
 its region of interest), and the labels are
 scored on the LGE grid against ``CaseN_gd`` (myocardium = 200 + 1220 + 2221). No fit is rerun, so a
-sweep takes seconds; a value chosen here is then run in full (RESULTS 5i, 5j, 5k).
+sweep takes seconds; a value chosen here is then run in full (``benchmarks/real_myops.py``).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def case_scores(
     seen = None  # the case's images, read once a rim needs them
     out = []
     for wall, median, fractions in settings:
-        if smooth_before_fill:  # the order RESULTS 5j rejected: the raw pool's notches pull the median in
+        if smooth_before_fill:  # the rejected order: the raw pool's notches pull the median in
             final = fill_lv_cavity(smooth_endocardium(thin_lv_at_wall(posterior, spacing, wall), spacing, median))
         else:
             if fractions and seen is None:
@@ -84,7 +84,7 @@ def main() -> None:
     args = parse_args(ap)
     rims = {r: parse_rim(r, MyoPSDataset(args.root).sequences) for r in args.rims}  # a bad one fails before any work
     if args.smooth_before_fill and any(rims.values()):
-        ap.error("--smooth-before-fill replays the rejected order of RESULTS 5j, without a blood rim: use --rims off")
+        ap.error("--smooth-before-fill replays the rejected order (median before the fill), without a blood rim: use --rims off")
     keys = [(w, m, r) for w in args.walls.split(",") for m in args.medians.split(",") for r in args.rims]
     settings = [(float(w), float(m), rims[r]) for w, m, r in keys]
     scores = [case_scores(case_dir, args.root, settings, args.smooth_before_fill)

@@ -8,13 +8,14 @@ crop (``atlas.placement=identity``); ``fit`` with ``data=files`` (reference LGE)
     .venv/bin/python benchmarks/myops_2d_mid.py [--root DIR] [--out DIR] \
         [--atlas-cases Case3001-Case3015] [--test-cases Case3016-Case3025] [--threads N] \
         [--peers atropos [--atropos-weights 0.5,0.25] [--atropos-iterations 25] [--atropos-mrf 0.1]
-         [--atropos-sequences C0,LGE,T2] [--no-fit]] \
+         [--atropos-sequences C0,LGE,T2] [--no-fit]] [--record NAME] \
         [hydra overrides ...]
 
 Prints a Markdown table (LGE myocardium / LV / RV Dice of the fit, the atlas-alone myocardium
 Dice, the scar Dice against label 2221 and the myocardium subtype contrast that gates the scar
 output (``model.scar.min_contrast``), and seconds per slice, then mean and std rows) headed by the command line, the machine and
-the date, ready to paste into ``benchmarks/RESULTS.md``.
+the date, and writes the record ``benchmarks/results/NAME.json`` (``--record``, default ``myops_2d_mid``):
+every row, and a table of the mean LGE Dice per method.
 
 ``--peers atropos`` (needs the ``bench`` extra: ``pip install -e '.[bench]'``) also runs ANTs
 Atropos (:mod:`atropos_peer`) on exactly the same crops with the same 2D atlas as priors (prior
@@ -42,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import argument_parser, parse_args
+from record import add_record_option, write_record
 
 from mvmm_monai import compose_config, fit
 from mvmm_monai.atlas.midslice import (
@@ -197,6 +199,39 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(mvmm_rows: list[dict], peer_rows: list[dict]) -> dict[str, dict]:
+    """Per method: mean (and std, ddof=1) LGE Dice per class, mean seconds per slice, cases. Without
+    peers the atlas alone is the myocardium Dice of :func:`run`'s rows."""
+    by_method: dict[str, list[dict]] = {}
+    for r in [{**r, "method": "MvMM (ours)"} for r in mvmm_rows] + peer_rows:
+        by_method.setdefault(r["method"], []).append(r)
+    if mvmm_rows and not peer_rows:
+        by_method["atlas alone (argmax)"] = [{"myocardium": r["atlas_myo"], "seconds": 0.0} for r in mvmm_rows]
+    out = {}
+    for method, rs in by_method.items():
+        stats = {"cases": len(rs)}
+        for c in (*CLASSES, "seconds"):
+            v = np.array([r[c] for r in rs if c in r], dtype=float)
+            stats[c] = {"mean": v.mean(), "std": v.std(ddof=1) if len(v) > 1 else 0.0} if len(v) else None
+        out[method] = stats
+    return out
+
+
+def write_mid_record(name: str, argv: list[str], args, rows: list[dict], peer_rows: list[dict]) -> None:
+    """The record: the settings, every row, the per-method summary; its table the mean Dice per method."""
+    methods = summary(rows, peer_rows)
+    figures = {"atlas_cases": args.atlas_cases, "test_cases": args.test_cases, "overrides": list(args.overrides),
+               "size": args.size, "sigma_px": args.sigma, "methods": methods, "cases": rows, "peer_cases": peer_rows}
+    scar = [r["scar"] for r in rows if np.isfinite(r["scar"])]
+    figures["scar_dice_mean"] = float(np.mean(scar)) if scar else None
+    table_rows = [[m, *((s[c] or {}).get("mean") for c in (*CLASSES, "seconds")), s["cases"]] for m, s in methods.items()]
+    write_record(name, figures, args=argv, table={
+        "columns": ["method", "LGE myocardium", "LGE LV", "LGE RV", "seconds / slice", "cases"], "rows": table_rows,
+        "caption": f"MyoPS 2D mid-slice protocol: mean LGE Dice on {args.test_cases}, atlas from {args.atlas_cases} "
+                   f"(crops {args.size} x {args.size}).",
+    })
+
+
 def header(argv: list[str]) -> str:
     return "\n".join(
         [
@@ -225,6 +260,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--atropos-sequences", default="C0,LGE,T2", help="Atropos input channels")
     parser.add_argument("--no-fit", action="store_true", help="skip our fits (with --peers: peers and atlas only)")
     parser.add_argument("--atropos-mrf", type=float, default=0.1, help="Atropos MRF smoothing factor (-m [s,1x1])")
+    add_record_option(parser, "myops_2d_mid")
     args = parse_args(parser, argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
@@ -243,6 +279,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     if unknown := sorted(set(peers) - {"atropos"}):
         raise SystemExit(f"unknown peers {unknown}; known: atropos")
+    peer_rows: list[dict] = []
     if "atropos" in peers:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from atropos_peer import ants_version
@@ -254,6 +291,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"\nPeers on the same crops and atlas (antspyx {ants_version()}; Atropos on the fit's percentile-clipped "
               f"intensities, {args.atropos_sequences.replace(',', '+')}, within model.roi_margin_mm of the atlas heart):\n")
         print(peer_tables(rows, peer_rows), flush=True)
+    if args.record and (rows or peer_rows):
+        write_mid_record(args.record, argv, args, rows, peer_rows)
     return rows
 
 

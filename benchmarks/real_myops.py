@@ -4,7 +4,8 @@ from its raw full-field-of-view files (automatic placement, no label, no manual 
 
     .venv/bin/python benchmarks/real_myops.py [--root DIR] [--out DIR] \
         [--atlas-cases Case3001..Case3015] [--test-cases Case3016..Case3025] [--threads N] \
-        [--peers atropos [--atropos-weight 0.5]] [--atlas-option levels=7 ...] [hydra overrides of the fit ...]
+        [--peers atropos [--atropos-weight 0.5]] [--atlas-option levels=7 ...] [--record NAME] \
+        [hydra overrides of the fit ...]
 
 For every test case it reports LGE-grid Dice (myocardium, LV, RV) of
 - MvMM: ``scripts/fit.py data=myops`` with the built atlas (``atlas.placement`` defaults to auto),
@@ -13,7 +14,10 @@ For every test case it reports LGE-grid Dice (myocardium, LV, RV) of
 - ANTs Atropos (``--peers atropos``, needs ``pip install -e '.[bench]'``): given the same placed
   atlas as priors, on the same region of interest and images (``benchmarks/atropos_peer.py``),
 plus the scar Dice, the placement's template score and seconds per case. A case whose fit fails
-is a row with its error, never left out. Prints a Markdown block for ``benchmarks/RESULTS.md``.
+is a row with its error, never left out. Prints a Markdown block (also ``OUT/real_myops.md``) and
+writes the record ``benchmarks/results/NAME.json`` (``--record``, default ``real_myops``: the
+headline run; name any other run, such as a held-out atlas fold, differently): mean Dice per
+structure of MvMM, the atlas alone and each peer, and every case's row.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import argument_parser, parse_args
+from record import add_record_option, write_record
 
 from mvmm_monai import compose_config, fit
 from mvmm_monai.config import build as _build
@@ -55,6 +60,7 @@ def main() -> None:
     ap.add_argument("--atropos-weight", type=float, default=0.5)
     ap.add_argument("--atlas-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an override of conf/build_atlas.yaml for the atlas (repeatable), e.g. levels=7")
+    add_record_option(ap, "real_myops")
     args = parse_args(ap)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,6 +166,40 @@ def main() -> None:
     print("\n" + text)
     (out / "real_myops.md").write_text(text + "\n")
     (out / "real_myops.json").write_text(json.dumps(rows, indent=1))
+    if args.record:
+        write_real_myops_record(args, peers, rows, atlas_seconds)
+
+
+METHODS = {"mvmm": "MvMM (ours)", "atlas": "atlas alone (placed)", "atropos": "ANTs Atropos, same atlas"}
+
+
+def write_real_myops_record(args, peers: list[str], rows: list[dict], atlas_seconds: float) -> None:
+    """The record: mean and std Dice per structure and method, scar Dice, seconds, every case's row;
+    its table is the mean LGE Dice per method."""
+    ok = [r for r in rows if "error" not in r]
+    dice = {}
+    for key in ("mvmm", "atlas", *(["atropos"] if "atropos" in peers else [])):
+        mean, std = _row_mean(ok, key) if ok else ([None] * 3, [None] * 3)
+        dice[key] = {"mean": dict(zip(STRUCTS, mean, strict=True)), "std": dict(zip(STRUCTS, std, strict=True))}
+    scar = [r["scar"] for r in ok if r.get("scar") is not None]
+    secs = [r["seconds"] for r in ok]
+    figures = {
+        "atlas_cases": args.atlas_cases, "test_cases": args.test_cases, "overrides": list(args.overrides),
+        "peers": peers, "atropos_weight": args.atropos_weight if "atropos" in peers else None,
+        "atlas_seconds": atlas_seconds, "dice_lge": dice,
+        "scar_dice": {"mean": np.mean(scar), "std": np.std(scar)} if scar else None,
+        "seconds_per_case": {"mean": np.mean(secs), "std": np.std(secs)} if secs else None,
+        "fitted": len(ok), "failed": [r["case"] for r in rows if "error" in r], "cases": rows,
+    }
+    failed = f"; failed: {', '.join(figures['failed'])}" if figures["failed"] else ""
+    caption = (f"LGE Dice on {args.test_cases} (mean over the {len(ok)} of {len(rows)} cases fitted{failed}), "
+               f"atlas from {args.atlas_cases}" + (f", {np.mean(secs):.0f} s a case" if secs else "")
+               + "; per-case rows and standard deviations in the record.")
+    write_record(args.record, figures, table={
+        "columns": ["method", "myocardium", "LV", "RV"],
+        "rows": [[METHODS[k], *(d["mean"][s] for s in STRUCTS)] for k, d in dice.items()],
+        "caption": caption,
+    })
 
 
 if __name__ == "__main__":

@@ -43,14 +43,15 @@ def main() -> None:
     from mvmm_monai.pipeline.settings import subtype_counts
 
     cfg = compose_config(["paths.output_dir=/tmp/unused", "data.misalignment=false", "registration=atlas_only",
-                          "registration.model.atlas_svf=false", f"registration.model.warmup={10**6}", *args.overrides])
+                          "registration.model.atlas_deformation.svf=false", f"registration.schedule.warmup={10**6}", *args.overrides])
     ds = _build(cfg.data)
     s = ds.load(args.subject)
     atlas = place_atlas(read_atlas(ds.default_atlas()), s.grid)
     s = s.with_roi(atlas_roi(atlas, tuple(s.grid.spacing.tolist()), cfg.model.roi_margin_mm))
     reg = _build(cfg.registration.model)(subject=s, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
     em = _build(cfg.model.em)
-    m = MvMMFit(s, reg, subtype_counts(cfg.model, s.sequences), em, optimizer=_build(cfg.registration.optimizer))
+    m = MvMMFit(s, reg, subtype_counts(cfg.model, s.sequences), em, optimizer=_build(cfg.registration.optimizer),
+                schedule=_build(cfg.registration.schedule))
     pl.Trainer(max_epochs=args.em_iterations, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False).fit(m)
     print(f"Command: `python {' '.join(sys.argv)}`\n")
@@ -59,7 +60,7 @@ def main() -> None:
     print(f"Subject {args.subject} (data.misalignment=false), mixture fitted for {args.em_iterations} EM iterations, then held.\n")
     print("| parameter | value | log-likelihood | atlas myocardium Dice |")
     print("|---|---|---|---|")
-    d = reg.deformation
+    d = reg.atlas_deformation
     with torch.no_grad():
         for name, values in (("x translation (mm)", [-6, -4, -2, 0, 2, 4, 6]), ("scale", [0.85, 0.9, 0.95, 1.0, 1.05, 1.1])):
             for v in values:

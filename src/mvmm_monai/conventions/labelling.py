@@ -18,7 +18,7 @@ slice, the LV pool's radius around its centroid as a function of angle and repla
 running median over ``postprocess.endocardium_median_deg`` on either side: the dents that a dark
 trabecula or a partial-volume rim cuts into the pool are filled, and the narrow bulges that bright
 damaged wall adds to it are cut. It runs last, on the filled cavity (on the raw pool its
-trabecular notches pull the median in; RESULTS 5j).
+trabecular notches pull the median in: ``benchmarks/min_wall_sweep.py --smooth-before-fill``).
 
 A fourth: the manual endocardial contour runs along the outer edge of the blood-wall transition, so
 the one-voxel partial-volume rim belongs to the cavity, while the mixture tends to give it to the
@@ -28,11 +28,11 @@ at least ``postprocess.blood_rim[seq]`` of the way from the myocardium's median 
 (MyoPS: bSSFP at least a quarter of the way to the bright blood, and T2 no brighter than normal
 wall, so that oedema, bright in bSSFP too, stays myocardium). It runs after the median.
 
-Measured on the real MyoPS cases (``benchmarks/RESULTS.md`` section 5): LV Dice 0.846 -> 0.867,
+Measured on the real MyoPS test cases by ``benchmarks/real_myops.py``: LV Dice 0.846 -> 0.867,
 myocardium 0.813 -> 0.819, RV unchanged. Switch it off with ``postprocess.lv_cavity_fill=false``;
 ``postprocess.lv_cavity_fill=holes`` fills only what the pool encloses completely (for labels drawn
-around the papillary muscles; on held-out MyoPS atlas cases LV 0.873 against the hull's 0.890,
-RESULTS 5e).
+around the papillary muscles; on held-out atlas folds of the MyoPS cases, ``benchmarks/real_myops.py``,
+LV 0.873 against the hull's 0.890).
 """
 
 from __future__ import annotations
