@@ -32,7 +32,7 @@ def myops_atlas(tmp_path_factory) -> Path:
 
     if not MYOPS_ROOT.is_dir():
         pytest.skip(f"real MyoPS data not found at {MYOPS_ROOT}")
-    out = tmp_path_factory.mktemp("myops_atlas") / "myops_atlas.nii.gz"
+    out = tmp_path_factory.mktemp("atlas") / "myops.nii.gz"
     build_atlas(
         compose_config([f"data.root={MYOPS_ROOT}", "subjects=Case3001..Case3015", f"output={out}"], config_name="build_atlas")
     )
@@ -113,7 +113,7 @@ def test_bad_real_files_are_named(case_copy, myops_atlas, tmp_path):
 def test_no_drift_on_a_real_case(myops_root, myops_atlas, tmp_path, one_thread, registration):
     """Case3018 fitted with the real-data default (``registration=none``) and with the atlas
     deformation and slice shifts (``full``), each then forced four times longer: at most 0.01 Dice
-    lost (benchmarks/drift.py, RESULTS 4k). ``full`` settles: its deformation and slice shifts do not
+    lost (benchmarks/drift.py). ``full`` settles: its deformation and slice shifts do not
     move after the default fit's stopping point."""
     base = ["data=myops", f"data.root={myops_root}", "subject=Case3018", f"atlas.path={myops_atlas}",
             f"registration={registration}", "callbacks.progress.refresh_rate=0", "~logger"]
@@ -137,13 +137,13 @@ def shift_errors_mm(myops_atlas, tmp_path_factory):
     """Case3018 as is and with known integer-voxel shifts rolled into its C0 and T2 slices, both
     fitted with ``registration=slice_shift``, the atlas placed on LGE alone and every sequence at full
     weight (``model.sequence_weights={}``: MvMM as written; MyoPS's segmentation default of LGE and T2
-    at half weight left errors up to 1.4 mm, RESULTS 4h); the error of the recovered shift (difference of
+    at half weight left errors up to 1.4 mm); the error of the recovered shift (difference of
     the two fits: the real sequences carry their own misalignment) per slice, in mm.
-    Same experiment as ``benchmarks/real_slice_shifts.py`` (RESULTS 4l: at most 0.69 mm here with
+    Same experiment as ``benchmarks/real_slice_shifts.py`` (benchmarks/real_slice_shifts.py: at most 0.69 mm here with
     the ``slice_shift`` defaults, searches at shift iterations 0, 25 and 60 and the atlas-prior
     objective; nine cases: 52 of 54 slices under 1 mm). The placement keeps one heart size per stack
     (``atlas.auto.slice_scales=[1.0]``, as in 4i): with the per-slice sizes of 5f the atlas differs
-    and this case's largest error is 1.05 mm (RESULTS 4l), one pixel diagonally (0.73 mm pixels),
+    and this case's largest error is 1.05 mm, one pixel diagonally (0.73 mm pixels),
     the registration's own spread on real slices."""
     from tests.conftest import MYOPS_ROOT
 
@@ -184,6 +184,48 @@ def test_added_slice_shifts_are_undone_within_one_mm(shift_errors_mm):
     untouched, so they share one placement and the difference measures the registration (the
     issue allows a fixed placement here). Placing on all three sequences, each fit finds its own
     placement, about a pixel apart on two slices, and the errors follow it: 1.03 and 1.38 mm
-    (RESULTS 4e, 4h)."""
+   ."""
     for seq, err in shift_errors_mm.items():
         assert max(err) < 1.0, f"{seq}: errors (mm) {np.round(err, 2).tolist()}"  # 0.73 mm pixels
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_postprocess_changes_the_labels_not_the_posterior(myops_root, myops_atlas, tmp_path, one_thread):
+    """``postprocess=none`` and ``postprocess=myops`` write the same posterior file (the mixture's,
+    summing to 1) and different label maps."""
+    files = {}
+    for pp in ("none", "myops"):
+        out = tmp_path / pp
+        fit(compose_config(["data=myops", f"data.root={myops_root}", "subject=Case3018", f"atlas.path={myops_atlas}",
+                            f"paths.output_dir={out}", "callbacks.progress.refresh_rate=0", "~logger",
+                            "trainer.max_epochs=8", f"postprocess={pp}"]))
+        files[pp] = out
+    post = {pp: np.asarray(nib.load(out / "Case3018_posterior.nii.gz").dataobj) for pp, out in files.items()}
+    assert np.array_equal(post["none"], post["myops"])
+    assert np.allclose(post["none"].sum(-1), 1.0, atol=1e-4)
+    seg = {pp: np.asarray(nib.load(out / "Case3018_LGE_seg.nii.gz").dataobj) for pp, out in files.items()}
+    assert (seg["none"] != seg["myops"]).sum() > 100
+    # with none, the label map is the posterior's argmax
+    values = np.array([0, 200, 500, 600])
+    box = json.loads((files["none"] / "params.json").read_text())["common_space_box"]
+    x0, x1, y0, y1 = box
+    assert np.array_equal(seg["none"][x0:x1, y0:y1], values[post["none"].argmax(-1)])
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_readme_python_api_example_runs(myops_root, myops_atlas, tmp_path, monkeypatch):
+    """The README's Python API example, run as written, from a folder laid out as it assumes."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert myops_atlas.name == "myops.nii.gz"
+    (tmp_path / "atlas").symlink_to(myops_atlas.parent)
+    (tmp_path / "myops").symlink_to(myops_root)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    seg = nib.load(tmp_path / "Case3016_LGE_seg.nii.gz")
+    assert seg.shape == nib.load(myops_root / "Case3016" / "Case3016_LGE.nii.gz").shape
+    assert {200, 500, 600} <= set(np.unique(np.asarray(seg.dataobj)).tolist())

@@ -3,7 +3,7 @@
 Case3018's mid-slice crop is fitted (``data=files``, reference LGE, atlas from the crops of
 Case3001..Case3015, ``trainer.max_epochs=30``, default model config) and its
 ``Case3018_scar.nii.gz`` scored against the label's scar (2221). Measured (CPU): scar Dice 0.795
-after 30 iterations (0.783 run to convergence, see benchmarks/RESULTS.md).
+after 30 iterations (0.783 run to convergence, benchmarks/real_myops.py).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ def overlay_figure(
     atlas: Tensor | None = None,
     slice_index: int | None = None,
     title: str = "",
+    labels: Tensor | None = None,
 ) -> Figure:
     """One row: every sequence with the segmentation contours, then the posterior and the atlas.
 
@@ -32,9 +33,11 @@ def overlay_figure(
         posterior: ``[K, X, Y, Z]`` class posteriors.
         atlas: ``[K, X, Y, Z]`` warped atlas, or None.
         slice_index: the slice to show (default: the middle one).
+        labels: ``[X, Y, Z]`` class indices whose contours are drawn (e.g. the label map of the
+            ``postprocess`` stage); default: the posterior's argmax.
     """
     z = images.shape[-1] // 2 if slice_index is None else slice_index
-    labels = posterior[..., z].argmax(0).cpu().numpy()
+    labels = (posterior.argmax(0) if labels is None else labels)[..., z].cpu().numpy()
     panels = len(sequences) + 1 + (atlas is not None)
     fig = Figure(figsize=(3.2 * panels, 3.6), dpi=100)
     FigureCanvasAgg(fig)
