@@ -170,20 +170,28 @@ def test_tuning_group_follows_the_dataset_and_can_be_chosen(tmp_path):
 
 
 def test_registration_presets_share_slice_shift_settings(tmp_path):
-    """``registration=full`` and ``atlas_only`` inherit every setting of ``slice_shift`` through
-    Hydra's defaults list and change only what they name; the trainer override still applies."""
+    """``registration=full`` and ``atlas_only`` inherit every setting of ``slice_shift`` (the
+    composite's parts, the schedule, the optimiser) through Hydra's defaults list and change only
+    what they name; the trainer override still applies."""
+
+    def leaves(node, prefix=""):
+        if isinstance(node, dict) and node:
+            return {k: v for key, value in node.items() for k, v in leaves(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
     out = [f"paths.output_dir={tmp_path}"]
-    base = compose_config(out + ["registration=slice_shift"])
+    base = leaves(OmegaConf.to_container(compose_config(out + ["registration=slice_shift"]).registration))
+    atlas = {"model.atlas_deformation.affine": True, "model.atlas_deformation.svf": True, "model.objective_mrf": True,
+             "min_tol_window": 5}
     changed = {
-        "full": {"atlas_affine": True, "atlas_svf": True, "shift_search_at": [25], "objective_mrf": True},
-        "atlas_only": {"atlas_affine": True, "atlas_svf": True, "slice_shifts": False,
-                       "shift_gradient_exact_after": None, "shift_search_at": [], "objective_mrf": True},
+        "full": {**atlas, "schedule.shift_search_at": [25], "scheduler.gamma": 0.97},
+        "atlas_only": {**atlas, "model.slice_motion": None},
     }
     for preset, named in changed.items():
         cfg = compose_config(out + [f"registration={preset}"])
-        model, base_model = OmegaConf.to_container(cfg.registration.model), OmegaConf.to_container(base.registration.model)
-        assert {k: v for k, v in model.items() if base_model[k] != v} == named
-        assert cfg.registration.min_tol_window == 5 and cfg.trainer.max_epochs == 200
-        assert cfg.registration.optimizer == base.registration.optimizer
-        assert cfg.registration.scheduler.gamma == (0.97 if preset == "full" else 0.98)
+        reg = leaves(OmegaConf.to_container(cfg.registration))
+        assert {k: v for k, v in reg.items() if base.get(k, "absent") != v} == named
+        gone = {k for k in base if k not in reg}
+        assert gone == ({k for k in base if k.startswith("model.slice_motion.")} if preset == "atlas_only" else set())
+        assert cfg.trainer.max_epochs == 200
     assert compose_config(out + ["registration=full", "trainer.max_epochs=7"]).trainer.max_epochs == 7

@@ -201,7 +201,7 @@ def test_mrf_removes_isolated_errors():
     d = {}
     for beta in (0.0, 1.0):
         fit = fit_em(images, torch.ones_like(images), log_atlas_from_prob(flat, 1e-3), counts,
-                     EMConfig(beta=beta, update_pi=False), max_iter=300, tol=1e-6,
+                     EMConfig(beta=beta, update_pi=False), max_iter=300, tol=1e-5,
                      params=initialise_from_atlas(images, torch.ones_like(images), atlas, counts))
         d[beta] = float(dice(fit.log_posterior[0].argmax(0), labels, 4).mean())
     assert d[1.0] > d[0.0] + 0.05, d
@@ -251,11 +251,11 @@ def test_a_sequence_weight_as_soft_coverage_tempers_its_likelihood():
     assert float(est.mass[0, 1].sum()) == pytest.approx(w * v)
     with pytest.raises(ValueError, match="sequence_weights must be 2 positive numbers"):
         from mvmm_monai.pipeline.module import MvMMFit
-        from mvmm_monai.registration.base import IdentityRegistration
+        from mvmm_monai.registration import Registration
         from tests.registration.test_registration import tiny_subject
 
         subject, tiny_atlas = tiny_subject(dtype=torch.float32)
-        MvMMFit(subject, IdentityRegistration(subject, tiny_atlas), torch.ones(2, 4, dtype=torch.long),
+        MvMMFit(subject, Registration(subject, tiny_atlas), torch.ones(2, 4, dtype=torch.long),
                 sequence_weights=torch.tensor([1.0, 0.0]))
 
 

@@ -25,7 +25,7 @@ def overrides(out, cache_dir, *extra):
 @pytest.mark.slow
 def test_full_registration_fit_writes_shifts_and_displacement(tmp_path, cache_dir):
     out = tmp_path / "fit"
-    metrics = fit(compose_config(overrides(out, cache_dir, "trainer.max_epochs=14", "registration.model.warmup=8")))
+    metrics = fit(compose_config(overrides(out, cache_dir, "trainer.max_epochs=14", "registration.schedule.warmup=8")))
     params = json.loads((out / "params.json").read_text())
     assert [len(params["slice_shifts_mm"][s]) for s in ("C0", "T2")] == [10, 5]
     moved = [abs(v) for row in params["slice_shifts_mm"]["C0"] for v in row]
@@ -41,8 +41,8 @@ def test_full_registration_fit_writes_shifts_and_displacement(tmp_path, cache_di
 
 def test_a_blow_up_names_the_iteration_and_writes_nothing(tmp_path, cache_dir):
     out = tmp_path / "fit"
-    cfg = compose_config(overrides(out, cache_dir, "trainer.max_epochs=20", "registration.model.warmup=3",
-                                   "registration.model.max_shift_mm=0.05"))
+    cfg = compose_config(overrides(out, cache_dir, "trainer.max_epochs=20", "registration.schedule.warmup=3",
+                                   "registration.model.slice_motion.max_shift_mm=0.05"))
     with pytest.raises(RegistrationError, match=r"ICM iteration 4: a slice shift of .* exceeds"):
         fit(cfg)
     assert not list(out.glob("*.nii.gz")) and not (out / "metrics.json").exists()

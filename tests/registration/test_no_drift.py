@@ -2,11 +2,11 @@
 its accuracy (the lecture's code loses 0.15 Dice between 200 and 5000 iterations).
 
 Measured (1 torch thread, synthetic patient2 with its known misalignment, registration=full,
-RESULTS 4k): stops after 100 ICM iterations (five still iterations in a row) at DE Dice myocardium
+benchmarks/drift.py): stops after 100 ICM iterations (five still iterations in a row) at DE Dice myocardium
 0.848 / LV 0.978 / RV 0.805; forced to 400: 0.848 / 0.977 / 0.805. The registration settles where
 the fit meets its criterion, so the slice shifts of the longer fit are those of the default one.
 Before (a one-iteration window, nothing settled) the step-size decay alone held it to -0.005 here,
-but a real case lost 0.027 (RESULTS 4j, 4k).
+but a real case lost 0.027.
 """
 
 from __future__ import annotations

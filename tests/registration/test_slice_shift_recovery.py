@@ -3,10 +3,10 @@
 The subject has known per-slice motion of C0 and T2 and the atlas is offset and deformed too
 (``SyntheticConfig(misalignment=True)``: the issue's condition). ``registration=full`` with its
 defaults fits the atlas deformation and the shifts together; after 25 shift iterations every slice
-jumps to its best whole-voxel offset (``registration.model.shift_search_at=[25]``: gradient ascent
+jumps to its best whole-voxel offset (``registration.schedule.shift_search_at=[25]``: gradient ascent
 alone left the basal C0 slice 3.4 voxels off in a local optimum it reached while the atlas was
 still misplaced), and from 32 on the exact shift gradient removes the smoothed gradient's sub-voxel
-bias (``shift_gradient_exact_after=32``; RESULTS 4g, 4h). Only slices with at least ``MIN_HEART_MM2``
+bias (``shift_gradient_exact_after=32``). Only slices with at least ``MIN_HEART_MM2``
 of labelled heart are checked: a slice without heart has nothing to align its shift to
 (unobservable); the apical C0 slice of patient1 (about 290 mm2 of heart, a thin ring at the
 slice's edge) stays several voxels off.

@@ -84,6 +84,7 @@ def run_icm(cfg: DictConfig, dataset, prep, out: Path) -> tuple[MvMMFit, pl.Trai
     subject = prep.subject
     atlas = temper_atlas(prep.atlas, float(cfg.model.get("atlas_weight", 1.0)))
     registration = build(cfg.registration.model)(subject=subject, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
+    schedule = build(cfg.registration.schedule) if cfg.registration.get("schedule") else None
     optimizer = build(cfg.registration.optimizer) if cfg.registration.get("optimizer") else None
     if getattr(registration, "fits_anything", False) and optimizer is None:
         raise ValueError("registration.optimizer is required when the registration fits parameters")
@@ -96,7 +97,8 @@ def run_icm(cfg: DictConfig, dataset, prep, out: Path) -> tuple[MvMMFit, pl.Trai
         optimizer=optimizer,
         scheduler=build(cfg.registration.scheduler) if cfg.registration.get("scheduler") else None,
         tol_window=convergence_window(cfg),
-        settle_tol=cfg.model.tol if cfg.registration.get("settle", True) else None,
+        settle_tol=cfg.model.tol,
+        schedule=schedule,
         sequence_weights=sequence_weights(cfg.model, subject.sequences),
     )
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -191,7 +193,9 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         full = subject.parent or subject
         labels = {s: full.label_map.to_values(c) for s, c in labelled.classes.items()}
         settings = effective_settings(cfg, dataset, subject, conventions, "auto" if prep.placement is not None else "identity")
-        overlay = module.overlay(title=f"{subject.name}: final segmentation ({conventions.name} labels)", posterior=labelled.scores)
+        overlay = module.overlay(
+            title=f"{subject.name}: final segmentation ({conventions.name} labels)", posterior=result.posterior, labels=labelled.scores.argmax(0)
+        )
         write_results(folder.staging, subject, result, labels, registration, params_record(subject, result, registration, prep.placement, settings), overlay)
         metrics["seconds"] = time.perf_counter() - start
         if logger:

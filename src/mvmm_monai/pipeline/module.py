@@ -1,9 +1,11 @@
 """The LightningModule of an MvMM fit: one ICM iteration per training step.
 
-An ICM iteration: warp (the registration's current atlas deformation and slice shifts), a few EM
-steps without gradient, then one optimiser step of the registration parameters on the
-log-likelihood minus the regularisers (when the registration fits anything). The EM state lives in
-persistent buffers, so a Lightning checkpoint resumes a fit where it stopped.
+An ICM iteration: the schedule says which parts of the registration move (and whether a slice
+search is due, whether the exact shift gradient is on), the registration warps (its current atlas
+deformation and slice motion), a few EM steps run without gradient, then one optimiser step of the
+registration parameters on the log-likelihood minus the regularisers (when anything moves). The EM
+state lives in persistent buffers and the registration's parameters in its state dict, so a
+Lightning checkpoint resumes a fit where it stopped.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from mvmm_monai.mixture import (
     em_step,
     initialise_from_atlas,
     log_likelihood,
+    relative_change,
     voxel_log_likelihood,
 )
 from mvmm_monai.mixture.em import log_prior
 from mvmm_monai.pipeline.metrics import dice_per_class
-from mvmm_monai.registration.base import IdentityRegistration, Warped
+from mvmm_monai.registration import ICMSchedule, Registration, Warped
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,8 @@ class MvMMFit(pl.LightningModule):
 
     Args:
         subject: the loaded subject (common-space images, coverage, labels).
-        registration: a registration module (``IdentityRegistration`` for ``registration=none``).
+        registration: the :class:`~mvmm_monai.registration.Registration` (neither part for
+            ``registration=none``).
         counts: ``[N, K]`` subtype counts.
         em: EM settings.
         em_steps: EM steps per ICM iteration.
@@ -79,21 +83,24 @@ class MvMMFit(pl.LightningModule):
             once the mixture has settled (no drift on long fits).
         tol_window: ``em/relative_change`` is the largest relative change of the log-likelihood
             over this many iterations, so a fit stops only once it has been still for a while.
-        settle_tol: once ``em/relative_change`` falls below this (the stopping criterion, met
-            after the registration's last scheduled phase), the registration is settled: it takes
-            no further step, and a fit kept running past its stopping point (``trainer.min_epochs``)
-            only refines the mixture. ``None``: the registration moves for as long as the fit runs
-            (its step size still decays by the scheduler). The iteration is in ``settled_at``.
+        settle_tol: with ``schedule.settle``, once ``em/relative_change`` falls below this (the
+            stopping criterion, met after the schedule's last switch), the registration is settled:
+            it takes no further step, and a fit kept running past its stopping point
+            (``trainer.min_epochs``) only refines the mixture. ``None`` (or ``schedule.settle``
+            false): the registration moves for as long as the fit runs (its step size still decays
+            by the scheduler). The iteration is in ``settled_at``.
         sequence_weights: ``[N]`` positive weight of each sequence's log-density in the class
             posterior (``None``: all 1, MvMM as written). A weight w tempers sequence n's
             likelihood to ``p_nk(I_n)^w``: it enters the E-step as a soft coverage, so subtype
             means, variances and weights are still each sequence's own weighted moments.
+        schedule: when each part of the registration moves (:class:`ICMSchedule`); required when
+            the registration has parameters, ignored otherwise.
     """
 
     def __init__(
         self,
         subject: SubjectData,
-        registration: IdentityRegistration,
+        registration: Registration,
         counts: Tensor,
         em: EMConfig = EMConfig(),
         em_steps: int = 1,
@@ -102,6 +109,7 @@ class MvMMFit(pl.LightningModule):
         scheduler: Callable | None = None,
         sequence_weights: Tensor | None = None,
         settle_tol: float | None = None,
+        schedule: ICMSchedule | None = None,
     ) -> None:
         super().__init__()
         n = len(subject.sequences)
@@ -114,9 +122,22 @@ class MvMMFit(pl.LightningModule):
             raise ValueError(f"MvMMFit: tol_window must be >= 1, got {tol_window}")
         if settle_tol is not None and not settle_tol >= 0:
             raise ValueError(f"MvMMFit: settle_tol must be >= 0 or None, got {settle_tol}")
+        parts = registration.parts
+        if parts.any and schedule is None:
+            raise ValueError("MvMMFit: registration.schedule is required when the registration fits parameters")
+        schedule = schedule if schedule is not None else ICMSchedule()
+        if any(parts.velocity) and len(schedule.scale_start) != len(parts.velocity):
+            raise ValueError(
+                f"registration.schedule.scale_start must give one start per velocity scale "
+                f"({len(parts.velocity)}: registration.model.atlas_deformation.scales), got {list(schedule.scale_start)}"
+            )
         self.automatic_optimization = False
-        registration.use_sequence_weights(dict(zip(subject.sequences, weights.tolist())))
         self.subject = subject
+        self.schedule = schedule
+        # the ICM iteration of the schedule's last switch for this registration's parts
+        self.schedule_end = schedule.schedule_end(parts)
+        # the likelihood's per-sequence weights, by name (the marginal correction is weighted alike)
+        self._weights_by_name = dict(zip(subject.sequences, weights.tolist()))
         self.registration = registration
         self.em = em
         self.em_steps = em_steps
@@ -172,14 +193,21 @@ class MvMMFit(pl.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "epoch"}}
 
+    def _follow_schedule(self, epoch: int) -> None:
+        """Tell the registration what the schedule says for ICM iteration ``epoch`` (from 0)."""
+        moving = self.schedule.trains(epoch)
+        self.registration.train_parts(moving.affine, moving.velocity, moving.slice_motion)
+        if self.registration.slice_motion is not None:
+            self.registration.slice_motion.exact_gradient = self.schedule.exact_gradient(epoch)
+
     def training_step(self, batch, batch_idx: int) -> None:
         it = self.current_epoch + 1
-        self.registration.set_iteration(self.current_epoch)
+        self._follow_schedule(self.current_epoch)
         fitting_registration = (
             self.registration.fits_anything and self.optimizer_factory is not None and int(self.settled_at) == 0
         )
         searched = {}
-        if fitting_registration and self.registration.search_due(self.current_epoch):
+        if fitting_registration and self.registration.slice_motion is not None and self.schedule.search_due(self.current_epoch):
             searched = self._search_shifts()
         with torch.set_grad_enabled(fitting_registration):
             warped = self.registration()
@@ -196,11 +224,11 @@ class MvMMFit(pl.LightningModule):
             )
         self._store(params, posterior)
         prev = float(self.last_log_likelihood)
-        step_change = abs(ll - prev) / max(abs(prev), 1e-12) if math.isfinite(prev) else 1.0
+        step_change = relative_change(prev, ll) if math.isfinite(prev) else 1.0
         self.last_log_likelihood.fill_(ll)
         self.recent_changes.copy_(torch.cat((self.recent_changes[1:], self.recent_changes.new_tensor([step_change]))))
         rel = float(self.recent_changes.max())
-        if self.current_epoch <= self.registration.schedule_end():
+        if self.current_epoch <= self.schedule_end:
             rel = max(rel, 1.0)  # a scheduled registration phase is still to come: not converged
 
         metrics = {"em/log_likelihood": ll, "em/relative_change": rel}
@@ -210,9 +238,9 @@ class MvMMFit(pl.LightningModule):
             opt = self.optimizers()
             opt.zero_grad()
             objective = log_likelihood(
-                warped.images, self._weighted(warped.coverage), warped.log_atlas, self.params, self.em, self.registration.objective_posterior(posterior)
+                warped.images, self._weighted(warped.coverage), warped.log_atlas, self.params, self.em, self._objective_posterior(posterior)
             )
-            regs = self.registration.regularisers()
+            regs = self.registration.regularisers(warped, self._weights_by_name)
             loss = -objective.mean() + sum(regs.values(), torch.zeros((), device=objective.device))
             self.manual_backward(loss)
             opt.step()
@@ -220,7 +248,7 @@ class MvMMFit(pl.LightningModule):
             if sched is not None:
                 sched.step()
             self.registration.check(it)
-            if self.settle_tol is not None and rel < self.settle_tol:
+            if self.schedule.settle and self.settle_tol is not None and rel < self.settle_tol:
                 self.settled_at.fill_(it)  # this was its last step (a default fit stops here anyway)
             metrics["reg/loss"] = float(loss.detach())
             metrics.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
@@ -238,30 +266,37 @@ class MvMMFit(pl.LightningModule):
                     metrics[f"dice/{seq}/{name}"] = d
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
 
+    def _objective_posterior(self, posterior: Tensor | None) -> Tensor | None:
+        """The class posterior whose MRF enters the registration's objective: ``posterior`` with
+        ``registration.model.objective_mrf``, else none (the atlas prior alone)."""
+        return posterior if self.registration.objective_mrf else None
+
     def _search_shifts(self) -> dict[str, float]:
         """The registration's exhaustive slice-shift search with the current mixture and prior; the
         optimiser forgets the moved parameters' momentum (it pointed towards the old optimum)."""
         with torch.no_grad():
             held = self.registration()
-        params, posterior, em = self.params, self.registration.objective_posterior(self.posterior), self.em
+        params, posterior, em = self.params, self._objective_posterior(self.posterior), self.em
         moved = self.registration.search_shifts(
-            lambda images: voxel_log_likelihood(images, self._weighted(held.coverage), held.log_atlas, params, em, posterior)
+            lambda images: voxel_log_likelihood(images, self._weighted(held.coverage), held.log_atlas, params, em, posterior),
+            self._weights_by_name,
         )
         opt = self.optimizers().optimizer
-        for p in self.registration.shift_parameters():
+        for p in self.registration.slice_motion.parameters():
             opt.state.pop(p, None)
         return moved
 
     # -- pictures --------------------------------------------------------------------------
     @torch.no_grad()
-    def overlay(self, title: str = "", posterior: Tensor | None = None):
-        """Overlay figure of the current state, or of ``posterior`` ``[K, *S]`` (e.g. the final,
-        post-processed one); see :func:`mvmm_monai.pipeline.monitoring.overlay_figure`."""
+    def overlay(self, title: str = "", posterior: Tensor | None = None, labels: Tensor | None = None):
+        """Overlay figure of the current state, or of ``posterior`` ``[K, *S]`` (e.g. the
+        final one) with the contours of ``labels`` ``[*S]`` (default: its argmax); see
+        :func:`mvmm_monai.pipeline.monitoring.overlay_figure`."""
         from mvmm_monai.pipeline.monitoring import overlay_figure
 
         w = self.registration().detach()
         post = self.posterior[0] if posterior is None else posterior
-        return overlay_figure(w.images[0], w.coverage[0], self.subject.sequences, post, torch.exp(w.log_atlas[0]), title=title)
+        return overlay_figure(w.images[0], w.coverage[0], self.subject.sequences, post, torch.exp(w.log_atlas[0]), title=title, labels=labels)
 
     # -- results ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -20,12 +20,15 @@ def hparams(cfg: DictConfig) -> dict:
             "update_pi": bool(cfg.model.em.update_pi),
             "roi_margin_mm": -1.0 if cfg.model.roi_margin_mm is None else float(cfg.model.roi_margin_mm),
             "atlas_weight": float(cfg.model.get("atlas_weight", 1.0)),
-            "registration": str(cfg.registration.model._target_).rsplit(".", 1)[-1],
         }
     )
     reg = cfg.registration.model
-    if "bending_weight" in reg:
-        flat["bending_weight"] = float(reg.bending_weight)
+    deformation, motion = reg.get("atlas_deformation"), reg.get("slice_motion")
+    atlas = deformation is not None and bool(deformation.affine or deformation.svf)
+    flat["registration"] = "+".join(n for n, on in (("atlas", atlas), ("slices", motion is not None)) if on) or "none"
+    if deformation is not None:
+        flat["bending_weight"] = float(deformation.bending_weight)
+    if atlas or motion is not None:
         flat.update({f"lr/{k}": float(v) for k, v in (reg.get("lr") or {}).items()})
     return flat
 

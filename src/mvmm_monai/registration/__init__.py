@@ -1,20 +1,24 @@
-"""Spatial transforms of the ICM loop: atlas deformation and per-slice motion shifts."""
+"""Spatial transforms of the ICM loop and their schedule.
 
-from mvmm_monai.registration.atlas_deformation import AtlasDeformation
-from mvmm_monai.registration.base import IdentityRegistration, Warped
-from mvmm_monai.registration.mvmm_registration import (
-    MvMMRegistration,
-    RegistrationError,
-    thick_slices,
-)
-from mvmm_monai.registration.slice_shift import SliceShifts
+``functional`` (pure tensor maths), ``atlas_deformation`` (similarity + SVF of the atlas),
+``slice_motion`` (per-slice in-plane motion of the non-reference sequences), ``composite`` (what
+an ICM step moves: either part, both or neither), ``schedule`` (when each part moves).
+"""
+
+from mvmm_monai.registration.atlas_deformation import AtlasDeformation, DeformedAtlas
+from mvmm_monai.registration.composite import Registration, RegistrationError, Warped
+from mvmm_monai.registration.functional import thick_slices
+from mvmm_monai.registration.schedule import ICMSchedule, Parts
+from mvmm_monai.registration.slice_motion import SliceMotion
 
 __all__ = [
     "AtlasDeformation",
-    "IdentityRegistration",
-    "MvMMRegistration",
+    "DeformedAtlas",
+    "ICMSchedule",
+    "Parts",
+    "Registration",
     "RegistrationError",
-    "SliceShifts",
+    "SliceMotion",
     "Warped",
     "thick_slices",
 ]

@@ -18,6 +18,7 @@ _NAMED = (
 
 @contextmanager
 def quiet_monai():
+    """Context in which MONAI's known, harmless warnings (named in ``_NAMED``) are ignored."""
     with warnings.catch_warnings():
         for action, message, category in _NAMED:
             warnings.filterwarnings(action, message=message, category=category)
@@ -25,11 +26,13 @@ def quiet_monai():
 
 
 def make_warp(mode: str = "bilinear", padding_mode: str = "border") -> Warp:
+    """MONAI ``Warp``: ``warp(image [B, C, *S], ddf [B, ndim, *S] in voxels) -> [B, C, *S]``."""
     with quiet_monai():
         return Warp(mode=mode, padding_mode=padding_mode)
 
 
 def make_dvf2ddf(num_steps: int) -> DVF2DDF:
+    """MONAI ``DVF2DDF``: velocity ``[B, ndim, *S]`` (voxels) -> displacement by ``num_steps`` of scaling and squaring."""
     with quiet_monai():
         return DVF2DDF(num_steps=num_steps, mode="bilinear", padding_mode="zeros")
 

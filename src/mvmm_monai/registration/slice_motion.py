@@ -1,0 +1,249 @@
+"""Per-slice rigid in-plane motion G_{i,s} of every sequence but the reference.
+
+Its parameters (a translation in mm, optionally a rotation, per slice), the resampling of the
+native slices with them into the common space, the smoothed or exact gradient of that resampling,
+the marginal correction of the shift objective, and the exhaustive whole-voxel shift search.
+
+Convention: a slice whose content moved by ``+t`` (anatomy at ``p`` appears at ``p + t``) is put
+back when resampled with ``t``; ``t`` is along the sequence's first two voxel axes, in mm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from mvmm_monai.data.common_space import sample, sampling_map
+from mvmm_monai.data.subject import SubjectData
+from mvmm_monai.registration.functional import (
+    first_order_resample,
+    inplane_gradient,
+    kde_table,
+    table_lookup,
+)
+
+
+class SliceMotion(nn.Module):
+    """In-plane translation (mm) and optional rotation (radians) of every slice of every
+    non-reference sequence of a subject, and their application.
+
+    Parameters: ``translation_mm[s]`` ``[Z_s, 2]`` (mm along the sequence's first two voxel axes),
+    ``angle[s]`` ``[Z_s]`` (radians about the slice centre; with ``rotation`` only). Everything
+    else (native images, their blurred gradients, kernel-density tables, spacings) is derived from
+    the subject and registered non-persistent: a checkpoint holds the parameters alone.
+
+    Args:
+        subject: the loaded subject; its non-reference sequences move (at least one is needed).
+        rotation: also fit a rotation per slice.
+        gradient_sigma: in-plane Gaussian sigma (source voxels) of the image whose central
+            differences give the gradient of the resampling with respect to the motion (0: the
+            exact gradient of bilinear interpolation). The sampled intensities are unchanged; only
+            the gradient is smoothed. The exact gradient of a noisy, bilinearly interpolated image
+            jumps every time the sample points cross a voxel edge and often points against the
+            slope seen over a tenth of a voxel; Adam then walks slices away at a constant rate.
+            :attr:`exact_gradient` switches to the exact one (the schedule decides when).
+        marginal_correction: :meth:`log_marginal` is the log-density of every moved sequence's own
+            intensities (a fixed kernel density of its covered common-space intensities at zero
+            shift); the fit subtracts it from the objective of the slice motion. Moving a slice
+            changes which data fall in the region of interest, and the log-likelihood rewards
+            homogeneous data (lung, air: narrow Gaussians) whatever the alignment; the difference is
+            a pointwise mutual information of class and intensity, which only alignment raises.
+        marginal_bins: kernel centres of that density.
+        search_radius: half-width, in the sequence's voxels, of the square of whole-voxel offsets
+            that :meth:`search` tries around each slice's current shift (>= 1).
+        max_shift_mm: a slice shift beyond this is a blow-up (:meth:`exceeds`; > 0).
+    """
+
+    def __init__(
+        self,
+        subject: SubjectData,
+        rotation: bool = False,
+        gradient_sigma: float = 1.0,
+        marginal_correction: bool = True,
+        marginal_bins: int = 64,
+        search_radius: int = 4,
+        max_shift_mm: float = 25.0,
+    ) -> None:
+        super().__init__()
+        if gradient_sigma < 0:
+            raise ValueError(f"registration.model.slice_motion.gradient_sigma must be >= 0, got {gradient_sigma}")
+        if search_radius < 1:
+            raise ValueError(f"registration.model.slice_motion.search_radius must be >= 1, got {search_radius}")
+        if not max_shift_mm > 0:
+            raise ValueError(f"registration.model.slice_motion.max_shift_mm must be > 0, got {max_shift_mm}")
+        # channel of every moved sequence in the common-space images [1, N, *S]
+        self.channels = {s: n for n, s in enumerate(subject.sequences) if s != subject.reference}
+        if not self.channels:
+            raise ValueError(f"SliceMotion: subject {subject.name} has no sequence besides the reference {subject.reference}")
+        self.gradient_sigma = float(gradient_sigma)
+        self.marginal_correction = bool(marginal_correction)
+        self.search_radius = int(search_radius)
+        self.max_shift_mm = float(max_shift_mm)
+        #: follow the exact gradient of the resampling (set per ICM iteration by the schedule)
+        self.exact_gradient = False
+        slices = {s: subject.grids[s].shape[2] for s in self.channels}
+        self.translation_mm = nn.ParameterDict({s: nn.Parameter(torch.zeros(n, 2)) for s, n in slices.items()})
+        self.angle = nn.ParameterDict({s: nn.Parameter(torch.zeros(n)) for s, n in slices.items()}) if rotation else None
+        self._maps = {s: sampling_map(subject.grids[s], subject.grid) for s in self.channels}
+        for s, n in self.channels.items():
+            spacing = tuple(float(v) for v in subject.grids[s].spacing[:2])
+            self.register_buffer(f"_spacing_{s}", torch.tensor(spacing, dtype=torch.float32), persistent=False)
+            native = subject.native_images[s].float()
+            self.register_buffer(f"_native_{s}", native, persistent=False)
+            if self.gradient_sigma > 0:
+                self.register_buffer(f"_grad_{s}", inplane_gradient(native, self.gradient_sigma), persistent=False)
+            if self.marginal_correction:
+                table, value_range = kde_table(subject.images[n].float()[subject.coverage[n].float() > 0], marginal_bins)
+                self.register_buffer(f"_kde_table_{s}", table, persistent=False)
+                self.register_buffer(f"_kde_range_{s}", value_range, persistent=False)
+
+    # -- parameters ------------------------------------------------------------------------
+    @property
+    def sequences(self) -> list[str]:
+        """The moved sequences, in channel order."""
+        return list(self.translation_mm.keys())
+
+    def spacing(self, sequence: str) -> Tensor:
+        """``[2]`` in-plane voxel size (mm) of ``sequence``."""
+        return getattr(self, f"_spacing_{sequence}")
+
+    def voxels(self, sequence: str) -> Tensor:
+        """``[Z, 2]`` translation of ``sequence``'s slices in its own voxels."""
+        return self.translation_mm[sequence] / self.spacing(sequence)
+
+    def angles(self, sequence: str) -> Tensor | None:
+        """``[Z]`` rotation of ``sequence``'s slices in radians, or ``None`` without ``rotation``."""
+        return None if self.angle is None else self.angle[sequence]
+
+    def shifts_mm(self) -> dict[str, list[list[float]]]:
+        """Sequence -> ``Z`` rows ``[dx, dy]``: every slice's translation in mm (plain lists)."""
+        return {s: self.translation_mm[s].detach().cpu().tolist() for s in self.sequences}
+
+    def shifts_voxels(self) -> dict[str, Tensor]:
+        """Sequence -> ``[Z, 2]`` translation in its own voxels (detached, on the CPU)."""
+        return {s: self.voxels(s).detach().cpu() for s in self.sequences}
+
+    def max_abs_mm(self) -> float:
+        """Length (mm) of the largest slice translation."""
+        return max((float(p.detach().norm(dim=-1).max()) for p in self.translation_mm.values()), default=0.0)
+
+    def exceeds(self) -> float | None:
+        """The largest translation (mm) if it exceeds ``max_shift_mm``, else ``None``."""
+        worst = self.max_abs_mm()
+        return worst if worst > self.max_shift_mm else None
+
+    @property
+    def trains(self) -> bool:
+        """Whether any motion parameter currently moves (``requires_grad``)."""
+        return any(p.requires_grad for p in self.parameters())
+
+    # -- application -----------------------------------------------------------------------
+    def resample(self, sequence: str) -> Tensor:
+        """``sequence`` ``[1, *S]`` in the common space with its slice motion applied (0 outside
+        its coverage). With ``gradient_sigma > 0`` and not :attr:`exact_gradient`, the value is
+        the same bilinear sample and the gradient that of the blurred image
+        (:func:`~mvmm_monai.registration.functional.first_order_resample`)."""
+        native, smap = getattr(self, f"_native_{sequence}"), self._maps[sequence]
+        shift, angle = self.voxels(sequence), self.angles(sequence)
+        if self.gradient_sigma == 0 or self.exact_gradient:
+            return sample(native, smap, slice_shifts=shift, slice_angles=angle)
+        grad = getattr(self, f"_grad_{sequence}")
+        vals = sample(
+            torch.cat((native, grad)).to(shift.dtype), smap, slice_shifts=shift.detach(),
+            slice_angles=None if angle is None else angle.detach(),
+        )
+        centre = None
+        if angle is not None:
+            centre = (torch.tensor(smap.source_shape[:2], dtype=shift.dtype, device=shift.device) - 1) / 2
+        return first_order_resample(
+            vals[:1], vals[1:], shift, smap.slice_index.to(shift.device), angle, smap.index, centre
+        )
+
+    def forward(self, images: Tensor, coverage: Tensor) -> Tensor:
+        """The common-space ``images`` ``[1, N, *S]`` with every moved sequence's channel replaced by
+        its resampled slices, masked by its ``coverage`` ``[1, N, *S]`` (> 0); ``[1, N, *S]``."""
+        if images.shape != coverage.shape or images.shape[0] != 1:
+            raise ValueError(f"SliceMotion: images {tuple(images.shape)} and coverage {tuple(coverage.shape)} must be one [1, N, *S]")
+        chans = []
+        for n in range(images.shape[1]):
+            s = next((s for s, c in self.channels.items() if c == n), None)
+            chans.append(images[0, n] if s is None else self.resample(s)[0] * (coverage[0, n] > 0))
+        return torch.stack(chans)[None]
+
+    # -- the marginal correction -----------------------------------------------------------
+    def _log_density(self, sequence: str, values: Tensor) -> Tensor:
+        return table_lookup(values, getattr(self, f"_kde_table_{sequence}"), getattr(self, f"_kde_range_{sequence}"))
+
+    def log_marginal(self, images: Tensor, coverage: Tensor, sequence_weights: Mapping[str, float] | None = None) -> Tensor:
+        """Per-voxel mean over Omega (voxels any sequence covers) of ``sum_s w_s cov_s log p_s(I_s(x))``
+        over the moved sequences ``s``, ``p_s`` their fixed kernel densities, ``w_s`` their
+        ``sequence_weights`` (default 1: a tempered sequence's correction is tempered alike, so it
+        still cancels the intensity term of its likelihood); a scalar (natural log), differentiable in
+        ``images`` ``[1, N, *S]``. ``coverage`` ``[1, N, *S]``; the normalisation of
+        :func:`mvmm_monai.mixture.log_likelihood`. Needs ``marginal_correction``."""
+        if not self.marginal_correction:
+            raise ValueError("SliceMotion: log_marginal needs marginal_correction=True")
+        weights = sequence_weights or {}
+        cov = coverage[0]
+        omega = cov.amax(dim=0) > 0
+        total = images.new_zeros(())
+        for s, n in self.channels.items():
+            mask = cov[n] > 0
+            total = total + weights.get(s, 1.0) * self._log_density(s, images[0, n][mask]).sum()
+        return total / omega.sum().clamp_min(1)
+
+    # -- the whole-voxel search ------------------------------------------------------------
+    @torch.no_grad()
+    def search(
+        self,
+        images: Tensor,
+        coverage: Tensor,
+        voxel_log_likelihood: Callable[[Tensor], Tensor],
+        sequence_weights: Mapping[str, float] | None = None,
+    ) -> dict[str, float]:
+        """Move every slice of every moved sequence to its best whole-voxel offset (in place).
+
+        Offsets ``(dx, dy)`` on the square of half-width ``search_radius`` voxels around each slice's
+        current shift are scored by ``voxel_log_likelihood(images [1, N, *S]) -> [1, *S]`` (the
+        model's per-voxel log-likelihood, mixture, atlas and prior held) summed over the voxels the
+        slice covers, minus the marginal correction when it is on (weighted by
+        ``sequence_weights``); the sequences are searched one after the other. The current position
+        is a candidate, so no slice gets worse.
+
+        Args:
+            images: ``[1, N, *S]`` common-space images before the slice motion.
+            coverage: ``[1, N, *S]`` coverage masks.
+
+        Returns:
+            Sequence -> the largest move (mm).
+        """
+        weights = sequence_weights or {}
+        r = self.search_radius
+        steps = torch.arange(-r, r + 1, dtype=torch.float32)
+        offsets = torch.cartesian_prod(steps, steps)  # [M, 2] voxels
+        moved = {}
+        for s, n in self.channels.items():
+            param = self.translation_mm[s]
+            spacing = self.spacing(s)
+            start = param.detach().clone()
+            covered = coverage[0, n] > 0
+            smap, native, angle = self._maps[s], getattr(self, f"_native_{s}"), self.angles(s)
+            k = smap.slice_index.to(covered.device)[covered]
+            shifted = self(images, coverage)  # the other sequences as they stand; only channel n changes below
+            scores = torch.empty(len(offsets), start.shape[0], dtype=torch.float64, device=covered.device)
+            for m, off in enumerate(offsets):
+                shift_mm = start + off.to(start) * spacing
+                shifted[0, n] = sample(native, smap, slice_shifts=shift_mm / spacing, slice_angles=angle)[0] * covered
+                ll = voxel_log_likelihood(shifted)[0][covered]
+                if self.marginal_correction:
+                    ll = ll - weights.get(s, 1.0) * self._log_density(s, shifted[0, n][covered])
+                scores[m] = scores.new_zeros(start.shape[0]).index_add_(0, k, ll.double())
+            score, pick = scores.max(dim=0)
+            stay = len(offsets) // 2  # offset (0, 0): a slice moves only where it strictly gains
+            pick = torch.where(score > scores[stay], pick, stay)
+            best = offsets.to(start)[pick.to(start.device)] * spacing  # [Z, 2] mm
+            param.copy_(start + best)
+            moved[s] = float(best.norm(dim=-1).max())
+        return moved
