@@ -13,8 +13,8 @@ $(VENV)/.installed: pyproject.toml
 fit: $(VENV)/.installed  ## install, then fit the default synthetic subject
 	$(PY) scripts/fit.py subject=patient1 trainer.devices=1
 
-test: $(VENV)/.installed  ## install, then run the whole test suite
-	$(PY) -m pytest -q
+test: $(VENV)/.installed  ## install, then run the whole test suite (two workers: one per core)
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(VENV)/.installed  ## speed benchmark: writes benchmarks/results/em_speed.json; `python benchmarks/render.py` renders the tables
 	$(PY) benchmarks/em_speed.py

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 MYOPS_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "myops"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite in two pytest-xdist workers on a 2-core machine: one torch thread
+    # each, so the workers do not compete for the cores (a test that wants 1 thread has it anyway)
+    torch.set_num_threads(1)
 
 
 def smooth_atlas(spatial: tuple[int, ...], k: int, generator: torch.Generator, dtype=torch.float64) -> torch.Tensor:

@@ -101,14 +101,15 @@ def test_resumed_fit_matches_the_uninterrupted_one(tmp_path, cache_dir):
 
 def test_resumed_registration_fit_matches_the_uninterrupted_one(tmp_path, cache_dir):
     """registration=full: the atlas deformation, the slice shifts, Adam's moments and the step-size
-    schedule are in the checkpoint; a fit resumed past the slice-shift search (iteration 35) ends
-    where the uninterrupted one does."""
+    schedule are in the checkpoint; a fit resumed before the slice-shift search (iteration 8, on a
+    schedule shortened for the test) ends where the uninterrupted one does."""
     common = ["subject=patient3", "data.misalignment=true", "registration=full", "model.tol=0", "~logger",
-              "callbacks.progress.refresh_rate=0"]
-    whole = run(tmp_path / "whole", cache_dir, *common, "trainer.max_epochs=40")
-    run(tmp_path / "part", cache_dir, *common, "trainer.max_epochs=20")
-    resumed = run(tmp_path / "part", cache_dir, *common, "trainer.max_epochs=40", "ckpt_path=last")
-    assert resumed["iterations"] == whole["iterations"] == 40
+              "callbacks.progress.refresh_rate=0", "registration.schedule.warmup=3", "registration.schedule.scale_start=[0,3]",
+              "registration.schedule.shift_search_at=[5]", "registration.schedule.shift_gradient_exact_after=8"]
+    whole = run(tmp_path / "whole", cache_dir, *common, "trainer.max_epochs=16")
+    run(tmp_path / "part", cache_dir, *common, "trainer.max_epochs=5")
+    resumed = run(tmp_path / "part", cache_dir, *common, "trainer.max_epochs=16", "ckpt_path=last")
+    assert resumed["iterations"] == whole["iterations"] == 16
     assert resumed["log_likelihood"] == pytest.approx(whole["log_likelihood"], abs=1e-6)
     assert resumed["dice"]["DE"] == pytest.approx(whole["dice"]["DE"], abs=1e-6)
     a = json.loads((tmp_path / "whole" / "params.json").read_text())["slice_shifts_mm"]
@@ -153,7 +154,7 @@ def test_a_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, cache_dir):
     import signal
     import time
 
-    common = ["subject=patient4", "model.tol=0", "trainer.max_epochs=120", "~logger", "callbacks.progress.refresh_rate=0"]
+    common = ["subject=patient4", "model.tol=0", "trainer.max_epochs=60", "~logger", "callbacks.progress.refresh_rate=0"]
     out = tmp_path / "killed"
     env = {**os.environ, "MVMM_CACHE_DIR": str(cache_dir)}
     ensure_cohort(cache_dir, SyntheticConfig(misalignment=False))  # generated before the clock starts
@@ -170,6 +171,6 @@ def test_a_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, cache_dir):
     assert not list(out.glob("*.nii.gz")), "a killed fit left result files"
     resumed = run(out, cache_dir, *common, "ckpt_path=last")
     whole = run(tmp_path / "whole", cache_dir, *common)
-    assert resumed["iterations"] == whole["iterations"] == 120
+    assert resumed["iterations"] == whole["iterations"] == 60
     assert resumed["log_likelihood"] == pytest.approx(whole["log_likelihood"], abs=1e-6)
     assert resumed["dice"]["DE"] == pytest.approx(whole["dice"]["DE"], abs=1e-6)

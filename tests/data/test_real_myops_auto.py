@@ -109,22 +109,19 @@ def test_bad_real_files_are_named(case_copy, myops_atlas, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.real
-@pytest.mark.parametrize("registration", ["none", "full"])
-def test_no_drift_on_a_real_case(myops_root, myops_atlas, tmp_path, one_thread, registration):
-    """Case3018 fitted with the real-data default (``registration=none``) and with the atlas
-    deformation and slice shifts (``full``), each then forced four times longer: at most 0.01 Dice
-    lost (benchmarks/drift.py). ``full`` settles: its deformation and slice shifts do not
-    move after the default fit's stopping point."""
+def test_no_drift_on_a_real_case(myops_root, myops_atlas, tmp_path, one_thread):
+    """Case3018 fitted with the real-data default, then continued from its checkpoint to twice its
+    length: at most 0.01 Dice lost (benchmarks/drift.py measures four times longer, and
+    ``registration=full``, whose deformation and slice shifts settle at the stopping point)."""
     base = ["data=myops", f"data.root={myops_root}", "subject=Case3018", f"atlas.path={myops_atlas}",
-            f"registration={registration}", "callbacks.progress.refresh_rate=0", "~logger"]
+            "callbacks.progress.refresh_rate=0", "~logger"]
     first = fit(compose_config([*base, f"paths.output_dir={tmp_path / 'default'}"]))
     n = first["iterations"]
     assert first["converged"]
-    longer = fit(compose_config([*base, f"paths.output_dir={tmp_path / 'longer'}", f"trainer.min_epochs={4 * n}",
-                                 f"trainer.max_epochs={4 * n}"]))
-    assert longer["iterations"] == 4 * n
-    if registration == "full":
-        assert first["registration_settled_at"] == longer["registration_settled_at"] == n
+    shutil.copytree(tmp_path / "default", tmp_path / "longer")
+    longer = fit(compose_config([*base, f"paths.output_dir={tmp_path / 'longer'}", f"trainer.min_epochs={2 * n}",
+                                 f"trainer.max_epochs={2 * n}", "ckpt_path=last"]))
+    assert longer["iterations"] == 2 * n
     for k in ("myocardium", "lv", "rv"):
         assert longer["dice"]["LGE"][k] >= first["dice"]["LGE"][k] - 0.01, k
 

@@ -1,5 +1,7 @@
-"""No drift: a registration fit forced to run four times longer than its own stopping point keeps
-its accuracy (the lecture's code loses 0.15 Dice between 200 and 5000 iterations).
+"""No drift: a registration fit kept running past its own stopping point keeps its accuracy (the
+lecture's code loses 0.15 Dice between 200 and 5000 iterations). The test continues the default
+fit from its checkpoint to twice its length (a resumed fit reproduces an uninterrupted one,
+tests/test_monitoring.py); benchmarks/drift.py measures four times longer, synthetic and real.
 
 Measured (1 torch thread, synthetic patient2 with its known misalignment, registration=full,
 benchmarks/drift.py): stops after 100 ICM iterations (five still iterations in a row) at DE Dice myocardium
@@ -12,6 +14,7 @@ but a real case lost 0.027.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -19,7 +22,7 @@ from mvmm_monai import compose_config, fit
 
 
 @pytest.mark.slow
-def test_four_times_longer_loses_at_most_a_hundredth(tmp_path_factory, one_thread):
+def test_twice_longer_loses_at_most_a_hundredth(tmp_path_factory, one_thread):
     cache = tmp_path_factory.mktemp("cache")
     base = [f"paths.cache_dir={cache}", "callbacks.progress.refresh_rate=0", "~logger", "subject=patient2",
             "data.misalignment=true", "registration=full"]
@@ -27,8 +30,10 @@ def test_four_times_longer_loses_at_most_a_hundredth(tmp_path_factory, one_threa
     first = fit(compose_config([*base, f"paths.output_dir={out0}"]))
     n = first["iterations"]
     assert first["converged"] and n < 200  # it stopped on the criterion, not on max_epochs (200 with full)
-    longer = fit(compose_config([*base, f"paths.output_dir={out4}", f"trainer.min_epochs={4 * n}", f"trainer.max_epochs={4 * n}"]))
-    assert longer["iterations"] == 4 * n
+    shutil.copytree(out0, out4, dirs_exist_ok=True)  # go on from the default fit's last checkpoint
+    longer = fit(compose_config([*base, f"paths.output_dir={out4}", f"trainer.min_epochs={2 * n}", f"trainer.max_epochs={2 * n}",
+                                 "ckpt_path=last"]))
+    assert longer["iterations"] == 2 * n
     # the registration settled where the default fit stopped, and did not move after it
     assert first["registration_settled_at"] == longer["registration_settled_at"] == n
     shifts0 = json.loads((out0 / "params.json").read_text())["slice_shifts_mm"]
