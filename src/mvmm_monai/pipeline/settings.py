@@ -1,5 +1,5 @@
 """Settings of a fit, checked before any work: subtype counts, convergence window, sequence
-weights, the dataset's defaults for what the config leaves null, and TensorBoard's HParams."""
+weights, and the flat settings of TensorBoard's HParams dashboard."""
 
 from __future__ import annotations
 
