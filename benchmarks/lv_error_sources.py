@@ -11,7 +11,7 @@ t = (I - median of normal myocardium) / (median of LV blood - median of normal m
 false-LV voxels (0: like normal myocardium, 1: like blood) and over the true-positive LV voxels.
 With ``--per-slice``: per slice instead, its long-axis level from the placement
 (``CaseN/params.json``, 0 = apex, 1 = base), the manual LV voxels, the false LV and the missed LV
-(what led to ``model.blood_rim``).
+(what led to ``postprocess.blood_rim``).
 """
 
 from __future__ import annotations

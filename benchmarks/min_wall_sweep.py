@@ -1,14 +1,12 @@
 #!/usr/bin/env python
-"""Dice of saved real MyoPS fits relabelled with several minimum wall thicknesses (``model.min_wall_mm``),
-endocardium medians (``model.endocardium_median_deg``) and blood rims (``model.blood_rim``).
+"""Dice of saved real MyoPS fits relabelled with several minimum wall thicknesses (``postprocess.min_wall_mm``),
+endocardium medians (``postprocess.endocardium_median_deg``) and blood rims (``postprocess.blood_rim``).
 
     .venv/bin/python benchmarks/min_wall_sweep.py --fits OUT/A OUT/B [--root DIR] [--walls 0,5,6,8] [--medians 0,32] [--rims off C0:0.25,T2:0] [--smooth-before-fill]
 
-Each ``OUT/*`` is a ``benchmarks/real_myops.py --out`` folder of fits made with
-``model.min_wall_mm=0 model.endocardium_median_deg=0 "model.blood_rim={}"`` (their ``CaseN/CaseN_posterior.nii.gz`` is
-the final posterior), best also with ``model.lv_cavity_fill=false``: then the replay below is
-exactly what a fit with those settings gives (otherwise the saved posterior is already filled once
-before the wall). Every pair of wall and median is applied to it the way
+Each ``OUT/*`` is a ``benchmarks/real_myops.py --out`` folder of fits (any ``postprocess``: their
+``CaseN/CaseN_posterior.nii.gz`` is the mixture's posterior, never relabelled): the replay below is
+exactly what a fit with those settings gives. Every pair of wall and median is applied to it the way
 a fit applies them (:func:`mvmm_monai.conventions.labelling.follow_labelling_conventions`: the wall, the
 cavity fill again, the median, then the blood rim on the case's images as a fit scales them, within
 its region of interest), and the labels are
@@ -90,7 +88,7 @@ def main() -> None:
     scores = [case_scores(case_dir, args.root, settings, args.smooth_before_fill)
               for fits in args.fits for case_dir in saved_fit_dirs(fits)]  # [case][setting][structure]
     means = np.mean(scores, axis=0)
-    print(f"| `model.min_wall_mm` | `model.endocardium_median_deg` | `model.blood_rim` | {' | '.join(NAMES)} (mean over {len(scores)} cases) |")
+    print(f"| `postprocess.min_wall_mm` | `postprocess.endocardium_median_deg` | `postprocess.blood_rim` | {' | '.join(NAMES)} (mean over {len(scores)} cases) |")
     print("|---|---|---|" + "---|" * len(NAMES))
     for (w, m, r), row in zip(keys, means):
         print(f"| {float(w):g} | {float(m):g} | {r} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
