@@ -80,6 +80,14 @@ def test_nan_image_is_named_and_nothing_written(tmp_path, cache_dir, cohort_copy
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.nii.gz"))
 
 
+@pytest.mark.parametrize("content", [b"", b"not an image\n"])
+def test_empty_or_text_file_is_named_in_one_error(tmp_path, cache_dir, cohort_copy, content):
+    (cohort_copy / "patient1_C0.nii.gz").write_bytes(content)
+    with pytest.raises(ValueError, match=r"patient1_C0\.nii\.gz: cannot be read as a NIfTI image"):
+        run(tmp_path, cache_dir, "data=mscmr", f"data.root={cohort_copy}", "subject=patient1",
+            f"atlas.path={cohort_copy / 'atlas.nii.gz'}")
+
+
 def test_missing_file_is_named(tmp_path, cache_dir, cohort_copy):
     (cohort_copy / "patient3_T2.nii.gz").unlink()
     with pytest.raises(FileNotFoundError, match=r"patient3_T2\.nii\.gz"):

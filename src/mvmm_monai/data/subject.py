@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.data import Dataset
 from torch import Tensor
@@ -138,6 +139,20 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def _first_unreadable(paths) -> ValueError | None:
+    """A ``ValueError`` naming the first of ``paths`` that nibabel cannot read as an image (an empty
+    file, a text file, a truncated download), with nibabel's reason; ``None`` if all can be read."""
+    import nibabel as nib
+
+    for path in paths:
+        try:
+            img = nib.load(str(path))
+            np.asarray(img.dataobj[(0,) * len(img.shape)])  # reads the header and the first voxel
+        except Exception as err:  # nibabel raises several kinds (ImageFileError, EOFError, OSError, ...)
+            return ValueError(f"{path}: cannot be read as a NIfTI image ({type(err).__name__}: {err})")
+    return None
+
+
 def load_subject(files: SubjectFiles, lower_percentile: float = 1.0, upper_percentile: float = 99.0) -> SubjectData:
     """Load, check and resample a subject with a MONAI :class:`~monai.data.Dataset`.
 
@@ -162,8 +177,11 @@ def load_subject(files: SubjectFiles, lower_percentile: float = 1.0, upper_perce
         loaded = ds[0]
     except RuntimeError as err:  # MONAI wraps transform errors; surface the clear one
         cause = _root_cause(err)
-        if isinstance(cause, (ValueError, FileNotFoundError, OSError)):
+        if isinstance(cause, (ValueError, FileNotFoundError)):
             raise cause from None
+        unreadable = _first_unreadable((*files.images.values(), *files.labels.values(), *files.scar_labels.values()))
+        if unreadable is not None:
+            raise unreadable from None
         raise
 
     grids = {s: Grid(loaded[s].affine.to(torch.float64).clone(), tuple(loaded[s].shape[1:])) for s in seqs}
