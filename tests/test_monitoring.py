@@ -40,6 +40,9 @@ def test_tensorboard_scalars_images_hparams_and_overlay_png(tmp_path, cache_dir)
     tags = ea.Tags()
     for tag in ("em/log_likelihood", "em/lower_bound", "em/relative_change", "em/pi/myocardium", "dice/DE/myocardium", "dice/C0/lv", "dice/T2/rv"):
         assert tag in tags["scalars"], tag
+    # the per-iteration Dice on its schedule: the first iteration and every 5th (its steps count from 0)
+    assert [e.step for e in ea.Scalars("dice/DE/myocardium")] == [0, 4, 9]
+    assert len(ea.Scalars("em/log_likelihood")) == 12
     assert "overlay" in tags["images"]
     steps = [e.step for e in ea.Images("overlay")]
     assert steps[0] == 1 and 5 in steps and 10 in steps

@@ -100,6 +100,7 @@ def run_icm(cfg: DictConfig, dataset, prep, out: Path) -> tuple[MvMMFit, pl.Trai
         settle_tol=cfg.model.tol,
         schedule=schedule,
         sequence_weights=sequence_weights(cfg.model, subject.sequences),
+        dice_every=cfg.model.get("dice_every_n_iterations", 1),
     )
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values()]
     logger = build(cfg.logger) if cfg.get("logger") else False

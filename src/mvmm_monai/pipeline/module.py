@@ -95,6 +95,10 @@ class MvMMFit(pl.LightningModule):
             means, variances and weights are still each sequence's own weighted moments.
         schedule: when each part of the registration moves (:class:`ICMSchedule`); required when
             the registration has parameters, ignored otherwise.
+        dice_every: the per-iteration Dice against manual labels (``dice/<SEQ>/<class>`` in
+            TensorBoard) is computed at the first iteration and every ``dice_every``-th: it resamples
+            the posterior onto every labelled grid, which costs a large share of a small fit. The
+            final Dice (``metrics.json``) is always computed.
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class MvMMFit(pl.LightningModule):
         sequence_weights: Tensor | None = None,
         settle_tol: float | None = None,
         schedule: ICMSchedule | None = None,
+        dice_every: int = 1,
     ) -> None:
         super().__init__()
         n = len(subject.sequences)
@@ -120,6 +125,9 @@ class MvMMFit(pl.LightningModule):
             raise ValueError(f"MvMMFit: em_steps must be >= 1, got {em_steps}")
         if tol_window < 1:
             raise ValueError(f"MvMMFit: tol_window must be >= 1, got {tol_window}")
+        if isinstance(dice_every, bool) or not isinstance(dice_every, int) or dice_every < 1:
+            raise ValueError(f"model.dice_every_n_iterations must be an integer >= 1, got {dice_every!r}")
+        self.dice_every = dice_every
         if settle_tol is not None and not settle_tol >= 0:
             raise ValueError(f"MvMMFit: settle_tol must be >= 0 or None, got {settle_tol}")
         parts = registration.parts
@@ -255,7 +263,7 @@ class MvMMFit(pl.LightningModule):
         metrics.update({f"reg/search_move_mm/{seq}": mm for seq, mm in searched.items()})
         for k, p in enumerate(torch.exp(self.log_pi[0])):
             metrics[f"em/pi/{CLASS_NAMES[k]}"] = float(p)
-        if self.subject.labels:
+        if self.subject.labels and (it == 1 or it % self.dice_every == 0):  # the final Dice: pipeline.fit.score
             shifts = self.registration.native_shifts_voxels()
             for seq in self._monitored:
                 label = self.subject.labels[seq]
