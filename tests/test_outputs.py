@@ -84,8 +84,12 @@ def test_result_folder_cleans_leftovers_of_a_killed_fit(tmp_path):
     (out / ".case1_scar.nii.gz.abc.tmp.nii.gz").write_bytes(b"")
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / ".last.ckpt.tmp").write_bytes(b"trunc")
+    (out / "data").mkdir()
+    (out / "data" / ".notes.tmp.txt").write_text("the user's own file")
     with ResultFolder(out, "case1"):
-        assert not list(out.rglob(".*.tmp*")) and not list((out / ".staging").iterdir())
+        assert not list(out.glob(".*.tmp*")) and not list((out / "checkpoints").glob(".*.tmp*"))
+        assert not list((out / ".staging").iterdir())
+        assert (out / "data" / ".notes.tmp.txt").is_file()  # what the fit never writes is left alone
 
 
 def test_two_fits_cannot_share_a_folder(tmp_path):

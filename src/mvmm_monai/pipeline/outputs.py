@@ -90,7 +90,8 @@ class ResultFolder:
         if self.staging.exists():
             log.warning("%s: removing the unfinished results of an interrupted fit (%s)", self.path, self.staging.name)
             shutil.rmtree(self.staging)
-        for tmp in self.path.rglob(".*.tmp*"):
+        # only where a fit writes (the folder itself and its checkpoints), never the user's other files below it
+        for tmp in [*self.path.glob(".*.tmp*"), *(self.path / "checkpoints").glob(".*.tmp*")]:
             if tmp.is_file():
                 log.warning("removing the leftover of an interrupted write: %s", tmp)
                 tmp.unlink()
