@@ -7,6 +7,7 @@ the ``data`` config group (``_target_``).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,19 @@ class _Dataset:
 
 
 class MSCMRDataset(_Dataset):
-    """MS-CMRSeg layout: ``patientN_{C0,DE,T2}.nii.gz`` and ``patientN_<SEQ>_manual.nii.gz``."""
+    """MS-CMRSeg 2019 layout, as released or in one flat folder.
+
+    Images ``patientN_<SEQ>.nii.gz`` and manual labels ``patientN_<SEQ>_manual.nii.gz`` (``.nii``
+    too) anywhere under ``root``: the release keeps the images in
+    ``C0LET2_nii45_for_challenge19/c0t2lge/`` and the labels in ``.../c0gt/``, ``.../t2gt/``,
+    ``.../lgegt/`` and ``C0LET2_gt_for_challenge19/{C0_manual_10,T2_manual_10,LGE_manual_35_TestData}/``;
+    ``root`` may be the release's top folder, one of its folders, or a flat folder of all files.
+    A label is optional; a file name found in two folders is an error (which one is meant?).
+
+    ``file_names`` maps a sequence to the names its files may carry, tried in order (the release
+    calls the late gadolinium enhancement sequence ``LGE``, this package's default ``DE``: the
+    config maps ``DE: [DE, LGE]``); a sequence not in it is named by itself.
+    """
 
     name = "mscmr"
 
@@ -101,33 +114,71 @@ class MSCMRDataset(_Dataset):
         root: str | Path,
         sequences=("DE", "C0", "T2"),
         reference: str = "DE",
+        file_names=None,
         lower_percentile: float = 1.0,
         upper_percentile: float = 99.0,
     ) -> None:
         self._setup(root, sequences, reference, lower_percentile, upper_percentile)
+        self.file_names = _file_names(file_names, self.name)
 
-    def subjects(self) -> list[str]:
+    def _tags(self, sequence: str) -> tuple[str, ...]:
+        return self.file_names.get(sequence, (sequence,))
+
+    def _index(self) -> dict[str, list[Path]]:
+        """File name -> paths of every ``patient*.nii[.gz]`` under ``root`` (hidden folders skipped)."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.name}: data.root {self.root} is not a directory")
-        pat = re.compile(rf"^(patient\d+)_{re.escape(self.reference)}\.nii(\.gz)?$")
-        names = {m.group(1) for p in self.root.iterdir() if (m := pat.match(p.name))}
+        found: dict[str, list[Path]] = {}
+        for folder, dirs, names in os.walk(self.root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for n in names:
+                if n.startswith("patient") and n.endswith((".nii.gz", ".nii")):
+                    found.setdefault(n, []).append(Path(folder) / n)
+        return found
+
+    def subjects(self) -> list[str]:
+        tags = "|".join(re.escape(t) for t in self._tags(self.reference))
+        pat = re.compile(rf"^(patient\d+)_(?:{tags})\.nii(\.gz)?$")
+        names = {m.group(1) for n in self._index() if (m := pat.match(n))}
         return sorted(names, key=_natural_key)
 
-    def _find(self, stem: str) -> Path:
-        for ext in (".nii.gz", ".nii"):
-            p = self.root / f"{stem}{ext}"
-            if p.exists():
-                return p
-        return self.root / f"{stem}.nii.gz"
+    def _first(self, index: dict[str, list[Path]], subject: str, sequence: str, suffix: str = "") -> Path | None:
+        """The first of the sequence's file names found under ``root``; ``None`` if none is."""
+        for tag in self._tags(sequence):
+            for ext in (".nii.gz", ".nii"):
+                paths = index.get(name := f"{subject}_{tag}{suffix}{ext}", [])
+                if len(paths) > 1:
+                    raise ValueError(f"{self.name}: {name} is in {len(paths)} folders under {self.root}: "
+                                     f"{', '.join(map(str, paths))}; keep one")
+                if paths:
+                    return paths[0]
+        return None
 
     def _subject_files(self, subject: str) -> SubjectFiles:
-        images = {s: self._find(f"{subject}_{s}") for s in self.sequences}
-        labels = {s: p for s in self.sequences if (p := self._find(f"{subject}_{s}_manual")).exists()}
+        index = self._index()
+        images = {}
+        for s in self.sequences:
+            if (path := self._first(index, subject, s)) is None:
+                tried = " or ".join(f"{subject}_{t}.nii.gz" for t in self._tags(s))
+                raise FileNotFoundError(f"{self.name}: subject {subject}: missing {s} image {tried} under {self.root}")
+            images[s] = path
+        labels = {s: p for s in self.sequences if (p := self._first(index, subject, s, "_manual")) is not None}
         truth = self.root / "truth" / f"{subject}_truth.json"
         scar = {s: p for s in self.sequences if (p := self.root / "truth" / f"{subject}_{s}_scar.nii.gz").exists()}
         return SubjectFiles(
             subject, images, labels, self.label_map, self.reference, truth if truth.exists() else None, scar
         )
+
+
+def _file_names(file_names, owner: str) -> dict[str, tuple[str, ...]]:
+    """``{sequence: (name, ...)}`` from a mapping of a sequence to one name or a list of names."""
+    out = {}
+    for seq, names in dict(file_names or {}).items():
+        names = (names,) if isinstance(names, str) else tuple(str(n) for n in names)
+        if not names or any(not n or "/" in n or "\\" in n for n in names):
+            raise ValueError(f"{owner}: file_names.{seq} must be one or more names without path separators, got {names}")
+        out[str(seq)] = names
+    return out
 
 
 class SyntheticDataset(MSCMRDataset):
@@ -162,6 +213,7 @@ class SyntheticDataset(MSCMRDataset):
         )
         self.cache_dir = Path(cache_dir)
         self._root: Path | None = None
+        self.file_names = {}
         self.sequences = _check_sequences(sequences, reference, self.name)
         self.reference = reference
         self.label_map = MSCMR_LABELS
