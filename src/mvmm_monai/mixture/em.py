@@ -17,7 +17,13 @@ from torch import Tensor
 from mvmm_monai.mixture.gaussian import component_log_densities, intensity_features
 from mvmm_monai.mixture.init import initialise_from_atlas
 from mvmm_monai.mixture.params import EMConfig, MixtureParams
-from mvmm_monai.mixture.prior import atlas_log_prior, mrf_log_potential, update_log_pi
+from mvmm_monai.mixture.prior import (
+    atlas_log_prior,
+    mrf_log_potential,
+    neighbour_field,
+    update_beta,
+    update_log_pi,
+)
 
 __all__ = [
     "EMConfig",
@@ -87,11 +93,15 @@ def _check_inputs(images: Tensor, coverage: Tensor, log_atlas: Tensor) -> None:
         )
 
 
-def log_prior(log_atlas: Tensor, log_pi: Tensor, posterior: Tensor | None, config: EMConfig) -> Tensor:
-    """``log pi_kx`` ``[B, K, *S]``: atlas times proportions, times the MRF of ``posterior`` if beta > 0."""
-    lp = atlas_log_prior(log_atlas, log_pi)
-    if config.beta > 0 and posterior is not None:
-        lp = torch.log_softmax(lp + mrf_log_potential(posterior, config.beta, config.mrf_neighbourhood), dim=1)
+def log_prior(log_atlas: Tensor, params: MixtureParams, posterior: Tensor | None, config: EMConfig) -> Tensor:
+    """``log pi_kx`` ``[B, K, *S]``: atlas times the proportions ``params.log_pi``, times the MRF of
+    ``posterior`` (strength :meth:`MixtureParams.mrf_beta`) when there is one."""
+    lp = atlas_log_prior(log_atlas, params.log_pi)
+    if posterior is None:
+        return lp
+    beta = params.mrf_beta(config)
+    if torch.is_tensor(beta) or beta > 0:
+        lp = torch.log_softmax(lp + mrf_log_potential(posterior, beta, config.mrf_neighbourhood), dim=1)
     return lp
 
 
@@ -199,7 +209,7 @@ def voxel_log_likelihood(
     ``log sum_k pi_kx prod_{n in A(x)} sum_c tau_nkc N(I_n(x))``: :func:`log_likelihood` is its mean
     over Omega; the slice-shift search sums it over the voxels of one slice.
     """
-    lp = log_prior(log_atlas, params.log_pi, posterior, config)
+    lp = log_prior(log_atlas, params, posterior, config)
     _check_inputs(images, coverage, lp)
     b, n = images.shape[:2]
     x = images.reshape(b, n, -1)
@@ -218,7 +228,9 @@ def m_step(
     params: MixtureParams,
     config: EMConfig,
 ) -> MixtureParams:
-    """New ``tau``, ``mu``, ``var`` (over each image's own coverage) and ``pi`` (fixed point).
+    """New ``tau``, ``mu``, ``var`` (over each image's own coverage), ``pi`` (fixed point) and, with
+    ``beta="auto"``, the MRF strength (:func:`~mvmm_monai.mixture.prior.update_beta`, on this
+    E-step's posterior).
 
     Subtypes or classes whose mass is below ``config.min_mass`` keep their previous values, so an
     empty class never produces NaN; variances are floored at ``config.min_variance``.
@@ -237,13 +249,28 @@ def m_step(
     log_tau = torch.where(class_mass > config.min_mass, torch.log(tau), params.log_tau)
     log_tau = torch.where(valid, log_tau, -torch.inf)
     log_pi = params.log_pi
-    if config.update_pi:
-        omega = (coverage.reshape(b, n, -1).amax(dim=1) > 0).to(x.dtype)
-        k = log_atlas.shape[1]
+    omega = (coverage.reshape(b, n, -1).amax(dim=1) > 0).to(x.dtype)
+    k = log_atlas.shape[1]
+    beta = params.beta
+    if config.estimate_beta:
+        # conditional maximisation of Q(pi, beta) = sum_x sum_k P_kx log softmax_k(log A_kx + log pi_k
+        # + beta n_kx): pi given beta (the fixed point with the MRF field in the prior), then beta given pi
+        beta = params.beta if params.beta is not None else torch.full((b,), config.beta_start, dtype=x.dtype, device=x.device)
+        field = neighbour_field(estep.posterior, config.mrf_neighbourhood)
+        if config.update_pi:
+            log_pi = update_log_pi(
+                estep.posterior.reshape(b, k, -1), (log_atlas + beta.reshape(-1, *([1] * (field.ndim - 1))).to(field) * field).reshape(b, k, -1),
+                log_pi, omega, config.min_proportion,
+            )
+        beta = update_beta(
+            estep.posterior, atlas_log_prior(log_atlas, log_pi), beta, omega.reshape(b, *images.shape[2:]),
+            config.mrf_neighbourhood, config.beta_max, field=field,
+        )
+    elif config.update_pi:
         log_pi = update_log_pi(
             estep.posterior.reshape(b, k, -1), log_atlas.reshape(b, k, -1), log_pi, omega, config.min_proportion
         )
-    return MixtureParams(log_pi=log_pi, log_tau=log_tau, mean=mean, var=var)
+    return MixtureParams(log_pi=log_pi, log_tau=log_tau, mean=mean, var=var, beta=beta)
 
 
 def em_step(
@@ -259,7 +286,7 @@ def em_step(
     Returns the updated parameters and the E-step of the *incoming* parameters (its
     ``log_likelihood`` is that of ``params``).
     """
-    lp = log_prior(log_atlas, params.log_pi, posterior, config)
+    lp = log_prior(log_atlas, params, posterior, config)
     estep = e_step(images, coverage, lp, params, chunk_voxels=config.chunk_voxels, previous_posterior=posterior)
     return m_step(images, coverage, log_atlas, estep, params, config), estep
 
@@ -294,6 +321,7 @@ def fit_em(
         params = initialise_from_atlas(
             images, coverage, torch.exp(log_atlas), counts, min_variance=config.min_variance
         )
+    params = params.with_beta_start(config)
     trace: list[float] = []
     posterior = None
     converged = False
@@ -317,5 +345,5 @@ def fit_em(
             ConvergenceWarning,
             stacklevel=2,
         )
-    final = e_step(images, coverage, log_prior(log_atlas, params.log_pi, posterior, config), params)
+    final = e_step(images, coverage, log_prior(log_atlas, params, posterior, config), params)
     return EMFitResult(params, final.log_posterior, trace, it, converged)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -19,7 +19,12 @@ class EMConfig:
         min_weight: floor of a real subtype's weight tau, so a starved subtype can come back.
         min_proportion: floor of a class proportion pi_k, so an empty class can come back once
             the registration moves the atlas.
-        beta: strength of the mean-field MRF; 0 switches it off.
+        beta: strength of the mean-field MRF; 0 switches it off; ``"auto"`` estimates it in every
+            M-step (:func:`~mvmm_monai.mixture.prior.update_beta`), starting from ``beta_start``.
+        beta_start: the estimate's first value (with ``beta="auto"`` only).
+        beta_max: the estimate's upper bound (with ``beta="auto"`` only): a strength far above the
+            4-neighbour Potts model's critical value (log(1 + sqrt(K)) = 1.1 for K = 4) freezes
+            the labels whatever the images say.
         mrf_neighbourhood: ``"inplane"`` or ``"full"``.
         update_pi: run the fixed-point update of the class proportions pi_k.
         chunk_voxels: voxels per chunk of the E-step (speed only, results do not depend on it).
@@ -29,10 +34,17 @@ class EMConfig:
     min_mass: float = 1e-3
     min_weight: float = 1e-6
     min_proportion: float = 1e-8
-    beta: float = 0.0
+    beta: float | str = 0.0
+    beta_start: float = 1.0
+    beta_max: float = 4.0
     mrf_neighbourhood: str = "inplane"
     update_pi: bool = True
     chunk_voxels: int = 32768
+
+    @property
+    def estimate_beta(self) -> bool:
+        """Whether the MRF strength is estimated in the M-step (``beta="auto"``)."""
+        return self.beta == "auto"
 
     def __post_init__(self) -> None:
         if not self.min_variance > 0:
@@ -47,8 +59,13 @@ class EMConfig:
         for name in ("beta", "update_pi"):
             if getattr(self, name) is None:
                 raise ValueError(f"EMConfig.{name} is None: model.em.{name}=null must be resolved from the dataset first")
-        if self.beta < 0:
-            raise ValueError(f"EMConfig.beta must be >= 0, got {self.beta}")
+        if isinstance(self.beta, str):
+            if self.beta != "auto":
+                raise ValueError(f"EMConfig.beta must be a number >= 0 or 'auto', got {self.beta!r}")
+            if not 0 <= self.beta_start <= self.beta_max:
+                raise ValueError(f"EMConfig: need 0 <= beta_start <= beta_max, got {self.beta_start}, {self.beta_max}")
+        elif isinstance(self.beta, bool) or not self.beta >= 0:
+            raise ValueError(f"EMConfig.beta must be a number >= 0 or 'auto', got {self.beta!r}")
         if self.mrf_neighbourhood not in ("inplane", "full"):
             raise ValueError(f"EMConfig.mrf_neighbourhood must be 'inplane' or 'full', got {self.mrf_neighbourhood!r}")
 
@@ -62,12 +79,15 @@ class MixtureParams:
         log_tau: ``[B, N, K, C]`` log subtype weights; ``-inf`` marks a padded (absent) slot.
         mean: ``[B, N, K, C]`` subtype means.
         var: ``[B, N, K, C]`` subtype variances.
+        beta: ``[B]`` MRF strength, when it is estimated (``EMConfig.beta="auto"``); ``None``: the
+            configured ``EMConfig.beta`` holds.
     """
 
     log_pi: Tensor
     log_tau: Tensor
     mean: Tensor
     var: Tensor
+    beta: Tensor | None = None
 
     @property
     def valid(self) -> Tensor:
@@ -75,7 +95,26 @@ class MixtureParams:
         return torch.isfinite(self.log_tau)
 
     def as_dict(self) -> dict[str, Tensor]:
-        return {"log_pi": self.log_pi, "log_tau": self.log_tau, "mean": self.mean, "var": self.var}
+        """The parameters by name (``beta`` only when it is estimated)."""
+        out = {"log_pi": self.log_pi, "log_tau": self.log_tau, "mean": self.mean, "var": self.var}
+        if self.beta is not None:
+            out["beta"] = self.beta
+        return out
+
+    def with_beta_start(self, config: EMConfig) -> "MixtureParams":
+        """These parameters with ``beta`` at ``config.beta_start`` when ``config`` estimates it and
+        none is set yet; unchanged otherwise."""
+        if not config.estimate_beta or self.beta is not None:
+            return self
+        return replace(self, beta=torch.full(self.log_pi.shape[:1], float(config.beta_start), dtype=self.mean.dtype, device=self.mean.device))
+
+    def mrf_beta(self, config: EMConfig) -> float | Tensor:
+        """The MRF strength in force: the estimate ``[B]`` when there is one, else ``config.beta``."""
+        if self.beta is not None:
+            return self.beta
+        if config.estimate_beta:
+            raise ValueError("MixtureParams: EMConfig.beta='auto' needs params with a beta (start: EMConfig.beta_start)")
+        return float(config.beta)
 
     def detach(self) -> "MixtureParams":
         return MixtureParams(**{k: v.detach() for k, v in self.as_dict().items()})

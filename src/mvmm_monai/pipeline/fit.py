@@ -161,6 +161,20 @@ def converged(cfg: DictConfig, module: MvMMFit, trainer: pl.Trainer, name: str) 
     return met
 
 
+def check_mrf_estimate(cfg: DictConfig, result, name: str) -> None:
+    """Warn when the estimated MRF strength (``model.em.beta=auto``) ended on its bound
+    ``model.em.beta_max``: the label field is smoother than any Potts field of a finite strength
+    explains (large homogeneous regions), the estimate has no interior optimum, and the bound,
+    not the data, set the smoothing."""
+    beta = result.params.beta
+    if beta is not None and float(beta[0]) >= float(cfg.model.em.beta_max) * (1 - 1e-6):
+        log.warning(
+            "%s: the MRF strength estimate reached its bound model.em.beta_max=%g (no finite optimum: the "
+            "labels are smoother than a Potts field explains); a fixed model.em.beta may segment thin structures better",
+            name, float(cfg.model.em.beta_max),
+        )
+
+
 def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     """Fit subject ``name`` of ``dataset`` and write its results into ``out``; returns its metrics."""
     start = time.perf_counter()
@@ -178,6 +192,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         if not trainer.is_global_zero:
             return {}
         subject, result = prep.subject, module.result()
+        check_mrf_estimate(cfg, result, subject.name)
         shifts = registration.native_shifts_voxels()
         labelled = derive_labels(subject, result, conventions, shifts)
         metrics = {

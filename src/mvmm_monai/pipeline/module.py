@@ -156,7 +156,7 @@ class MvMMFit(pl.LightningModule):
             w = registration()
             init = initialise_from_atlas(
                 w.images, w.coverage, torch.exp(w.log_atlas), counts, min_variance=em.min_variance
-            )
+            ).with_beta_start(em)
         for name, value in init.as_dict().items():
             self.register_buffer(name, value.clone())
         self.register_buffer("posterior", torch.exp(w.log_atlas).clone())
@@ -177,7 +177,7 @@ class MvMMFit(pl.LightningModule):
     # -- state -----------------------------------------------------------------------------
     @property
     def params(self) -> MixtureParams:
-        return MixtureParams(self.log_pi, self.log_tau, self.mean, self.var)
+        return MixtureParams(self.log_pi, self.log_tau, self.mean, self.var, getattr(self, "beta", None))
 
     def _store(self, params: MixtureParams, posterior: Tensor) -> None:
         for name, value in params.as_dict().items():
@@ -263,6 +263,8 @@ class MvMMFit(pl.LightningModule):
         metrics.update({f"reg/search_move_mm/{seq}": mm for seq, mm in searched.items()})
         for k, p in enumerate(torch.exp(self.log_pi[0])):
             metrics[f"em/pi/{CLASS_NAMES[k]}"] = float(p)
+        if params.beta is not None:
+            metrics["em/beta"] = float(params.beta[0])
         if self.subject.labels and (it == 1 or it % self.dice_every == 0):  # the final Dice: pipeline.fit.score
             shifts = self.registration.native_shifts_voxels()
             for seq in self._monitored:
@@ -311,7 +313,7 @@ class MvMMFit(pl.LightningModule):
     def result(self) -> FitResult:
         """Final posterior from one E-step with the fitted parameters and registration."""
         warped = self.registration().detach()
-        lp = log_prior(warped.log_atlas, self.log_pi, self.posterior if self.current_epoch > 0 else None, self.em)
+        lp = log_prior(warped.log_atlas, self.params, self.posterior if self.current_epoch > 0 else None, self.em)
         est = e_step(warped.images, self._weighted(warped.coverage), lp, self.params, chunk_voxels=self.em.chunk_voxels)
         return FitResult(
             posterior=est.posterior[0],

@@ -118,7 +118,8 @@ class ResultFolder:
 
 def params_record(subject, result, registration, placement, settings: dict) -> dict:
     """The content of ``params.json``: the mixture's parameters as computed (pi; tau, mu and
-    variance of every subtype of every sequence and class), the registration's slice shifts, the
+    variance of every subtype of every sequence and class; the MRF strength, estimated with
+    ``model.em.beta=auto`` or as configured), the registration's slice shifts and rotations, the
     placement, and every effective setting (``settings``: the config with the dataset's defaults
     filled in)."""
     p = result.params
@@ -137,7 +138,12 @@ def params_record(subject, result, registration, placement, settings: dict) -> d
             }
             for n, s in enumerate(subject.sequences)
         },
+        "mrf_beta": (
+            {"value": float(p.beta[0]), "estimated": True} if p.beta is not None
+            else {"value": settings.get("model", {}).get("em", {}).get("beta"), "estimated": False}
+        ),
         "slice_shifts_mm": registration.slice_shifts_mm(),
+        "slice_rotations_deg": registration.slice_rotations_deg(),
         "placement": placement.as_dict() if placement is not None else "identity",
         "common_space_box": list(subject.box) if subject.box is not None else None,
         "intensity_scale": "each sequence clipped at its percentiles and scaled to [0, 1]",

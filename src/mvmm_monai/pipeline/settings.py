@@ -16,7 +16,7 @@ def hparams(cfg: DictConfig) -> dict:
         flat.update({f"subtypes/{seq}/{k}": int(v) for k, v in row.items()})
     flat.update(
         {
-            "mrf_beta": float(cfg.model.em.beta),
+            "mrf_beta": -1.0 if cfg.model.em.beta == "auto" else float(cfg.model.em.beta),  # -1: estimated
             "update_pi": bool(cfg.model.em.update_pi),
             "roi_margin_mm": -1.0 if cfg.model.roi_margin_mm is None else float(cfg.model.roi_margin_mm),
             "atlas_weight": float(cfg.model.get("atlas_weight", 1.0)),
