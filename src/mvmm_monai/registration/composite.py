@@ -22,7 +22,7 @@ from mvmm_monai.registration.schedule import Parts
 from mvmm_monai.registration.slice_motion import SliceMotion
 
 #: optimiser parameter groups of a registration, in order (``registration.model.lr`` keys)
-PARAM_GROUPS = ("translation", "affine", "svf", "slice_shift")
+PARAM_GROUPS = ("translation", "affine", "svf", "slice_shift", "slice_rotation")
 
 
 class RegistrationError(RuntimeError):
@@ -77,7 +77,8 @@ class Registration(nn.Module):
             too, the synthetic RV drifted more without it (``benchmarks/drift.py``).
         lr: learning rate per optimiser parameter group (:data:`PARAM_GROUPS`): ``translation``
             (atlas, mm), ``affine`` (rotation in radians and log-scale), ``svf`` (voxels),
-            ``slice_shift`` (mm, and radians if rotating); a group not named takes the optimiser's.
+            ``slice_shift`` (slice translations, mm), ``slice_rotation`` (slice angles, radians; only
+            with ``slice_motion.rotation``); a group not named takes the optimiser's.
     """
 
     def __init__(
@@ -145,8 +146,11 @@ class Registration(nn.Module):
                 groups.append({"name": "affine", "params": [d.rotation, d.log_scale]})
             if len(d.velocity):
                 groups.append({"name": "svf", "params": list(d.velocity)})
-        if self.slice_motion is not None:
-            groups.append({"name": "slice_shift", "params": list(self.slice_motion.parameters())})
+        m = self.slice_motion
+        if m is not None:
+            groups.append({"name": "slice_shift", "params": list(m.translation_mm.values())})
+            if m.angle is not None:
+                groups.append({"name": "slice_rotation", "params": list(m.angle.values())})
         for g in groups:
             if g["name"] in self.lr:
                 g["lr"] = self.lr[g["name"]]
@@ -213,6 +217,11 @@ class Registration(nn.Module):
     def slice_shifts_mm(self) -> dict[str, list[list[float]]]:
         """Sequence -> per-slice ``[dx, dy]`` translation in mm (empty without a slice motion)."""
         return {} if self.slice_motion is None else self.slice_motion.shifts_mm()
+
+    def slice_rotations_deg(self) -> dict[str, list[float]]:
+        """Sequence -> per-slice rotation in degrees about the slice centre (empty without a
+        rotating slice motion)."""
+        return {} if self.slice_motion is None else self.slice_motion.rotations_deg()
 
     def native_shifts_voxels(self) -> dict[str, Tensor]:
         """Sequence -> ``[Z, 2]`` per-slice translation in its own voxels (to write results back

@@ -5,11 +5,16 @@ native slices with them into the common space, the smoothed or exact gradient of
 the marginal correction of the shift objective, and the exhaustive whole-voxel shift search.
 
 Convention: a slice whose content moved by ``+t`` (anatomy at ``p`` appears at ``p + t``) is put
-back when resampled with ``t``; ``t`` is along the sequence's first two voxel axes, in mm.
+back when resampled with ``t``; ``t`` is along the sequence's first two voxel axes, in mm. With a
+rotation, a slice whose content was turned by ``theta`` about the slice centre ``c`` (voxel
+``((X - 1) / 2, (Y - 1) / 2)``) and then moved by ``t`` (anatomy at ``p`` appears at
+``R(theta) (p - c) + c + t``, ``R`` turning the first voxel axis towards the second) is put back
+when resampled with ``(theta, t)``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -53,6 +58,11 @@ class SliceMotion(nn.Module):
         marginal_bins: kernel centres of that density.
         search_radius: half-width, in the sequence's voxels, of the square of whole-voxel offsets
             that :meth:`search` tries around each slice's current shift (>= 1).
+        search_angle_deg: with ``rotation``, :meth:`search` also tries the angles that are
+            multiples of ``search_angle_step_deg`` up to this many degrees either way of zero (the
+            range of in-plane motion it looks for: a search does not walk a slice further from
+            where it was acquired); 0: the search moves translations only (>= 0).
+        search_angle_step_deg: the step of those angles, degrees (> 0).
         max_shift_mm: a slice shift beyond this is a blow-up (:meth:`exceeds`; > 0).
     """
 
@@ -64,6 +74,8 @@ class SliceMotion(nn.Module):
         marginal_correction: bool = True,
         marginal_bins: int = 64,
         search_radius: int = 4,
+        search_angle_deg: float = 10.0,
+        search_angle_step_deg: float = 2.5,
         max_shift_mm: float = 25.0,
     ) -> None:
         super().__init__()
@@ -71,6 +83,11 @@ class SliceMotion(nn.Module):
             raise ValueError(f"registration.model.slice_motion.gradient_sigma must be >= 0, got {gradient_sigma}")
         if search_radius < 1:
             raise ValueError(f"registration.model.slice_motion.search_radius must be >= 1, got {search_radius}")
+        if search_angle_deg < 0 or not search_angle_step_deg > 0:
+            raise ValueError(
+                "registration.model.slice_motion.search_angle_deg must be >= 0 and search_angle_step_deg > 0, "
+                f"got {search_angle_deg} and {search_angle_step_deg}"
+            )
         if not max_shift_mm > 0:
             raise ValueError(f"registration.model.slice_motion.max_shift_mm must be > 0, got {max_shift_mm}")
         # channel of every moved sequence in the common-space images [1, N, *S]
@@ -80,6 +97,8 @@ class SliceMotion(nn.Module):
         self.gradient_sigma = float(gradient_sigma)
         self.marginal_correction = bool(marginal_correction)
         self.search_radius = int(search_radius)
+        self.search_angle_deg = float(search_angle_deg)
+        self.search_angle_step_deg = float(search_angle_step_deg)
         self.max_shift_mm = float(max_shift_mm)
         #: follow the exact gradient of the resampling (set per ICM iteration by the schedule)
         self.exact_gradient = False
@@ -120,6 +139,13 @@ class SliceMotion(nn.Module):
     def shifts_mm(self) -> dict[str, list[list[float]]]:
         """Sequence -> ``Z`` rows ``[dx, dy]``: every slice's translation in mm (plain lists)."""
         return {s: self.translation_mm[s].detach().cpu().tolist() for s in self.sequences}
+
+    def rotations_deg(self) -> dict[str, list[float]]:
+        """Sequence -> ``Z`` angles in degrees about each slice's centre (plain lists); empty
+        without ``rotation``."""
+        if self.angle is None:
+            return {}
+        return {s: torch.rad2deg(self.angle[s].detach()).cpu().tolist() for s in self.sequences}
 
     def shifts_voxels(self) -> dict[str, Tensor]:
         """Sequence -> ``[Z, 2]`` translation in its own voxels (detached, on the CPU)."""
@@ -195,6 +221,13 @@ class SliceMotion(nn.Module):
         return total / omega.sum().clamp_min(1)
 
     # -- the whole-voxel search ------------------------------------------------------------
+    def search_angles(self) -> Tensor:
+        """``[A]`` angles (radians) :meth:`search` tries for every slice (besides its current one),
+        ``0`` first; ``[0]`` alone without ``rotation`` or with ``search_angle_deg=0``."""
+        n = 0 if self.angle is None else math.floor(self.search_angle_deg / self.search_angle_step_deg + 1e-9)
+        steps = [0.0] + [sign * k * self.search_angle_step_deg for k in range(1, n + 1) for sign in (1.0, -1.0)]
+        return torch.deg2rad(torch.tensor(steps, dtype=torch.float64)).float()
+
     @torch.no_grad()
     def search(
         self,
@@ -203,47 +236,104 @@ class SliceMotion(nn.Module):
         voxel_log_likelihood: Callable[[Tensor], Tensor],
         sequence_weights: Mapping[str, float] | None = None,
     ) -> dict[str, float]:
-        """Move every slice of every moved sequence to its best whole-voxel offset (in place).
+        """Move every slice of every moved sequence to its best whole-voxel offset, and with
+        ``rotation`` to its best angle step (in place).
 
-        Offsets ``(dx, dy)`` on the square of half-width ``search_radius`` voxels around each slice's
-        current shift are scored by ``voxel_log_likelihood(images [1, N, *S]) -> [1, *S]`` (the
-        model's per-voxel log-likelihood, mixture, atlas and prior held) summed over the voxels the
-        slice covers, minus the marginal correction when it is on (weighted by
-        ``sequence_weights``); the sequences are searched one after the other. The current position
-        is a candidate, so no slice gets worse.
+        A candidate pose of a slice is scored by ``voxel_log_likelihood(images [1, N, *S]) -> [1, *S]``
+        (the model's per-voxel log-likelihood, mixture, atlas and prior held) summed over the voxels
+        the slice covers, minus the marginal correction when it is on (weighted by
+        ``sequence_weights``); every slice takes its own best candidate, and the sequences are
+        searched one after the other. The candidates: the offsets ``(dx, dy)`` on the square of
+        half-width ``search_radius`` voxels around the current shift, at the current angle; then,
+        with ``rotation``, every angle of :meth:`search_angles`, turned to about the centroid of the
+        voxels the slice covers (the region of interest, where the heart is: a turn about the
+        slice's own centre would also move the heart by its distance from there times the angle),
+        each with the 3 x 3 whole-voxel offsets around the best pose of the first stage, and last
+        the offsets within 2 voxels (at most ``search_radius``) of the best pose so far, at its
+        angle (``M + 9 A + 25`` evaluations instead of the ``M A`` of every angle with
+        every offset, ``M`` the square's offsets and ``A`` the angles). The
+        current pose is a candidate and a slice moves only where it strictly gains, so no slice
+        gets worse by this objective.
 
         Args:
             images: ``[1, N, *S]`` common-space images before the slice motion.
             coverage: ``[1, N, *S]`` coverage masks.
 
         Returns:
-            Sequence -> the largest move (mm).
+            Sequence -> the largest translation (mm).
         """
         weights = sequence_weights or {}
         r = self.search_radius
         steps = torch.arange(-r, r + 1, dtype=torch.float32)
-        offsets = torch.cartesian_prod(steps, steps)  # [M, 2] voxels
+        offsets = torch.cartesian_prod(steps, steps)  # [M, 2] voxels; (0, 0) at M // 2
+        near = torch.cartesian_prod(torch.arange(-1.0, 2.0), torch.arange(-1.0, 2.0))  # [9, 2] voxels
+        turns = self.search_angles()  # [A] radians
         moved = {}
         for s, n in self.channels.items():
             param = self.translation_mm[s]
             spacing = self.spacing(s)
-            start = param.detach().clone()
+            start = param.detach().clone()  # [Z, 2] mm
+            start_angle = None if self.angle is None else self.angle[s].detach().clone()  # [Z]
             covered = coverage[0, n] > 0
-            smap, native, angle = self._maps[s], getattr(self, f"_native_{s}"), self.angles(s)
+            smap, native = self._maps[s], getattr(self, f"_native_{s}")
             k = smap.slice_index.to(covered.device)[covered]
             shifted = self(images, coverage)  # the other sequences as they stand; only channel n changes below
-            scores = torch.empty(len(offsets), start.shape[0], dtype=torch.float64, device=covered.device)
-            for m, off in enumerate(offsets):
-                shift_mm = start + off.to(start) * spacing
+
+            def score(shift_mm: Tensor, angle: Tensor | None, s=s, n=n, smap=smap, native=native, covered=covered, k=k,
+                      shifted=shifted, spacing=spacing) -> Tensor:
+                """``[Z]`` objective of every slice at pose ``(shift_mm [Z, 2], angle [Z])``."""
                 shifted[0, n] = sample(native, smap, slice_shifts=shift_mm / spacing, slice_angles=angle)[0] * covered
                 ll = voxel_log_likelihood(shifted)[0][covered]
                 if self.marginal_correction:
                     ll = ll - weights.get(s, 1.0) * self._log_density(s, shifted[0, n][covered])
-                scores[m] = scores.new_zeros(start.shape[0]).index_add_(0, k, ll.double())
-            score, pick = scores.max(dim=0)
-            stay = len(offsets) // 2  # offset (0, 0): a slice moves only where it strictly gains
-            pick = torch.where(score > scores[stay], pick, stay)
-            best = offsets.to(start)[pick.to(start.device)] * spacing  # [Z, 2] mm
-            param.copy_(start + best)
-            moved[s] = float(best.norm(dim=-1).max())
+                return torch.zeros(shift_mm.shape[0], dtype=torch.float64, device=ll.device).index_add_(0, k, ll.double())
+
+            poses = [(start + off.to(start) * spacing, start_angle) for off in offsets]
+            scores = [score(*pose) for pose in poses]
+            if start_angle is not None and len(turns):
+                pick = torch.stack(scores).argmax(dim=0).to(start.device)
+                base = torch.stack([pose[0] for pose in poses])[pick, torch.arange(len(pick))]  # [Z, 2] mm
+                pivot = self._pivot(smap, covered, k, start.shape[0]).to(start)  # [Z, 2] voxels from the slice centre
+                for turn in turns.to(start):
+                    angle = torch.full_like(start_angle, float(turn))
+                    # keep the pivot where the first stage put it: t' = t + (R(a) - R(a')) pivot
+                    comp = _rotate(pivot, start_angle) - _rotate(pivot, angle)  # [Z, 2] voxels
+                    for off in near.to(start):
+                        pose = (base + (comp + off) * spacing, angle)
+                        poses.append(pose)
+                        scores.append(score(*pose))
+                # the offsets that go with the chosen angle: a square of half-width min(2, r) around it
+                pick = torch.stack(scores).argmax(dim=0).to(start.device)
+                rows = torch.arange(len(pick), device=start.device)
+                base = torch.stack([pose[0] for pose in poses])[pick, rows]
+                angle = torch.stack([pose[1] for pose in poses])[pick, rows]
+                for off in offsets[(offsets.abs() <= min(2, r)).all(dim=1)].to(start):
+                    pose = (base + off * spacing, angle)
+                    poses.append(pose)
+                    scores.append(score(*pose))
+            table = torch.stack(scores)  # [C, Z]
+            best_score, pick = table.max(dim=0)
+            stay = len(offsets) // 2  # offset (0, 0) at the current angle: a slice moves only where it strictly gains
+            pick = torch.where(best_score > table[stay], pick, stay).to(start.device)
+            rows = torch.arange(len(pick), device=start.device)
+            param.copy_(torch.stack([pose[0] for pose in poses])[pick, rows])
+            if start_angle is not None:
+                self.angle[s].copy_(torch.stack([pose[1] for pose in poses])[pick, rows])
+            moved[s] = float((param.detach() - start).norm(dim=-1).max())
         return moved
+
+    @staticmethod
+    def _pivot(smap, covered: Tensor, k: Tensor, slices: int) -> Tensor:
+        """``[Z, 2]`` centroid (source voxels, from the slice centre) of the covered voxels of each
+        source slice (the centre itself where a slice covers nothing)."""
+        idx = smap.index.to(covered.device)[covered][:, :2].double()  # [V, 2]
+        centre = (torch.tensor(smap.source_shape[:2], dtype=torch.float64, device=idx.device) - 1) / 2
+        total = torch.zeros(slices, 2, dtype=torch.float64, device=idx.device).index_add_(0, k, idx - centre)
+        count = torch.zeros(slices, dtype=torch.float64, device=idx.device).index_add_(0, k, torch.ones_like(idx[:, 0]))
+        return (total / count.clamp_min(1)[:, None]).float()
+
+
+def _rotate(v: Tensor, angle: Tensor) -> Tensor:
+    """``[Z, 2]`` vectors ``v`` turned by ``angle`` ``[Z]`` (radians, first axis towards the second)."""
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack((cos * v[:, 0] - sin * v[:, 1], sin * v[:, 0] + cos * v[:, 1]), dim=-1)
