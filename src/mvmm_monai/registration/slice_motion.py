@@ -246,14 +246,15 @@ class SliceMotion(nn.Module):
         searched one after the other. The candidates: the offsets ``(dx, dy)`` on the square of
         half-width ``search_radius`` voxels around the current shift, at the current angle; then,
         with ``rotation``, every angle of :meth:`search_angles`, turned to about the centroid of the
-        voxels the slice covers (the region of interest, where the heart is: a turn about the
-        slice's own centre would also move the heart by its distance from there times the angle),
-        each with the 3 x 3 whole-voxel offsets around the best pose of the first stage, and last
-        the offsets within 2 voxels (at most ``search_radius``) of the best pose so far, at its
-        angle (``M + 9 A + 25`` evaluations instead of the ``M A`` of every angle with
-        every offset, ``M`` the square's offsets and ``A`` the angles). The
-        current pose is a candidate and a slice moves only where it strictly gains, so no slice
-        gets worse by this objective.
+        voxels the slice covers from the best pose of the first stage (the region of interest,
+        where the heart is: a turn about the slice's own centre would also move the heart by its
+        distance from there times the angle), and the whole-voxel offsets within 2 voxels (at most
+        ``search_radius``) of the best pose so far, at its angle (``M + A + 24`` evaluations, ``M`` the square's offsets and ``A`` the
+        angles, instead of the ``M A`` of every angle with every offset: each costs the model's
+        likelihood over the whole region); last, the pose as acquired (no motion). The current pose is a candidate and a slice moves only where it strictly
+        gains, so no slice gets worse by this objective, and after a search none scores below its
+        acquired pose (the gradient steps between searches are local and may have walked it
+        into a worse optimum).
 
         Args:
             images: ``[1, N, *S]`` common-space images before the slice motion.
@@ -266,7 +267,6 @@ class SliceMotion(nn.Module):
         r = self.search_radius
         steps = torch.arange(-r, r + 1, dtype=torch.float32)
         offsets = torch.cartesian_prod(steps, steps)  # [M, 2] voxels; (0, 0) at M // 2
-        near = torch.cartesian_prod(torch.arange(-1.0, 2.0), torch.arange(-1.0, 2.0))  # [9, 2] voxels
         turns = self.search_angles()  # [A] radians
         moved = {}
         for s, n in self.channels.items():
@@ -292,25 +292,28 @@ class SliceMotion(nn.Module):
             scores = [score(*pose) for pose in poses]
             if start_angle is not None and len(turns):
                 pick = torch.stack(scores).argmax(dim=0).to(start.device)
-                base = torch.stack([pose[0] for pose in poses])[pick, torch.arange(len(pick))]  # [Z, 2] mm
+                rows = torch.arange(len(pick), device=start.device)
+                base = torch.stack([pose[0] for pose in poses])[pick, rows]  # [Z, 2] mm
                 pivot = self._pivot(smap, covered, k, start.shape[0]).to(start)  # [Z, 2] voxels from the slice centre
                 for turn in turns.to(start):
                     angle = torch.full_like(start_angle, float(turn))
                     # keep the pivot where the first stage put it: t' = t + (R(a) - R(a')) pivot
-                    comp = _rotate(pivot, start_angle) - _rotate(pivot, angle)  # [Z, 2] voxels
-                    for off in near.to(start):
-                        pose = (base + (comp + off) * spacing, angle)
-                        poses.append(pose)
-                        scores.append(score(*pose))
-                # the offsets that go with the chosen angle: a square of half-width min(2, r) around it
+                    pose = (base + (_rotate(pivot, start_angle) - _rotate(pivot, angle)) * spacing, angle)
+                    poses.append(pose)
+                    scores.append(score(*pose))
+                # the offsets that go with the chosen angle: the whole voxels within 2 (at most r) around it
                 pick = torch.stack(scores).argmax(dim=0).to(start.device)
-                rows = torch.arange(len(pick), device=start.device)
                 base = torch.stack([pose[0] for pose in poses])[pick, rows]
                 angle = torch.stack([pose[1] for pose in poses])[pick, rows]
                 for off in offsets[(offsets.abs() <= min(2, r)).all(dim=1)].to(start):
-                    pose = (base + off * spacing, angle)
-                    poses.append(pose)
-                    scores.append(score(*pose))
+                    if off.any():
+                        pose = (base + off * spacing, angle)
+                        poses.append(pose)
+                        scores.append(score(*pose))
+            # the pose as acquired competes too: after a search no slice scores below leaving it unmoved
+            acquired = (torch.zeros_like(start), None if start_angle is None else torch.zeros_like(start_angle))
+            poses.append(acquired)
+            scores.append(score(*acquired))
             table = torch.stack(scores)  # [C, Z]
             best_score, pick = table.max(dim=0)
             stay = len(offsets) // 2  # offset (0, 0) at the current angle: a slice moves only where it strictly gains
