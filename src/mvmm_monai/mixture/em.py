@@ -17,13 +17,7 @@ from torch import Tensor
 from mvmm_monai.mixture.gaussian import component_log_densities, intensity_features
 from mvmm_monai.mixture.init import initialise_from_atlas
 from mvmm_monai.mixture.params import EMConfig, MixtureParams
-from mvmm_monai.mixture.prior import (
-    atlas_log_prior,
-    mrf_log_potential,
-    neighbour_field,
-    update_beta,
-    update_log_pi,
-)
+from mvmm_monai.mixture.prior import atlas_log_prior, mrf_log_potential, update_log_pi, update_mrf
 
 __all__ = [
     "EMConfig",
@@ -228,9 +222,9 @@ def m_step(
     params: MixtureParams,
     config: EMConfig,
 ) -> MixtureParams:
-    """New ``tau``, ``mu``, ``var`` (over each image's own coverage), ``pi`` (fixed point) and, with
-    ``beta="auto"``, the MRF strength (:func:`~mvmm_monai.mixture.prior.update_beta`, on this
-    E-step's posterior).
+    """New ``tau``, ``mu``, ``var`` (over each image's own coverage) and ``pi`` (fixed point); with
+    ``beta="auto"``, ``pi`` and the MRF strength together
+    (:func:`~mvmm_monai.mixture.prior.update_mrf`, on this E-step's posterior).
 
     Subtypes or classes whose mass is below ``config.min_mass`` keep their previous values, so an
     empty class never produces NaN; variances are floored at ``config.min_variance``.
@@ -252,19 +246,11 @@ def m_step(
     omega = (coverage.reshape(b, n, -1).amax(dim=1) > 0).to(x.dtype)
     k = log_atlas.shape[1]
     beta = params.beta
-    if config.estimate_beta:
-        # conditional maximisation of Q(pi, beta) = sum_x sum_k P_kx log softmax_k(log A_kx + log pi_k
-        # + beta n_kx): pi given beta (the fixed point with the MRF field in the prior), then beta given pi
-        beta = params.beta if params.beta is not None else torch.full((b,), config.beta_start, dtype=x.dtype, device=x.device)
-        field = neighbour_field(estep.posterior, config.mrf_neighbourhood)
-        if config.update_pi:
-            log_pi = update_log_pi(
-                estep.posterior.reshape(b, k, -1), (log_atlas + beta.reshape(-1, *([1] * (field.ndim - 1))).to(field) * field).reshape(b, k, -1),
-                log_pi, omega, config.min_proportion,
-            )
-        beta = update_beta(
-            estep.posterior, atlas_log_prior(log_atlas, log_pi), beta, omega.reshape(b, *images.shape[2:]),
-            config.mrf_neighbourhood, config.beta_max, field=field,
+    if config.estimate_beta:  # pi and beta of the Potts prior together (mean-field EM)
+        start = params.beta if params.beta is not None else torch.full((b,), config.beta_start, dtype=x.dtype, device=x.device)
+        log_pi, beta = update_mrf(
+            estep.posterior, log_atlas, log_pi, start, omega.reshape(b, *images.shape[2:]), config.mrf_neighbourhood,
+            config.beta_max, config.update_pi, config.min_proportion,
         )
     elif config.update_pi:
         log_pi = update_log_pi(

@@ -105,66 +105,80 @@ def mrf_log_potential(posterior: Tensor, beta: float | Tensor, neighbourhood: st
     return _per_subject(beta, posterior) * neighbour_field(posterior, neighbourhood)
 
 
+def _agreement(q: Tensor, mask: Tensor, neighbourhood: str) -> Tensor:
+    """``[B]`` mean over ``mask`` of ``sum_k q_kx sum_{y in N(x)} q_ky``: the expected number of
+    neighbours that share a voxel's class."""
+    agree = (q * neighbour_field(q, neighbourhood)).sum(1).flatten(1)
+    w = mask.flatten(1).to(agree)
+    return (agree * w).sum(-1) / w.sum(-1).clamp_min(1.0)
+
+
+def prior_mean_field(base_log_prior: Tensor, beta: Tensor, neighbourhood: str = "inplane", iterations: int = 20,
+                     start: Tensor | None = None) -> Tensor:
+    """The mean-field approximation ``q`` ``[B, K, *S]`` of the MRF prior alone (no image): the fixed
+    point of ``q_kx = softmax_k(log pi_kx + beta sum_{y in N(x)} q_ky)``, iterated ``iterations``
+    times from ``start`` (default: the prior without the MRF)."""
+    b = _per_subject(beta, base_log_prior)
+    q = torch.softmax(base_log_prior, dim=1) if start is None else start
+    for _ in range(iterations):
+        q = torch.softmax(base_log_prior + b * neighbour_field(q, neighbourhood), dim=1)
+    return q
+
+
 @torch.no_grad()
-def update_beta(
+def update_mrf(
     posterior: Tensor,
-    base_log_prior: Tensor,
+    log_atlas: Tensor,
+    log_pi: Tensor,
     beta: Tensor,
     mask: Tensor,
     neighbourhood: str = "inplane",
     beta_max: float = 4.0,
-    newton_steps: int = 8,
-    field: Tensor | None = None,
-) -> Tensor:
-    """The M-step of the MRF strength: ``beta`` ``[B]`` maximising the expected complete
-    log-prior under the mean-field approximation,
+    update_pi: bool = True,
+    min_proportion: float = 0.0,
+    iterations: int = 20,
+    max_step: float = 0.5,
+) -> tuple[Tensor, Tensor]:
+    """One M-step of the MRF prior's parameters, the proportions ``pi`` and the strength ``beta``,
+    in the mean-field EM of Zhang (1992).
 
-    ``Q(beta) = sum_x sum_k P_kx log softmax_k(log pi_kx + beta n_kx)``, ``n_kx = sum_{y in N(x)} P_ky``,
-
-    over the voxels in ``mask`` (each voxel's neighbours held at their posterior means: the
-    mean-field pseudo-likelihood of Zhang (1992) and Celeux, Forbes and Peyrard (2003), as in the
-    MvMM notes' ECM step). ``Q`` is concave in ``beta`` (a log-softmax of a function linear in
-    it): safeguarded Newton steps from the current value, within ``[0, beta_max]``.
+    The prior is a Potts field with the atlas and ``pi`` as external field. With the posterior and
+    the prior's partition function both in the mean-field approximation, the free energy's
+    gradient is ``sum_x (P_kx - q*_kx)`` in ``log pi_k`` and ``a(P) - a(q*)`` in ``beta``, where ``q*``
+    is the mean-field approximation of the prior alone (:func:`prior_mean_field`) and ``a(q)`` the
+    mean over ``mask`` of ``sum_k q_kx sum_{y in N(x)} q_ky``, the expected number of agreeing
+    neighbours, which grows with ``beta``. So ``pi`` takes the iterative-scaling step
+    ``pi_k <- pi_k sum_x P_kx / sum_x q*_kx`` (with ``beta = 0`` the pi fixed point of
+    :func:`update_log_pi`), and ``beta`` one Newton step towards the root of ``a(q*) = a(P)``, its
+    slope by a finite difference, at most ``max_step``, within ``[0, beta_max]``; the EM's iterations
+    take both to the root. (The pseudo-likelihood, which holds the neighbours at their posterior
+    instead, has no finite optimum on anatomy: a heart's labels are far smoother than a Potts field of
+    moderate strength, and its estimate runs to any bound.)
 
     Args:
         posterior: ``[B, K, *S]`` class posteriors of this E-step.
-        base_log_prior: ``[B, K, *S]`` the prior without the MRF (atlas times proportions).
-        beta: ``[B]`` current strength.
+        log_atlas: ``[B, K, *S]`` log atlas; log_pi: ``[B, K]``; beta: ``[B]`` current values.
         mask: ``[B, *S]`` voxels of Omega.
-        field: ``[B, K, *S]`` :func:`neighbour_field` of ``posterior``, when already computed.
+        iterations: mean-field iterations of the prior at ``beta`` (half as many again at
+            ``beta + 0.05``, from there).
 
     Returns:
-        ``[B]`` new strength (float64 arithmetic, ``beta``'s dtype).
+        ``(log_pi [B, K], beta [B])``, the new values.
     """
     b, k = posterior.shape[:2]
-    field = (neighbour_field(posterior, neighbourhood) if field is None else field).reshape(b, k, -1).double()
-    post = posterior.reshape(b, k, -1).double()
-    base = base_log_prior.reshape(b, k, -1).double()
-    w = mask.reshape(b, -1).double()
-    target = ((post * field).sum(1) * w).sum(-1)  # [B]: sum_x sum_k P_kx n_kx
-
-    def objective(bt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        logits = base + bt[:, None, None] * field
-        log_norm = torch.logsumexp(logits, dim=1)
-        q = ((post * logits).sum(1) - log_norm) * w
-        prob = torch.exp(logits - log_norm[:, None])
-        mean_n = (prob * field).sum(1)
-        var_n = (prob * field * field).sum(1) - mean_n * mean_n
-        return q.sum(-1), target - (mean_n * w).sum(-1), -(var_n.clamp_min(0) * w).sum(-1)
-
-    bt = beta.detach().double().clamp(0.0, beta_max)
-    q, grad, hess = objective(bt)
-    for _ in range(newton_steps):
-        step = torch.where(hess < 0, -grad / hess.clamp_max(-1e-12), torch.zeros_like(grad))
-        for _halving in range(20):  # Newton on a concave function may overshoot: halve until Q rises
-            trial = (bt + step).clamp(0.0, beta_max)
-            q_new, g_new, h_new = objective(trial)
-            better = q_new >= q
-            if bool(better.all()):
-                break
-            step = torch.where(better, step, step / 2)
-        bt = torch.where(q_new >= q, trial, bt)
-        q, grad, hess = torch.where(q_new >= q, q_new, q), torch.where(q_new >= q, g_new, grad), torch.where(q_new >= q, h_new, hess)
-        if bool((step.abs() < 1e-6).all()):
-            break
-    return bt.to(beta.dtype)
+    base = atlas_log_prior(log_atlas, log_pi)
+    bt = beta.detach().to(posterior.dtype).clamp(0.0, beta_max)
+    q = prior_mean_field(base, bt, neighbourhood, iterations)
+    if update_pi:
+        w = mask.reshape(b, 1, -1).to(posterior)
+        tiny = torch.finfo(posterior.dtype).tiny
+        ratio = (posterior.reshape(b, k, -1) * w).sum(-1).clamp_min(tiny) / (q.reshape(b, k, -1) * w).sum(-1).clamp_min(tiny)
+        pi = torch.exp(log_pi) * ratio
+        pi = (pi / pi.sum(dim=1, keepdim=True)).clamp_min(max(min_proportion, tiny))
+        log_pi = torch.log(pi / pi.sum(dim=1, keepdim=True))
+    target, at = _agreement(posterior, mask, neighbourhood), _agreement(q, mask, neighbourhood)
+    delta = 0.05
+    ahead = _agreement(prior_mean_field(base, bt + delta, neighbourhood, max(iterations // 2, 1), q), mask, neighbourhood)
+    slope = ((ahead - at) / delta).clamp_min(1e-6)
+    step = ((target - at) / slope).clamp(-max_step, max_step)
+    return log_pi, (bt + step).clamp(0.0, beta_max).to(beta.dtype)
