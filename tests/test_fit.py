@@ -204,3 +204,23 @@ def test_registration_presets_share_slice_shift_settings(tmp_path):
         assert gone == ({k for k in base if k.startswith("model.slice_motion.")} if preset == "atlas_only" else set())
         assert cfg.trainer.max_epochs == 200
     assert compose_config(out + ["registration=full", "trainer.max_epochs=7"]).trainer.max_epochs == 7
+
+
+def test_constant_image_is_refused_naming_file_and_sequence(tmp_path, cache_dir, cohort_copy):
+    f = cohort_copy / "patient2_T2.nii.gz"
+    img = nib.load(f)
+    nib.save(nib.Nifti1Image(np.full(img.shape, 7.0, dtype=np.float32), img.affine), f)
+    with pytest.raises(ValueError, match=r"patient2_T2\.nii\.gz: sequence T2 has the same value \(7\) in every voxel"):
+        run(tmp_path, cache_dir, "data=mscmr", f"data.root={cohort_copy}", "subject=patient2",
+            f"atlas.path={cohort_copy / 'atlas.nii.gz'}")
+
+
+def test_atlas_with_an_empty_class_is_refused_naming_the_class(tmp_path, cache_dir, cohort_copy):
+    atlas = nib.load(cohort_copy / "atlas.nii.gz")
+    data = np.asarray(atlas.dataobj).astype(np.float32)
+    data[..., 0] += data[..., 3]
+    data[..., 3] = 0.0
+    bad = tmp_path / "no_rv.nii.gz"
+    nib.save(nib.Nifti1Image(data, atlas.affine), bad)
+    with pytest.raises(ValueError, match=r"no_rv\.nii\.gz: atlas class 'rv' \(channel 3\) is empty"):
+        run(tmp_path, cache_dir, "subject=patient1", f"atlas.path={bad}")

@@ -101,13 +101,17 @@ def _sidecar(path: Path) -> dict | None:
     return None
 
 
+MIN_CLASS_PEAK = 0.1  # an atlas class whose probability stays below this everywhere is empty
+
+
 def read_atlas(path: str | Path) -> Atlas:
     """Read and check a 4D atlas NIfTI (classes in the last dimension; 2D atlases ``[X, Y, 1, K]``).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: wrong dimensionality or number of classes, NaN, negative values or voxels
-            whose probabilities do not sum to ~1 (the file is named).
+        ValueError: wrong dimensionality or number of classes, NaN, negative values, voxels
+            whose probabilities do not sum to ~1, or an empty class (below ``MIN_CLASS_PEAK``
+            everywhere); the file and the class are named.
     """
     path = Path(path)
     if not path.is_file():
@@ -129,6 +133,13 @@ def read_atlas(path: str | Path) -> Atlas:
     total = data.sum(-1)
     if np.abs(total - 1).max() > 1e-2:
         raise ValueError(f"{path}: atlas probabilities must sum to 1 over classes (found {total.min():.3g}..{total.max():.3g})")
+    for k, name in enumerate(CLASS_NAMES):
+        peak = float(data[..., k].max())
+        if peak < MIN_CLASS_PEAK:
+            raise ValueError(
+                f"{path}: atlas class {name!r} (channel {k}) is empty (its highest probability is {peak:.3g}); "
+                "the fit could never find that structure (rebuild the atlas from labels that contain it)"
+            )
     prob = torch.from_numpy(np.moveaxis(np.clip(data, 0, None) / total[..., None], -1, 0).copy())
     grid = Grid(torch.as_tensor(img.affine, dtype=torch.float64), tuple(prob.shape[1:]))
     sidecar = _sidecar(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
@@ -27,6 +28,32 @@ class CheckFinited(MapTransform):
             if bad.any():
                 name = getattr(img, "meta", {}).get("filename_or_obj", key)
                 raise ValueError(f"{name}: image contains {int(bad.sum())} NaN/Inf voxels")
+        return d
+
+
+class CheckInformatived(MapTransform):
+    """Raise ``ValueError`` naming the file and the sequence when an image carries no intensity
+    information: every voxel the same value, or its ``lower`` and ``upper`` percentiles equal (the
+    percentile scaling that follows would divide by zero and make it all zeros)."""
+
+    def __init__(self, keys: KeysCollection, lower: float, upper: float) -> None:
+        super().__init__(keys)
+        self.lower, self.upper = float(lower), float(upper)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            name = getattr(img, "meta", {}).get("filename_or_obj", key)
+            values = np.asarray(torch.as_tensor(img), dtype=np.float64).ravel()
+            lo, hi = np.percentile(values, [self.lower, self.upper])
+            if values.min() == values.max():
+                raise ValueError(f"{name}: sequence {key} has the same value ({values[0]:.6g}) in every voxel; it carries no image")
+            if lo == hi:
+                raise ValueError(
+                    f"{name}: sequence {key} has its {self.lower:g}th and {self.upper:g}th intensity percentiles equal ({lo:.6g}): "
+                    "almost every voxel has the same value (data.lower_percentile / data.upper_percentile)"
+                )
         return d
 
 
@@ -57,7 +84,8 @@ def subject_transforms(
     lower_percentile: float = 1.0,
     upper_percentile: float = 99.0,
 ) -> Compose:
-    """Loading pipeline: NIfTI via nibabel, channel first, checks, percentile clipping to [0, 1].
+    """Loading pipeline: NIfTI via nibabel, channel first, checks (shape, NaN/Inf, an image with
+    information), percentile clipping to [0, 1].
 
     Geometry stays in each image's ``MetaTensor.affine``; no reorientation is applied, because the
     common space is the reference sequence's own voxel grid and every other image is resampled
@@ -71,6 +99,8 @@ def subject_transforms(
         CheckFinited(keys=keys),
         EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True),
     ]
+    if image_keys:
+        transforms.append(CheckInformatived(keys=list(image_keys), lower=lower_percentile, upper=upper_percentile))
     if image_keys:
         transforms.append(
             ScaleIntensityRangePercentilesd(
