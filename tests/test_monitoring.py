@@ -51,6 +51,17 @@ def test_tensorboard_scalars_images_hparams_and_overlay_png(tmp_path, cache_dir)
     assert png.shape[:2] == (360, 1600)  # 5 panels of 3.2 x 3.6 inches at 100 dpi
     assert png[..., :3].std() > 0.05, "overlay is blank"
     assert metrics["iterations"] == 12
+    # the montage: every slice of the reference with the label contours (and scar, patient2 has some)
+    assert [e.step for e in ea.Images("montage")] == [12]
+    montage = imread(out / "patient2_montage.png")[..., :3]
+    slices = nib.load(out / "patient2_DE_seg.nii.gz").shape[2]
+    rows = -(-slices // 6)
+    assert montage.shape[0] == int(round(100 * (2.4 * rows + 0.5)))
+    r, g, b = (montage[..., i].astype(float) for i in range(3))
+    yellow = (r > 0.8) & (g > 0.8) & (b < 0.3)
+    magenta = (r > 0.8) & (g < 0.3) & (b > 0.8)
+    assert yellow.sum() > 100, "no myocardium contour in the montage"
+    assert (magenta.sum() > 10) == (metrics["scar"]["volume_ml"] > 0)
 
 
 def test_sweep_of_three_subtype_settings_writes_one_summary(tmp_path, cache_dir):

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -26,6 +28,7 @@ from mvmm_monai.data.datasets import check_subject_name
 from mvmm_monai.files import save_json
 from mvmm_monai.pipeline.metrics import segmentation_metrics
 from mvmm_monai.pipeline.module import MvMMFit
+from mvmm_monai.pipeline.monitoring import figure_to_array, montage_figure
 from mvmm_monai.pipeline.outputs import ResultFolder, params_record, write_results
 from mvmm_monai.pipeline.prepare import prepare_subject, temper_atlas
 from mvmm_monai.pipeline.progress import lightning_notes_silenced
@@ -161,6 +164,18 @@ def converged(cfg: DictConfig, module: MvMMFit, trainer: pl.Trainer, name: str) 
     return met
 
 
+def reference_montage(subject, classes: dict, staging: Path, scar: dict, postprocess: str):
+    """Every slice of the reference sequence on its native grid with the final label contours and
+    the scar mask just written to ``staging`` (``<subject>_montage.png``, TensorBoard ``montage``)."""
+    full = subject.parent or subject
+    ref = full.reference
+    image = full.images[full.sequences.index(ref)].float().numpy()
+    scar_file = staging / f"{subject.name}_scar.nii.gz"
+    mask = np.asarray(nib.load(scar_file).dataobj) > 0 if scar_file.is_file() else None
+    title = f"{subject.name}: {ref}, every slice, {postprocess} labels (myo yellow, LV red, RV blue, scar magenta {scar.get('volume_ml', 0):.1f} ml)"
+    return montage_figure(image, classes[ref].cpu().numpy(), mask, title=title, spacing=tuple(float(v) for v in full.grids[ref].spacing[:2]))
+
+
 def check_mrf_estimate(cfg: DictConfig, result, name: str) -> None:
     """Warn when the estimated MRF strength (``model.em.beta=auto``) ended on its bound
     ``model.em.beta_max``: the label field is smoother than any Potts field of a finite strength
@@ -212,9 +227,13 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         overlay = module.overlay(
             title=f"{subject.name}: final segmentation ({conventions.name} labels)", posterior=result.posterior, labels=labelled.scores.argmax(0)
         )
-        write_results(folder.staging, subject, result, labels, registration, params_record(subject, result, registration, prep.placement, settings), overlay)
+        montage = reference_montage(subject, labelled.classes, folder.staging, metrics["scar"], conventions.name)
+        write_results(folder.staging, subject, result, labels, registration, params_record(subject, result, registration, prep.placement, settings),
+                      {"overlay": overlay, "montage": montage})
         metrics["seconds"] = time.perf_counter() - start
         if logger:
+            if hasattr(logger.experiment, "add_image"):
+                logger.experiment.add_image("montage", figure_to_array(montage), result.iterations, dataformats="HWC")
             logger.log_hyperparams(hparams(cfg), metrics=final_scalars(metrics))
             logger.finalize("success")
         save_json(folder.staging / "metrics.json", metrics)

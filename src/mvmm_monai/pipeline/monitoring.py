@@ -66,6 +66,66 @@ def overlay_figure(
     return fig
 
 
+SCAR_COLOUR = "magenta"
+
+
+def montage_figure(
+    image: np.ndarray,
+    labels: np.ndarray,
+    scar: np.ndarray | None = None,
+    title: str = "",
+    spacing: tuple[float, float] = (1.0, 1.0),
+    margin_mm: float = 25.0,
+    columns: int = 6,
+) -> Figure:
+    """Every slice of one sequence, apex to base as stored, with the contours of the myocardium
+    (yellow), LV (red), RV (blue) and scar (magenta), cut to the labelled heart plus ``margin_mm``:
+    the picture a person checks a fit with (apex and base errors show; one middle slice hides them).
+
+    Args:
+        image: ``[X, Y, Z]`` intensities scaled to [0, 1].
+        labels: ``[X, Y, Z]`` class indices (0 background).
+        scar: ``[X, Y, Z]`` scar mask, or None.
+        spacing: in-plane voxel size (mm), for the margin and the aspect ratio.
+    """
+    if image.shape != labels.shape or (scar is not None and scar.shape != labels.shape):
+        raise ValueError(f"montage_figure: image {image.shape}, labels {labels.shape} and scar must share one [X, Y, Z] grid")
+    heart = np.argwhere(labels > 0)
+    if len(heart):
+        pad = [int(round(margin_mm / s)) for s in spacing]
+        lo = [max(int(heart[:, a].min()) - pad[a], 0) for a in range(2)]
+        hi = [min(int(heart[:, a].max()) + pad[a] + 1, labels.shape[a]) for a in range(2)]
+    else:
+        lo, hi = [0, 0], list(labels.shape[:2])
+    cut = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+    nz = image.shape[2]
+    cols = min(columns, nz)
+    rows = -(-nz // cols)
+    fig = Figure(figsize=(2.4 * cols, 2.4 * rows + (0.5 if title else 0.1)), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    aspect = spacing[1] / spacing[0]
+    for z, ax in enumerate(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if z >= nz:
+            ax.axis("off")
+            continue
+        ax.imshow(image[cut + (z,)].T, cmap="gray", origin="lower", vmin=0, vmax=1, aspect=aspect)
+        lab = labels[cut + (z,)]
+        masks = [(lab == k, CLASS_COLOURS[c]) for k, c in enumerate(CLASS_NAMES) if c in CLASS_COLOURS]
+        if scar is not None:
+            masks.append((scar[cut + (z,)] > 0, SCAR_COLOUR))
+        for mask, colour in masks:
+            if mask.any() and not mask.all():
+                ax.contour(mask.T.astype(float), levels=[0.5], colors=[colour], linewidths=0.8, origin="lower")
+        ax.set_title(f"slice {z}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def figure_to_array(fig: Figure) -> np.ndarray:
     """RGB ``uint8`` array ``[H, W, 3]`` of a figure."""
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)

@@ -151,11 +151,11 @@ def params_record(subject, result, registration, placement, settings: dict) -> d
     }
 
 
-def write_results(folder: Path, subject, result, labels: dict, registration, params: dict, overlay) -> None:
+def write_results(folder: Path, subject, result, labels: dict, registration, params: dict, figures: dict) -> None:
     """Write a fit's files into ``folder`` (the staging folder): one label map per sequence on its
     native grid (``labels``: sequence -> label values), the posterior exactly as the mixture
     computed it (``[X, Y, Z, K]``, the common space), the registration's extra volumes, ``params.json``
-    and the overlay figure."""
+    and the figures (``figures``: name -> figure, written as ``<subject>_<name>.png``)."""
     full = subject.parent or subject
     ref_affine = subject.grid.affine.numpy()
     for s, values in labels.items():
@@ -165,4 +165,5 @@ def write_results(folder: Path, subject, result, labels: dict, registration, par
         arr = np.moveaxis(vol.float().cpu().numpy(), 0, -1)
         save_nifti(folder / f"{subject.name}_{key}.nii.gz", arr, ref_affine, vector=key.startswith("displacement"))
     save_json(folder / "params.json", params)
-    save_png(folder / f"{subject.name}_overlay.png", overlay)
+    for name, fig in figures.items():
+        save_png(folder / f"{subject.name}_{name}.png", fig)
