@@ -1,4 +1,11 @@
-"""Hydra multirun: one summary table of every run's settings, Dice and log-likelihood."""
+"""Hydra multirun: one summary table of every run's settings, Dice and log-likelihood.
+
+The :class:`SweepSummary` callback writes it in the process that launched the sweep, once every
+job is done: with the basic launcher the jobs ran in that process, with the submitit launchers
+(``hydra/launcher=slurm``, ``local``) in their own processes or nodes; the table is read from the
+job folders either way. A sweep whose launching process ended before its SLURM jobs gets its
+summary with ``python -m mvmm_monai.cohort.sweep SWEEP_DIR``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mvmm_monai.cohort.summary import mean_std, write_table
+from mvmm_monai.cohort.summary import write_table
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +65,6 @@ def write_sweep_summary(sweep_dir: str | Path) -> Path:
     """Write ``summary.csv`` and ``summary.md`` into ``sweep_dir``; returns the Markdown path."""
     sweep_dir = Path(sweep_dir)
     header, rows = collect_runs(sweep_dir)
-    keys = [h for h in header if h.startswith("dice/")] + ["log_likelihood"]
-    mean, _ = mean_std([{**r, "status": "ok"} for r in rows if r.get("status") == "ok"], keys)
     best = max((r for r in rows if r.get("status") == "ok"), key=lambda r: r.get("log_likelihood") or float("-inf"), default=None)
     write_table(sweep_dir / "summary", header, rows)
     if best is not None:
@@ -73,3 +78,19 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         path = write_sweep_summary(Path(config.hydra.sweep.dir))
         log.info("sweep summary: %s", path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mvmm_monai.cohort.sweep SWEEP_DIR``: write the summary of a sweep folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mvmm_monai.cohort.sweep", description=main.__doc__)
+    parser.add_argument("sweep_dir", type=Path, help="the sweep folder (hydra.sweep.dir): runs 0/, 1/, ...")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"sweep folder {args.sweep_dir} not found")
+    print(write_sweep_summary(args.sweep_dir))
+
+
+if __name__ == "__main__":
+    main()
