@@ -88,7 +88,7 @@ def check_convention() -> None:
     moved = move_slice(blob, theta, t)
     grid = Grid(torch.diag(torch.tensor([1.5, 1.5, 8.0, 1.0], dtype=torch.float64)), (60, 50, 1))
     back = sample(torch.from_numpy(moved)[None, ..., None], sampling_map(grid, grid),
-                  slice_shifts=torch.tensor([t], dtype=torch.float32), slice_angles=torch.tensor([theta], dtype=torch.float32))
+                  slice_shifts=torch.tensor(t[None], dtype=torch.float32), slice_angles=torch.tensor([theta], dtype=torch.float32))
     err, before = np.abs(back[0, ..., 0].numpy() - blob)[10:50, 10:40].max(), np.abs(moved - blob)[10:50, 10:40].max()
     if not err < 0.05 * before:
         raise RuntimeError(f"move_slice does not follow SliceMotion's convention: undone to {err:.3f} (moved {before:.3f})")
