@@ -26,11 +26,11 @@ conventions (``tuning=myops postprocess=myops``, as ``data=myops`` fits), the at
 atlas cases; every sequence's written label map (``patientN_<SEQ>_seg.nii.gz``, on that sequence's
 own grid) is scored against that sequence's carried label.
 
-Sequence weights (``--thickness-weights``, the default): each sequence's weight (the tuning's,
-LGE 0.5, T2 0.5, C0 1) times min(1, reference slice thickness / its slice thickness), so a slab
-twice as thick as the LGE's, whose intensity mixes two slices' anatomy, counts half at every LGE
-voxel it covers (C0 1 -> 0.5 in the MS-CMRSeg-like version; the full-coverage weights are
-unchanged). The package does not do this itself; ``--no-thickness-weights`` fits with the tuning's
+Sequence weights (``--thickness-weights``, the default: the fit's ``model.thickness_weights=true``):
+each sequence's weight (the tuning's, LGE 0.5, T2 0.5, C0 1) times min(1, reference slice thickness /
+its slice thickness), so a slab twice as thick as the LGE's, whose intensity mixes two slices'
+anatomy, counts half at every LGE voxel it covers (C0 1 -> 0.5 in the MS-CMRSeg-like version; the
+full-coverage weights are unchanged). ``--no-thickness-weights`` fits with the tuning's
 weights as they are (C0 at full weight: measured on Case3016..3018, LGE myocardium Dice +0.014,
 -0.053, -0.031 against full coverage, the blurred C0 pulling the LGE slices it covers). Prints a table per case and the mean
 Dice per version, sequence and structure, and writes the record ``benchmarks/results/NAME.json``
@@ -162,12 +162,6 @@ def score(top: Path, out: Path, patient: str) -> dict[str, dict[str, float]]:
     return result
 
 
-def thickness_weights(top: Path, patient: str, base: dict[str, float]) -> dict[str, float]:
-    """``base`` weights (1 where missing) times min(1, LGE slice thickness / the sequence's)."""
-    thick = {s: float(np.linalg.norm(nib.load(top / IMAGES / f"{patient}_{s}.nii.gz").affine[:3, 2])) for s in SEQS}
-    return {s: float(base.get(s, 1.0)) * min(1.0, thick["LGE"] / thick[s]) for s in SEQS}
-
-
 def mean_table(rows: list[dict]) -> dict:
     """Mean Dice per version, sequence and structure over the fitted cases."""
     ok = [r for r in rows if "error" not in r]
@@ -194,7 +188,7 @@ def main() -> None:
                             "--test-cases")
     settings = ["data=mscmr", "data.sequences=[LGE,C0,T2]", "data.reference=LGE", "tuning=myops", "postprocess=myops",
                 f"atlas.path={atlas}", "callbacks.progress.refresh_rate=0", "~logger", *args.overrides]
-    base_weights = dict(compose_config([*settings, "data.root=x"]).model.sequence_weights or {})
+    settings.append(f"model.thickness_weights={str(args.thickness_weights).lower()}")
     rows = []
     for case in cases:
         row: dict = {"case": case}
@@ -202,12 +196,9 @@ def main() -> None:
             row |= write_case(root, case, work / case)
             for version in VERSIONS:
                 top, out = work / case / version, work / case / f"fit_{version}"
-                weights = (thickness_weights(top, row["patient"], base_weights) if args.thickness_weights
-                           else {s: float(base_weights.get(s, 1.0)) for s in SEQS})
-                row[f"{version}_weights"] = weights
                 t = time.perf_counter()
-                m = fit(compose_config([*settings, f"data.root={top}", f"subject={row['patient']}", f"paths.output_dir={out}",
-                                        "model.sequence_weights={" + ",".join(f"{s}:{w:g}" for s, w in weights.items()) + "}"]))
+                m = fit(compose_config([*settings, f"data.root={top}", f"subject={row['patient']}", f"paths.output_dir={out}"]))
+                row[f"{version}_weights"] = json.loads((out / "params.json").read_text())["settings"]["model"]["sequence_weights"]
                 row[version] = score(top, out, row["patient"])
                 row[f"{version}_fit"] = {"iterations": m["iterations"], "seconds": time.perf_counter() - t,
                                          "metrics_dice": m["dice"]}
@@ -239,7 +230,7 @@ def main() -> None:
         figures = {
             "atlas_cases": args.atlas_cases, "test_cases": args.test_cases, "overrides": list(args.overrides),
             "settings": [o for o in settings if not o.startswith("atlas.path=")],
-            "thickness_weights": args.thickness_weights, "base_weights": base_weights, "atlas_seconds": atlas_seconds, "dice_mean": means,
+            "thickness_weights": args.thickness_weights, "atlas_seconds": atlas_seconds, "dice_mean": means,
             "lge_myocardium_delta": {"mean": mean_delta, "min": min(deltas, default=None), "max": max(deltas, default=None)},
             "within_0.02": None if mean_delta is None else abs(mean_delta) <= 0.02,
             "seconds_per_fit": float(np.mean([r[f"{v}_fit"]["seconds"] for r in ok for v in VERSIONS])) if ok else None,

@@ -141,3 +141,19 @@ def test_all_three_beat_de_alone_on_commonly_covered_slices(hetero):
     reported = json.loads((outs["all"] / "metrics.json").read_text())["dice"]["DE"]["myocardium"]
     print(f"DE myocardium Dice on slices {np.flatnonzero(covered).tolist()}: {dice}; whole stack (all): {reported:.4f}")
     assert dice["all"] > dice["de_only"], dice
+
+
+def test_thickness_weights_count_a_thick_slab_for_less():
+    """model.thickness_weights: each sequence's weight times min(1, reference thickness / its own)."""
+    from types import SimpleNamespace
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from mvmm_monai.pipeline.settings import subject_weights
+
+    grids = {s: SimpleNamespace(spacing=torch.tensor([1.2, 1.2, z])) for s, z in (("LGE", 10.0), ("C0", 20.0), ("T2", 5.0))}
+    subject = SimpleNamespace(sequences=("LGE", "C0", "T2"), reference="LGE", grids=grids)
+    weights = {"sequence_weights": {"LGE": 0.5, "T2": 0.5}}
+    assert subject_weights(OmegaConf.create({**weights, "thickness_weights": True}), subject) == [0.5, 0.5, 0.5]
+    assert subject_weights(OmegaConf.create({**weights, "thickness_weights": False}), subject) == [0.5, 1.0, 0.5]

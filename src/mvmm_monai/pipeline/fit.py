@@ -37,6 +37,7 @@ from mvmm_monai.pipeline.settings import (
     final_scalars,
     hparams,
     sequence_weights,
+    subject_weights,
     subtype_counts,
 )
 
@@ -68,9 +69,7 @@ def effective_settings(cfg: DictConfig, dataset, subject, conventions: Labelling
     """Every setting the fit used, resolved (``params.json`` → ``settings``): the model (with the
     ``tuning`` group's values), the labelling conventions, the atlas and its placement, the registration."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    model["sequence_weights"] = dict(
-        zip(subject.sequences, sequence_weights(cfg.model, subject.sequences))
-    )
+    model["sequence_weights"] = dict(zip(subject.sequences, subject_weights(cfg.model, subject)))
     return {
         "data": dataset.name,
         "tuning": OmegaConf.to_container(cfg.tuning, resolve=True) if cfg.get("tuning") else None,
@@ -102,7 +101,7 @@ def run_icm(cfg: DictConfig, dataset, prep, out: Path) -> tuple[MvMMFit, pl.Trai
         tol_window=convergence_window(cfg),
         settle_tol=cfg.model.tol,
         schedule=schedule,
-        sequence_weights=sequence_weights(cfg.model, subject.sequences),
+        sequence_weights=subject_weights(cfg.model, subject),
         dice_every=cfg.model.get("dice_every_n_iterations", 1),
     )
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -71,6 +71,18 @@ def convergence_window(cfg: DictConfig) -> int:
     return max(window, least or 1)
 
 
+def subject_weights(model_cfg: DictConfig, subject) -> list[float]:
+    """The likelihood weight of each of ``subject``'s sequences: :func:`sequence_weights`, and with
+    ``model.thickness_weights`` each times ``min(1, reference slice thickness / its own)``: a slab
+    thicker than the reference's slices mixes the anatomy of several of them, so its evidence at each
+    reference voxel it covers counts for less (``benchmarks/hetero_coverage_real.py``)."""
+    weights = sequence_weights(model_cfg, subject.sequences)
+    if not model_cfg.get("thickness_weights", False):
+        return weights
+    ref = float(subject.grids[subject.reference].spacing[2])
+    return [w * min(1.0, ref / float(subject.grids[s].spacing[2])) for w, s in zip(weights, subject.sequences)]
+
+
 def sequence_weights(model_cfg: DictConfig, sequences) -> list[float]:
     """``model.sequence_weights`` (sequence -> positive weight, the others 1; null: all 1) as one
     weight per sequence of ``sequences``. Set explicitly, every name must be one of ``sequences``;
