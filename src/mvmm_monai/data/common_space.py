@@ -75,22 +75,36 @@ def sampling_map(
     *,
     through_plane: str = "nearest",
     target_slice_shifts: Tensor | None = None,
+    target_slice_angles: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> SamplingMap:
     """Precompute :class:`SamplingMap` from ``target`` voxels to ``source`` indices.
 
-    ``target_slice_shifts`` ``[target Z, 2]`` (target voxels): target voxel x is looked up at
-    ``x - shift[slice]``, to write results back onto a grid whose slices moved by +shift.
+    ``target_slice_shifts`` ``[target Z, 2]`` (target voxels) and ``target_slice_angles``
+    ``[target Z]`` (radians, about the slice centre ``c``): target voxel x is looked up at
+    ``R(-angle) (x - shift - c) + c``, to write results back onto a grid whose slices were resampled
+    with that motion (:func:`sample`'s ``slice_shifts`` and ``slice_angles``: its inverse).
     """
     if through_plane not in ("nearest", "linear"):
         raise ValueError(f"resample: through_plane must be 'nearest' or 'linear', got {through_plane!r}")
-    if target_slice_shifts is not None:
-        if tuple(target_slice_shifts.shape) != (target.shape[2], 2):
+    if target_slice_shifts is not None or target_slice_angles is not None:
+        if target_slice_shifts is not None and tuple(target_slice_shifts.shape) != (target.shape[2], 2):
             raise ValueError(
                 f"resample: target_slice_shifts must be [{target.shape[2]}, 2], got {tuple(target_slice_shifts.shape)}"
             )
+        if target_slice_angles is not None and tuple(target_slice_angles.shape) != (target.shape[2],):
+            raise ValueError(f"resample: target_slice_angles must be [{target.shape[2]}], got {tuple(target_slice_angles.shape)}")
         idx = target.voxel_centres()
-        idx = torch.cat((idx[..., :2] - target_slice_shifts.to(idx.dtype)[None, None], idx[..., 2:]), dim=-1)
+        xy = idx[..., :2]
+        if target_slice_shifts is not None:
+            xy = xy - target_slice_shifts.to(idx.dtype)[None, None]
+        if target_slice_angles is not None:
+            centre = (torch.tensor(target.shape[:2], dtype=idx.dtype) - 1) / 2
+            ang = -target_slice_angles.to(idx.dtype)[idx[..., 2].round().long().clamp(0, target.shape[2] - 1)]
+            d = xy - centre
+            xy = torch.stack((torch.cos(ang) * d[..., 0] - torch.sin(ang) * d[..., 1],
+                              torch.sin(ang) * d[..., 0] + torch.cos(ang) * d[..., 1]), dim=-1) + centre
+        idx = torch.cat((xy, idx[..., 2:]), dim=-1)
         to_src = torch.linalg.solve(source.affine.to(torch.float64), target.affine.to(torch.float64))
         idx = idx @ to_src[:3, :3].T + to_src[:3, 3]
     else:
@@ -188,16 +202,18 @@ def resample(
     return out, smap.coverage
 
 
-def native_segmentation(posterior: torch.Tensor, subject, sequence: str, slice_shifts=None, smap: SamplingMap | None = None):
+def native_segmentation(posterior: torch.Tensor, subject, sequence: str, slice_shifts=None, smap: SamplingMap | None = None,
+                        slice_angles=None):
     """Class indices ``[X_n, Y_n, Z_n]`` of ``sequence``'s own grid from the common-space posterior
     ``[K, *S]``: the posterior is resampled (bilinear in-plane, nearest slice) and its argmax taken;
     voxels the common space does not cover are background. ``slice_shifts`` ``[Z_n, 2]`` (voxels)
-    are the fitted motions of the sequence's slices: the labels move with them. Without shifts, a
+    and ``slice_angles`` ``[Z_n]`` (radians) are the fitted motions of the sequence's slices: the
+    labels move with them. Without motion, a
     precomputed ``smap`` (:func:`sampling_map` from the common space
     to the sequence) saves recomputing the index map, e.g. at every iteration of a fit."""
     if sequence == subject.reference:
         return posterior.argmax(0)
-    if smap is None or slice_shifts is not None:
-        smap = sampling_map(subject.grid, subject.grids[sequence], target_slice_shifts=slice_shifts)
+    if smap is None or slice_shifts is not None or slice_angles is not None:
+        smap = sampling_map(subject.grid, subject.grids[sequence], target_slice_shifts=slice_shifts, target_slice_angles=slice_angles)
     prob = sample(posterior.float(), smap)
     return torch.where(smap.coverage.to(prob.device) > 0, prob.argmax(0), torch.zeros((), dtype=torch.long, device=prob.device))

@@ -112,9 +112,10 @@ def run_icm(cfg: DictConfig, dataset, prep, out: Path) -> tuple[MvMMFit, pl.Trai
     return module, trainer, registration, logger
 
 
-def derive_labels(subject, result, conventions: LabellingConventions, shifts: dict) -> Labelled:
+def derive_labels(subject, result, conventions: LabellingConventions, shifts: dict, angles: dict | None = None) -> Labelled:
     """The ``postprocess`` stage: label scores in the common space, and class indices on every
-    sequence's native grid (the fitted slice shifts ``shifts`` move the labels with the slices)."""
+    sequence's native grid (the fitted slice shifts ``shifts`` and rotations ``angles`` move the
+    labels with the slices)."""
     scores = conventions.apply(
         result.posterior,
         tuple(float(v) for v in subject.grid.spacing[:2]),
@@ -124,7 +125,8 @@ def derive_labels(subject, result, conventions: LabellingConventions, shifts: di
     )
     full = subject.parent or subject  # the uncut subject when the common space was cropped
     uncut = subject.uncrop(scores, 0.0, 1.0)
-    return Labelled(scores, {s: native_segmentation(uncut, full, s, shifts.get(s)) for s in subject.sequences})
+    angles = angles or {}
+    return Labelled(scores, {s: native_segmentation(uncut, full, s, shifts.get(s), slice_angles=angles.get(s)) for s in subject.sequences})
 
 
 def score(subject, labelled: Labelled, result) -> dict:
@@ -208,7 +210,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         subject, result = prep.subject, module.result()
         check_mrf_estimate(cfg, result, subject.name)
         shifts = registration.native_shifts_voxels()
-        labelled = derive_labels(subject, result, conventions, shifts)
+        labelled = derive_labels(subject, result, conventions, shifts, registration.native_angles())
         metrics = {
             "subject": subject.name,
             **score(subject, labelled, result),

@@ -266,11 +266,11 @@ class MvMMFit(pl.LightningModule):
         if params.beta is not None:
             metrics["em/beta"] = float(params.beta[0])
         if self.subject.labels and (it == 1 or it % self.dice_every == 0):  # the final Dice: pipeline.fit.score
-            shifts = self.registration.native_shifts_voxels()
+            shifts, angles = self.registration.native_shifts_voxels(), self.registration.native_angles()
             for seq in self._monitored:
                 label = self.subject.labels[seq]
                 pred = native_segmentation(
-                    posterior[0], self.subject, seq, shifts.get(seq), self._label_maps.get(seq)
+                    posterior[0], self.subject, seq, shifts.get(seq), self._label_maps.get(seq), slice_angles=angles.get(seq)
                 ).to(label.device)
                 for name, d in dice_per_class(pred, label).items():
                     metrics[f"dice/{seq}/{name}"] = d

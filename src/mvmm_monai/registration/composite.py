@@ -228,6 +228,14 @@ class Registration(nn.Module):
         onto moved slices); empty without a slice motion."""
         return {} if self.slice_motion is None else self.slice_motion.shifts_voxels()
 
+    def native_angles(self) -> dict[str, Tensor]:
+        """Sequence -> ``[Z]`` per-slice rotation in radians about its slice centre (to write results
+        back onto turned slices); empty without a rotating slice motion."""
+        m = self.slice_motion
+        if m is None or m.angle is None:
+            return {}
+        return {s: m.angle[s].detach().cpu() for s in m.sequences}
+
     @torch.no_grad()
     def extra_outputs(self) -> dict[str, Tensor]:
         """Common-space volumes to write: ``atlas_warped`` ``[K, *S]`` (probabilities) and, with an
