@@ -20,7 +20,7 @@ class EMConfig:
         min_proportion: floor of a class proportion pi_k, so an empty class can come back once
             the registration moves the atlas.
         beta: strength of the mean-field MRF; 0 switches it off; ``"auto"`` estimates it in every
-            M-step (:func:`~mvmm_monai.mixture.prior.update_beta`), starting from ``beta_start``.
+            M-step with the proportions (:func:`~mvmm_monai.mixture.prior.update_mrf`), from ``beta_start``.
         beta_start: the estimate's first value (with ``beta="auto"`` only).
         beta_max: the estimate's upper bound (with ``beta="auto"`` only): a strength far above the
             4-neighbour Potts model's critical value (log(1 + sqrt(K)) = 1.1 for K = 4) freezes
