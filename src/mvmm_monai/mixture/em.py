@@ -247,9 +247,8 @@ def m_step(
     k = log_atlas.shape[1]
     beta = params.beta
     if config.estimate_beta:  # pi and beta of the Potts prior together (mean-field EM)
-        start = params.beta if params.beta is not None else torch.full((b,), config.beta_start, dtype=x.dtype, device=x.device)
         log_pi, beta = update_mrf(
-            estep.posterior, log_atlas, log_pi, start, omega.reshape(b, *images.shape[2:]), config.mrf_neighbourhood,
+            estep.posterior, log_atlas, log_pi, params.with_beta_start(config).beta, omega.reshape(b, *images.shape[2:]), config.mrf_neighbourhood,
             config.beta_max, config.update_pi, config.min_proportion,
         )
     elif config.update_pi:

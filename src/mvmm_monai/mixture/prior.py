@@ -100,7 +100,7 @@ def mrf_log_potential(posterior: Tensor, beta: float | Tensor, neighbourhood: st
     It equals ``-beta * sum_y sum_{j != k} P_jy`` up to a constant over ``k`` (posteriors sum to
     one), so it is the DESIGN's ``exp(-beta sum_y sum_{j!=k} P_jy)`` once the prior is renormalised.
     """
-    if bool(torch.as_tensor(beta).lt(0).any()):
+    if not torch.is_tensor(beta) and beta < 0:  # an estimate (a tensor) is kept >= 0 by update_mrf: no host sync here
         raise ValueError(f"mrf beta must be >= 0, got {beta}")
     return _per_subject(beta, posterior) * neighbour_field(posterior, neighbourhood)
 
