@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Time one EM iteration and one whole default fit.
 
-EM iteration: 3 images of 256 x 256 x 16 voxels, 4 classes, subtypes (3, 2, 2, 2), float32, on
-this machine's CPU threads; compared with a plain numpy implementation of the same E and M steps
-on the same inputs. Whole fit: ``scripts/fit.py``'s default (synthetic patient1) in-process.
+EM iteration: 3 images of 256 x 256 x 16 voxels (1M voxels), 4 classes, subtypes (3, 2, 2, 2),
+float32, MRF on (beta 1) and pi updated, on this machine's CPU threads; side by side in the same
+run with the same maths written straightforwardly in torch (eager, and ``torch.compile`` of it),
+in plain numpy, and, when antspyx is installed, one iteration of ANTs Atropos on the same images
+and atlas (its own model). Then the engine again with every CPU kept busy by other processes, on
+all threads and on one. Whole fit: ``scripts/fit.py``'s default (synthetic patient1) in-process.
 
-    python benchmarks/em_speed.py [--repeats 10] [--skip-fit] [--record NAME]
+    python benchmarks/em_speed.py [--repeats 10] [--skip-fit] [--no-peers] [--record NAME]
 
 Prints the figures and writes them to ``benchmarks/results/em_speed.json`` (``--record``).
 """
@@ -13,7 +16,10 @@ Prints the figures and writes them to ``benchmarks/results/em_speed.json`` (``--
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
+import multiprocessing
 import os
 import platform
 import sys
@@ -30,6 +36,7 @@ from mvmm_monai.mixture import (
     initialise_from_atlas,
     log_atlas_from_prob,
 )
+from mvmm_monai.mixture.gaussian import quantise
 
 
 def make_inputs(shape=(256, 256, 16), n=3, k=4, seed=0):
@@ -45,30 +52,126 @@ def make_inputs(shape=(256, 256, 16), n=3, k=4, seed=0):
     return images[None], torch.ones(1, n, *shape), atlas
 
 
-def numpy_em_step(x, cov, log_prior, log_tau, mean, var):
-    """The same E and M steps in plain numpy (float32, vectorised, no chunking)."""
-    d = -0.5 * (np.log(2 * np.pi * var)[..., None] + (x[:, None, None] - mean[..., None]) ** 2 / var[..., None])
-    d += log_tau[..., None]
+LOG_2PI = float(np.log(2 * np.pi))
+
+
+def reference_em_step(x, cov, log_atlas, log_pi, log_tau, mean, var, post, beta):
+    """One EM iteration written straightforwardly in torch: the atlas prior with the proportions and
+    the mean-field MRF of ``post`` (4 in-plane neighbours), every subtype at every voxel, the
+    moments, the pi fixed point. x, cov ``[N, V]``; log_atlas, post ``[K, H, W, D]``; parameters
+    ``[N, K, C]`` (padded slots: log_tau -inf). The maths of ``mvmm_monai.mixture.em_step``."""
+    nb = torch.zeros_like(post)
+    nb[:, 1:] += post[:, :-1]
+    nb[:, :-1] += post[:, 1:]
+    nb[:, :, 1:] += post[:, :, :-1]
+    nb[:, :, :-1] += post[:, :, 1:]
+    k = log_atlas.shape[0]
+    lp = torch.log_softmax(log_atlas + log_pi[:, None, None, None] + beta * nb, 0).reshape(k, -1)
+    d = log_tau[..., None] - 0.5 * (LOG_2PI + torch.log(var)[..., None] + (x[:, None, None] - mean[..., None]) ** 2 / var[..., None])
+    log_class = torch.logsumexp(d, 2)
+    joint = lp + (log_class * cov[:, None]).sum(0)
+    ln = torch.logsumexp(joint, 0)
+    p = torch.exp(joint - ln)
+    r = torch.exp(d - log_class[:, :, None]) * (p[None] * cov[:, None])[:, :, None]
+    mass = r.sum(-1).clamp_min(1e-30)
+    mu = (r * x[:, None, None]).sum(-1) / mass
+    v = (r * (x[:, None, None] - mu[..., None]) ** 2).sum(-1) / mass
+    omega = (cov.amax(0) > 0).float()
+    denom = (torch.softmax(log_atlas.reshape(k, -1) + log_pi[:, None], 0) * omega).sum(-1) / torch.exp(log_pi)
+    pi = (p * omega).sum(-1) / denom
+    return mass, mu, v, torch.log(pi / pi.sum()), (ln * omega).sum() / omega.sum(), p.reshape(post.shape)
+
+
+def numpy_em_step(x, cov, log_atlas, log_pi, log_tau, mean, var, post, beta):
+    """:func:`reference_em_step` in plain numpy (float32, vectorised; padded slots log_tau -1e30)."""
+    nb = np.zeros_like(post)
+    nb[:, 1:] += post[:, :-1]
+    nb[:, :-1] += post[:, 1:]
+    nb[:, :, 1:] += post[:, :, :-1]
+    nb[:, :, :-1] += post[:, :, 1:]
+    k = log_atlas.shape[0]
+    a = log_atlas + log_pi[:, None, None, None] + beta * nb
+    a = a - a.max(0, keepdims=True)
+    lp = (a - np.log(np.exp(a).sum(0, keepdims=True))).reshape(k, -1)
+    d = log_tau[..., None] - 0.5 * (LOG_2PI + np.log(var)[..., None] + (x[:, None, None] - mean[..., None]) ** 2 / var[..., None])
     mx = d.max(axis=2, keepdims=True)
     e = np.exp(d - mx)
     s = e.sum(axis=2)
     log_class = np.log(s) + mx[:, :, 0]
-    joint = log_prior + (log_class * cov[:, None]).sum(0)
+    joint = lp + (log_class * cov[:, None]).sum(0)
     m = joint.max(0, keepdims=True)
-    norm = m + np.log(np.exp(joint - m).sum(0, keepdims=True))
-    post = np.exp(joint - norm)
-    resp = e * (post[None] * cov[:, None] / s)[:, :, None]
-    mass = resp.sum(-1)
-    mass = np.maximum(mass, np.finfo(np.float32).tiny)  # padded slots have no mass
-    mu = (resp * x[:, None, None]).sum(-1) / mass
-    v = (resp * (x[:, None, None] - mu[..., None]) ** 2).sum(-1) / mass
-    return mass, mu, v, float(norm.mean())
+    ln = m + np.log(np.exp(joint - m).sum(0, keepdims=True))
+    p = np.exp(joint - ln)
+    r = e * (p[None] * cov[:, None] / s)[:, :, None]
+    mass = np.maximum(r.sum(-1), np.float32(1e-30))
+    mu = (r * x[:, None, None]).sum(-1) / mass
+    v = (r * (x[:, None, None] - mu[..., None]) ** 2).sum(-1) / mass
+    omega = (cov.max(0) > 0).astype(np.float32)
+    z = log_atlas.reshape(k, -1) + log_pi[:, None]
+    z = np.exp(z - z.max(0, keepdims=True))
+    denom = (z / z.sum(0, keepdims=True) * omega).sum(-1) / np.exp(log_pi)
+    pi = (p * omega).sum(-1) / denom
+    return mass, mu, v, np.log(pi / pi.sum()), float((ln[0] * omega).sum() / omega.sum()), p.reshape(post.shape)
+
+
+def best_of(fn, repeats):
+    """``(median, min)`` seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), float(np.min(times))
+
+
+def _spin(stop):
+    while not stop.is_set():
+        pass
+
+
+@contextlib.contextmanager
+def busy_cpus(n):
+    """``n`` processes spinning for the duration: a loaded machine."""
+    stop = multiprocessing.Event()
+    procs = [multiprocessing.Process(target=_spin, args=(stop,), daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.terminate()
+
+
+def atropos_iteration(images, atlas):
+    """Seconds per Atropos iteration on the same images and atlas (difference of a 2- and a
+    7-iteration run, so start-up and I/O cancel), or None without antspyx."""
+    try:
+        from atropos_peer import atropos_fit
+    except ImportError:
+        return None
+    try:
+        runs = {}
+        for iters in (2, 7):
+            t = time.perf_counter()
+            atropos_fit(list(images), (1.0, 1.0, 1.0), atlas, mask=np.ones(images.shape[1:], bool), iterations=iters,
+                        convergence_threshold=0.0, roi_margin_mm=None)
+            runs[iters] = time.perf_counter() - t
+    except ImportError:
+        return None
+    return (runs[7] - runs[2]) / 5
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--skip-fit", action="store_true")
+    ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip ANTs Atropos even when antspyx is installed")
     add_record_option(ap, "em_speed")
     args = ap.parse_args()
     print(f"command: {' '.join(sys.argv)}")
@@ -78,38 +181,73 @@ def main() -> None:
     images, cov, atlas = make_inputs()
     counts = torch.tensor([[3, 2, 2, 2]] * 3)
     log_atlas = log_atlas_from_prob(atlas, 1e-4)
-    cfg = EMConfig()
+    cfg = EMConfig(beta=1.0, update_pi=True)  # the real-data defaults: MRF on, pi updated
     params = initialise_from_atlas(images, cov, atlas, counts)
-    params, _ = em_step(images, cov, log_atlas, params, cfg)  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        params, est = em_step(images, cov, log_atlas, params, cfg)
-        times.append(time.perf_counter() - t)
-    print("\nEM iteration, 3 x 256x256x16, K=4, subtypes (3,2,2,2), float32:")
-    print(f"  mvmm_monai (torch, chunked): median {np.median(times):.3f} s, min {np.min(times):.3f} s over {args.repeats}")
+    posterior = None
+    for _ in range(3):  # a fit under way: MRF of the previous posterior, lower bound computed
+        params, est = em_step(images, cov, log_atlas, params, cfg, posterior)
+        posterior = est.posterior
+    shape = list(images.shape[1:])
+    print(f"\nOne EM iteration, {shape[0]} sequences x {'x'.join(map(str, shape[1:]))} voxels, K=4, subtypes (3,2,2,2), "
+          f"float32, MRF beta 1, pi updated:")
+    rows, em = [], {}
 
-    # numpy reference on the same inputs (padded to 3 subtypes, padded slots weight 0)
-    x = images[0].reshape(3, -1).numpy()
-    c = cov[0].reshape(3, -1).numpy()
-    lp = torch.log_softmax(log_atlas[0].reshape(4, -1), 0).numpy()
+    def report(key, label, median, best):
+        em[key] = {"median_s": median, "min_s": best}
+        rows.append([label, median, best])
+        print(f"  {label}: median {median:.3f} s, min {best:.3f} s")
+
+    quantised = quantise(images, cov, cfg.intensity_levels)
+    report("mvmm_monai", "mvmm_monai em_step as a fit runs it (images quantised once per fit, no lower bound)",
+           *best_of(lambda: em_step(images, cov, log_atlas, params, cfg, posterior, lower_bound=False, quantised=quantised), args.repeats))
+    report("mvmm_monai_cold", "mvmm_monai em_step, quantising the images and computing the lower bound too",
+           *best_of(lambda: em_step(images, cov, log_atlas, params, cfg, posterior), args.repeats))
+    exact = dataclasses.replace(cfg, intensity_levels=0)
+    report("mvmm_monai_exact", "mvmm_monai em_step, every subtype at every voxel (intensity_levels=0)",
+           *best_of(lambda: em_step(images, cov, log_atlas, params, exact, posterior), max(3, args.repeats // 3)))
+
+    # the same maths written straightforwardly, eager and compiled, and in numpy
+    x, c = images[0].reshape(3, -1), cov[0].reshape(3, -1)
+    ref_args = (x, c, log_atlas[0], params.log_pi[0], params.log_tau[0], params.mean[0], params.var[0], posterior[0], 1.0)
+    report("torch_eager", "the same maths, straightforward torch (eager)", *best_of(lambda: reference_em_step(*ref_args), max(3, args.repeats // 3)))
+    t = time.perf_counter()
+    compiled = torch.compile(reference_em_step)
+    ref_out = compiled(*ref_args)
+    em["torch_compile_first_call_s"] = time.perf_counter() - t
+    print(f"  torch.compile of it: first call (compilation) {em['torch_compile_first_call_s']:.1f} s")
+    report("torch_compile", "the same maths, torch.compile of it", *best_of(lambda: compiled(*ref_args), args.repeats))
     lt = params.log_tau[0].numpy().copy()
     lt[~np.isfinite(lt)] = -1e30
-    mu, var = params.mean[0].numpy(), params.var[0].numpy()
-    numpy_em_step(x, c, lp, lt, mu, var)
-    nt = []
-    for _ in range(max(3, args.repeats // 3)):
-        t = time.perf_counter()
-        numpy_em_step(x, c, lp, lt, mu, var)
-        nt.append(time.perf_counter() - t)
-    print(f"  plain numpy (same maths, vectorised): median {np.median(nt):.3f} s")
-    figures = {
-        "em_iteration": {"shape": [3, 256, 256, 16], "classes": 4, "subtypes": [3, 2, 2, 2], "repeats": args.repeats,
-                         "median_s": float(np.median(times)), "min_s": float(np.min(times)),
-                         "numpy_median_s": float(np.median(nt))},
-    }
-    rows = [["one EM iteration, 3 x 256x256x16, K=4 (median)", float(np.median(times))],
-            ["the same maths in plain numpy (median)", float(np.median(nt))]]
+    np_args = tuple(a.numpy() if torch.is_tensor(a) else a for a in ref_args[:4]) + (lt,) + tuple(
+        a.numpy() for a in ref_args[5:8]) + (1.0,)
+    report("numpy", "the same maths, plain numpy", *best_of(lambda: numpy_em_step(*np_args), max(3, args.repeats // 3)))
+
+    # agreement: the new mixture means of the engine against the reference's
+    new_params, _ = em_step(images, cov, log_atlas, params, cfg, posterior)
+    valid = params.valid[0]
+    diff = float((new_params.mean[0] - ref_out[1])[valid].abs().max())
+    em["max_abs_mean_difference_vs_reference"] = diff
+    print(f"  largest difference of a subtype mean, engine vs reference: {diff:.2e} (intensities in [0, 1])")
+    if args.peers:
+        atropos = atropos_iteration(images[0].numpy(), atlas[0].numpy())
+        if atropos is not None:
+            report("atropos", "ANTs Atropos, one iteration (its own model: one Gaussian per class, 3 channels)", atropos, atropos)
+
+    # a loaded machine: as many busy processes as CPUs, engine on all threads against one thread
+    threads = torch.get_num_threads()
+    fit_step = lambda: em_step(images, cov, log_atlas, params, cfg, posterior, lower_bound=False, quantised=quantised)  # noqa: E731
+    with busy_cpus(os.cpu_count() or 1):
+        loaded = best_of(fit_step, args.repeats)
+        torch.set_num_threads(1)
+        loaded_one = best_of(fit_step, args.repeats)
+        torch.set_num_threads(threads)
+    report("loaded_all_threads", f"machine loaded ({os.cpu_count()} busy processes): engine on {threads} threads", *loaded)
+    report("loaded_one_thread", "machine loaded: engine on 1 thread", *loaded_one)
+    em["speedup_over_torch_compile"] = em["torch_compile"]["median_s"] / em["mvmm_monai"]["median_s"]
+    em["loaded_all_threads_over_one_thread"] = em["loaded_all_threads"]["median_s"] / em["loaded_one_thread"]["median_s"]
+    print(f"  engine {em['speedup_over_torch_compile']:.1f}x faster than torch.compile (medians); loaded, all threads take "
+          f"{em['loaded_all_threads_over_one_thread']:.2f}x the time of one")
+    figures = {"em_iteration": {"shape": shape, "classes": 4, "subtypes": [3, 2, 2, 2], "repeats": args.repeats, **em}}
 
     if not args.skip_fit:
         import logging
@@ -130,12 +268,13 @@ def main() -> None:
         print("  Dice DE: " + ", ".join(f"{k} {v:.3f}" for k, v in m["dice"]["DE"].items()))
         figures["default_fit"] = {"seconds": total, "iterations": m["iterations"],
                                   "seconds_per_iteration": total / max(m["iterations"], 1), "dice_DE": m["dice"]["DE"]}
-        rows += [["whole default fit, synthetic patient1 (wall, in-process)", total],
-                 ["per ICM iteration of that fit, I/O included", total / max(m["iterations"], 1)]]
+        rows += [["whole default fit, synthetic patient1 (wall, in-process)", total, None],
+                 ["per ICM iteration of that fit, I/O included", total / max(m["iterations"], 1), None]]
     if args.record:
         write_record(args.record, figures, table={
-            "columns": ["measure", "seconds"], "rows": rows,
-            "caption": "EM speed (float32, subtypes 3, 2, 2, 2) and the default synthetic fit on this machine's CPU threads."})
+            "columns": ["measure", "seconds (median)", "seconds (best)"], "rows": rows,
+            "caption": "One EM iteration on 1M voxels x 3 sequences (float32, subtypes 3, 2, 2, 2, MRF on, pi updated), "
+                       "side by side in one run, and the default synthetic fit, on this machine's CPU threads."})
 
 
 if __name__ == "__main__":

@@ -8,16 +8,31 @@ does not depend on the image size.
 
 from __future__ import annotations
 
+import os
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mvmm_monai.mixture.gaussian import component_log_densities, intensity_features
+from mvmm_monai.mixture.gaussian import (
+    Quantised,
+    component_log_densities,
+    intensity_features,
+    level_tables,
+    quantise,
+)
 from mvmm_monai.mixture.init import initialise_from_atlas
 from mvmm_monai.mixture.params import EMConfig, MixtureParams
-from mvmm_monai.mixture.prior import atlas_log_prior, mrf_log_potential, update_log_pi, update_mrf
+from mvmm_monai.mixture.prior import (
+    atlas_log_prior,
+    log_pi_from_sums,
+    neighbour_field,
+    update_log_pi,
+    update_mrf,
+)
 
 __all__ = [
     "EMConfig",
@@ -27,12 +42,18 @@ __all__ = [
     "e_step",
     "em_step",
     "fit_em",
-    "relative_change",
     "log_likelihood",
     "log_prior",
     "m_step",
+    "relative_change",
     "voxel_log_likelihood",
 ]
+
+
+def _log_tiny(dtype: torch.dtype) -> float:
+    """``log`` of the smallest normal number of ``dtype`` (-87.3 in float32): ``exp`` of a smaller
+    argument takes a slow path on x86 CPUs (measured 50-100x slower), and gives ~0 anyway."""
+    return float(torch.log(torch.tensor(torch.finfo(dtype).tiny, dtype=torch.float64)))
 
 
 class ConvergenceWarning(UserWarning):
@@ -44,7 +65,7 @@ class EStepResult:
     """What an E-step computes.
 
     Attributes:
-        log_posterior: ``[B, K, *S]`` log class posteriors ``log P_kx``.
+        posterior: ``[B, K, *S]`` class posteriors ``P_kx`` (:attr:`log_posterior`: their log).
         log_likelihood: ``[B]`` per-voxel mean of ``log p(I(x))`` over Omega.
         mass, sum_x, sum_xx: ``[B, N, K, C]`` sums over the voxels image n covers of the subtype
             responsibilities ``P_nkcx`` times ``1``, ``I_n(x)`` and ``I_n(x)^2``.
@@ -52,7 +73,7 @@ class EStepResult:
             (per-voxel mean), when the previous posterior was given.
     """
 
-    log_posterior: Tensor
+    posterior: Tensor
     log_likelihood: Tensor
     mass: Tensor
     sum_x: Tensor
@@ -60,8 +81,9 @@ class EStepResult:
     lower_bound: Tensor | None = None
 
     @property
-    def posterior(self) -> Tensor:
-        return torch.exp(self.log_posterior)
+    def log_posterior(self) -> Tensor:
+        """``[B, K, *S]`` ``log P_kx`` (computed on access)."""
+        return torch.log(self.posterior)
 
 
 @dataclass(frozen=True)
@@ -90,13 +112,13 @@ def _check_inputs(images: Tensor, coverage: Tensor, log_atlas: Tensor) -> None:
 def log_prior(log_atlas: Tensor, params: MixtureParams, posterior: Tensor | None, config: EMConfig) -> Tensor:
     """``log pi_kx`` ``[B, K, *S]``: atlas times the proportions ``params.log_pi``, times the MRF of
     ``posterior`` (strength :meth:`MixtureParams.mrf_beta`) when there is one."""
-    lp = atlas_log_prior(log_atlas, params.log_pi)
-    if posterior is None:
-        return lp
-    beta = params.mrf_beta(config)
-    if torch.is_tensor(beta) or beta > 0:
-        lp = torch.log_softmax(lp + mrf_log_potential(posterior, beta, config.mrf_neighbourhood), dim=1)
-    return lp
+    beta = None if posterior is None else params.mrf_beta(config)
+    if beta is None or not (torch.is_tensor(beta) or beta > 0):
+        return atlas_log_prior(log_atlas, params.log_pi)
+    # log A + log pi + beta * (neighbour sum), normalised once
+    log_pi = params.log_pi.reshape(params.log_pi.shape + (1,) * (log_atlas.ndim - 2))
+    joint = neighbour_field(posterior.to(log_atlas.dtype), config.mrf_neighbourhood, out=log_atlas + log_pi, alpha=beta)
+    return torch.log_softmax(joint, dim=1)
 
 
 def e_step(
@@ -105,26 +127,43 @@ def e_step(
     log_prior_: Tensor,
     params: MixtureParams,
     *,
+    levels: int = 4096,
     chunk_voxels: int = 32768,
     previous_posterior: Tensor | None = None,
+    quantised: Quantised | None = None,
 ) -> EStepResult:
     """Posteriors, log-likelihood and subtype statistics of the current parameters (no gradient).
 
-    ``log P_kx = log pi_kx + sum_{n in A(x)} log sum_c tau_nkc N(I_n(x)) - log p(I(x))``, where
-    ``A(x)`` is the set of images covering x. The voxels are processed in chunks of
-    ``chunk_voxels`` so every intermediate stays in cache; the subtype responsibilities
-    ``P_nkcx = P_kx tau_nkc N(I_n(x)) / p_nk(I_n(x))`` are reduced to their weighted moments on the
-    fly and never stored whole.
+    ``log P_kx = log pi_kx + sum_{n in A(x)} w_nx log sum_c tau_nkc N(I_n(x)) - log p(I(x))``,
+    where ``A(x)`` is the set of images covering x and ``w_nx`` the coverage (1, or a sequence's
+    weight). The subtype responsibilities ``P_nkcx = P_kx tau_nkc N(I_n(x)) / p_nk(I_n(x))`` are
+    reduced to their weighted moments and never stored whole.
+
+    With ``levels`` > 0 (default) each image is first put on that many intensity levels
+    (:func:`~mvmm_monai.mixture.gaussian.quantise`; 4096 = 12 bits, an MR scanner's depth):
+    the densities are tabulated per level, each voxel looks its class densities up, and the
+    moments come from posterior-weighted histograms of the levels. Per voxel this costs N
+    look-ups, one softmax over K and N histogram adds, whatever the subtype counts; the results
+    are the exact EM of the quantised images. ``levels=0`` evaluates every subtype at every voxel
+    instead, in chunks of ``chunk_voxels`` (the reference; slower).
 
     Args:
-        images: ``[B, N, *S]``; coverage: ``[B, N, *S]`` (0/1); log_prior_: ``[B, K, *S]``.
+        images: ``[B, N, *S]``; coverage: ``[B, N, *S]``: 0 outside an image, else its weight,
+            one value per image with ``levels`` > 0 (per voxel only with ``levels=0``);
+            log_prior_: ``[B, K, *S]``.
         params: current :class:`MixtureParams`.
         previous_posterior: ``[B, K, *S]`` class posteriors q of the previous E-step; when given,
             the EM lower bound ``F(q, params) = sum_x sum_k q_kx (log pi_kx p_k(I(x)) - log q_kx)``
             (per-voxel mean over Omega) is returned too: it lies between the previous and the
             current log-likelihood.
+        quantised: ``quantise(images, coverage, levels)`` when the caller keeps it across E-steps
+            of the same images (computed here otherwise).
     """
     _check_inputs(images, coverage, log_prior_)
+    if levels:
+        if quantised is None:
+            quantised = quantise(images, coverage, levels)
+        return _e_step_levels(quantised, log_prior_, params, previous_posterior)
     b, n = images.shape[:2]
     k, c = params.mean.shape[2:]
     spatial = images.shape[2:]
@@ -138,12 +177,13 @@ def e_step(
         moments = torch.zeros((b, n, k * c, 3), dtype=x.dtype, device=x.device)
         q_prev = None if previous_posterior is None else previous_posterior.reshape(b, k, -1).to(x.dtype)
         bound = torch.zeros(b, dtype=x.dtype, device=x.device)
+        log_tiny = _log_tiny(x.dtype)
         for s in range(0, v, chunk_voxels):
             sl = slice(s, s + chunk_voxels)
             xs, cs = x[..., sl], cov[..., sl]
             dens = component_log_densities(xs, params.log_tau, params.mean, params.var)  # [B,N,K,C,v]
             peak = dens.amax(dim=3, keepdim=True)  # per-class max: exact logsumexp below
-            dens = dens.sub_(peak).exp_()
+            dens = dens.sub_(peak).clamp_min_(log_tiny).exp_()
             class_sum = dens.sum(dim=3)  # [B,N,K,v]
             log_class = class_sum.log().add_(peak.squeeze(3))
             log_joint = lp[..., sl] + (log_class * cs[:, :, None]).sum(1)
@@ -163,11 +203,57 @@ def e_step(
         lower_bound = bound / omega.sum(-1).clamp_min(1.0) if q_prev is not None else None
     moments = moments.reshape(b, n, k, c, 3)
     return EStepResult(
-        log_posterior=log_post.reshape(b, k, *spatial),
+        posterior=log_post.clamp_min_(log_tiny).exp_().reshape(b, k, *spatial),
         log_likelihood=ll,
         mass=moments[..., 0],
         sum_x=moments[..., 1],
         sum_xx=moments[..., 2],
+        lower_bound=lower_bound,
+    )
+
+
+@torch.no_grad()
+def _e_step_levels(q: Quantised, log_prior_: Tensor, params: MixtureParams, previous_posterior: Tensor | None) -> EStepResult:
+    """:func:`e_step` on quantised intensities: per-level tables, look-ups and histograms.
+
+    An image's coverage is 0 or its weight ``w_n``: uncovered voxels look up an extra level whose
+    table entry is 0, and ``w_n`` scales the table and the histograms, so no pass over the voxels
+    multiplies by the coverage.
+    """
+    b, n, v = q.index.shape
+    k = params.mean.shape[2]
+    spatial = log_prior_.shape[2:]
+    index, values, omega = q.index, q.values, q.omega
+    levels = values.shape[-1]
+    weight = q.weight[:, :, None, None]
+    log_class, within = level_tables(values, params.log_tau, params.mean, params.var)  # [B,N,K,L], [B,N,K,C,L]
+    table = torch.cat((log_class * weight, log_class.new_zeros(b, n, k, 1)), dim=-1)
+    # sum_n w_n log p_nk(I_n(x)): one look-up per voxel and image
+    log_joint = log_prior_.reshape(b, k, v).to(values.dtype) + torch.gather(table[:, 0], 2, index[:, 0, None, :].expand(b, k, v))
+    for j in range(1, n):
+        log_joint += torch.gather(table[:, j], 2, index[:, j, None, :].expand(b, k, v))
+    # no denormal posteriors: arithmetic on them is ~20x slower, here and in the MRF and M-step
+    post = torch.softmax(log_joint, dim=1).clamp_min_(torch.finfo(values.dtype).tiny)
+    # log p(I(x)) = max_k log_joint - log max_k P_k (the softmax's largest term is 1 / its sum)
+    log_norm = log_joint.amax(dim=1).sub_(post.amax(dim=1).log_())  # [B, V]
+    n_omega = omega.sum(-1).clamp_min(1.0)
+    lower_bound = None
+    if previous_posterior is not None:  # F(q) = sum_k q_k (log pi p_k - log q_k)
+        prev = previous_posterior.reshape(b, k, v).to(values.dtype)
+        tiny = torch.finfo(values.dtype).tiny  # q log q -> 0 as q -> 0 (xlogy is 10x slower than log)
+        per_voxel = (prev * log_joint.sub_(prev.clamp_min(tiny).log_())).sum(1)
+        lower_bound = (per_voxel * omega).sum(-1) / n_omega
+    del log_joint
+    hist = torch.zeros((b, n, k, levels + 1), dtype=values.dtype, device=values.device)
+    for j in range(n):  # the posterior summed over the voxels at each level
+        hist[:, j].scatter_add_(2, index[:, j, None, :].expand(b, k, v), post)
+    resp = within * (hist[..., :levels] * weight)[:, :, :, None, :]  # [B, N, K, C, L]
+    return EStepResult(
+        posterior=post.reshape(b, k, *spatial),
+        log_likelihood=(log_norm * omega).sum(-1) / n_omega,
+        mass=resp.sum(-1),
+        sum_x=(resp * values[:, :, None, None, :]).sum(-1),
+        sum_xx=(resp * (values * values)[:, :, None, None, :]).sum(-1),
         lower_bound=lower_bound,
     )
 
@@ -231,17 +317,7 @@ def m_step(
     """
     b, n = images.shape[:2]
     x = images.reshape(b, n, -1)
-    mass, sx, sxx = estep.mass, estep.sum_x, estep.sum_xx
-    valid = params.valid
-    ok = valid & (mass > config.min_mass)
-    safe = mass.clamp_min(torch.finfo(mass.dtype).tiny)
-    mean = torch.where(ok, sx / safe, params.mean)
-    var = torch.where(ok, sxx / safe - mean * mean, params.var).clamp_min(config.min_variance)
-    class_mass = torch.where(valid, mass, 0.0).sum(-1, keepdim=True)
-    tau = (mass / class_mass.clamp_min(torch.finfo(mass.dtype).tiny)).clamp_min(config.min_weight)
-    tau = tau / torch.where(valid, tau, 0.0).sum(-1, keepdim=True)
-    log_tau = torch.where(class_mass > config.min_mass, torch.log(tau), params.log_tau)
-    log_tau = torch.where(valid, log_tau, -torch.inf)
+    log_tau, mean, var = _subtype_update(estep, params, config)
     log_pi = params.log_pi
     omega = (coverage.reshape(b, n, -1).amax(dim=1) > 0).to(x.dtype)
     k = log_atlas.shape[1]
@@ -258,6 +334,21 @@ def m_step(
     return MixtureParams(log_pi=log_pi, log_tau=log_tau, mean=mean, var=var, beta=beta)
 
 
+def _subtype_update(estep: EStepResult, params: MixtureParams, config: EMConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """The M-step of the subtypes: ``(log_tau, mean, var)`` from the E-step's moments."""
+    mass, sx, sxx = estep.mass, estep.sum_x, estep.sum_xx
+    valid = params.valid
+    ok = valid & (mass > config.min_mass)
+    safe = mass.clamp_min(torch.finfo(mass.dtype).tiny)
+    mean = torch.where(ok, sx / safe, params.mean)
+    var = torch.where(ok, sxx / safe - mean * mean, params.var).clamp_min(config.min_variance)
+    class_mass = torch.where(valid, mass, 0.0).sum(-1, keepdim=True)
+    tau = (mass / class_mass.clamp_min(torch.finfo(mass.dtype).tiny)).clamp_min(config.min_weight)
+    tau = tau / torch.where(valid, tau, 0.0).sum(-1, keepdim=True)
+    log_tau = torch.where(class_mass > config.min_mass, torch.log(tau), params.log_tau)
+    return torch.where(valid, log_tau, -torch.inf), mean, var
+
+
 def em_step(
     images: Tensor,
     coverage: Tensor,
@@ -265,15 +356,135 @@ def em_step(
     params: MixtureParams,
     config: EMConfig,
     posterior: Tensor | None = None,
+    *,
+    lower_bound: bool = True,
+    quantised: Quantised | None = None,
 ) -> tuple[MixtureParams, EStepResult]:
-    """One EM iteration. ``posterior`` (``[B, K, *S]``, linear) feeds the MRF when beta > 0.
+    """One EM iteration. ``posterior`` (``[B, K, *S]``, linear) feeds the MRF when beta > 0 and,
+    with ``lower_bound``, the EM lower bound (:attr:`EStepResult.lower_bound`, a diagnostic).
+    ``quantised``: ``quantise(images, coverage, config.intensity_levels)``, kept by a caller that
+    runs many iterations on the same images.
+
+    With look-up tables (``config.intensity_levels`` > 0) and a fixed or no MRF strength, the
+    whole iteration (prior, MRF, E-step, moments, the sums of the pi update) runs in one pass over
+    the voxels, in slabs of about ``config.chunk_voxels`` voxels that the CPU threads take in turn
+    (:func:`_fused_iteration`); otherwise prior, E-step and M-step run one after the other.
 
     Returns the updated parameters and the E-step of the *incoming* parameters (its
     ``log_likelihood`` is that of ``params``).
     """
+    if config.intensity_levels and not config.estimate_beta:
+        _check_inputs(images, coverage, log_atlas)
+        if quantised is None:
+            quantised = quantise(images, coverage, config.intensity_levels)
+        return _fused_iteration(quantised, log_atlas, params, config, posterior, lower_bound)
     lp = log_prior(log_atlas, params, posterior, config)
-    estep = e_step(images, coverage, lp, params, chunk_voxels=config.chunk_voxels, previous_posterior=posterior)
+    estep = e_step(
+        images, coverage, lp, params, levels=config.intensity_levels, chunk_voxels=config.chunk_voxels,
+        previous_posterior=posterior if lower_bound else None, quantised=quantised,
+    )
     return m_step(images, coverage, log_atlas, estep, params, config), estep
+
+
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """This process's pool of ``workers`` threads whose torch operations run single-threaded (made
+    again when the count changes, or in a forked child, which inherits no threads)."""
+    global _POOL
+    if _POOL is None or _POOL[:2] != (os.getpid(), workers):
+        threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mvmm-em", initializer=torch.set_num_threads, initargs=(1,))
+        barrier = threading.Barrier(workers)
+        list(pool.map(lambda _: barrier.wait(), range(workers)))  # start every worker (and its initializer) now
+        torch.set_num_threads(threads)  # the initializer also set the default of threads made later: restore it
+        _POOL = (os.getpid(), workers, pool)
+    return _POOL[2]
+
+
+@torch.no_grad()
+def _fused_iteration(
+    q: Quantised, log_atlas: Tensor, params: MixtureParams, config: EMConfig, posterior: Tensor | None, lower_bound: bool
+) -> tuple[MixtureParams, EStepResult]:
+    """One EM iteration on quantised images in a single pass over the voxels.
+
+    The volume is cut into slabs along its first spatial axis; each slab's prior (atlas, pi and the
+    MRF of the previous posterior, read one row beyond the slab), look-ups, posterior, histograms
+    and partial sums are computed while it is in cache. On a CPU the slabs go to a pool of
+    ``torch.get_num_threads()`` threads, each running its operations single-threaded: a thread
+    that the OS preempts on a loaded machine delays only its own slab instead of every operation's
+    barrier. On other devices the volume is one slab.
+    """
+    b, n, v = q.index.shape
+    k = params.mean.shape[2]
+    spatial = log_atlas.shape[2:]
+    rows = spatial[0]
+    per_row = v // rows
+    dtype = q.values.dtype
+    tiny = torch.finfo(dtype).tiny
+    levels = q.values.shape[-1]
+    weight = q.weight[:, :, None, None]
+    log_class, within = level_tables(q.values, params.log_tau, params.mean, params.var)
+    table = torch.cat((log_class * weight, log_class.new_zeros(b, n, k, 1)), dim=-1)  # [B, N, K, L+1]
+    beta = params.mrf_beta(config) if posterior is not None else 0.0
+    mrf = torch.is_tensor(beta) or beta > 0
+    log_pi = params.log_pi[:, :, None]
+    new_post = torch.empty((b, k, *spatial), dtype=dtype, device=log_atlas.device)
+    cpu = log_atlas.device.type == "cpu"
+    threads = torch.get_num_threads() if cpu else 1
+    step = max(1, config.chunk_voxels // max(per_row * b, 1)) if cpu else rows
+
+    def slab(s: int, e: int):
+        vs = slice(s * per_row, e * per_row)
+        la = log_atlas[:, :, s:e].reshape(b, k, -1).to(dtype)
+        om = q.omega[:, vs]
+        base = la + log_pi
+        prior_mass = (torch.softmax(base, dim=1) * om[:, None]).sum(-1) if config.update_pi else None
+        if mrf:
+            lo, hi = max(s - 1, 0), min(e + 1, rows)
+            field = neighbour_field(posterior[:, :, lo:hi].to(dtype), config.mrf_neighbourhood)
+            field = field[:, :, s - lo:s - lo + e - s].reshape(b, k, -1)
+            base = base.add_(field.mul_(beta.to(dtype).reshape(b, 1, 1)) if torch.is_tensor(beta) else field.mul_(beta))
+        joint = torch.log_softmax(base, dim=1)
+        for j in range(n):
+            joint += torch.gather(table[:, j], 2, q.index[:, j, None, vs].expand(b, k, -1))
+        post = torch.softmax(joint, dim=1).clamp_min_(tiny)  # no denormals: ~20x slower arithmetic
+        # log p(I(x)) = max_k joint - log max_k P_k (the softmax's largest term is 1 / its sum)
+        log_norm = joint.amax(dim=1).sub_(post.amax(dim=1).log_())
+        ll = (log_norm * om).sum(-1)
+        bound = None
+        if lower_bound and posterior is not None:  # F(q) = sum_k q_k (log pi p_k - log q_k)
+            prev = posterior[:, :, s:e].reshape(b, k, -1).to(dtype)
+            bound = ((prev * joint.sub_(prev.clamp_min(tiny).log_())).sum(1) * om).sum(-1)
+        new_post[:, :, s:e] = post.reshape(b, k, e - s, *spatial[1:])
+        hist = torch.zeros((b, n, k, levels + 1), dtype=dtype, device=post.device)
+        for j in range(n):
+            hist[:, j].scatter_add_(2, q.index[:, j, None, vs].expand(b, k, -1), post)
+        post_mass = (post * om[:, None]).sum(-1) if config.update_pi else None
+        return hist, ll, bound, prior_mass, post_mass
+
+    bounds = [(s, min(s + step, rows)) for s in range(0, rows, step)]
+    if threads > 1 and len(bounds) > 1:
+        parts = list(_pool(threads).map(lambda se: slab(*se), bounds))
+    else:
+        parts = [slab(s, e) for s, e in bounds]
+    hist, ll, bound, prior_mass, post_mass = (
+        None if parts[0][i] is None else torch.stack([p[i] for p in parts]).sum(0) for i in range(5)
+    )
+    n_omega = q.omega.sum(-1).clamp_min(1.0)
+    resp = within * (hist[..., :levels] * weight)[:, :, :, None, :]  # [B, N, K, C, L]
+    est = EStepResult(
+        posterior=new_post,
+        log_likelihood=ll / n_omega,
+        mass=resp.sum(-1),
+        sum_x=(resp * q.values[:, :, None, None, :]).sum(-1),
+        sum_xx=(resp * (q.values * q.values)[:, :, None, None, :]).sum(-1),
+        lower_bound=None if bound is None else bound / n_omega,
+    )
+    log_tau, mean, var = _subtype_update(est, params, config)
+    new_log_pi = log_pi_from_sums(post_mass, prior_mass, params.log_pi, config.min_proportion) if config.update_pi else params.log_pi
+    return MixtureParams(log_pi=new_log_pi, log_tau=log_tau, mean=mean, var=var, beta=params.beta), est
 
 
 def relative_change(previous: float, current: float) -> float:
@@ -307,12 +518,13 @@ def fit_em(
             images, coverage, torch.exp(log_atlas), counts, min_variance=config.min_variance
         )
     params = params.with_beta_start(config)
+    quantised = quantise(images, coverage, config.intensity_levels) if config.intensity_levels else None
     trace: list[float] = []
     posterior = None
     converged = False
     it = 0
     for it in range(1, max_iter + 1):
-        params, estep = em_step(images, coverage, log_atlas, params, config, posterior)
+        params, estep = em_step(images, coverage, log_atlas, params, config, posterior, lower_bound=False, quantised=quantised)
         posterior = estep.posterior
         ll = float(estep.log_likelihood.mean())
         if not torch.isfinite(estep.log_likelihood).all():
@@ -330,5 +542,6 @@ def fit_em(
             ConvergenceWarning,
             stacklevel=2,
         )
-    final = e_step(images, coverage, log_prior(log_atlas, params, posterior, config), params)
+    final = e_step(images, coverage, log_prior(log_atlas, params, posterior, config), params, levels=config.intensity_levels,
+                   chunk_voxels=config.chunk_voxels, quantised=quantised)
     return EMFitResult(params, final.log_posterior, trace, it, converged)

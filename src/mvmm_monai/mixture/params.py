@@ -27,7 +27,11 @@ class EMConfig:
             the labels whatever the images say.
         mrf_neighbourhood: ``"inplane"`` or ``"full"``.
         update_pi: run the fixed-point update of the class proportions pi_k.
-        chunk_voxels: voxels per chunk of the E-step (speed only, results do not depend on it).
+        intensity_levels: intensity levels of the E-step's look-up tables
+            (:func:`~mvmm_monai.mixture.gaussian.quantise`; 4096 = 12 bits); 0 evaluates every
+            subtype at every voxel instead (the reference path, several times slower).
+        chunk_voxels: voxels per chunk of an EM iteration: a CPU thread's share of work at a time
+            (speed only, results do not depend on it).
     """
 
     min_variance: float = 1e-4
@@ -39,7 +43,8 @@ class EMConfig:
     beta_max: float = 4.0
     mrf_neighbourhood: str = "inplane"
     update_pi: bool = True
-    chunk_voxels: int = 32768
+    intensity_levels: int = 4096
+    chunk_voxels: int = 131072
 
     @property
     def estimate_beta(self) -> bool:
@@ -54,6 +59,8 @@ class EMConfig:
                 f"EMConfig: need min_mass >= 0 and min_weight, min_proportion in [0, 1); got "
                 f"{self.min_mass}, {self.min_weight}, {self.min_proportion}"
             )
+        if isinstance(self.intensity_levels, bool) or not (self.intensity_levels == 0 or self.intensity_levels >= 2):
+            raise ValueError(f"EMConfig.intensity_levels must be 0 (no look-up tables) or >= 2, got {self.intensity_levels!r}")
         if self.chunk_voxels < 1:
             raise ValueError(f"EMConfig.chunk_voxels must be >= 1, got {self.chunk_voxels}")
         for name in ("beta", "update_pi"):

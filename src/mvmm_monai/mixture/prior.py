@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -26,8 +25,7 @@ def log_atlas_from_prob(atlas: Tensor, floor: float) -> Tensor:
 def atlas_log_prior(log_atlas: Tensor, log_pi: Tensor) -> Tensor:
     """``log pi_kx`` ``[B, K, *S]`` from the log atlas ``[B, K, *S]`` and ``log_pi`` ``[B, K]``."""
     shape = log_pi.shape + (1,) * (log_atlas.ndim - 2)
-    joint = log_atlas + log_pi.reshape(shape)
-    return joint - torch.logsumexp(joint, dim=1, keepdim=True)
+    return torch.log_softmax(log_atlas + log_pi.reshape(shape), dim=1)
 
 
 def update_log_pi(
@@ -50,40 +48,47 @@ def update_log_pi(
         ``[B, K]`` new log proportions, each at least ``min_proportion`` (a class without any
         mass keeps a tiny proportion instead of ``-inf``).
     """
-    log_z = torch.logsumexp(log_atlas + log_pi[..., None], dim=1, keepdim=True)
-    denom = (torch.exp(log_atlas - log_z) * mask[:, None]).sum(-1)
-    numer = (posterior * mask[:, None]).sum(-1)
-    tiny = torch.finfo(posterior.dtype).tiny
-    pi = numer.clamp_min(tiny) / denom.clamp_min(tiny)
+    # A_k / sum_j pi_j A_j = softmax_k(log A + log pi) / pi_k
+    prior_mass = (torch.softmax(log_atlas + log_pi[..., None], dim=1) * mask[:, None]).sum(-1)
+    return log_pi_from_sums((posterior * mask[:, None]).sum(-1), prior_mass, log_pi, min_proportion)
+
+
+def log_pi_from_sums(posterior_mass: Tensor, prior_mass: Tensor, log_pi: Tensor, min_proportion: float = 0.0) -> Tensor:
+    """:func:`update_log_pi` from its two sums over the mask, ``[B, K]`` each: of the posterior
+    ``P_kx``, and of the atlas prior ``pi_kx`` of the current ``log_pi`` (for callers that
+    accumulate them in chunks)."""
+    tiny = torch.finfo(posterior_mass.dtype).tiny
+    denom = prior_mass / torch.exp(log_pi)
+    pi = posterior_mass.clamp_min(tiny) / denom.clamp_min(tiny)
     pi = (pi / pi.sum(dim=1, keepdim=True)).clamp_min(max(min_proportion, tiny))
     return torch.log(pi / pi.sum(dim=1, keepdim=True))
 
 
-def _neighbour_kernel(k: int, ndim: int, neighbourhood: str, like: Tensor) -> Tensor:
-    """Depthwise kernel ``[K, 1, 3, ...]`` counting the neighbours of a voxel (centre excluded)."""
-    if neighbourhood not in ("inplane", "full"):
-        raise ValueError(f"mrf neighbourhood must be 'inplane' or 'full', got {neighbourhood!r}")
-    kernel = torch.zeros((3,) * ndim, dtype=like.dtype, device=like.device)
-    centre = (1,) * ndim
-    axes = range(ndim) if (neighbourhood == "full" or ndim == 2) else range(2)
-    for axis in axes:
-        for step in (0, 2):
-            idx = list(centre)
-            idx[axis] = step
-            kernel[tuple(idx)] = 1.0
-    return kernel.expand(k, 1, *kernel.shape).contiguous()
+def neighbour_field(posterior: Tensor, neighbourhood: str = "inplane", out: Tensor | None = None, alpha: float | Tensor = 1.0) -> Tensor:
+    """``sum_{y in N(x)} P_ky`` ``[B, K, *S]``: the posterior summed over each voxel's neighbours
+    (zero beyond the border). ``neighbourhood='inplane'`` (default) uses the 4 in-plane
+    neighbours: the third spatial axis of a short-axis stack is the thick slice axis. ``'full'``
+    adds the through-plane neighbours in 3D.
 
-
-def neighbour_field(posterior: Tensor, neighbourhood: str = "inplane") -> Tensor:
-    """``sum_{y in N(x)} P_ky`` ``[B, K, *S]``: the posterior summed over each voxel's neighbours,
-    one depthwise convolution. ``neighbourhood='inplane'`` (default) uses the 4 in-plane neighbours:
-    the third spatial axis of a short-axis stack is the thick slice axis. ``'full'`` adds the
-    through-plane neighbours in 3D."""
-    k, ndim = posterior.shape[1], posterior.ndim - 2
+    The sum is 2 shifted additions per axis (a separable [1, 0, 1] kernel, no convolution). With
+    ``out``, ``alpha`` times it (``alpha`` a number or ``[B]``) is added into ``out`` in place and
+    ``out`` is returned.
+    """
+    ndim = posterior.ndim - 2
     if ndim not in (2, 3):
         raise ValueError(f"mrf: expected a posterior [B, K, H, W[, D]], got {tuple(posterior.shape)}")
-    conv = F.conv2d if ndim == 2 else F.conv3d
-    return conv(posterior, _neighbour_kernel(k, ndim, neighbourhood, posterior), padding=1, groups=k)
+    if neighbourhood not in ("inplane", "full"):
+        raise ValueError(f"mrf neighbourhood must be 'inplane' or 'full', got {neighbourhood!r}")
+    if out is None:
+        out, alpha = torch.zeros_like(posterior), 1.0
+    src = posterior * _per_subject(alpha, posterior) if torch.is_tensor(alpha) else posterior
+    scale = 1.0 if torch.is_tensor(alpha) else float(alpha)
+    for axis in range(2, 2 + (ndim if neighbourhood == "full" else 2)):
+        n = posterior.shape[axis]
+        if n > 1:
+            out.narrow(axis, 1, n - 1).add_(src.narrow(axis, 0, n - 1), alpha=scale)
+            out.narrow(axis, 0, n - 1).add_(src.narrow(axis, 1, n - 1), alpha=scale)
+    return out
 
 
 def _per_subject(beta: float | Tensor, like: Tensor) -> float | Tensor:

@@ -33,6 +33,7 @@ from mvmm_monai.mixture import (
     voxel_log_likelihood,
 )
 from mvmm_monai.mixture.em import log_prior
+from mvmm_monai.mixture.gaussian import Quantised, quantise
 from mvmm_monai.pipeline.metrics import dice_per_class
 from mvmm_monai.registration import ICMSchedule, Registration, Warped
 
@@ -98,7 +99,8 @@ class MvMMFit(pl.LightningModule):
         dice_every: the per-iteration Dice against manual labels (``dice/<SEQ>/<class>`` in
             TensorBoard) is computed at the first iteration and every ``dice_every``-th: it resamples
             the posterior onto every labelled grid, which costs a large share of a small fit. The
-            final Dice (``metrics.json``) is always computed.
+            final Dice (``metrics.json``) is always computed. The EM lower bound
+            (``em/lower_bound``, a diagnostic) follows the same schedule.
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class MvMMFit(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.settle_tol = settle_tol
+        self._quantised: Quantised | None = None  # see _quantise
         with torch.no_grad():
             w = registration()
             init = initialise_from_atlas(
@@ -221,8 +224,13 @@ class MvMMFit(pl.LightningModule):
             warped = self.registration()
         fixed = warped.detach()
         params, posterior = self.params, self.posterior if self.current_epoch > 0 else None
+        monitor = it == 1 or it % self.dice_every == 0
+        quantised = self._quantise(fixed)
         for _ in range(self.em_steps):
-            params, est = em_step(fixed.images, self._weighted(fixed.coverage), fixed.log_atlas, params, self.em, posterior)
+            params, est = em_step(
+                fixed.images, self._weighted(fixed.coverage), fixed.log_atlas, params, self.em, posterior,
+                lower_bound=monitor, quantised=quantised,
+            )
             posterior = est.posterior
         ll = float(est.log_likelihood.mean())
         bad = [k for k, v in params.as_dict().items() if torch.isnan(v).any()]
@@ -265,7 +273,7 @@ class MvMMFit(pl.LightningModule):
             metrics[f"em/pi/{CLASS_NAMES[k]}"] = float(p)
         if params.beta is not None:
             metrics["em/beta"] = float(params.beta[0])
-        if self.subject.labels and (it == 1 or it % self.dice_every == 0):  # the final Dice: pipeline.fit.score
+        if self.subject.labels and monitor:  # the final Dice: pipeline.fit.score
             shifts, angles = self.registration.native_shifts_voxels(), self.registration.native_angles()
             for seq in self._monitored:
                 label = self.subject.labels[seq]
@@ -275,6 +283,18 @@ class MvMMFit(pl.LightningModule):
                 for name, d in dice_per_class(pred, label).items():
                     metrics[f"dice/{seq}/{name}"] = d
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
+
+    def _quantise(self, warped: Warped) -> Quantised | None:
+        """The E-step's quantised images (:func:`~mvmm_monai.mixture.gaussian.quantise`): once per
+        fit when the registration never moves the images (no slice motion), else every iteration."""
+        if not self.em.intensity_levels:
+            return None
+        if self._quantised is not None:
+            return self._quantised
+        q = quantise(warped.images, self._weighted(warped.coverage), self.em.intensity_levels)
+        if self.registration.slice_motion is None:
+            self._quantised = q
+        return q
 
     def _objective_posterior(self, posterior: Tensor | None) -> Tensor | None:
         """The class posterior whose MRF enters the registration's objective: ``posterior`` with
@@ -314,7 +334,10 @@ class MvMMFit(pl.LightningModule):
         """Final posterior from one E-step with the fitted parameters and registration."""
         warped = self.registration().detach()
         lp = log_prior(warped.log_atlas, self.params, self.posterior if self.current_epoch > 0 else None, self.em)
-        est = e_step(warped.images, self._weighted(warped.coverage), lp, self.params, chunk_voxels=self.em.chunk_voxels)
+        est = e_step(
+            warped.images, self._weighted(warped.coverage), lp, self.params, levels=self.em.intensity_levels,
+            chunk_voxels=self.em.chunk_voxels, quantised=self._quantise(warped),
+        )
         return FitResult(
             posterior=est.posterior[0],
             params=self.params.detach(),
