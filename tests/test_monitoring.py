@@ -168,7 +168,8 @@ def test_a_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, cache_dir):
     import signal
     import time
 
-    common = ["subject=patient4", "model.tol=0", "trainer.max_epochs=60", "~logger", "callbacks.progress.refresh_rate=0"]
+    common = ["subject=patient4", "model.tol=0", "model.posterior_tol=0", "trainer.max_epochs=60", "~logger",
+              "callbacks.progress.refresh_rate=0"]
     out = tmp_path / "killed"
     # the killed process computes with as many threads as the in-process fits: float sums over 1 and
     # 2 threads differ in the last bits, and the comparison below is to 1e-6
@@ -192,3 +193,14 @@ def test_a_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, cache_dir):
     assert resumed["iterations"] == whole["iterations"] == 60
     assert resumed["log_likelihood"] == pytest.approx(whole["log_likelihood"], abs=1e-6)
     assert resumed["dice"]["DE"] == pytest.approx(whole["dice"]["DE"], abs=1e-6)
+
+
+def test_resuming_a_fit_that_had_stopped_on_its_criterion_adds_no_iteration(tmp_path, cache_dir):
+    """The checkpoint of a fit's last iteration does not hold the callbacks' decision to stop:
+    resumed from it (say the process died while writing the results), the fit stops again at once."""
+    common = ["subject=patient4", "~logger", "callbacks.progress.refresh_rate=0"]
+    first = run(tmp_path / "fit", cache_dir, *common)
+    assert first["converged"] and first["iterations"] < 100
+    again = run(tmp_path / "fit", cache_dir, *common, "ckpt_path=last")
+    assert again["iterations"] == first["iterations"]
+    assert again["dice"]["DE"] == pytest.approx(first["dice"]["DE"], abs=1e-6)

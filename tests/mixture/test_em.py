@@ -351,6 +351,8 @@ def test_the_fused_iteration_equals_prior_e_step_and_m_step_in_turn(spatial):
             got, fused = em_step(images, coverage, log_atlas, params, replace(config, chunk_voxels=chunk), posterior)
             for f in ("posterior", "log_likelihood", "lower_bound", "mass", "sum_x", "sum_xx"):
                 assert torch.allclose(getattr(fused, f), getattr(est, f), rtol=1e-5, atol=1e-6), (f, n_threads, chunk)
+            change = (est.posterior - posterior).abs().sum(1).flatten(1).mean(-1) / 2  # every voxel is in Omega
+            assert torch.allclose(fused.posterior_change, change, rtol=1e-5), (n_threads, chunk)
             for name, value in expected.as_dict().items():
                 assert torch.allclose(got.as_dict()[name], value, rtol=1e-5, atol=1e-6), (name, n_threads, chunk)
     finally:

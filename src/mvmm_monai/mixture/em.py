@@ -12,7 +12,7 @@ import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -71,6 +71,9 @@ class EStepResult:
             responsibilities ``P_nkcx`` times ``1``, ``I_n(x)`` and ``I_n(x)^2``.
         lower_bound: ``[B]`` EM lower bound of the previous posterior under these parameters
             (per-voxel mean), when the previous posterior was given.
+        posterior_change: ``[B]`` how far the class posteriors moved from the previous ones
+            (:func:`em_step` with a previous posterior): the mean over Omega of the total variation
+            ``sum_k |P_kx - q_kx| / 2``, the fraction of each voxel's probability that changed class.
     """
 
     posterior: Tensor
@@ -79,6 +82,7 @@ class EStepResult:
     sum_x: Tensor
     sum_xx: Tensor
     lower_bound: Tensor | None = None
+    posterior_change: Tensor | None = None
 
     @property
     def log_posterior(self) -> Tensor:
@@ -383,6 +387,11 @@ def em_step(
         images, coverage, lp, params, levels=config.intensity_levels, chunk_voxels=config.chunk_voxels,
         previous_posterior=posterior if lower_bound else None, quantised=quantised,
     )
+    if posterior is not None:
+        b = images.shape[0]
+        omega = (coverage.reshape(b, images.shape[1], -1).amax(dim=1) > 0).to(estep.posterior.dtype)
+        moved = (estep.posterior - posterior).abs().sum(1).reshape(b, -1)
+        estep = replace(estep, posterior_change=(moved * omega).sum(-1) / (2 * omega.sum(-1).clamp_min(1.0)))
     return m_step(images, coverage, log_atlas, estep, params, config), estep
 
 
@@ -457,20 +466,23 @@ def _fused_iteration(
         if lower_bound and posterior is not None:  # F(q) = sum_k q_k (log pi p_k - log q_k)
             prev = posterior[:, :, s:e].reshape(b, k, -1).to(dtype)
             bound = ((prev * joint.sub_(prev.clamp_min(tiny).log_())).sum(1) * om).sum(-1)
+        moved = None
+        if posterior is not None:
+            moved = ((post - posterior[:, :, s:e].reshape(b, k, -1).to(dtype)).abs().sum(1) * om).sum(-1)
         new_post[:, :, s:e] = post.reshape(b, k, e - s, *spatial[1:])
         hist = torch.zeros((b, n, k, levels + 1), dtype=dtype, device=post.device)
         for j in range(n):
             hist[:, j].scatter_add_(2, q.index[:, j, None, vs].expand(b, k, -1), post)
         post_mass = (post * om[:, None]).sum(-1) if config.update_pi else None
-        return hist, ll, bound, prior_mass, post_mass
+        return hist, ll, bound, prior_mass, post_mass, moved
 
     bounds = [(s, min(s + step, rows)) for s in range(0, rows, step)]
     if threads > 1 and len(bounds) > 1:
         parts = list(_pool(threads).map(lambda se: slab(*se), bounds))
     else:
         parts = [slab(s, e) for s, e in bounds]
-    hist, ll, bound, prior_mass, post_mass = (
-        None if parts[0][i] is None else torch.stack([p[i] for p in parts]).sum(0) for i in range(5)
+    hist, ll, bound, prior_mass, post_mass, moved = (
+        None if parts[0][i] is None else torch.stack([p[i] for p in parts]).sum(0) for i in range(6)
     )
     n_omega = q.omega.sum(-1).clamp_min(1.0)
     resp = within * (hist[..., :levels] * weight)[:, :, :, None, :]  # [B, N, K, C, L]
@@ -481,6 +493,7 @@ def _fused_iteration(
         sum_x=(resp * q.values[:, :, None, None, :]).sum(-1),
         sum_xx=(resp * (q.values * q.values)[:, :, None, None, :]).sum(-1),
         lower_bound=None if bound is None else bound / n_omega,
+        posterior_change=None if moved is None else moved / (2 * n_omega),
     )
     log_tau, mean, var = _subtype_update(est, params, config)
     new_log_pi = log_pi_from_sums(post_mass, prior_mass, params.log_pi, config.min_proportion) if config.update_pi else params.log_pi

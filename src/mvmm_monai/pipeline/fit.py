@@ -100,6 +100,7 @@ def run_icm(cfg: DictConfig, dataset, prep, out: Path) -> tuple[MvMMFit, pl.Trai
         scheduler=build(cfg.registration.scheduler) if cfg.registration.get("scheduler") else None,
         tol_window=convergence_window(cfg),
         settle_tol=cfg.model.tol,
+        settle_posterior_tol=cfg.model.posterior_tol,
         schedule=schedule,
         sequence_weights=subject_weights(cfg.model, subject),
         dice_every=cfg.model.get("dice_every_n_iterations", 1),
@@ -155,12 +156,14 @@ def converged(cfg: DictConfig, module: MvMMFit, trainer: pl.Trainer, name: str) 
     """Whether the fit met its criterion: it stopped before ``trainer.max_epochs``, or was kept
     running past the point where it met it (``trainer.min_epochs``); a warning says what to try."""
     last = float(module.recent_changes.max())
-    met = trainer.current_epoch < trainer.max_epochs or last < cfg.model.tol
+    moved = float(module.recent_posterior_changes.max())
+    met = trainer.current_epoch < trainer.max_epochs or last < cfg.model.tol or moved < cfg.model.posterior_tol
     if not met:
         log.warning(
             "%s: stopped at trainer.max_epochs=%d before the relative log-likelihood change fell below model.tol=%g "
-            "(last %.1e); raise trainer.max_epochs or model.tol if the curve in TensorBoard is still moving",
-            name, trainer.max_epochs, cfg.model.tol, last,
+            "(last %.1e) or the posterior change below model.posterior_tol=%g (last %.1e); raise trainer.max_epochs "
+            "if the curves in TensorBoard (em/relative_change, em/posterior_change) are still moving",
+            name, trainer.max_epochs, cfg.model.tol, last, cfg.model.posterior_tol, moved,
         )
     return met
 

@@ -83,13 +83,18 @@ class MvMMFit(pl.LightningModule):
             registration step: a decaying step size bounds how far the registration can wander
             once the mixture has settled (no drift on long fits).
         tol_window: ``em/relative_change`` is the largest relative change of the log-likelihood
-            over this many iterations, so a fit stops only once it has been still for a while.
+            over this many iterations, so a fit stops only once it has been still for a while;
+            ``em/posterior_change``, the largest :attr:`~mvmm_monai.mixture.EStepResult.posterior_change`
+            over as many (the callbacks stop a fit on either).
         settle_tol: with ``schedule.settle``, once ``em/relative_change`` falls below this (the
             stopping criterion, met after the schedule's last switch), the registration is settled:
             it takes no further step, and a fit kept running past its stopping point
             (``trainer.min_epochs``) only refines the mixture. ``None`` (or ``schedule.settle``
             false): the registration moves for as long as the fit runs (its step size still decays
             by the scheduler). The iteration is in ``settled_at``.
+        settle_posterior_tol: the same with ``em/posterior_change`` (the registration settles on
+            either). A fit resumed from the checkpoint of its last iteration, which met either
+            tolerance, stops at once instead of running one more iteration.
         sequence_weights: ``[N]`` positive weight of each sequence's log-density in the class
             posterior (``None``: all 1, MvMM as written). A weight w tempers sequence n's
             likelihood to ``p_nk(I_n)^w``: it enters the E-step as a soft coverage, so subtype
@@ -115,6 +120,7 @@ class MvMMFit(pl.LightningModule):
         scheduler: Callable | None = None,
         sequence_weights: Tensor | None = None,
         settle_tol: float | None = None,
+        settle_posterior_tol: float | None = None,
         schedule: ICMSchedule | None = None,
         dice_every: int = 1,
     ) -> None:
@@ -130,8 +136,9 @@ class MvMMFit(pl.LightningModule):
         if isinstance(dice_every, bool) or not isinstance(dice_every, int) or dice_every < 1:
             raise ValueError(f"model.dice_every_n_iterations must be an integer >= 1, got {dice_every!r}")
         self.dice_every = dice_every
-        if settle_tol is not None and not settle_tol >= 0:
-            raise ValueError(f"MvMMFit: settle_tol must be >= 0 or None, got {settle_tol}")
+        for name, tol in (("settle_tol", settle_tol), ("settle_posterior_tol", settle_posterior_tol)):
+            if tol is not None and not tol >= 0:
+                raise ValueError(f"MvMMFit: {name} must be >= 0 or None, got {tol}")
         parts = registration.parts
         if parts.any and schedule is None:
             raise ValueError("MvMMFit: registration.schedule is required when the registration fits parameters")
@@ -154,6 +161,7 @@ class MvMMFit(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.settle_tol = settle_tol
+        self.settle_posterior_tol = settle_posterior_tol
         self._quantised: Quantised | None = None  # see _quantise
         with torch.no_grad():
             w = registration()
@@ -166,6 +174,7 @@ class MvMMFit(pl.LightningModule):
         self.register_buffer("sequence_weights", weights.reshape(1, n, *([1] * (w.images.ndim - 2))), persistent=False)
         self.register_buffer("last_log_likelihood", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("recent_changes", torch.ones(tol_window, dtype=torch.float64))
+        self.register_buffer("recent_posterior_changes", torch.ones(tol_window, dtype=torch.float64))
         # ICM iteration after which the registration stopped moving (0: still moving); in checkpoints
         self.register_buffer("settled_at", torch.zeros((), dtype=torch.int64))
         # the per-iteration Dice: every labelled sequence once per distinct manual label (MyoPS has
@@ -211,6 +220,18 @@ class MvMMFit(pl.LightningModule):
         if self.registration.slice_motion is not None:
             self.registration.slice_motion.exact_gradient = self.schedule.exact_gradient(epoch)
 
+    def _still(self, rel: float, moved: float) -> bool:
+        """Whether either stopping measure is below its tolerance (``settle_tol``, ``settle_posterior_tol``)."""
+        return (self.settle_tol is not None and rel < self.settle_tol) or (
+            self.settle_posterior_tol is not None and moved < self.settle_posterior_tol
+        )
+
+    def on_train_start(self) -> None:
+        # resumed from the checkpoint of an iteration that met the criterion (the fit had stopped
+        # there): the callbacks' stop is not in the checkpoint, so stop again before iterating
+        if self.current_epoch > self.schedule_end and self._still(float(self.recent_changes.max()), float(self.recent_posterior_changes.max())):
+            self.trainer.should_stop = True
+
     def training_step(self, batch, batch_idx: int) -> None:
         it = self.current_epoch + 1
         self._follow_schedule(self.current_epoch)
@@ -243,11 +264,14 @@ class MvMMFit(pl.LightningModule):
         step_change = relative_change(prev, ll) if math.isfinite(prev) else 1.0
         self.last_log_likelihood.fill_(ll)
         self.recent_changes.copy_(torch.cat((self.recent_changes[1:], self.recent_changes.new_tensor([step_change]))))
-        rel = float(self.recent_changes.max())
+        moved = est.posterior_change
+        moved = self.recent_posterior_changes.new_ones(1) if moved is None else moved.mean().reshape(1).to(self.recent_posterior_changes)
+        self.recent_posterior_changes.copy_(torch.cat((self.recent_posterior_changes[1:], moved)))
+        rel, moved = float(self.recent_changes.max()), float(self.recent_posterior_changes.max())
         if self.current_epoch <= self.schedule_end:
-            rel = max(rel, 1.0)  # a scheduled registration phase is still to come: not converged
+            rel, moved = max(rel, 1.0), 1.0  # a scheduled registration phase is still to come: not converged
 
-        metrics = {"em/log_likelihood": ll, "em/relative_change": rel}
+        metrics = {"em/log_likelihood": ll, "em/relative_change": rel, "em/posterior_change": moved}
         if est.lower_bound is not None:
             metrics["em/lower_bound"] = float(est.lower_bound.mean())
         if fitting_registration:
@@ -264,7 +288,7 @@ class MvMMFit(pl.LightningModule):
             if sched is not None:
                 sched.step()
             self.registration.check(it)
-            if self.schedule.settle and self.settle_tol is not None and rel < self.settle_tol:
+            if self.schedule.settle and self._still(rel, moved):
                 self.settled_at.fill_(it)  # this was its last step (a default fit stops here anyway)
             metrics["reg/loss"] = float(loss.detach())
             metrics.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})

@@ -62,12 +62,17 @@ def subtype_counts(model_cfg: DictConfig, sequences: tuple[str, ...]) -> torch.T
 
 
 def convergence_window(cfg: DictConfig) -> int:
-    """ICM iterations in a row the log-likelihood must be still for before a fit stops:
-    ``model.tol_window``, or the registration preset's ``min_tol_window`` if that is larger."""
+    """ICM iterations in a row the log-likelihood (or the posterior) must be still for before a fit
+    stops: ``model.tol_window``, or the registration preset's ``min_tol_window`` if that is larger.
+    Checks the tolerances ``model.tol`` and ``model.posterior_tol`` too."""
     window, least = cfg.model.tol_window, cfg.registration.get("min_tol_window")
     for key, value in (("model.tol_window", window), ("registration.min_tol_window", least)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    for key in ("tol", "posterior_tol"):
+        value = cfg.model.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"model.{key} must be a number >= 0, got {value!r}")
     return max(window, least or 1)
 
 
