@@ -8,6 +8,7 @@ does not depend on the image size.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
@@ -92,13 +93,20 @@ class EStepResult:
 
 @dataclass(frozen=True)
 class EMFitResult:
-    """Result of :func:`fit_em`: final parameters, posterior, the log-likelihood trace."""
+    """Result of :func:`fit_em`: final parameters, posterior, the log-likelihood trace.
+
+    ``log_likelihoods`` holds the batch mean per iteration; ``iterations`` and ``subject_converged``
+    (``[B]``) say when each subject stopped and whether it met the tolerance; ``n_iter`` and
+    ``converged`` are their largest value and their conjunction.
+    """
 
     params: MixtureParams
     log_posterior: Tensor
     log_likelihoods: list[float]
     n_iter: int
     converged: bool
+    iterations: Tensor | None = None
+    subject_converged: Tensor | None = None
 
 
 def _check_inputs(images: Tensor, coverage: Tensor, log_atlas: Tensor) -> None:
@@ -521,6 +529,10 @@ def fit_em(
     """EM with a fixed atlas until the per-voxel mean log-likelihood's :func:`relative_change`
     falls below ``tol`` (the measure the ICM loop's ``model.tol`` uses too).
 
+    A batch of B subjects (e.g. :func:`~mvmm_monai.mixture.batch.pad_subjects`) is fitted at once,
+    and each subject stops on its own: once its change falls below ``tol`` its parameters and
+    posterior are held while the others go on, so every subject gets the fit it would get alone.
+
     Args:
         images, coverage: ``[B, N, *S]``; log_atlas: ``[B, K, *S]``; counts: ``[N, K]`` subtypes.
         params: warm start; by default :func:`initialise_from_atlas`.
@@ -532,29 +544,54 @@ def fit_em(
         )
     params = params.with_beta_start(config)
     quantised = quantise(images, coverage, config.intensity_levels) if config.intensity_levels else None
+    b = images.shape[0]
     trace: list[float] = []
     posterior = None
-    converged = False
+    previous: list[float] | None = None
+    active = [True] * b
+    iterations = [0] * b
+    converged = [False] * b
     it = 0
     for it in range(1, max_iter + 1):
-        params, estep = em_step(images, coverage, log_atlas, params, config, posterior, lower_bound=False, quantised=quantised)
-        posterior = estep.posterior
-        ll = float(estep.log_likelihood.mean())
-        if not torch.isfinite(estep.log_likelihood).all():
+        new_params, estep = em_step(images, coverage, log_atlas, params, config, posterior, lower_bound=False, quantised=quantised)
+        lls = estep.log_likelihood.tolist()  # the one host synchronisation per iteration
+        if not all(math.isfinite(v) for v, a in zip(lls, active) if a):
             raise FloatingPointError(f"fit_em: non-finite log-likelihood at iteration {it}")
-        if trace and relative_change(trace[-1], ll) < tol:
-            trace.append(ll)
-            converged = True
+        if all(active):
+            params, posterior = new_params, estep.posterior
+        else:  # subjects that stopped keep their fit
+            keep = torch.tensor(active, device=images.device)
+            params = _where_subjects(keep, new_params, params)
+            posterior = torch.where(keep.reshape(-1, *[1] * (posterior.ndim - 1)), estep.posterior, posterior)
+        trace.append(sum(lls) / b)
+        for i in range(b):
+            if not active[i]:
+                continue
+            iterations[i] = it
+            if previous is not None and relative_change(previous[i], lls[i]) < tol:
+                active[i], converged[i] = False, True
+        previous = lls
+        if not any(active):
             break
-        trace.append(ll)
-    if not converged:
+    if not all(converged):
         warnings.warn(
-            f"EM did not converge in {max_iter} iterations (last relative change "
-            f"{relative_change(trace[-2], trace[-1]) if len(trace) > 1 else float('nan'):.2e} > tol={tol}); "
+            f"EM did not converge in {max_iter} iterations for {b - sum(converged)} of {b} subjects "
+            f"(last relative change of the batch mean "
+            f"{relative_change(trace[-2], trace[-1]) if len(trace) > 1 else float('nan'):.2e}, tol={tol}); "
             "raise max_iter or tol, or check the atlas placement.",
             ConvergenceWarning,
             stacklevel=2,
         )
     final = e_step(images, coverage, log_prior(log_atlas, params, posterior, config), params, levels=config.intensity_levels,
                    chunk_voxels=config.chunk_voxels, quantised=quantised)
-    return EMFitResult(params, final.log_posterior, trace, it, converged)
+    return EMFitResult(params, final.log_posterior, trace, it, all(converged),
+                       torch.tensor(iterations), torch.tensor(converged))
+
+
+def _where_subjects(keep: Tensor, new: MixtureParams, old: MixtureParams) -> MixtureParams:
+    """``new`` for the subjects in ``keep`` (``[B]`` bool), ``old`` for the others."""
+    def pick(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+        return None if a is None else torch.where(keep.reshape(-1, *[1] * (a.ndim - 1)), a, b)
+
+    return MixtureParams(log_pi=pick(new.log_pi, old.log_pi), log_tau=pick(new.log_tau, old.log_tau),
+                         mean=pick(new.mean, old.mean), var=pick(new.var, old.var), beta=pick(new.beta, old.beta))

@@ -253,8 +253,23 @@ class MvMMFit(pl.LightningModule):
                 lower_bound=monitor, quantised=quantised,
             )
             posterior = est.posterior
-        ll = float(est.log_likelihood.mean())
-        bad = [k for k, v in params.as_dict().items() if torch.isnan(v).any()]
+        # the iteration's scalars in one host synchronisation: log-likelihood, posterior change,
+        # lower bound, a NaN flag per parameter, the proportions pi, the MRF strength
+        named = params.as_dict()
+        nan = est.log_likelihood.new_tensor(float("nan"))
+        scalars = torch.cat([
+            torch.stack([
+                est.log_likelihood.mean(),
+                nan if est.posterior_change is None else est.posterior_change.mean(),
+                nan if est.lower_bound is None else est.lower_bound.mean(),
+                *(torch.isnan(v).any().to(nan) for v in named.values()),
+            ]),
+            torch.exp(params.log_pi[0]).to(nan),
+            (nan if params.beta is None else params.beta[0].to(nan)).reshape(1),
+        ]).tolist()
+        ll, step_moved, lower_bound = scalars[:3]
+        bad = [k for k, flag in zip(named, scalars[3:3 + len(named)]) if flag]
+        pi, beta = scalars[3 + len(named):-1], scalars[-1]
         if not math.isfinite(ll) or bad:
             raise FloatingPointError(
                 f"MvMM fit of {self.subject.name}: non-finite {'log-likelihood' if not bad else bad} at ICM iteration {it}"
@@ -264,16 +279,15 @@ class MvMMFit(pl.LightningModule):
         step_change = relative_change(prev, ll) if math.isfinite(prev) else 1.0
         self.last_log_likelihood.fill_(ll)
         self.recent_changes.copy_(torch.cat((self.recent_changes[1:], self.recent_changes.new_tensor([step_change]))))
-        moved = est.posterior_change
-        moved = self.recent_posterior_changes.new_ones(1) if moved is None else moved.mean().reshape(1).to(self.recent_posterior_changes)
-        self.recent_posterior_changes.copy_(torch.cat((self.recent_posterior_changes[1:], moved)))
+        step_moved = 1.0 if math.isnan(step_moved) else step_moved
+        self.recent_posterior_changes.copy_(torch.cat((self.recent_posterior_changes[1:], self.recent_posterior_changes.new_tensor([step_moved]))))
         rel, moved = float(self.recent_changes.max()), float(self.recent_posterior_changes.max())
         if self.current_epoch <= self.schedule_end:
             rel, moved = max(rel, 1.0), 1.0  # a scheduled registration phase is still to come: not converged
 
         metrics = {"em/log_likelihood": ll, "em/relative_change": rel, "em/posterior_change": moved}
         if est.lower_bound is not None:
-            metrics["em/lower_bound"] = float(est.lower_bound.mean())
+            metrics["em/lower_bound"] = lower_bound
         if fitting_registration:
             opt = self.optimizers()
             opt.zero_grad()
@@ -293,10 +307,10 @@ class MvMMFit(pl.LightningModule):
             metrics["reg/loss"] = float(loss.detach())
             metrics.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
         metrics.update({f"reg/search_move_mm/{seq}": mm for seq, mm in searched.items()})
-        for k, p in enumerate(torch.exp(self.log_pi[0])):
-            metrics[f"em/pi/{CLASS_NAMES[k]}"] = float(p)
+        for k, p in enumerate(pi):
+            metrics[f"em/pi/{CLASS_NAMES[k]}"] = p
         if params.beta is not None:
-            metrics["em/beta"] = float(params.beta[0])
+            metrics["em/beta"] = beta
         if self.subject.labels and monitor:  # the final Dice: pipeline.fit.score
             shifts, angles = self.registration.native_shifts_voxels(), self.registration.native_angles()
             for seq in self._monitored:

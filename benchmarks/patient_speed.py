@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+r"""Whole fits as a user runs them (issue "Fast"): one MyoPS patient, a cohort in one command, one
+slice with registration.
+
+- **Patient**: the test case (default Case3021) with an atlas built from other cases (default
+  Case3001..Case3020), default settings (automatic placement): the fit timed in-process after a
+  warm-up fit of another case (imports and first-call costs excluded: the "fitting" time), and
+  ``scripts/fit.py`` timed as a command (interpreter start-up, imports and exit included).
+- **Cohort**: ``scripts/fit.py subject=[...]`` on 5 patients (default Case3021..Case3025) in one
+  command: wall-clock per patient, start-up included.
+- **Slice**: the 192 x 192 mid-ventricular crop of the slice case (``atlas.midslice``, as
+  ``benchmarks/myops_2d_mid.py``) with ``registration=full``, timed in-process after a warm-up.
+
+Every fit's LGE Dice against the manual labels is recorded beside its time, so a speed-up that
+changes the result shows.
+
+    .venv/bin/python benchmarks/patient_speed.py [--root DIR] [--out DIR] [--record NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from myops_2d_mid import fit_crop
+from record import add_record_option, write_record
+
+from mvmm_monai import build_atlas, compose_config, fit
+from mvmm_monai.atlas.midslice import mid_slice_atlas, mid_slice_crop
+from mvmm_monai.pipeline.build_atlas import select_subjects
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["callbacks.progress.refresh_rate=0"]
+
+
+def command(args: list[str]) -> float:
+    """Wall-clock seconds of ``python scripts/fit.py ARGS`` (it must succeed)."""
+    t = time.perf_counter()
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "fit.py"), *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if run.returncode != 0:
+        raise SystemExit(f"scripts/fit.py {' '.join(args)} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=REPO.parent / "shared" / "data" / "myops")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/mvmm_patient_speed"))
+    ap.add_argument("--atlas-cases", default="Case3001..Case3020")
+    ap.add_argument("--case", default="Case3021")
+    ap.add_argument("--cohort", default="Case3021..Case3025")
+    add_record_option(ap, "patient_speed")
+    args = ap.parse_args()
+    if not args.root.is_dir():
+        raise SystemExit(f"--root {args.root}: no such folder (the shared MyoPS cases)")
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    out = args.out
+    atlas_path = out / "atlas" / "myops_atlas.nii.gz"
+    build_atlas(compose_config([f"data.root={args.root}", f"subjects={args.atlas_cases}", f"output={atlas_path}"],
+                               config_name="build_atlas"))
+    base = ["data=myops", f"data.root={args.root}", f"atlas.path={atlas_path}", *QUIET]
+    names = [p.name for p in sorted(args.root.iterdir()) if p.is_dir()]
+    cohort = select_subjects(args.cohort, names, "--cohort")
+    atlas_cases = select_subjects(args.atlas_cases, names, "--atlas-cases")
+    warm = next(n for n in cohort if n != args.case)
+    figures: dict = {"case": args.case, "atlas_cases": args.atlas_cases, "cohort": cohort,
+                     "torch_threads": torch.get_num_threads()}
+
+    # one patient, in-process after a warm-up fit (the fitting alone)
+    fit(compose_config([*base, f"subject={warm}", f"paths.output_dir={out / 'warm'}"]))
+    t = time.perf_counter()
+    m = fit(compose_config([*base, f"subject={args.case}", f"paths.output_dir={out / 'patient'}"]))
+    figures["patient"] = {"fitting_s": time.perf_counter() - t, "iterations": m["iterations"], "converged": m["converged"],
+                          "dice_LGE": m["dice"]["LGE"]}
+    print(f"patient {args.case}: {figures['patient']['fitting_s']:.1f} s fitting, {m['iterations']} iterations, "
+          f"converged {m['converged']}, LGE Dice {json.dumps({k: round(v, 4) for k, v in m['dice']['LGE'].items()})}", flush=True)
+
+    # the same as a command, start-up included; then the cohort in one command
+    figures["patient"]["command_s"] = command([*base, f"subject={args.case}", f"paths.output_dir={out / 'cli'}"])
+    print(f"patient {args.case} as a command: {figures['patient']['command_s']:.1f} s wall", flush=True)
+    seconds = command([*base, f"subject=[{','.join(cohort)}]", f"paths.output_dir={out / 'cohort'}"])
+    summary = {n: json.loads((out / "cohort" / n / "metrics.json").read_text()) for n in cohort}
+    figures["cohort"] = {"subjects": len(cohort), "command_s": seconds, "per_patient_s": seconds / len(cohort),
+                         "converged": sum(bool(s["converged"]) for s in summary.values()),
+                         "dice_LGE": {n: s["dice"]["LGE"] for n, s in summary.items()}}
+    print(f"cohort of {len(cohort)} in one command: {seconds:.1f} s wall, {seconds / len(cohort):.1f} s per patient, "
+          f"{figures['cohort']['converged']} converged", flush=True)
+
+    # one mid-ventricular slice with registration=full
+    atlas2d = mid_slice_atlas([mid_slice_crop(args.root / c, 192) for c in atlas_cases], 2.0)
+    crop = mid_slice_crop(args.root / args.case, 192)
+    fit_crop(mid_slice_crop(args.root / warm, 192), atlas2d, out / "slice_warm", ["registration=full"], atlas_cases)
+    t = time.perf_counter()
+    m = fit_crop(crop, atlas2d, out / "slice", ["registration=full"], atlas_cases)
+    figures["slice"] = {"size": [192, 192], "registration": "full", "fitting_s": time.perf_counter() - t,
+                        "iterations": m["iterations"], "converged": m["converged"], "dice_LGE": m["dice"]["LGE"]}
+    print(f"slice {args.case} 192 x 192, registration=full: {figures['slice']['fitting_s']:.2f} s fitting, "
+          f"{m['iterations']} iterations", flush=True)
+
+    if args.record:
+        p, c, s = figures["patient"], figures["cohort"], figures["slice"]
+        write_record(args.record, figures, table={
+            "columns": ["fit", "seconds", "iterations", "LGE myocardium Dice"],
+            "rows": [
+                [f"one patient ({args.case}), default settings, fitting in-process", p["fitting_s"], p["iterations"],
+                 p["dice_LGE"]["myocardium"]],
+                ["the same as a command (start-up included)", p["command_s"], p["iterations"], p["dice_LGE"]["myocardium"]],
+                [f"cohort of {c['subjects']} in one command, per patient (start-up included)", c["per_patient_s"], None,
+                 sum(d["myocardium"] for d in c["dice_LGE"].values()) / c["subjects"]],
+                ["one 192 x 192 mid-ventricular slice, registration=full, fitting in-process", s["fitting_s"], s["iterations"],
+                 s["dice_LGE"]["myocardium"]],
+            ],
+            "caption": f"Whole fits on this machine's CPU threads; atlas from {args.atlas_cases}."})
+
+
+if __name__ == "__main__":
+    main()
