@@ -8,6 +8,7 @@ does not depend on the image size.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -51,10 +52,21 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
 def _log_tiny(dtype: torch.dtype) -> float:
     """``log`` of the smallest normal number of ``dtype`` (-87.3 in float32): ``exp`` of a smaller
     argument takes a slow path on x86 CPUs (measured 50-100x slower), and gives ~0 anyway."""
     return float(torch.log(torch.tensor(torch.finfo(dtype).tiny, dtype=torch.float64)))
+
+
+def _logsumexp(x: Tensor, dim: int) -> Tensor:
+    """``torch.logsumexp`` along ``dim``, differentiable, about twice as fast forward and backward
+    on a CPU (measured on [1, 4, 1M] and [1, 3, 4, 3, 37k]): terms more than 87 below the largest
+    are taken as ``exp(-87)`` instead of going through exp's slow underflow path (they add < 1e-37
+    relative and no gradient); an all ``-inf`` slice gives a finite ~-85 instead of ``-inf``."""
+    peak = x.detach().amax(dim, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    return (x - peak).clamp_min(_log_tiny(x.dtype)).exp().sum(dim).log() + peak.squeeze(dim)
 
 
 class ConvergenceWarning(UserWarning):
@@ -306,8 +318,8 @@ def voxel_log_likelihood(
     b, n = images.shape[:2]
     x = images.reshape(b, n, -1)
     cov = coverage.reshape(b, n, -1).to(x.dtype)
-    log_class = torch.logsumexp(component_log_densities(x, params.log_tau, params.mean, params.var), dim=3)
-    log_norm = torch.logsumexp(lp.reshape(b, lp.shape[1], -1) + (log_class * cov[:, :, None]).sum(1), dim=1)
+    log_class = _logsumexp(component_log_densities(x, params.log_tau, params.mean, params.var), dim=3)
+    log_norm = _logsumexp(lp.reshape(b, lp.shape[1], -1) + (log_class * cov[:, :, None]).sum(1), dim=1)
     omega = (cov.detach().amax(dim=1) > 0).to(x.dtype)
     return (log_norm * omega).reshape(b, *images.shape[2:])
 
