@@ -223,6 +223,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
             "converged": converged(cfg, module, trainer, subject.name),
             **({"registration_settled_at": int(module.settled_at) or None} if registration.fits_anything else {}),
             **({"placement": prep.placement.as_dict()} if prep.placement is not None else {}),
+            "input_checks": prep.checks,
             "postprocess": conventions.name,
         }
         full = subject.parent or subject

@@ -4,7 +4,7 @@ region of interest (benchmarks call :func:`prepare_subject` to give peers the sa
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig
@@ -13,6 +13,7 @@ from mvmm_monai.atlas.io import read_atlas
 from mvmm_monai.atlas.placement import PLACEMENTS, place_atlas, place_atlas_auto
 from mvmm_monai.atlas.roi import atlas_roi, crop_box
 from mvmm_monai.config import build
+from mvmm_monai.data.checks import mirrored_sequences
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +48,21 @@ def place(cfg: DictConfig, atlas, subject):
 class Prepared:
     """A subject ready to fit: ``subject`` (cropped to the region of interest when the atlas was
     placed automatically, coverage restricted to it), ``atlas`` ``[K, *S]`` placed probabilities
-    in its common space, ``roi`` ``[*S]``, and the automatic ``placement`` (or ``None``)."""
+    in its common space, ``roi`` ``[*S]``, the automatic ``placement`` (or ``None``), and the input
+    ``checks`` (``{"mirrored": ...}``, :func:`mvmm_monai.data.checks.mirrored_sequences`)."""
 
     subject: object
     atlas: torch.Tensor
     roi: torch.Tensor
     placement: object
+    checks: dict = field(default_factory=dict)
 
 
 def prepare_subject(cfg: DictConfig, dataset, name: str) -> Prepared:
     """Load ``name``, place the atlas (``atlas.placement``), cut the region of interest: everything a
     fit does before its first ICM iteration (benchmarks call it to give peers the same inputs)."""
     subject = dataset.load(name)
+    checks = {"mirrored": mirrored_sequences(subject)}
     atlas_path = cfg.atlas.path or dataset.default_atlas()
     if atlas_path is None:
         raise ValueError(
@@ -71,7 +75,7 @@ def prepare_subject(cfg: DictConfig, dataset, name: str) -> Prepared:
     if (crop if crop is not None else placement is not None) and bool(roi.sum() < roi.numel()):
         x0, x1, y0, y1 = crop_box(roi, int(cfg.atlas.get("crop_margin_voxels", 4)))
         subject, atlas, roi = subject.cropped((x0, x1, y0, y1)), atlas[:, x0:x1, y0:y1], roi[x0:x1, y0:y1]
-    return Prepared(subject.with_roi(roi), atlas, roi, placement)
+    return Prepared(subject.with_roi(roi), atlas, roi, placement, checks)
 
 
 def temper_atlas(atlas: torch.Tensor, weight: float) -> torch.Tensor:
