@@ -55,16 +55,21 @@ def make_inputs(shape=(256, 256, 16), n=3, k=4, seed=0):
 LOG_2PI = float(np.log(2 * np.pi))
 
 
+def inplane_neighbour_sum(post, nb):
+    """``nb`` (zeros, torch or numpy) plus each voxel's 4 in-plane neighbours of ``post`` ``[K, H, W, D]``."""
+    nb[:, 1:] += post[:, :-1]
+    nb[:, :-1] += post[:, 1:]
+    nb[:, :, 1:] += post[:, :, :-1]
+    nb[:, :, :-1] += post[:, :, 1:]
+    return nb
+
+
 def reference_em_step(x, cov, log_atlas, log_pi, log_tau, mean, var, post, beta):
     """One EM iteration written straightforwardly in torch: the atlas prior with the proportions and
     the mean-field MRF of ``post`` (4 in-plane neighbours), every subtype at every voxel, the
     moments, the pi fixed point. x, cov ``[N, V]``; log_atlas, post ``[K, H, W, D]``; parameters
     ``[N, K, C]`` (padded slots: log_tau -inf). The maths of ``mvmm_monai.mixture.em_step``."""
-    nb = torch.zeros_like(post)
-    nb[:, 1:] += post[:, :-1]
-    nb[:, :-1] += post[:, 1:]
-    nb[:, :, 1:] += post[:, :, :-1]
-    nb[:, :, :-1] += post[:, :, 1:]
+    nb = inplane_neighbour_sum(post, torch.zeros_like(post))
     k = log_atlas.shape[0]
     lp = torch.log_softmax(log_atlas + log_pi[:, None, None, None] + beta * nb, 0).reshape(k, -1)
     d = log_tau[..., None] - 0.5 * (LOG_2PI + torch.log(var)[..., None] + (x[:, None, None] - mean[..., None]) ** 2 / var[..., None])
@@ -84,11 +89,7 @@ def reference_em_step(x, cov, log_atlas, log_pi, log_tau, mean, var, post, beta)
 
 def numpy_em_step(x, cov, log_atlas, log_pi, log_tau, mean, var, post, beta):
     """:func:`reference_em_step` in plain numpy (float32, vectorised; padded slots log_tau -1e30)."""
-    nb = np.zeros_like(post)
-    nb[:, 1:] += post[:, :-1]
-    nb[:, :-1] += post[:, 1:]
-    nb[:, :, 1:] += post[:, :, :-1]
-    nb[:, :, :-1] += post[:, :, 1:]
+    nb = inplane_neighbour_sum(post, np.zeros_like(post))
     k = log_atlas.shape[0]
     a = log_atlas + log_pi[:, None, None, None] + beta * nb
     a = a - a.max(0, keepdims=True)
@@ -235,7 +236,7 @@ def main() -> None:
 
     # a loaded machine: as many busy processes as CPUs, engine on all threads against one thread
     threads = torch.get_num_threads()
-    fit_step = lambda: em_step(images, cov, log_atlas, params, cfg, posterior, lower_bound=False, quantised=quantised)  # noqa: E731
+    fit_step = lambda: em_step(images, cov, log_atlas, params, cfg, posterior, lower_bound=False, quantised=quantised)
     with busy_cpus(os.cpu_count() or 1):
         loaded = best_of(fit_step, args.repeats)
         torch.set_num_threads(1)

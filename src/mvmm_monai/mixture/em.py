@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_tiny(dtype: torch.dtype) -> float:
     """``log`` of the smallest normal number of ``dtype`` (-87.3 in float32): ``exp`` of a smaller
     argument takes a slow path on x86 CPUs (measured 50-100x slower), and gives ~0 anyway."""
@@ -236,6 +236,53 @@ def e_step(
     )
 
 
+def _level_table(q: Quantised, params: MixtureParams) -> tuple[Tensor, Tensor]:
+    """The look-up table ``[B, N, K, L+1]`` (each image's weighted class log-densities per level, 0
+    at the extra level of the voxels it does not cover) and the subtype shares ``[B, N, K, C, L]``."""
+    b, n = q.index.shape[:2]
+    k = params.mean.shape[2]
+    log_class, within = level_tables(q.values, params.log_tau, params.mean, params.var)
+    table = torch.cat((log_class * q.weight[:, :, None, None], log_class.new_zeros(b, n, k, 1)), dim=-1)
+    return table, within
+
+
+def _voxel_pass(joint: Tensor, q: Quantised, table: Tensor, voxels: slice, previous: Tensor | None, lower_bound: bool):
+    """The per-voxel work of an E-step on quantised images, for ``voxels`` of the flattened volume.
+
+    Args:
+        joint: ``[B, K, v]`` log prior of those voxels; the look-ups are added into it (in place).
+        previous: ``[B, K, v]`` the previous posterior there, or ``None``.
+
+    Returns:
+        ``(posterior [B, K, v], sum of log p(I(x)), sum of the lower bound's terms (or None), sum
+        of the total variation to ``previous`` (or None), level histograms [B, N, K, L+1])``, the
+        sums over the voxels of Omega.
+    """
+    b, k, v = joint.shape
+    index, om = q.index[:, :, voxels], q.omega[:, voxels]
+    for j in range(index.shape[1]):  # sum_n w_n log p_nk(I_n(x)): one look-up per voxel and image
+        joint += torch.gather(table[:, j], 2, index[:, j, None, :].expand(b, k, v))
+    tiny = torch.finfo(joint.dtype).tiny
+    post = torch.softmax(joint, dim=1).clamp_min_(tiny)  # no denormals: arithmetic on them is ~20x slower
+    # log p(I(x)) = max_k joint - log max_k P_k (the softmax's largest term is 1 / its sum)
+    ll = (joint.amax(dim=1).sub_(post.amax(dim=1).log_()) * om).sum(-1)
+    bound = moved = None
+    if previous is not None:
+        moved = ((post - previous).abs().sum(1) * om).sum(-1)
+        if lower_bound:  # F(q) = sum_k q_k (log pi p_k - log q_k); xlogy is 10x slower than log
+            bound = ((previous * joint.sub_(previous.clamp_min(tiny).log_())).sum(1) * om).sum(-1)
+    hist = torch.zeros((*table.shape[:3], table.shape[-1]), dtype=post.dtype, device=post.device)
+    for j in range(index.shape[1]):  # the posterior summed over the voxels at each level
+        hist[:, j].scatter_add_(2, index[:, j, None, :].expand(b, k, v), post)
+    return post, ll, bound, moved, hist
+
+
+def _level_moments(q: Quantised, within: Tensor, hist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mass, sum_x, sum_xx)`` ``[B, N, K, C]`` from the level histograms ``[B, N, K, L+1]``."""
+    resp = within * (hist[..., :-1] * q.weight[:, :, None, None])[:, :, :, None, :]  # [B, N, K, C, L]
+    return resp.sum(-1), (resp * q.values[:, :, None, None, :]).sum(-1), (resp * (q.values * q.values)[:, :, None, None, :]).sum(-1)
+
+
 @torch.no_grad()
 def _e_step_levels(q: Quantised, log_prior_: Tensor, params: MixtureParams, previous_posterior: Tensor | None) -> EStepResult:
     """:func:`e_step` on quantised intensities: per-level tables, look-ups and histograms.
@@ -244,41 +291,21 @@ def _e_step_levels(q: Quantised, log_prior_: Tensor, params: MixtureParams, prev
     table entry is 0, and ``w_n`` scales the table and the histograms, so no pass over the voxels
     multiplies by the coverage.
     """
-    b, n, v = q.index.shape
+    b, _, v = q.index.shape
     k = params.mean.shape[2]
-    spatial = log_prior_.shape[2:]
-    index, values, omega = q.index, q.values, q.omega
-    levels = values.shape[-1]
-    weight = q.weight[:, :, None, None]
-    log_class, within = level_tables(values, params.log_tau, params.mean, params.var)  # [B,N,K,L], [B,N,K,C,L]
-    table = torch.cat((log_class * weight, log_class.new_zeros(b, n, k, 1)), dim=-1)
-    # sum_n w_n log p_nk(I_n(x)): one look-up per voxel and image
-    log_joint = log_prior_.reshape(b, k, v).to(values.dtype) + torch.gather(table[:, 0], 2, index[:, 0, None, :].expand(b, k, v))
-    for j in range(1, n):
-        log_joint += torch.gather(table[:, j], 2, index[:, j, None, :].expand(b, k, v))
-    # no denormal posteriors: arithmetic on them is ~20x slower, here and in the MRF and M-step
-    post = torch.softmax(log_joint, dim=1).clamp_min_(torch.finfo(values.dtype).tiny)
-    # log p(I(x)) = max_k log_joint - log max_k P_k (the softmax's largest term is 1 / its sum)
-    log_norm = log_joint.amax(dim=1).sub_(post.amax(dim=1).log_())  # [B, V]
-    n_omega = omega.sum(-1).clamp_min(1.0)
-    lower_bound = None
-    if previous_posterior is not None:  # F(q) = sum_k q_k (log pi p_k - log q_k)
-        prev = previous_posterior.reshape(b, k, v).to(values.dtype)
-        tiny = torch.finfo(values.dtype).tiny  # q log q -> 0 as q -> 0 (xlogy is 10x slower than log)
-        per_voxel = (prev * log_joint.sub_(prev.clamp_min(tiny).log_())).sum(1)
-        lower_bound = (per_voxel * omega).sum(-1) / n_omega
-    del log_joint
-    hist = torch.zeros((b, n, k, levels + 1), dtype=values.dtype, device=values.device)
-    for j in range(n):  # the posterior summed over the voxels at each level
-        hist[:, j].scatter_add_(2, index[:, j, None, :].expand(b, k, v), post)
-    resp = within * (hist[..., :levels] * weight)[:, :, :, None, :]  # [B, N, K, C, L]
+    table, within = _level_table(q, params)
+    joint = log_prior_.reshape(b, k, v).to(q.values.dtype, copy=True)
+    previous = None if previous_posterior is None else previous_posterior.reshape(b, k, v).to(q.values.dtype)
+    post, ll, bound, _, hist = _voxel_pass(joint, q, table, slice(None), previous, lower_bound=True)
+    n_omega = q.omega.sum(-1).clamp_min(1.0)
+    mass, sum_x, sum_xx = _level_moments(q, within, hist)
     return EStepResult(
-        posterior=post.reshape(b, k, *spatial),
-        log_likelihood=(log_norm * omega).sum(-1) / n_omega,
-        mass=resp.sum(-1),
-        sum_x=(resp * values[:, :, None, None, :]).sum(-1),
-        sum_xx=(resp * (values * values)[:, :, None, None, :]).sum(-1),
-        lower_bound=lower_bound,
+        posterior=post.reshape(b, k, *log_prior_.shape[2:]),
+        log_likelihood=ll / n_omega,
+        mass=mass,
+        sum_x=sum_x,
+        sum_xx=sum_xx,
+        lower_bound=None if bound is None else bound / n_omega,
     )
 
 
@@ -445,17 +472,13 @@ def _fused_iteration(
     that the OS preempts on a loaded machine delays only its own slab instead of every operation's
     barrier. On other devices the volume is one slab.
     """
-    b, n, v = q.index.shape
+    b, _, v = q.index.shape
     k = params.mean.shape[2]
     spatial = log_atlas.shape[2:]
     rows = spatial[0]
     per_row = v // rows
     dtype = q.values.dtype
-    tiny = torch.finfo(dtype).tiny
-    levels = q.values.shape[-1]
-    weight = q.weight[:, :, None, None]
-    log_class, within = level_tables(q.values, params.log_tau, params.mean, params.var)
-    table = torch.cat((log_class * weight, log_class.new_zeros(b, n, k, 1)), dim=-1)  # [B, N, K, L+1]
+    table, within = _level_table(q, params)
     beta = params.mrf_beta(config) if posterior is not None else 0.0
     mrf = torch.is_tensor(beta) or beta > 0
     log_pi = params.log_pi[:, :, None]
@@ -466,33 +489,17 @@ def _fused_iteration(
 
     def slab(s: int, e: int):
         vs = slice(s * per_row, e * per_row)
-        la = log_atlas[:, :, s:e].reshape(b, k, -1).to(dtype)
         om = q.omega[:, vs]
-        base = la + log_pi
+        base = log_atlas[:, :, s:e].reshape(b, k, -1).to(dtype) + log_pi
         prior_mass = (torch.softmax(base, dim=1) * om[:, None]).sum(-1) if config.update_pi else None
-        if mrf:
+        if mrf:  # the neighbours of the slab's first and last rows lie one row beyond it
             lo, hi = max(s - 1, 0), min(e + 1, rows)
             field = neighbour_field(posterior[:, :, lo:hi].to(dtype), config.mrf_neighbourhood)
             field = field[:, :, s - lo:s - lo + e - s].reshape(b, k, -1)
             base = base.add_(field.mul_(beta.to(dtype).reshape(b, 1, 1)) if torch.is_tensor(beta) else field.mul_(beta))
-        joint = torch.log_softmax(base, dim=1)
-        for j in range(n):
-            joint += torch.gather(table[:, j], 2, q.index[:, j, None, vs].expand(b, k, -1))
-        post = torch.softmax(joint, dim=1).clamp_min_(tiny)  # no denormals: ~20x slower arithmetic
-        # log p(I(x)) = max_k joint - log max_k P_k (the softmax's largest term is 1 / its sum)
-        log_norm = joint.amax(dim=1).sub_(post.amax(dim=1).log_())
-        ll = (log_norm * om).sum(-1)
-        bound = None
-        if lower_bound and posterior is not None:  # F(q) = sum_k q_k (log pi p_k - log q_k)
-            prev = posterior[:, :, s:e].reshape(b, k, -1).to(dtype)
-            bound = ((prev * joint.sub_(prev.clamp_min(tiny).log_())).sum(1) * om).sum(-1)
-        moved = None
-        if posterior is not None:
-            moved = ((post - posterior[:, :, s:e].reshape(b, k, -1).to(dtype)).abs().sum(1) * om).sum(-1)
+        previous = None if posterior is None else posterior[:, :, s:e].reshape(b, k, -1).to(dtype)
+        post, ll, bound, moved, hist = _voxel_pass(torch.log_softmax(base, dim=1), q, table, vs, previous, lower_bound)
         new_post[:, :, s:e] = post.reshape(b, k, e - s, *spatial[1:])
-        hist = torch.zeros((b, n, k, levels + 1), dtype=dtype, device=post.device)
-        for j in range(n):
-            hist[:, j].scatter_add_(2, q.index[:, j, None, vs].expand(b, k, -1), post)
         post_mass = (post * om[:, None]).sum(-1) if config.update_pi else None
         return hist, ll, bound, prior_mass, post_mass, moved
 
@@ -505,13 +512,13 @@ def _fused_iteration(
         None if parts[0][i] is None else torch.stack([p[i] for p in parts]).sum(0) for i in range(6)
     )
     n_omega = q.omega.sum(-1).clamp_min(1.0)
-    resp = within * (hist[..., :levels] * weight)[:, :, :, None, :]  # [B, N, K, C, L]
+    mass, sum_x, sum_xx = _level_moments(q, within, hist)
     est = EStepResult(
         posterior=new_post,
         log_likelihood=ll / n_omega,
-        mass=resp.sum(-1),
-        sum_x=(resp * q.values[:, :, None, None, :]).sum(-1),
-        sum_xx=(resp * (q.values * q.values)[:, :, None, None, :]).sum(-1),
+        mass=mass,
+        sum_x=sum_x,
+        sum_xx=sum_xx,
         lower_bound=None if bound is None else bound / n_omega,
         posterior_change=None if moved is None else moved / (2 * n_omega),
     )
