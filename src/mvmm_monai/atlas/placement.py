@@ -549,3 +549,37 @@ def place_atlas_auto(atlas: Atlas, subject, config: PlacementConfig | None = Non
     )
     prob = place_canonical(atlas.prob.numpy(), float(side["pixel_mm"]), subject.grid.shape, spacing, found)
     return torch.from_numpy(prob), found
+
+
+def displace_atlas(prob: Tensor, spacing, shift_mm=(0.0, 0.0), scale: float = 1.0, angle_deg: float = 0.0) -> Tensor:
+    """The placed atlas ``[K, X, Y, Z]`` moved in-plane about its heart's centre: shifted by
+    ``shift_mm`` (x, y), scaled by ``scale`` and rotated by ``angle_deg`` (every slice alike).
+
+    A deliberate misplacement (``atlas.displace``): how quality control is calibrated and tested
+    on failures made on purpose (``benchmarks/qc_calibration.py``); never part of a normal fit.
+    """
+    if not (0.2 <= float(scale) <= 5.0) or len(shift_mm) != 2:
+        raise ValueError(f"atlas.displace: shift_mm must be [x, y] in mm and scale in [0.2, 5], got {list(shift_mm)}, {scale}")
+    p = prob.double().numpy()
+    heart = 1.0 - p[0]
+    if heart.sum() <= 0:
+        raise ValueError("atlas.displace: the placed atlas has no heart to move")
+    sx, sy = float(spacing[0]), float(spacing[1])
+    grid = np.indices(heart.shape, dtype=float)
+    cx, cy = (float((g * heart).sum() / heart.sum()) for g in grid[:2])
+    a = math.radians(float(angle_deg))
+    # output voxel (x, y) takes the input at c + R(-a) (o - c - t) / scale, in mm
+    rot = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]]) / float(scale)
+    mm = np.diag([sx, sy])
+    lin = np.linalg.inv(mm) @ rot @ mm
+    centre = np.array([cx, cy])
+    t = np.array([float(shift_mm[0]) / sx, float(shift_mm[1]) / sy])
+    offset = centre - lin @ (centre + t)
+    matrix = np.eye(3)
+    matrix[:2, :2] = lin
+    out = np.stack([
+        ndimage.affine_transform(ch, matrix, offset=[*offset, 0.0], order=1, mode="constant", cval=1.0 if k == 0 else 0.0)
+        for k, ch in enumerate(p)
+    ])
+    out = np.clip(out, 0.0, None)
+    return torch.from_numpy(out / out.sum(0, keepdims=True).clip(1e-8)).to(prob.dtype)

@@ -31,6 +31,7 @@ from mvmm_monai.pipeline.module import MvMMFit
 from mvmm_monai.pipeline.monitoring import figure_to_array, montage_figure
 from mvmm_monai.pipeline.outputs import ResultFolder, params_record, write_results
 from mvmm_monai.pipeline.prepare import prepare_subject, temper_atlas
+from mvmm_monai.pipeline.qc import assess_fit
 from mvmm_monai.pipeline.progress import lightning_notes_silenced
 from mvmm_monai.pipeline.settings import (
     convergence_window,
@@ -226,6 +227,8 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
             "input_checks": prep.checks,
             "postprocess": conventions.name,
         }
+        metrics["qc"] = assess_fit(build(cfg.qc, _convert_="all") if cfg.get("qc") else None, subject, result, labelled.scores,
+                                   prep.placement, prep.checks)
         full = subject.parent or subject
         labels = {s: full.label_map.to_values(c) for s, c in labelled.classes.items()}
         settings = effective_settings(cfg, dataset, subject, conventions, "auto" if prep.placement is not None else "identity")

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from mvmm_monai.atlas.io import read_atlas
-from mvmm_monai.atlas.placement import PLACEMENTS, place_atlas, place_atlas_auto
+from mvmm_monai.atlas.placement import PLACEMENTS, displace_atlas, place_atlas, place_atlas_auto
 from mvmm_monai.atlas.roi import atlas_roi, crop_box
 from mvmm_monai.config import build
 from mvmm_monai.data.checks import mirrored_sequences
@@ -70,6 +70,11 @@ def prepare_subject(cfg: DictConfig, dataset, name: str) -> Prepared:
             "build one with scripts/build_atlas.py)"
         )
     atlas, placement = place(cfg, read_atlas(atlas_path), subject)
+    if cfg.atlas.get("displace"):  # a failure made on purpose (quality-control calibration and tests)
+        d = cfg.atlas.displace
+        atlas = displace_atlas(atlas, subject.grid.spacing.tolist(), tuple(d.get("shift_mm", (0.0, 0.0))),
+                               float(d.get("scale", 1.0)), float(d.get("angle_deg", 0.0)))
+        log.warning("%s: the placed atlas was displaced on purpose (atlas.displace=%s)", subject.name, dict(d))
     roi = atlas_roi(atlas, tuple(subject.grid.spacing.tolist()), cfg.model.roi_margin_mm)
     crop = cfg.atlas.get("crop")
     if (crop if crop is not None else placement is not None) and bool(roi.sum() < roi.numel()):

@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""Calibrate and cross-validate quality control (``metrics.json`` ``qc``) on the shared MyoPS cases.
+
+    .venv/bin/python benchmarks/qc_calibration.py [--root DIR] [--folds 5] [--cases Case3001..Case3025] \
+        [--failures 2] [--jobs 2] [--out DIR] [--reuse-atlases] [--rows FILE] [--write-config] \
+        [--record NAME] [hydra overrides common to every fit ...]
+
+For each fold, the atlas is built from the other folds' cases only; every case of the fold is
+fitted fully automatically as given, and ``--failures`` more times with a failure made on purpose
+(``atlas.displace``: the placed atlas shifted 12-25 mm in a random direction, scaled by 0.6-0.75
+or 1.35-1.5, or rotated by 90-180 degrees about the heart's centre; drawn per case from a fixed
+seed). Every fit gives its label-free QC features (``pipeline/qc.py``) and its true LGE
+myocardium Dice.
+
+The quality model (ridge regression of the Dice on the standardised features, a flag threshold,
+the usual range of every feature on good fits) is then *cross-validated*: for each fold it is
+made from the other folds' fits and judged on the fold's own (failed fits: Dice < 0.70, good:
+>= 0.80): how many failures it flags, how many good fits it flags, how close its score is to the
+Dice. ``--write-config`` writes the model made from all fits to ``src/mvmm_monai/conf/qc/default.yaml``
+(what every fit then uses). ``--rows FILE`` recalibrates from the fits of an earlier run without
+fitting again. The record is ``benchmarks/results/NAME.json`` (default ``qc_calibration``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from common import argument_parser, parse_args
+from crossval import folds_of
+from record import REPO, add_record_option, write_record
+
+FAILED, GOOD = 0.70, 0.80
+RIDGE = 1.0  # ridge penalty on standardised features (per fit: lambda = RIDGE * number of fits)
+CONFIG = REPO / "src" / "mvmm_monai" / "conf" / "qc" / "default.yaml"
+
+
+def failures_for(case: str, count: int, seed: int = 0) -> list[dict]:
+    """``count`` deliberate misplacements of ``case`` (``atlas.displace`` values), drawn from a seed
+    and the case's name so that every run makes the same ones."""
+    rng = np.random.default_rng([seed, *case.encode()])
+    kinds = rng.permutation(["shift", "scale", "rotate"])
+    out = []
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        if kind == "shift":
+            r, a = rng.uniform(12, 25), rng.uniform(0, 2 * math.pi)
+            out.append({"shift_mm": [round(r * math.cos(a), 1), round(r * math.sin(a), 1)]})
+        elif kind == "scale":
+            out.append({"scale": round(float(rng.choice([rng.uniform(0.6, 0.75), rng.uniform(1.35, 1.5)])), 3)})
+        else:
+            out.append({"angle_deg": round(float(rng.choice([-1, 1]) * rng.uniform(90, 180)), 1)})
+    return out
+
+
+def displace_override(d: dict | None) -> list[str]:
+    if not d:
+        return []
+    body = ",".join(f"{k}:{json.dumps(v).replace(' ', '')}" for k, v in d.items())
+    return [f"atlas.displace={{{body}}}"]
+
+
+def fit_one(root: Path, atlas: Path, case: str, out: Path, displace: dict | None, overrides: list[str], threads: int) -> dict:
+    """One fit in a worker process: its QC features and true Dice, or its error."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from mvmm_monai import compose_config, fit
+
+    row: dict = {"case": case, "displace": displace}
+    start = time.perf_counter()
+    try:
+        m = fit(compose_config(["data=myops", f"data.root={root}", f"subject={case}", f"atlas.path={atlas}", f"paths.output_dir={out}",
+                                "callbacks.progress.refresh_rate=0", "~logger", *displace_override(displace), *overrides]))
+        row.update(dice=m["dice"]["LGE"], features=m["qc"]["features"], agreement=m["qc"]["sequence_agreement"],
+                   converged=m["converged"], iterations=m["iterations"])
+    except Exception as err:  # a failing fit is reported, never dropped
+        row["error"] = f"{type(err).__name__}: {err}"
+        traceback.print_exc()
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def feature_matrix(rows: list[dict], names: list[str]) -> np.ndarray:
+    return np.array([[np.nan if r["features"].get(n) is None else r["features"][n] for n in names] for r in rows], dtype=float)
+
+
+def make_model(rows: list[dict], names: list[str]) -> dict:
+    """The quality model from ``rows`` (fits with features and Dice): the fields of
+    :class:`mvmm_monai.pipeline.qc.QualityModel`."""
+    x = feature_matrix(rows, names)
+    y = np.array([r["dice"]["myocardium"] for r in rows])
+    centre = np.nanmean(x, 0)
+    spread = np.nanstd(x, 0)
+    spread[~(spread > 0)] = 1.0
+    z = np.nan_to_num((x - centre) / spread)  # a missing feature counts as its centre
+    n = len(rows)
+    w = np.linalg.solve(z.T @ z + RIDGE * n * np.eye(len(names)), z.T @ (y - y.mean()))
+    score = np.clip(y.mean() + z @ w, 0, 1)
+    good, failed = y >= GOOD, y < FAILED
+    # the threshold: just above every failure's score, unless that flags more than 10 % of the good fits
+    t_fail = float(score[failed].max()) + 0.01 if failed.any() else 0.0
+    t_good = float(np.quantile(score[good], 0.10)) if good.any() else 1.0
+    threshold = min(t_fail, t_good)
+    xg = x[good]
+    usual = {}
+    for j, name in enumerate(names):
+        v = xg[:, j][np.isfinite(xg[:, j])]
+        if v.size:
+            lo, hi = float(v.min()), float(v.max())
+            pad = 0.1 * (hi - lo)
+            usual[name] = [round(lo - pad, 4), round(hi + pad, 4)]
+    agreements = [a for r in rows if r["dice"]["myocardium"] >= GOOD and not r.get("displace") for a in r["agreement"].values()]
+    disagreement = round(max(min(agreements) - 0.1, 0.0), 3) if agreements else 0.5
+    return {
+        "centre": dict(zip(names, np.round(centre, 5).tolist())),
+        "spread": dict(zip(names, np.round(spread, 5).tolist())),
+        "weights": dict(zip(names, np.round(w, 5).tolist())),
+        "intercept": round(float(y.mean()), 5),
+        "threshold": round(threshold, 4),
+        "usual": usual,
+        "disagreement": disagreement,
+    }
+
+
+def judge(model: dict, rows: list[dict]) -> list[dict]:
+    from mvmm_monai.pipeline.qc import QualityModel
+
+    qm = QualityModel(**model)
+    out = []
+    for r in rows:
+        verdict = qm.assess({k: (np.nan if v is None else v) for k, v in r["features"].items()}, r["agreement"])
+        out.append({"case": r["case"], "displace": r.get("displace"), "dice": r["dice"]["myocardium"],
+                    "score": verdict["score"], "flag": verdict["flag"], "reasons": verdict["reasons"]})
+    return out
+
+
+def verdict_summary(judged: list[dict]) -> dict:
+    dice = np.array([j["dice"] for j in judged])
+    score = np.array([j["score"] for j in judged])
+    flag = np.array([j["flag"] for j in judged])
+    failed, good = dice < FAILED, dice >= GOOD
+    return {
+        "fits": len(judged), "failed": int(failed.sum()), "good": int(good.sum()),
+        "failed_flagged": int((flag & failed).sum()), "good_flagged": int((flag & good).sum()),
+        "good_flagged_fraction": float((flag & good).sum() / max(good.sum(), 1)),
+        "failed_unflagged": [f"{j['case']} {j['displace'] or 'as given'} (Dice {j['dice']:.3f}, score {j['score']:.3f})"
+                             for j in judged if j["dice"] < FAILED and not j["flag"]],
+        "mean_abs_error": float(np.abs(score - dice).mean()),
+        "r": float(np.corrcoef(score, dice)[0, 1]) if len(judged) > 2 else None,
+    }
+
+
+def write_config(model: dict, calibration: dict) -> None:
+    import yaml
+
+    body = {"_target_": "mvmm_monai.pipeline.qc.QualityModel", **model, "calibration": calibration}
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text(
+        "# Quality control of every fit (metrics.json qc): written by benchmarks/qc_calibration.py --write-config\n"
+        "# from cross-validated fits of the shared MyoPS cases and failures made on purpose; do not edit by hand.\n"
+        "# Remove the group (~qc) to record the features alone.\n" + yaml.safe_dump(body, sort_keys=False)
+    )
+    print("wrote", CONFIG)
+
+
+def main() -> None:
+    ap = argument_parser(__doc__, myops=True, threads=1)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--cases", default="Case3001..Case3025")
+    ap.add_argument("--failures", type=int, default=2, help="failures made on purpose per case (default %(default)s)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/mvmm_qc_calibration"))
+    ap.add_argument("--reuse-atlases", action="store_true", help="use the fold atlases already in --out")
+    ap.add_argument("--rows", type=Path, help="fits of an earlier run (its rows.json): calibrate without fitting")
+    ap.add_argument("--write-config", action="store_true", help=f"write the model from all fits to {CONFIG.relative_to(REPO)}")
+    add_record_option(ap, "qc_calibration")
+    args = parse_args(ap)
+
+    from mvmm_monai import build_atlas, compose_config
+    from mvmm_monai.config import build
+    from mvmm_monai.pipeline.build_atlas import select_subjects
+    from mvmm_monai.pipeline.qc import FEATURES
+
+    dataset = build(compose_config(["data=myops", f"data.root={args.root}"]).data)
+    cases = select_subjects(args.cases, dataset.subjects(), "--cases")
+    folds = folds_of(cases, args.folds)
+    fold_of = {c: i for i, f in enumerate(folds) for c in f}
+    if args.rows:
+        rows = json.loads(args.rows.read_text())
+    else:
+        atlases = []
+        for i, fold in enumerate(folds):
+            atlas = args.out / f"fold{i}" / "atlas.nii.gz"
+            if not (args.reuse_atlases and atlas.is_file()):
+                training = [c for c in cases if c not in fold]
+                build_atlas(compose_config([f"data.root={args.root}", f"subjects=[{','.join(training)}]", f"output={atlas}"], config_name="build_atlas"))
+            atlases.append(atlas)
+        jobs = [(c, d) for c in cases for d in [None, *failures_for(c, args.failures)]]
+        rows = []
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(fit_one, args.root, atlases[fold_of[c]], c, args.out / "fits" / f"{c}_{k}", d, list(args.overrides), args.threads or 1)
+                       for k, (c, d) in enumerate(jobs)]
+            for fut in futures:
+                row = {**fut.result(), "fold": None}
+                row["fold"] = fold_of[row["case"]]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
+    ok = [r for r in rows if "error" in r or "features" in r]
+    errors = [r for r in ok if "error" in r]
+    fitted = [r for r in ok if "features" in r]
+    names = list(FEATURES)
+
+    judged = []
+    per_fold = []
+    for i, fold in enumerate(folds):
+        train = [r for r in fitted if r["case"] not in fold]
+        test = [r for r in fitted if r["case"] in fold]
+        j = judge(make_model(train, names), test)
+        judged += j
+        per_fold.append(verdict_summary(j))
+    pooled = verdict_summary(judged)
+    full = make_model(fitted, names)
+    figures = {
+        "folds": folds, "failures_per_case": args.failures, "features": names, "errors": [f"{r['case']} {r.get('displace')}: {r['error']}" for r in errors],
+        "cross_validated": {"pooled": pooled, "folds": per_fold, "fits": judged},
+        "model_from_all": full,
+        "same_fits": verdict_summary(judge(full, fitted)),
+    }
+    print(json.dumps({"pooled": pooled, "model": full}, indent=1))
+    if args.write_config:
+        write_config(full, {"record": args.record or None, "cases": args.cases, "fits": len(fitted),
+                            "failures_per_case": args.failures, "folds": args.folds})
+    if not args.record:
+        return
+    table_rows = []
+    for label, s in [*((f"fold {i}", s) for i, s in enumerate(per_fold)), ("pooled", pooled)]:
+        table_rows.append([label, s["fits"], f"{s['failed_flagged']}/{s['failed']}", f"{s['good_flagged']}/{s['good']}",
+                           f"{s['mean_abs_error']:.3f}", "" if s["r"] is None else f"{s['r']:.2f}"])
+    write_record(args.record, figures, table={
+        "columns": ["held-out fold", "fits", "failures (Dice < 0.70) flagged", "good fits (Dice >= 0.80) flagged",
+                    "mean |score - Dice|", "r(score, Dice)"],
+        "rows": table_rows,
+        "caption": f"Quality control, {args.folds}-fold cross-validated over {len(cases)} MyoPS cases ({args.cases}), each fitted "
+                   f"as given and {args.failures} times with a misplaced atlas made on purpose: the model judging a fold was made "
+                   "from the other folds' fits only; each fold's atlas from the other folds' cases.",
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Quality control without labels: does a fit deserve trust?
+
+A derived, named step after the fit (the mixture's output is not touched). It measures what the
+model knows about its own result (:func:`qc_features`):
+
+- ``entropy``: the mean normalised entropy of the class posterior where the heart was labelled
+  (an uncertain fit spreads its probability);
+- ``lv_enclosed``: the share of the LV blood pool's in-plane border that is myocardium in the
+  mixture's own labels (the posterior's most likely class, before the labelling conventions
+  close the ring): a closed myocardial ring;
+- ``rv_lv_contact``: the share of the RV's border that touches the LV pool, in the mixture's own
+  labels (the septum separates them; a label swap puts them side by side);
+- ``wall_mm``: the myocardial wall thickness, from the epicardial and endocardial areas of each
+  slice as concentric rings (median over slices);
+- ``myo_connected``: the share of the myocardium in its largest connected piece (mixture's own labels);
+- ``rv_lv_ratio``: log of the RV to LV pool volume;
+- ``blood_contrast``, ``rv_contrast``: how much brighter the LV (RV) pool is than the myocardium
+  (median over the sequences, in units of their spread): a mislabelled pool is not brighter;
+- ``sequence_agreement``: for each sequence, the labels its own intensities give (with the atlas
+  prior) against those the other sequences give together (mean Dice of myocardium and LV); a
+  sequence that sees the heart elsewhere (mirrored, moved) disagrees. The feature is the lowest;
+- ``atlas_agreement``: the mean Dice of the labels and the (deformed) atlas' most likely class:
+  how far the result had to leave the prior;
+- ``placement_score``: the automatic placement's template correlation.
+
+:class:`QualityModel` turns them into ``{"score", "flag", "reasons", "features"}`` for
+``metrics.json``: ``score`` is a linear estimate of the LGE myocardium Dice (ridge regression on
+the standardised features), ``flag`` is set when the score is below the model's threshold or when
+a sequence was found mirrored or disagrees with the others, and ``reasons`` names every feature
+outside the range of good fits. The model's numbers (``conf/qc/default.yaml``) are written by
+``benchmarks/qc_calibration.py`` from cross-validated fits of the shared MyoPS cases and failures
+made on purpose (displaced, mis-scaled and rotated placements); its record says how it was made.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from mvmm_monai.classes import CLASS_NAMES
+
+MYO, LV, RV = (CLASS_NAMES.index(c) for c in ("myocardium", "lv", "rv"))
+
+#: the features :class:`QualityModel` weighs, in order
+FEATURES = (
+    "entropy", "lv_enclosed", "rv_lv_contact", "wall_mm", "myo_connected", "rv_lv_ratio",
+    "blood_contrast", "rv_contrast", "sequence_agreement", "atlas_agreement", "placement_score",
+)
+
+#: short words for reasons (feature -> what a low / high value means)
+MEANING = {
+    "entropy": ("", "uncertain labels in the heart"),
+    "lv_enclosed": ("myocardial ring around the LV open", ""),
+    "rv_lv_contact": ("", "RV touches the LV pool (septum missing or labels swapped)"),
+    "wall_mm": ("myocardial wall implausibly thin", "myocardial wall implausibly thick"),
+    "myo_connected": ("myocardium in pieces", ""),
+    "rv_lv_ratio": ("RV small against the LV", "RV large against the LV"),
+    "blood_contrast": ("LV pool not brighter than the myocardium", ""),
+    "rv_contrast": ("RV pool not brighter than the myocardium", ""),
+    "sequence_agreement": ("sequences disagree on the heart", ""),
+    "atlas_agreement": ("result far from the atlas", ""),
+    "placement_score": ("weak automatic placement", ""),
+}
+
+
+def _neighbour_pairs(labels: np.ndarray, a: int, b: int) -> tuple[int, int]:
+    """In-plane 4-neighbour pairs (voxel of class ``a``, neighbour not ``a``): how many, and how
+    many of those neighbours are class ``b``."""
+    total = hit = 0
+    for x, y in ((labels[:-1], labels[1:]), (labels[1:], labels[:-1]), (labels[:, :-1], labels[:, 1:]), (labels[:, 1:], labels[:, :-1])):
+        border = (x == a) & (y != a)
+        total += int(border.sum())
+        hit += int((border & (y == b)).sum())
+    return total, hit
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / s) if s else 1.0
+
+
+def _class_log_likelihood(images: torch.Tensor, params) -> torch.Tensor:
+    """``[N, K, V]``: each sequence's log-likelihood of every class (its subtypes summed)."""
+    log_tau, mean, var = params.log_tau[0].double(), params.mean[0].double(), params.var[0].clamp_min(1e-12).double()
+    x = images.double()[:, None, None, :]  # [N, 1, 1, V]
+    comp = log_tau[..., None] - 0.5 * (math.log(2 * math.pi) + torch.log(var)[..., None] + (x - mean[..., None]) ** 2 / var[..., None])
+    return torch.logsumexp(comp, dim=2)
+
+
+def sequence_agreement(result, sequences: tuple[str, ...]) -> dict[str, float]:
+    """Per sequence: mean Dice (myocardium, LV) of the labels its own intensities give with the atlas
+    prior against the labels of the other sequences together, where both see the voxel; sequences
+    without an overlap with the others are left out."""
+    images, cover = result.warped.images[0], result.warped.coverage[0] > 0
+    n = images.shape[0]
+    if n < 2:
+        return {}
+    prior = (result.warped.log_atlas[0] + result.params.log_pi[0].reshape(-1, *[1] * (images.ndim - 1))).double()
+    k = prior.shape[0]
+    flat_prior = prior.reshape(k, -1)
+    ll = _class_log_likelihood(images.reshape(n, -1), result.params) * cover.reshape(n, 1, -1)
+    out = {}
+    for i, seq in enumerate(sequences):
+        others = [j for j in range(n) if j != i]
+        both = cover[i].reshape(-1) & cover[others].reshape(len(others), -1).any(0)
+        if int(both.sum()) < 100:
+            continue
+        own = (flat_prior + ll[i]).argmax(0)[both].numpy()
+        rest = (flat_prior + ll[others].sum(0)).argmax(0)[both].numpy()
+        out[seq] = float(np.mean([_dice(own == c, rest == c) for c in (MYO, LV)]))
+    return out
+
+
+def qc_features(subject, result, scores: torch.Tensor, placement=None) -> tuple[dict[str, float], dict[str, float]]:
+    """The label-free features of a fit (module docstring) and the per-sequence agreement.
+
+    ``scores`` ``[K, *S]``: the labelled fit in the common space (its argmax is the label map);
+    features are measured on the slices the reference sequence covers.
+    """
+    ref = subject.sequences.index(subject.reference)
+    covered = (result.warped.coverage[0, ref] > 0).numpy()
+    labels = scores.argmax(0).numpy()
+    labels = np.where(covered, labels, -1)
+    post = result.posterior.double().numpy()
+    sx, sy = (float(v) for v in subject.grid.spacing[:2])
+    heart = (labels > 0)
+    f: dict[str, float] = {}
+    p = np.clip(post, 1e-12, 1.0)
+    ent = -(p * np.log(p)).sum(0) / math.log(post.shape[0])
+    f["entropy"] = float(ent[heart].mean()) if heart.any() else 1.0
+    own = np.where(covered, post.argmax(0), -1)  # the mixture's own labels, before any convention
+    total = hit = rtot = rhit = 0
+    walls = []
+    for z in range(labels.shape[-1]):
+        sl, mine = labels[..., z], own[..., z]
+        n_lv, n_myo = int((sl == LV).sum()), int((sl == MYO).sum())
+        if n_lv >= 10 and n_myo >= 10:
+            walls.append(math.sqrt((n_myo + n_lv) * sx * sy / math.pi) - math.sqrt(n_lv * sx * sy / math.pi))
+        if (mine == LV).sum() >= 10:
+            t, h = _neighbour_pairs(mine, LV, MYO)
+            total, hit = total + t, hit + h
+        if (mine == RV).sum() >= 10:
+            t, h = _neighbour_pairs(mine, RV, LV)
+            rtot, rhit = rtot + t, rhit + h
+    f["lv_enclosed"] = hit / total if total else 0.0
+    f["rv_lv_contact"] = rhit / rtot if rtot else 0.0
+    f["wall_mm"] = float(np.median(walls)) if walls else 0.0
+    own_myo = own == MYO
+    if own_myo.any():
+        comp, _ = ndimage.label(own_myo, structure=np.ones((3, 3, 3)))
+        f["myo_connected"] = float(np.bincount(comp.ravel())[1:].max() / own_myo.sum())
+    else:
+        f["myo_connected"] = 0.0
+    myo = labels == MYO
+    n_lv, n_rv = int((labels == LV).sum()), int((labels == RV).sum())
+    f["rv_lv_ratio"] = float(math.log((n_rv + 1) / (n_lv + 1)))
+    images, cover = result.warped.images[0].numpy(), result.warped.coverage[0].numpy() > 0
+    for name, pool in (("blood_contrast", LV), ("rv_contrast", RV)):
+        contrasts = []
+        for i in range(images.shape[0]):
+            blood, mo = images[i][(labels == pool) & cover[i]], images[i][myo & cover[i]]
+            if blood.size >= 10 and mo.size >= 10:
+                spread = math.sqrt(0.5 * (blood.var() + mo.var())) or 1e-6
+                contrasts.append((blood.mean() - mo.mean()) / spread)
+        f[name] = float(np.median(contrasts)) if contrasts else 0.0
+    agreement = sequence_agreement(result, subject.sequences)
+    f["sequence_agreement"] = min(agreement.values()) if agreement else 1.0
+    atlas_labels = result.warped.log_atlas[0].argmax(0).numpy()
+    f["atlas_agreement"] = float(np.mean([_dice((labels == c), (atlas_labels == c) & covered) for c in (MYO, LV, RV)]))
+    f["placement_score"] = float(placement.score) if placement is not None else float("nan")
+    return f, agreement
+
+
+@dataclass(frozen=True)
+class QualityModel:
+    """The calibrated quality-control model (``conf/qc/default.yaml``, written by
+    ``benchmarks/qc_calibration.py``).
+
+    Attributes:
+        centre, spread: each feature's mean and standard deviation over the calibration fits.
+        weights: ridge-regression weight of each standardised feature; ``intercept``: the mean Dice.
+        threshold: ``flag`` when the score is below it (chosen on the calibration fits so that
+            failures are flagged and few good fits are).
+        usual: each feature's range over the good calibration fits (myocardium Dice >= 0.80); a
+            value outside it is a reason.
+        disagreement: a sequence whose agreement with the others is below this is named in a reason
+            and sets the flag.
+        calibration: where the numbers come from (record, cases, fits).
+    """
+
+    centre: dict[str, float]
+    spread: dict[str, float]
+    weights: dict[str, float]
+    intercept: float
+    threshold: float
+    usual: dict[str, list[float]]
+    disagreement: float = 0.5
+    calibration: dict = field(default_factory=dict)
+
+    def score(self, features: dict[str, float]) -> float:
+        """The estimated LGE myocardium Dice in [0, 1]; a missing or NaN feature counts as its centre."""
+        s = self.intercept
+        for name, w in self.weights.items():
+            v = features.get(name, float("nan"))
+            if v is None or not math.isfinite(v):
+                continue
+            s += w * (v - self.centre[name]) / (self.spread[name] or 1.0)
+        return float(min(max(s, 0.0), 1.0))
+
+    def reasons(self, features: dict[str, float]) -> list[str]:
+        out = []
+        for name, (lo, hi) in self.usual.items():
+            v = features.get(name)
+            if v is None or not math.isfinite(v):
+                continue
+            low, high = MEANING.get(name, (name + " low", name + " high"))
+            if v < lo and low:
+                out.append(f"{low} ({name} {v:.3g}, usual >= {lo:.3g})")
+            elif v > hi and high:
+                out.append(f"{high} ({name} {v:.3g}, usual <= {hi:.3g})")
+        return out
+
+    def assess(self, features: dict[str, float], agreement: dict[str, float] | None = None, mirrored: dict | None = None) -> dict:
+        """``{"score", "flag", "reasons", "features", "sequence_agreement"}`` for ``metrics.json``."""
+        score = self.score(features)
+        reasons = []
+        flag = score < self.threshold
+        if flag:
+            reasons.append(f"estimated myocardium Dice {score:.2f} below {self.threshold:.2f}")
+        for seq, check in (mirrored or {}).items():
+            if check.get("mirrored"):
+                flag = True
+                reasons.append(f"{seq} looks mirrored against the reference (input_checks.mirrored)")
+        for seq, a in (agreement or {}).items():
+            if a < self.disagreement:
+                flag = True
+                reasons.append(f"{seq} disagrees with the other sequences on where the heart is (agreement {a:.2f})")
+        reasons += self.reasons(features)
+        return {
+            "score": round(score, 4), "flag": bool(flag), "reasons": reasons,
+            "features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
+            "sequence_agreement": {k: round(v, 4) for k, v in (agreement or {}).items()},
+        }
+
+
+def assess_fit(model: QualityModel | None, subject, result, scores: torch.Tensor, placement=None, checks: dict | None = None) -> dict:
+    """The ``qc`` entry of ``metrics.json``; without a model (``qc`` config group removed) only the
+    features and the per-sequence agreement."""
+    features, agreement = qc_features(subject, result, scores, placement)
+    if model is None:
+        return {"features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
+                "sequence_agreement": {k: round(v, 4) for k, v in agreement.items()}}
+    return model.assess(features, agreement, (checks or {}).get("mirrored"))
