@@ -35,9 +35,12 @@ import numpy as np
 from common import argument_parser, parse_args
 from crossval import folds_of
 from record import REPO, add_record_option, write_record
+from scipy.optimize import isotonic_regression
+
+from mvmm_monai.pipeline.qc import TWO_SIDED
 
 FAILED, GOOD = 0.70, 0.80
-RIDGE = 1.0  # ridge penalty on standardised features (per fit: lambda = RIDGE * number of fits)
+RIDGES = (0.1, 0.3, 1.0, 3.0, 10.0)  # ridge penalties tried (per fit: lambda = RIDGE * number of fits)
 CONFIG = REPO / "src" / "mvmm_monai" / "conf" / "qc" / "default.yaml"
 
 
@@ -91,19 +94,49 @@ def feature_matrix(rows: list[dict], names: list[str]) -> np.ndarray:
     return np.array([[np.nan if r["features"].get(n) is None else r["features"][n] for n in names] for r in rows], dtype=float)
 
 
+def _ridge(z: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+    return np.linalg.solve(z.T @ z + ridge * len(y) * np.eye(z.shape[1]), z.T @ (y - y.mean()))
+
+
+def choose_ridge(z: np.ndarray, y: np.ndarray, cases: list[str]) -> float:
+    """The penalty of ``RIDGES`` with the least squared error leaving one case (all its fits) out at
+    a time: chosen on the rows given only, so that judging other folds stays cross-validated."""
+    groups = sorted(set(cases))
+    errors = {}
+    for ridge in RIDGES:
+        err = 0.0
+        for g in groups:
+            out = np.array([c == g for c in cases])
+            w = _ridge(z[~out], y[~out], ridge)
+            err += float(((y[~out].mean() + z[out] @ w - y[out]) ** 2).sum())
+        errors[ridge] = err
+    return min(errors, key=errors.get)
+
+
 def make_model(rows: list[dict], names: list[str]) -> dict:
     """The quality model from ``rows`` (fits with features and Dice): the fields of
     :class:`mvmm_monai.pipeline.qc.QualityModel`."""
     x = feature_matrix(rows, names)
     y = np.array([r["dice"]["myocardium"] for r in rows])
-    centre = np.nanmean(x, 0)
+    good, failed = y >= GOOD, y < FAILED
+    two = np.array([n in TWO_SIDED for n in names])
+    centre = np.where(two, np.nanmedian(x[good], 0) if good.any() else np.nanmedian(x, 0), np.nanmean(x, 0))
     spread = np.nanstd(x, 0)
     spread[~(spread > 0)] = 1.0
-    z = np.nan_to_num((x - centre) / spread)  # a missing feature counts as its centre
+    u = np.nan_to_num((x - centre) / spread)  # a missing feature counts as its centre
+    u[:, two] = np.abs(u[:, two])
     n = len(rows)
-    w = np.linalg.solve(z.T @ z + RIDGE * n * np.eye(len(names)), z.T @ (y - y.mean()))
-    score = np.clip(y.mean() + z @ w, 0, 1)
-    good, failed = y >= GOOD, y < FAILED
+    ridge = choose_ridge(u - u.mean(0), y, [r["case"] for r in rows])
+    w = _ridge(u - u.mean(0), y, ridge)
+    intercept = float(y.mean() - u.mean(0) @ w)
+    raw = intercept + u @ w
+    # the regression shrinks towards the mean: a monotone curve (isotonic regression of the Dice on
+    # the regression's value) maps it back onto the Dice scale; kept at the ends of its steps
+    order = np.argsort(raw)
+    fitted = isotonic_regression(y[order]).x
+    ends = [i for i in range(n) if i in (0, n - 1) or fitted[i] != fitted[i - 1] or fitted[i] != fitted[i + 1]]
+    curve = {"raw": np.round(raw[order][ends], 5).tolist(), "dice": np.round(fitted[ends], 5).tolist()}
+    score = np.clip(np.interp(raw, curve["raw"], curve["dice"]), 0, 1)
     # the threshold: just above every failure's score, unless that flags more than 10 % of the good fits
     t_fail = float(score[failed].max()) + 0.01 if failed.any() else 0.0
     t_good = float(np.quantile(score[good], 0.10)) if good.any() else 1.0
@@ -114,7 +147,7 @@ def make_model(rows: list[dict], names: list[str]) -> dict:
         v = xg[:, j][np.isfinite(xg[:, j])]
         if v.size:
             lo, hi = float(v.min()), float(v.max())
-            pad = 0.1 * (hi - lo)
+            pad = 0.25 * (hi - lo)
             usual[name] = [round(lo - pad, 4), round(hi + pad, 4)]
     agreements = [a for r in rows if r["dice"]["myocardium"] >= GOOD and not r.get("displace") for a in r["agreement"].values()]
     disagreement = round(max(min(agreements) - 0.1, 0.0), 3) if agreements else 0.5
@@ -122,10 +155,13 @@ def make_model(rows: list[dict], names: list[str]) -> dict:
         "centre": dict(zip(names, np.round(centre, 5).tolist())),
         "spread": dict(zip(names, np.round(spread, 5).tolist())),
         "weights": dict(zip(names, np.round(w, 5).tolist())),
-        "intercept": round(float(y.mean()), 5),
+        "intercept": round(intercept, 5),
         "threshold": round(threshold, 4),
         "usual": usual,
         "disagreement": disagreement,
+        "two_sided": [n for n in names if n in TWO_SIDED],
+        "curve": curve,
+        "calibration": {"ridge": ridge},
     }
 
 
@@ -160,7 +196,7 @@ def verdict_summary(judged: list[dict]) -> dict:
 def write_config(model: dict, calibration: dict) -> None:
     import yaml
 
-    body = {"_target_": "mvmm_monai.pipeline.qc.QualityModel", **model, "calibration": calibration}
+    body = {"_target_": "mvmm_monai.pipeline.qc.QualityModel", **model, "calibration": {**model["calibration"], **calibration}}
     CONFIG.parent.mkdir(parents=True, exist_ok=True)
     CONFIG.write_text(
         "# Quality control of every fit (metrics.json qc): written by benchmarks/qc_calibration.py --write-config\n"
@@ -178,7 +214,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/mvmm_qc_calibration"))
     ap.add_argument("--reuse-atlases", action="store_true", help="use the fold atlases already in --out")
-    ap.add_argument("--rows", type=Path, help="fits of an earlier run (its rows.json): calibrate without fitting")
+    ap.add_argument("--rows", type=Path, help="fits of an earlier run (its --out/rows.json, or its record): calibrate without fitting")
+    ap.add_argument("--fits-record", type=Path, help="with --rows FILE: the record of the run that made those fits (its command and "
+                    "revision are kept in this record)")
     ap.add_argument("--write-config", action="store_true", help=f"write the model from all fits to {CONFIG.relative_to(REPO)}")
     add_record_option(ap, "qc_calibration")
     args = parse_args(ap)
@@ -192,8 +230,14 @@ def main() -> None:
     cases = select_subjects(args.cases, dataset.subjects(), "--cases")
     folds = folds_of(cases, args.folds)
     fold_of = {c: i for i, f in enumerate(folds) for c in f}
+    fits_from = None
     if args.rows:
         rows = json.loads(args.rows.read_text())
+        if isinstance(rows, dict):  # a record of this script: its fits and where they came from
+            fits_from, rows = rows["figures"].get("fits_from"), rows["figures"]["rows"]
+        if args.fits_record:
+            made = json.loads(args.fits_record.read_text())
+            fits_from = {k: made[k] for k in ("command", "git_revision", "date")}
     else:
         atlases = []
         for i, fold in enumerate(folds):
@@ -234,6 +278,8 @@ def main() -> None:
         "cross_validated": {"pooled": pooled, "folds": per_fold, "fits": judged},
         "model_from_all": full,
         "same_fits": verdict_summary(judge(full, fitted)),
+        "fits_from": fits_from,  # None: the fits were made by this run
+        "rows": rows,
     }
     print(json.dumps({"pooled": pooled, "model": full}, indent=1))
     if args.write_config:

@@ -90,10 +90,10 @@ def test_cohort_finishes_the_others_and_reports_the_bad_subject(tmp_path, cache_
     assert summary["subjects"] == ["patient1", "patient3"]
     assert "patient2_T2.nii.gz" in summary["failed"]["patient2"] and "NaN" in summary["failed"]["patient2"]
     rows = list(csv.DictReader((out / "cohort_summary.csv").read_text().splitlines()))
-    assert [r["subject"] for r in rows] == ["patient1", "patient3", "patient2", "mean", "std"]
-    assert rows[2]["status"] == "failed"
+    assert rows[0]["subject"] == "patient2" and rows[0]["status"] == "failed"  # failed first, then flagged, then the rest
+    assert sorted(r["subject"] for r in rows[1:3]) == ["patient1", "patient3"] and [r["subject"] for r in rows[3:]] == ["mean", "std"]
     mean = float(rows[3]["dice/DE/lv"])
-    assert mean == pytest.approx(np.mean([float(rows[0]["dice/DE/lv"]), float(rows[1]["dice/DE/lv"])]))
+    assert mean == pytest.approx(np.mean([float(rows[1]["dice/DE/lv"]), float(rows[2]["dice/DE/lv"])]))
     assert (out / "patient1" / "metrics.json").is_file() and not (out / "patient2" / "metrics.json").exists()
 
 

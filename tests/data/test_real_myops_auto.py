@@ -55,6 +55,9 @@ def test_automatic_fit_on_full_field_of_view(myops_root, myops_atlas, tmp_path, 
     assert m["atlas_dice"]["LGE"]["lv"] > floor["atlas_lv"], m["placement"]  # the heart was found
     assert m["dice"]["LGE"]["myocardium"] > floor["myocardium"]
     assert m["dice"]["LGE"]["lv"] > floor["lv"]
+    # quality control estimates the Dice of a good fit (it flags about 1 good fit in 18 in cross-validation,
+    # docs/results.md, so a flag is not asserted here; a failure's flag is, in the test below)
+    assert m["qc"]["score"] > 0.6 and abs(m["qc"]["score"] - m["dice"]["LGE"]["myocardium"]) < 0.2, m["qc"]
     # outputs on the full native grid with MyoPS label values
     seg = nib.load(out / f"{case}_LGE_seg.nii.gz")
     src = nib.load(myops_root / case / f"{case}_LGE.nii.gz")
@@ -105,6 +108,21 @@ def test_bad_real_files_are_named(case_copy, myops_atlas, tmp_path):
     with pytest.raises(ValueError, match="Case3018_T2.*does not overlap"):
         _fit_copy(case_copy.parent, myops_atlas, out)
     assert not out.exists() or not list(out.glob("*.nii.gz"))
+
+
+@pytest.mark.real
+def test_quality_control_flags_a_misplaced_atlas_and_names_a_mirrored_sequence(case_copy, myops_atlas, tmp_path, one_thread):
+    c0 = case_copy / "Case3018_C0.nii.gz"
+    img = nib.load(c0)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine, img.header), c0)  # mirrored left-right
+    m = fit(compose_config(["data=myops", f"data.root={case_copy.parent}", "subject=Case3018", f"atlas.path={myops_atlas}",
+                            f"paths.output_dir={tmp_path / 'out'}", "callbacks.progress.refresh_rate=0", "~logger",
+                            f"trainer.max_epochs={MAX_EPOCHS}", "atlas.displace={angle_deg:150}"]))
+    assert m["dice"]["LGE"]["myocardium"] < 0.7  # a failure
+    qc = m["qc"]
+    assert qc["flag"] and qc["score"] < 0.7, qc
+    assert any(r.startswith("estimated myocardium Dice") for r in qc["reasons"]), qc["reasons"]
+    assert any(r.startswith("C0 looks mirrored") for r in qc["reasons"]), qc["reasons"]
 
 
 @pytest.mark.slow

@@ -289,14 +289,17 @@ def _coarse_map(search: _HeartSearch, stats, levels: list[float], phi: float, si
     return None if total is None else total / k
 
 
-def _coarse_search(search: _HeartSearch) -> tuple[bool, float, float, np.ndarray]:
-    """The stack's long-axis direction, angle (degrees), scale and centre ``[2]`` (mm): the best
-    mean coarse NCC over direction x ``angles_deg`` x ``scales`` and every centre of the slice."""
+def _coarse_search(search: _HeartSearch, count: int = 1, apart_mm: float = 15.0) -> list[tuple[bool, float, float, np.ndarray]]:
+    """The stack's long-axis direction, angle (degrees), scale and centre ``[2]`` (mm) of the best
+    mean coarse NCC over direction x ``angles_deg`` x ``scales`` and every centre of the slice;
+    with ``count`` > 1 also the next best candidates that differ from every one kept (a centre at
+    least ``apart_mm`` away, or a heart size at least 1.2 times larger or smaller), best first."""
     cfg = search.cfg
     stats = search.slice_stats(cfg.coarse_mm)
     tol = max(1, int(round(cfg.slice_tolerance_mm / cfg.coarse_mm)))
-    best_score, best = -np.inf, None
+    found = []  # (score, apex_first, phi, sigma, centre_mm): per setting its best centre, and one far from it
     directions = (True, False) if (cfg.both_directions and search.nz > 1) else (True,)
+    far = apart_mm / cfg.coarse_mm
     for apex_first in directions:
         levels = stack_levels(search.nz, apex_first)
         for phi in cfg.angles_deg:
@@ -305,12 +308,23 @@ def _coarse_search(search: _HeartSearch) -> tuple[bool, float, float, np.ndarray
                 if total is None:
                     continue
                 i = np.unravel_index(int(np.argmax(total)), total.shape)
-                if total[i] > best_score:
-                    best_score = float(total[i])
-                    best = (apex_first, phi, sigma, np.array(i, dtype=float) * cfg.coarse_mm)
-    if best is None:
+                found.append((float(total[i]), apex_first, phi, sigma, np.array(i, dtype=float) * cfg.coarse_mm))
+                if count > 1:
+                    ii, jj = np.meshgrid(np.arange(total.shape[0]), np.arange(total.shape[1]), indexing="ij")
+                    away = np.where((ii - i[0]) ** 2 + (jj - i[1]) ** 2 >= far**2, total, -np.inf)
+                    j = np.unravel_index(int(np.argmax(away)), away.shape)
+                    if np.isfinite(away[j]):
+                        found.append((float(away[j]), apex_first, phi, sigma, np.array(j, dtype=float) * cfg.coarse_mm))
+    if not found:
         raise ValueError("find_heart: no slice is covered by a sequence with a template")
-    return best
+    found.sort(key=lambda f: -f[0])
+    kept: list = []
+    for f in found:
+        if all(np.hypot(*(f[4] - k[4])) >= apart_mm or max(f[3] / k[3], k[3] / f[3]) >= 1.2 for k in kept):
+            kept.append(f)
+        if len(kept) == count:
+            break
+    return [f[1:] for f in kept]
 
 
 class _SliceMatch:
@@ -462,13 +476,23 @@ def find_heart(
     Returns:
         :class:`Placement`. Raises ``ValueError`` when no sequence has a template.
     """
+    return find_hearts(images, coverage, spacing, template, template_channels, atlas_pixel_mm, atlas_radius_mm, config)[0]
+
+
+def find_hearts(images, coverage, spacing, template, template_channels, atlas_pixel_mm, atlas_radius_mm,
+                config: PlacementConfig | None = None, count: int = 1) -> list[Placement]:
+    """:func:`find_heart`'s best placement and, with ``count`` > 1, up to ``count - 1`` more
+    hypotheses: the next best distinct coarse optima (elsewhere in the slice, or of another heart
+    size), each refined the same way; best template match first."""
     cfg = config or PlacementConfig()
     search = _HeartSearch(images, coverage, spacing, template, template_channels, atlas_pixel_mm, atlas_radius_mm, cfg)
-    apex_first, phi0, sigma0, centre0 = _coarse_search(search)
-    match = _SliceMatch(search, centre0)
-    stack = _fine_search(match, stack_levels(search.nz, apex_first), phi0, sigma0)
-    stack = _choose_coverage(match, stack, apex_first)
-    return _assemble(_refine_slices(match, stack))
+    out = []
+    for apex_first, phi0, sigma0, centre0 in _coarse_search(search, count):
+        match = _SliceMatch(search, centre0)
+        stack = _fine_search(match, stack_levels(search.nz, apex_first), phi0, sigma0)
+        stack = _choose_coverage(match, stack, apex_first)
+        out.append(_assemble(_refine_slices(match, stack)))
+    return out
 
 
 def place_canonical(
@@ -521,6 +545,12 @@ def place_atlas_auto(atlas: Atlas, subject, config: PlacementConfig | None = Non
     :class:`~mvmm_monai.atlas.placement.Placement` (per-slice centres, angle, scale,
     long-axis levels, template score). Only the images are used, never labels.
     """
+    return place_atlas_hypotheses(atlas, subject, config, 1)[0]
+
+
+def place_atlas_hypotheses(atlas: Atlas, subject, config: PlacementConfig | None = None, count: int = 1) -> list[tuple[Tensor, Placement]]:
+    """:func:`place_atlas_auto` for the best placement and up to ``count - 1`` distinct others
+    (:func:`find_hearts`), best template match first."""
     if not atlas.canonical or atlas.template is None:
         raise ValueError(
             f"{atlas.path}: atlas.placement=auto needs an atlas built by scripts/build_atlas.py (a canonical frame and "
@@ -537,7 +567,7 @@ def place_atlas_auto(atlas: Atlas, subject, config: PlacementConfig | None = Non
             f"{atlas.path}: its template covers sequences {tseq}, none of the subject's {chosen or list(subject.sequences)}"
         )
     spacing = tuple(subject.grid.spacing[:2].tolist())
-    found = find_heart(
+    found = find_hearts(
         subject.images.numpy(),
         subject.coverage.numpy(),
         spacing,
@@ -546,9 +576,9 @@ def place_atlas_auto(atlas: Atlas, subject, config: PlacementConfig | None = Non
         float(side["pixel_mm"]),
         float(side["radius_mm"]),
         config,
+        count,
     )
-    prob = place_canonical(atlas.prob.numpy(), float(side["pixel_mm"]), subject.grid.shape, spacing, found)
-    return torch.from_numpy(prob), found
+    return [(torch.from_numpy(place_canonical(atlas.prob.numpy(), float(side["pixel_mm"]), subject.grid.shape, spacing, f)), f) for f in found]
 
 
 def displace_atlas(prob: Tensor, spacing, shift_mm=(0.0, 0.0), scale: float = 1.0, angle_deg: float = 0.0) -> Tensor:

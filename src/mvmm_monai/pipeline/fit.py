@@ -169,15 +169,25 @@ def converged(cfg: DictConfig, module: MvMMFit, trainer: pl.Trainer, name: str) 
     return met
 
 
-def reference_montage(subject, classes: dict, staging: Path, scar: dict, postprocess: str):
+def qc_verdict(qc: dict) -> str:
+    """Quality control in a few words, for a picture's title."""
+    if "score" not in qc:
+        return "QC off"
+    head = f"QC score {qc['score']:.2f}, " + ("FLAGGED" if qc["flag"] else "ok")
+    return head + (f": {qc['reasons'][0]}" if qc["flag"] and qc["reasons"] else "")
+
+
+def reference_montage(subject, classes: dict, staging: Path, scar: dict, postprocess: str, qc: dict | None = None):
     """Every slice of the reference sequence on its native grid with the final label contours and
-    the scar mask just written to ``staging`` (``<subject>_montage.png``, TensorBoard ``montage``)."""
+    the scar mask just written to ``staging`` (``<subject>_montage.png``, TensorBoard ``montage``);
+    the quality-control verdict ``qc`` in its title."""
     full = subject.parent or subject
     ref = full.reference
     image = full.images[full.sequences.index(ref)].float().numpy()
     scar_file = staging / f"{subject.name}_scar.nii.gz"
     mask = np.asarray(nib.load(scar_file).dataobj) > 0 if scar_file.is_file() else None
-    title = f"{subject.name}: {ref}, every slice, {postprocess} labels (myo yellow, LV red, RV blue, scar magenta {scar.get('volume_ml', 0):.1f} ml)"
+    title = (f"{subject.name}: {ref}, every slice, {postprocess} labels (myo yellow, LV red, RV blue, scar magenta "
+             f"{scar.get('volume_ml', 0):.1f} ml)\n{qc_verdict(qc or {})}")
     return montage_figure(image, classes[ref].cpu().numpy(), mask, title=title, spacing=tuple(float(v) for v in full.grids[ref].spacing[:2]))
 
 
@@ -235,7 +245,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         overlay = module.overlay(
             title=f"{subject.name}: final segmentation ({conventions.name} labels)", posterior=result.posterior, labels=labelled.scores.argmax(0)
         )
-        montage = reference_montage(subject, labelled.classes, folder.staging, metrics["scar"], conventions.name)
+        montage = reference_montage(subject, labelled.classes, folder.staging, metrics["scar"], conventions.name, metrics["qc"])
         write_results(folder.staging, subject, result, labels, registration, params_record(subject, result, registration, prep.placement, settings),
                       {"overlay": overlay, "montage": montage})
         metrics["seconds"] = time.perf_counter() - start

@@ -101,7 +101,7 @@ def montage_figure(
     nz = image.shape[2]
     cols = min(columns, nz)
     rows = -(-nz // cols)
-    fig = Figure(figsize=(2.4 * cols, 2.4 * rows + (0.5 if title else 0.1)), dpi=100)
+    fig = Figure(figsize=(2.4 * cols, 2.4 * rows + (0.25 + 0.25 * title.count("\n") + 0.25 if title else 0.1)), dpi=100)
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     aspect = spacing[1] / spacing[0]

@@ -24,8 +24,9 @@ model knows about its own result (:func:`qc_features`):
 - ``placement_score``: the automatic placement's template correlation.
 
 :class:`QualityModel` turns them into ``{"score", "flag", "reasons", "features"}`` for
-``metrics.json``: ``score`` is a linear estimate of the LGE myocardium Dice (ridge regression on
-the standardised features), ``flag`` is set when the score is below the model's threshold or when
+``metrics.json``: ``score`` is an estimate of the LGE myocardium Dice (ridge regression on the
+standardised features, mapped through a monotone calibration curve fitted by isotonic
+regression so that the estimate is unbiased for good fits as well as failures), ``flag`` is set when the score is below the model's threshold or when
 a sequence was found mirrored or disagrees with the others, and ``reasons`` names every feature
 outside the range of good fits. The model's numbers (``conf/qc/default.yaml``) are written by
 ``benchmarks/qc_calibration.py`` from cross-validated fits of the shared MyoPS cases and failures
@@ -50,6 +51,9 @@ FEATURES = (
     "entropy", "lv_enclosed", "rv_lv_contact", "wall_mm", "myo_connected", "rv_lv_ratio",
     "blood_contrast", "rv_contrast", "sequence_agreement", "atlas_agreement", "placement_score",
 )
+
+#: features for which both too small and too large are implausible (they enter the score as distances)
+TWO_SIDED = ("wall_mm", "rv_lv_ratio")
 
 #: short words for reasons (feature -> what a low / high value means)
 MEANING = {
@@ -181,8 +185,13 @@ class QualityModel:
     ``benchmarks/qc_calibration.py``).
 
     Attributes:
-        centre, spread: each feature's mean and standard deviation over the calibration fits.
-        weights: ridge-regression weight of each standardised feature; ``intercept``: the mean Dice.
+        centre, spread: each feature's centre and spread over the calibration fits; a feature
+            enters the regression as ``(value - centre) / spread``, or for the ``two_sided`` ones
+            (too small and too large are both implausible, e.g. the wall thickness) as
+            ``|value - centre| / spread`` with the centre the median of the good fits.
+        weights: ridge-regression weight of each of those terms; ``intercept``: the constant.
+        curve: ``{"raw": [...], "dice": [...]}``, the monotone map from the regression's value to
+            the estimated Dice (linear between its points; ``None``: the regression's value).
         threshold: ``flag`` when the score is below it (chosen on the calibration fits so that
             failures are flagged and few good fits are).
         usual: each feature's range over the good calibration fits (myocardium Dice >= 0.80); a
@@ -199,6 +208,8 @@ class QualityModel:
     threshold: float
     usual: dict[str, list[float]]
     disagreement: float = 0.5
+    two_sided: tuple[str, ...] = ()
+    curve: dict | None = None
     calibration: dict = field(default_factory=dict)
 
     def score(self, features: dict[str, float]) -> float:
@@ -208,7 +219,10 @@ class QualityModel:
             v = features.get(name, float("nan"))
             if v is None or not math.isfinite(v):
                 continue
-            s += w * (v - self.centre[name]) / (self.spread[name] or 1.0)
+            u = (v - self.centre[name]) / (self.spread[name] or 1.0)
+            s += w * (abs(u) if name in self.two_sided else u)
+        if self.curve:
+            s = float(np.interp(s, self.curve["raw"], self.curve["dice"]))
         return float(min(max(s, 0.0), 1.0))
 
     def reasons(self, features: dict[str, float]) -> list[str]:

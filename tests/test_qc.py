@@ -1,0 +1,111 @@
+"""Quality control: failures made on purpose (atlas.displace) move the atlas as asked, the quality
+model's verdict follows its numbers, a mirrored or disagreeing sequence is named, cohort summaries
+list failed and flagged subjects first, and a fit's metrics carry the verdict."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mvmm_monai import compose_config, fit
+from mvmm_monai.atlas.placement import displace_atlas
+from mvmm_monai.cohort.summary import write_cohort_summary
+from mvmm_monai.config import build
+from mvmm_monai.pipeline.qc import FEATURES, QualityModel
+
+
+def _atlas(shape=(40, 40, 3)) -> torch.Tensor:
+    """Background, myocardium ring, LV disc about (20, 20), RV blob at (20, 30)."""
+    x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    r = np.hypot(x - 20, y - 20)
+    lv, myo = r < 5, (r >= 5) & (r < 8)
+    rv = (np.hypot(x - 20, y - 31) < 3) & ~myo & ~lv
+    prob = np.zeros((4, *shape))
+    for k, m in enumerate((~(lv | myo | rv), myo, lv, rv)):
+        prob[k] = m[..., None]
+    return torch.from_numpy(prob)
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    return np.argwhere(mask).mean(0)[:2]
+
+
+def test_displace_shifts_scales_and_rotates_about_the_heart():
+    prob = _atlas()
+    heart = (1 - prob[0]).numpy() > 0.5
+    moved = displace_atlas(prob, (2.0, 1.0), shift_mm=(10.0, -4.0))
+    assert torch.allclose(moved.sum(0), torch.ones(()).double())
+    np.testing.assert_allclose(_centroid((1 - moved[0]).numpy() > 0.5) - _centroid(heart), [5.0, -4.0], atol=0.3)
+    small = displace_atlas(prob, (1.0, 1.0), scale=0.5)
+    assert (small[2].numpy() > 0.5).sum() == pytest.approx((prob[2].numpy() > 0.5).sum() / 4, rel=0.25)
+    turned = displace_atlas(prob, (1.0, 1.0), angle_deg=180)
+    rv_before, rv_after = _centroid(prob[3].numpy() > 0.5), _centroid(turned[3].numpy() > 0.5)
+    centre = _centroid(heart)
+    np.testing.assert_allclose(rv_after - centre, -(rv_before - centre), atol=1.0)  # the RV on the other side
+    with pytest.raises(ValueError, match="atlas.displace"):
+        displace_atlas(prob, (1.0, 1.0), scale=0.0)
+
+
+def _model(**kw) -> QualityModel:
+    base = dict(centre={"a": 0.0}, spread={"a": 1.0}, weights={"a": 0.1}, intercept=0.8, threshold=0.7,
+                usual={"a": [-1.0, 1.0]}, disagreement=0.5)
+    return QualityModel(**{**base, **kw})
+
+
+def test_quality_model_score_flag_and_reasons():
+    model = _model()
+    good = model.assess({"a": 0.5}, {"C0": 0.9})
+    assert good["score"] == pytest.approx(0.85) and not good["flag"] and good["reasons"] == []
+    bad = model.assess({"a": -2.0})
+    assert bad["score"] == pytest.approx(0.6) and bad["flag"]
+    assert bad["reasons"][0].startswith("estimated myocardium Dice 0.60 below 0.70") and "usual >= -1" in bad["reasons"][1]
+    assert model.score({"a": float("nan")}) == pytest.approx(0.8)  # a missing feature counts as its centre
+    assert model.score({"a": 100.0}) == 1.0  # clipped to [0, 1]
+
+
+def test_a_mirrored_or_disagreeing_sequence_sets_the_flag_and_is_named():
+    model = _model()
+    mirrored = model.assess({"a": 0.0}, {"C0": 0.9, "T2": 0.9}, {"C0": {"mirrored": True}, "T2": {"mirrored": False}})
+    assert mirrored["flag"] and any(r.startswith("C0 looks mirrored") for r in mirrored["reasons"])
+    apart = model.assess({"a": 0.0}, {"C0": 0.9, "T2": 0.3})
+    assert apart["flag"] and apart["reasons"] == ["T2 disagrees with the other sequences on where the heart is (agreement 0.30)"]
+
+
+def test_the_packaged_model_weighs_every_feature():
+    model = build(compose_config([]).qc, _convert_="all")
+    assert isinstance(model, QualityModel)
+    assert set(model.weights) == set(FEATURES) and 0 < model.threshold < 1
+    assert all(lo <= hi for lo, hi in model.usual.values())
+    assert model.calibration["fits"] >= 50  # made from real fits (benchmarks/qc_calibration.py)
+
+
+def test_cohort_summary_lists_failed_then_flagged_subjects_first(tmp_path):
+    results = {
+        "a": {"dice": {"LGE": {"myocardium": 0.85}}, "qc": {"score": 0.84, "flag": False, "reasons": []}},
+        "b": {"dice": {"LGE": {"myocardium": 0.40}}, "qc": {"score": 0.52, "flag": True, "reasons": ["estimated myocardium Dice 0.52 below 0.70"]}},
+    }
+    summary = write_cohort_summary(tmp_path, results, {"c": "ValueError: bad file"})
+    assert summary["flagged"] == ["b"]
+    rows = list(csv.DictReader((tmp_path / "cohort_summary.csv").read_text().splitlines()))
+    assert [(r["subject"], r["status"]) for r in rows[:3]] == [("c", "failed"), ("b", "flagged"), ("a", "ok")]
+    assert "below 0.70" in rows[1]["qc_reasons"]
+    assert float(rows[3]["qc_score"]) == pytest.approx(0.68)  # the mean row
+
+
+def test_a_fit_reports_its_quality_and_a_turned_atlas_scores_lower(tmp_path):
+    common = [f"paths.cache_dir={tmp_path / 'cache'}", "callbacks.progress.refresh_rate=0", "~logger", "trainer.max_epochs=15"]
+    given = fit(compose_config([f"paths.output_dir={tmp_path / 'given'}", *common]))
+    turned = fit(compose_config([f"paths.output_dir={tmp_path / 'turned'}", "atlas.displace={angle_deg:180}", *common]))
+    for m in (given, turned):
+        qc = m["qc"]
+        assert 0 <= qc["score"] <= 1 and isinstance(qc["flag"], bool)
+        assert set(qc["features"]) == set(FEATURES) and qc["features"]["placement_score"] is None  # identity placement
+        assert all(math.isfinite(v) for k, v in qc["features"].items() if k != "placement_score")
+        assert set(qc["sequence_agreement"]) == {"C0", "T2", "DE"}
+    assert turned["dice"]["DE"]["myocardium"] < given["dice"]["DE"]["myocardium"] - 0.2
+    assert turned["qc"]["score"] < given["qc"]["score"]
+    assert turned["qc"]["features"]["atlas_agreement"] < given["qc"]["features"]["atlas_agreement"]
