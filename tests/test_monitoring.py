@@ -56,7 +56,8 @@ def test_tensorboard_scalars_images_hparams_and_overlay_png(tmp_path, cache_dir)
     montage = imread(out / "patient2_montage.png")[..., :3]
     slices = nib.load(out / "patient2_DE_seg.nii.gz").shape[2]
     rows = -(-slices // 6)
-    assert montage.shape[0] == int(round(100 * (2.4 * rows + 0.5)))
+    assert montage.shape[0] == int(round(100 * (2.4 * rows + 0.75)))  # and a two-line title: what, and the QC verdict
+    assert metrics["qc"]["score"] >= 0 and isinstance(metrics["qc"]["flag"], bool)
     r, g, b = (montage[..., i].astype(float) for i in range(3))
     yellow = (r > 0.8) & (g > 0.8) & (b < 0.3)
     magenta = (r > 0.8) & (g < 0.3) & (b > 0.8)

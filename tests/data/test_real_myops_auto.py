@@ -117,7 +117,12 @@ def test_quality_control_flags_a_misplaced_atlas_and_names_a_mirrored_sequence(c
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine, img.header), c0)  # mirrored left-right
     m = fit(compose_config(["data=myops", f"data.root={case_copy.parent}", "subject=Case3018", f"atlas.path={myops_atlas}",
                             f"paths.output_dir={tmp_path / 'out'}", "callbacks.progress.refresh_rate=0", "~logger",
-                            f"trainer.max_epochs={MAX_EPOCHS}", "atlas.displace={angle_deg:150}"]))
+                            f"trainer.max_epochs={MAX_EPOCHS}", "atlas.displace={angle_deg:150}", "atlas.hypotheses=2"]))
+    # the placement's hypotheses were judged by short fits (the displacement comes after the choice);
+    # one hypothesis alone (the other refined to it) is not judged
+    hyp = m["placement"]["hypotheses"]
+    assert 1 <= len(hyp) <= 2 and m["placement"]["chosen"] in range(len(hyp))
+    assert all(0 <= h["qc_score"] <= 1 for h in hyp) if len(hyp) == 2 else hyp[0]["qc_score"] is None
     assert m["dice"]["LGE"]["myocardium"] < 0.7  # a failure
     qc = m["qc"]
     assert qc["flag"] and qc["score"] < 0.7, qc

@@ -16,7 +16,7 @@ from mvmm_monai.atlas.frame import (
     slice_to_canonical,
     stack_levels,
 )
-from mvmm_monai.atlas.placement import PlacementConfig, find_heart, place_canonical
+from mvmm_monai.atlas.placement import PlacementConfig, find_heart, find_hearts, place_canonical
 
 PX = 1.0  # canonical pixel (mm)
 SIZE = 121
@@ -231,3 +231,23 @@ def test_crop_and_uncrop_keep_world_positions():
     assert torch.equal(full[:, 4:13, 7:23], post) and full[0, 0, 0, 0] == 1 and full[1:, 0, 0, 0].sum() == 0
     with pytest.raises(ValueError, match="crop box"):
         subj.cropped((0, 40, 0, 5))
+
+
+def test_hypotheses_are_the_distinct_template_matches_best_first():
+    """Two hearts on one field of view (the second smaller and fainter): the best match is the
+    first, the other heart is the next hypothesis, and a third adds nothing already found."""
+    prob, template = canonical_template()
+    spacing, shape = (1.25, 1.25), (220, 220, 2)
+    images = np.full((1, *shape), 0.3, dtype=np.float32)
+    for z in range(2):
+        first = heart_labels(shape[:2], spacing, (80.0, 90.0), 0.0, 1.0)
+        second = heart_labels(shape[:2], spacing, (200.0, 190.0), 0.0, 0.8)
+        img = np.where(first > 0, INTENSITY[first], images[0, ..., z])
+        img = np.where(second > 0, 0.3 + 0.7 * (INTENSITY[second] - 0.3), img)
+        images[0, ..., z] = img + 0.03 * np.random.default_rng(z).standard_normal(shape[:2])
+    cfg = PlacementConfig(angles_deg=(-20, 0, 20), scales=(0.8, 1.0, 1.2), both_directions=False)
+    found = find_hearts(images, np.ones_like(images), spacing, template, [0], PX, R_EPI, cfg, count=3)
+    assert 2 <= len(found) <= 3 and found[0].score >= found[1].score
+    assert np.hypot(*(found[0].centres_mm.mean(0) - (80.0, 90.0))) < 3.0
+    assert any(np.hypot(*(f.centres_mm.mean(0) - (200.0, 190.0))) < 3.0 and abs(f.scale - 0.8) < 0.1 for f in found[1:])
+    assert find_heart(images, np.ones_like(images), spacing, template, [0], PX, R_EPI, cfg).score == found[0].score

@@ -129,6 +129,9 @@ class Placement:
         slice_scores: ``[Z]`` NCC per slice.
         slice_scales: ``[Z]`` each slice's scale as a multiple of ``scale`` (``None``: one scale per stack).
         slice_angles: ``[Z]`` each slice's rotation offset from ``angle_deg`` (``None``: one angle per stack).
+        hypotheses: with ``atlas.hypotheses`` > 1, every hypothesis judged (template score, QC
+            score after a short fit, angle, scale, mean centre), best template match first, and
+            ``chosen``: the index of this one among them.
     """
 
     centres_mm: np.ndarray
@@ -139,6 +142,8 @@ class Placement:
     slice_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     slice_scales: np.ndarray | None = None
     slice_angles: np.ndarray | None = None
+    hypotheses: list | None = None
+    chosen: int | None = None
 
     def slice_scale(self, z: int) -> float:
         """The heart size on slice ``z`` relative to the atlas' mean heart."""
@@ -158,6 +163,7 @@ class Placement:
             "slice_scores": self.slice_scores.round(4).tolist(),
             **({"slice_scales": self.slice_scales.round(4).tolist()} if self.slice_scales is not None else {}),
             **({"slice_angles": self.slice_angles.round(2).tolist()} if self.slice_angles is not None else {}),
+            **({"hypotheses": self.hypotheses, "chosen": self.chosen} if self.hypotheses is not None else {}),
         }
 
 
@@ -185,13 +191,14 @@ def _template_patch(template2d: np.ndarray, pixel_mm: float, atlas_px: float, ph
 class _SliceStats:
     """FFT correlation helpers for one image slice: local sums under a disc, for masked NCC."""
 
-    def __init__(self, image: np.ndarray) -> None:
+    def __init__(self, image: np.ndarray, var_floor: float | None = None) -> None:
         self.image = image
         self.sq = image * image
         # flat regions (air, zero padding) have no contrast to correlate with: floor the local
         # variance at a fraction of the slice's own, so they score ~0 instead of dividing by ~0
-        self.var_floor = (0.1 * float(image.std())) ** 2 + 1e-12
+        self.var_floor = (0.1 * float(image.std())) ** 2 + 1e-12 if var_floor is None else var_floor
         self._cache: dict = {}
+        self._parts: dict = {}
 
     def local(self, mask: np.ndarray):
         key = mask.shape
@@ -202,7 +209,23 @@ class _SliceStats:
             self._cache[key] = (s1, s2)
         return self._cache[key]
 
-    def ncc(self, patch: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def ncc(self, patch: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """NCC of the masked template at every centre pixel (-1 where its disc leaves the slice);
+        with ``box`` ``(i0, i1, j0, j1)`` only the centres in that box are computed (the rest -1),
+        on the part of the slice they see: far less work when a window is all that is searched."""
+        h = mask.shape[0] // 2
+        if box is not None:
+            i0, i1, j0, j1 = box
+            r0, c0 = max(i0 - h, 0), max(j0 - h, 0)
+            key = (box, h)
+            if key not in self._parts:
+                self._parts[key] = _SliceStats(self.image[r0 : i1 + h, c0 : j1 + h], self.var_floor)
+            part = self._parts[key].ncc(patch, mask)
+            out = np.full(self.image.shape, -1.0)
+            out[i0:i1, j0:j1] = part[i0 - r0 : i1 - r0, j0 - c0 : j1 - c0]
+            # a centre whose disc leaves the whole slice is no candidate (the part's edge inside the slice is no edge)
+            out[:h], out[self.image.shape[0] - h :], out[:, :h], out[:, self.image.shape[1] - h :] = -1.0, -1.0, -1.0, -1.0
+            return out
         n = mask.sum()
         t = (patch - (patch * mask).sum() / n) * mask
         tn = math.sqrt(float((t * t).sum())) + 1e-12
@@ -211,7 +234,6 @@ class _SliceStats:
         var = np.clip(s2 - s1 * s1 / n, n * self.var_floor, None)
         out = num / (tn * np.sqrt(var))
         # centres whose disc leaves the image are not candidates
-        h = mask.shape[0] // 2
         invalid = np.ones_like(out, dtype=bool)
         invalid[h : out.shape[0] - h, h : out.shape[1] - h] = False
         out[invalid] = -1.0
@@ -257,18 +279,18 @@ class _HeartSearch:
             out.append(per)
         return out
 
-    def slice_ncc(self, stats, z: int, t: float, phi: float, sigma: float, pixel_mm: float) -> np.ndarray | None:
+    def slice_ncc(self, stats, z: int, t: float, phi: float, sigma: float, pixel_mm: float, box=None) -> np.ndarray | None:
         """NCC map of slice ``z`` (stats from :meth:`slice_stats` at ``pixel_mm``) against the template
         at level ``t``, rotated by ``phi`` degrees and scaled by ``sigma``: ``[X', Y']`` (one value
-        per candidate centre pixel, -1 where the disc leaves the slice), the mean over the
-        sequences covering the slice; ``None`` when none does."""
+        per candidate centre pixel, -1 where the disc leaves the slice or outside ``box``), the
+        mean over the sequences covering the slice; ``None`` when none does."""
         acc, count = None, 0
         for n, c in self.used:
             if n not in stats[z]:
                 continue
             level = at_level(self.template[c : c + 1], t)[0]
             patch, mask = _template_patch(level, pixel_mm, self.atlas_pixel_mm, phi, sigma, self.radius_mm)
-            r = stats[z][n].ncc(patch, mask)
+            r = stats[z][n].ncc(patch, mask, box)
             acc = r if acc is None else acc + r
             count += 1
         return None if acc is None else acc / count
@@ -349,7 +371,13 @@ class _SliceMatch:
     def match(self, z: int, t: float, phi: float, sigma: float) -> tuple[np.ndarray | None, float]:
         """Slice ``z``'s best centre ``[2]`` (mm) within the window and its NCC, for the template at
         level ``t``, angle ``phi`` (degrees), scale ``sigma``; ``(None, nan)`` if it is not covered."""
-        r = self.search.slice_ncc(self.stats, z, t, phi, sigma, self.pixel_mm)
+        if not self.stats[z]:
+            return None, np.nan
+        shape = next(iter(self.stats[z].values())).image.shape
+        c = self.centre_mm / self.pixel_mm
+        box = (max(int(math.floor(c[0] - self.win)), 0), min(int(math.ceil(c[0] + self.win)) + 1, shape[0]),
+               max(int(math.floor(c[1] - self.win)), 0), min(int(math.ceil(c[1] + self.win)) + 1, shape[1]))
+        r = self.search.slice_ncc(self.stats, z, t, phi, sigma, self.pixel_mm, box if box[0] < box[1] and box[2] < box[3] else None)
         if r is None:
             return None, np.nan
         r = np.where(self._window(r.shape), r, -np.inf)
@@ -486,12 +514,16 @@ def find_hearts(images, coverage, spacing, template, template_channels, atlas_pi
     size), each refined the same way; best template match first."""
     cfg = config or PlacementConfig()
     search = _HeartSearch(images, coverage, spacing, template, template_channels, atlas_pixel_mm, atlas_radius_mm, cfg)
-    out = []
+    out: list[Placement] = []
     for apex_first, phi0, sigma0, centre0 in _coarse_search(search, count):
         match = _SliceMatch(search, centre0)
         stack = _fine_search(match, stack_levels(search.nz, apex_first), phi0, sigma0)
         stack = _choose_coverage(match, stack, apex_first)
-        out.append(_assemble(_refine_slices(match, stack)))
+        found = _assemble(_refine_slices(match, stack))
+        # a hypothesis whose refinement ended where a kept one is (centre within 5 mm, size within 5 %) adds nothing
+        if not any(np.hypot(*(found.centres_mm.mean(0) - k.centres_mm.mean(0))) < 5.0 and abs(math.log(found.scale / k.scale)) < 0.05
+                   for k in out):
+            out.append(found)
     return out
 
 

@@ -4,16 +4,19 @@ region of interest (benchmarks call :func:`prepare_subject` to give peers the sa
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import torch
 from omegaconf import DictConfig
 
 from mvmm_monai.atlas.io import read_atlas
-from mvmm_monai.atlas.placement import PLACEMENTS, displace_atlas, place_atlas, place_atlas_auto
+from mvmm_monai.atlas.placement import PLACEMENTS, displace_atlas, place_atlas, place_atlas_hypotheses
 from mvmm_monai.atlas.roi import atlas_roi, crop_box
 from mvmm_monai.config import build
 from mvmm_monai.data.checks import mirrored_sequences
+from mvmm_monai.mixture.em import ConvergenceWarning
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +39,78 @@ def place(cfg: DictConfig, atlas, subject):
     if placement != "auto":
         return place_atlas(atlas, subject.grid, placement), None
     search = build(cfg.atlas.auto, _convert_="all") if cfg.atlas.get("auto") else None
-    prob, found = place_atlas_auto(atlas, subject, search)
+    count = int(cfg.atlas.get("hypotheses") or 1)
+    if count < 1:
+        raise ValueError(f"atlas.hypotheses must be >= 1, got {count}")
+    candidates = place_atlas_hypotheses(atlas, subject, search, count)
+    prob, found = candidates[0]
+    if len(candidates) > 1:
+        prob, found = judge_hypotheses(cfg, subject, candidates)
+    elif count > 1:  # every other hypothesis refined to this one: nothing to judge
+        found = replace(found, hypotheses=[_hypothesis(found, None)], chosen=0)
     log.info(
         "%s: heart found (template NCC %.2f; rotation %.0f deg, scale %.2f, slices %s from apex 0 to base 1)",
         subject.name, found.score, found.angle_deg, found.scale, [round(float(t), 2) for t in found.levels],
     )
     return prob, found
+
+
+def _cut(cfg: DictConfig, subject, atlas: torch.Tensor, auto: bool):
+    """The region of interest around the placed ``atlas`` and, when it is cut (``atlas.crop``; by
+    default with automatic placement), the subject, atlas and region cut to it."""
+    roi = atlas_roi(atlas, tuple(subject.grid.spacing.tolist()), cfg.model.roi_margin_mm)
+    crop = cfg.atlas.get("crop")
+    if (crop if crop is not None else auto) and bool(roi.sum() < roi.numel()):
+        x0, x1, y0, y1 = crop_box(roi, int(cfg.atlas.get("crop_margin_voxels", 4)))
+        subject, atlas, roi = subject.cropped((x0, x1, y0, y1)), atlas[:, x0:x1, y0:y1], roi[x0:x1, y0:y1]
+    return subject, atlas, roi
+
+
+def _hypothesis(found, qc_score: float | None) -> dict:
+    return {"template_score": round(float(found.score), 4), "qc_score": None if qc_score is None else round(qc_score, 4),
+            "angle_deg": round(float(found.angle_deg), 2), "scale": round(float(found.scale), 4),
+            "centre_mm": [round(float(v), 1) for v in found.centres_mm.mean(0)]}
+
+
+def judge_hypotheses(cfg: DictConfig, subject, candidates: list) -> tuple[torch.Tensor, object]:
+    """The placement hypothesis the model itself prefers: each candidate ``(prob, placement)`` gets a
+    short EM fit (``atlas.judge_iterations``, no registration) and its quality-control score
+    (:mod:`mvmm_monai.pipeline.qc`); the best template match is kept unless another scores
+    ``atlas.judge_margin`` higher. The placement returned records every hypothesis
+    (``hypotheses``: template score, QC score, angle, scale) and which was chosen."""
+    from mvmm_monai.mixture.em import fit_em
+    from mvmm_monai.mixture.prior import log_atlas_from_prob
+    from mvmm_monai.pipeline.qc import QualityModel, qc_features
+    from mvmm_monai.pipeline.settings import subject_weights, subtype_counts
+    from mvmm_monai.registration.composite import Warped
+
+    if not cfg.get("qc"):
+        raise ValueError("atlas.hypotheses > 1 needs the qc group (the quality model judges the hypotheses)")
+    model: QualityModel = build(cfg.qc, _convert_="all")
+    em = build(cfg.model.em)
+    counts = subtype_counts(cfg.model, subject.sequences)
+    weight = float(cfg.model.get("atlas_weight", 1.0))
+    rows = []
+    for prob, found in candidates:
+        sub, atlas, roi = _cut(cfg, subject, prob, True)
+        sub, atlas = sub.with_roi(roi), temper_atlas(atlas, weight)
+        images, coverage = sub.images[None].float(), sub.coverage[None].float()
+        weights = torch.tensor(subject_weights(cfg.model, sub), dtype=coverage.dtype).reshape(1, -1, *[1] * (coverage.ndim - 2))
+        log_atlas = log_atlas_from_prob(atlas[None].float(), cfg.model.atlas_floor)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            fitted = fit_em(images, coverage * weights, log_atlas, counts, em, max_iter=int(cfg.atlas.get("judge_iterations", 15)), tol=0.0)
+        posterior = fitted.log_posterior[0].exp()
+        result = SimpleNamespace(posterior=posterior, params=fitted.params, warped=Warped(images, coverage, log_atlas))
+        features, _ = qc_features(sub, result, posterior, found)
+        rows.append(model.score(features))
+    best = max(range(len(rows)), key=rows.__getitem__)
+    chosen = best if rows[best] >= rows[0] + float(cfg.atlas.get("judge_margin", 0.05)) else 0
+    table = [_hypothesis(f, q) for (_, f), q in zip(candidates, rows)]
+    log.info("%s: %d placement hypotheses judged by a short fit (QC scores %s); hypothesis %d chosen",
+             subject.name, len(rows), [round(q, 3) for q in rows], chosen)
+    prob, found = candidates[chosen]
+    return prob, replace(found, hypotheses=table, chosen=chosen)
 
 
 @dataclass(frozen=True)
@@ -75,11 +144,7 @@ def prepare_subject(cfg: DictConfig, dataset, name: str) -> Prepared:
         atlas = displace_atlas(atlas, subject.grid.spacing.tolist(), tuple(d.get("shift_mm", (0.0, 0.0))),
                                float(d.get("scale", 1.0)), float(d.get("angle_deg", 0.0)))
         log.warning("%s: the placed atlas was displaced on purpose (atlas.displace=%s)", subject.name, dict(d))
-    roi = atlas_roi(atlas, tuple(subject.grid.spacing.tolist()), cfg.model.roi_margin_mm)
-    crop = cfg.atlas.get("crop")
-    if (crop if crop is not None else placement is not None) and bool(roi.sum() < roi.numel()):
-        x0, x1, y0, y1 = crop_box(roi, int(cfg.atlas.get("crop_margin_voxels", 4)))
-        subject, atlas, roi = subject.cropped((x0, x1, y0, y1)), atlas[:, x0:x1, y0:y1], roi[x0:x1, y0:y1]
+    subject, atlas, roi = _cut(cfg, subject, atlas, placement is not None)
     return Prepared(subject.with_roi(roi), atlas, roi, placement, checks)
 
 
