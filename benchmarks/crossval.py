@@ -25,6 +25,7 @@ out); per fold and pooled means; the cases below 0.70. Writes ``benchmarks/resul
 from __future__ import annotations
 
 import json
+import re
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -53,7 +54,7 @@ def parse_variants(given: list[str]) -> dict[str, list[str]]:
         name, _, rest = v.partition("=")
         if not name or name in variants:
             raise SystemExit(f"--variant {v!r}: need a new NAME=OVERRIDES")
-        variants[name] = [o for o in rest.split(",") if o]
+        variants[name] = [o for o in re.split(r",(?![^\[]*\])", rest) if o]  # commas inside [...] belong to a list value
     return variants
 
 
