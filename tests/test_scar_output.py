@@ -58,3 +58,28 @@ def test_fit_writes_scar_on_reference_grid(tmp_path, cache_dir, one_thread, subj
     else:
         # the bright partial-volume subtype of a scar-free myocardium must not become scar
         assert saved["true_volume_ml"] == 0 and saved["volume_ml"] == 0 and saved["dice"] == 1.0
+
+
+def test_fwhm_keeps_what_is_half_as_bright_as_the_myocardium_maximum():
+    from mvmm_monai.conventions.scar import fwhm_mask
+
+    image = torch.cat([torch.full((90,), 0.2), torch.full((10,), 0.9), torch.full((20,), 1.0)])  # the last 20: outside
+    myo = torch.arange(120) < 100
+    mask = fwhm_mask(image, myo)
+    assert mask[90:100].all() and not mask[:90].any() and not mask[100:].any()
+    assert not fwhm_mask(image, torch.zeros(120, dtype=torch.bool)).any()
+
+
+@pytest.mark.parametrize("rule", ["fwhm", "subtype_and_fwhm"])
+def test_scar_rules_are_named_in_metrics_and_stay_in_the_myocardium(tmp_path, cache_dir, one_thread, rule):
+    out = tmp_path / rule
+    m = fit(compose_config(["subject=patient2", f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}", f"model.scar.rule={rule}", *QUIET]))
+    assert m["scar"]["rule"] == rule and m["scar"]["volume_ml"] > 0 and m["scar"]["dice"] > 0.3
+    scar = np.asarray(nib.load(out / "patient2_scar.nii.gz").dataobj) > 0
+    seg = np.asarray(nib.load(out / "patient2_DE_seg.nii.gz").dataobj)
+    assert scar.any() and (seg[scar] != 0).all()  # scar only where the heart was labelled
+
+
+def test_an_unknown_scar_rule_is_refused(tmp_path, cache_dir):
+    with pytest.raises(ValueError, match="model.scar.rule"):
+        fit(compose_config(["subject=patient2", f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path}", "model.scar.rule=otsu", *QUIET]))

@@ -27,10 +27,28 @@ def mask_dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
     return 2.0 * int((pred & truth).sum()) / total if total else 1.0
 
 
+#: the scar rules (``model.scar.rule``)
+SCAR_RULES = ("subtype", "fwhm", "subtype_and_fwhm")
+
+
+def fwhm_mask(image: torch.Tensor, myocardium: torch.Tensor, percentile: float = 99.0) -> torch.Tensor:
+    """Full width at half maximum, the clinical rule: myocardium voxels at least half as bright as
+    the myocardium's maximum (its ``percentile``, robust to single voxels); empty without myocardium."""
+    values = image[myocardium]
+    if values.numel() < 10:
+        return torch.zeros_like(myocardium)
+    return myocardium & (image >= 0.5 * torch.quantile(values.double(), percentile / 100.0).to(image.dtype))
+
+
 def native_scar(
-    subject, scores: torch.Tensor, result, shifts: dict, min_contrast: float = 2.0, min_blood_fraction: float = 0.45
+    subject, scores: torch.Tensor, result, shifts: dict, min_contrast: float = 2.0, min_blood_fraction: float = 0.45,
+    rule: str = "subtype",
 ) -> tuple[torch.Tensor, ScarResult]:
     """Scar mask ``[X, Y, Z]`` (bool) on the reference sequence's native grid, and the common-space result.
+
+    ``rule``: ``subtype`` (the LGE myocardium's brightest subtype, :mod:`mvmm_monai.mixture.scar`),
+    ``fwhm`` (:func:`fwhm_mask` within the labelled myocardium) or ``subtype_and_fwhm`` (both);
+    ``benchmarks/scar_methods.py`` compares them with the clinical n-SD rule.
 
     Args:
         subject: the fitted :class:`~mvmm_monai.data.subject.SubjectData` (reference first); when
@@ -53,7 +71,14 @@ def native_scar(
         min_contrast=min_contrast,
         min_blood_fraction=min_blood_fraction,
     )
+    if rule not in SCAR_RULES:
+        raise ValueError(f"model.scar.rule must be one of {SCAR_RULES}, got {rule!r}")
     mask = res.mask[0]
+    if rule != "subtype":
+        n = subject.sequences.index(ref)
+        myo = (scores.argmax(0) == MYOCARDIUM) & (w.coverage[0, n] > 0)
+        fw = fwhm_mask(w.images[0, n], myo)
+        mask = fw if rule == "fwhm" else mask & fw
     two_class = torch.stack((~mask, mask)).to(scores.dtype)  # [2, *S]: no scar, scar
     full = getattr(subject, "parent", None) or subject  # the uncut subject when the common space was cropped
     if full is not subject:
@@ -67,7 +92,8 @@ def _finite(v: torch.Tensor) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, min_contrast: float = 2.0, min_blood_fraction: float = 0.45) -> dict:
+def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, min_contrast: float = 2.0, min_blood_fraction: float = 0.45,
+               rule: str = "subtype") -> dict:
     """Write ``<subject>_scar.nii.gz`` (uint8 0/1, the reference's native grid) into ``out``.
 
     Returns the ``scar`` entry of ``metrics.json``: ``volume_ml``, the two guards of the rule
@@ -76,13 +102,14 @@ def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, m
     reference, ``dice`` (1.0 when both masks are empty) and ``true_volume_ml``.
     """
     ref = subject.reference
-    mask, res = native_scar(subject, scores, result, shifts, min_contrast, min_blood_fraction)
+    mask, res = native_scar(subject, scores, result, shifts, min_contrast, min_blood_fraction, rule)
     full = getattr(subject, "parent", None) or subject
     grid = full.grids[ref]
     save_nifti(Path(out) / f"{subject.name}_scar.nii.gz", mask.numpy().astype(np.uint8), grid.affine.numpy())
     voxel_ml = float(torch.prod(grid.spacing.to(torch.float64))) / 1000.0
     entry: dict = {
         "volume_ml": int(mask.sum()) * voxel_ml,
+        "rule": rule,
         "contrast": _finite(res.contrast[0]),
         "blood_fraction": _finite(res.blood_fraction[0]),
     }

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mvmm_monai.config import build
 from mvmm_monai.conventions.labelling import LabellingConventions
-from mvmm_monai.conventions.scar import write_scar
+from mvmm_monai.conventions.scar import SCAR_RULES, write_scar
 from mvmm_monai.data.common_space import native_segmentation
 from mvmm_monai.data.datasets import check_subject_name
 from mvmm_monai.files import save_json
@@ -63,6 +63,9 @@ def resolve_settings(cfg: DictConfig, dataset) -> tuple[DictConfig, LabellingCon
     subtype_counts(cfg.model, dataset.sequences)
     sequence_weights(cfg.model, dataset.sequences)
     convergence_window(cfg)
+    rule = (cfg.model.get("scar") or {}).get("rule", "subtype")
+    if rule not in SCAR_RULES:
+        raise ValueError(f"model.scar.rule must be one of {SCAR_RULES}, got {rule!r}")
     return cfg, conventions
 
 

@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Scar in LGE: the mixture's enhanced subtype against the clinical threshold methods, on the same
+fitted myocardium of the same cases.
+
+    .venv/bin/python benchmarks/scar_methods.py --fits DIR [--root DIR] [--folds 5] [--record NAME]
+
+``--fits``: the folder of one variant of ``benchmarks/crossval.py`` (``DIR/<case>/`` holding
+``<case>_LGE_seg.nii.gz`` and ``<case>_scar.nii.gz`` of fully automatic fits, each with an atlas
+from the other folds). Within each fit's myocardium (its label plus its scar), on the LGE image:
+
+- ``mixture``: the fit's own scar (the brightest LGE myocardium subtype, ``mixture/scar.py``);
+- ``n-SD``: brighter than the remote myocardium's mean by n of its standard deviations, the remote
+  taken automatically as the darker half of the myocardium (no hand-drawn region);
+- ``FWHM``: at least half the myocardium's maximum (its 99th percentile, robust to single voxels);
+- both the mixture's scar and FWHM.
+
+n is chosen by cross-validation: for each fold, the n of ``--n`` with the best mean scar Dice on
+the other folds' cases, applied to the fold. Reported per method: scar Dice against the manual
+label (MyoPS 2221), volumes in ml and the mean relative volume error. Writes
+``benchmarks/results/NAME.json`` (default ``scar_methods``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from common import argument_parser, parse_args
+from crossval import folds_of
+from record import add_record_option, write_record
+
+SCAR, MYO = 2221, 200  # MyoPS label values: scar, myocardium (the fit's myocardium label)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / s) if s else 1.0
+
+
+def threshold_masks(lge: np.ndarray, myo: np.ndarray, ns: list[float]) -> dict[str, np.ndarray]:
+    """The clinical threshold masks within ``myo`` on ``lge``: ``nsd_<n>`` for every n, and ``fwhm``."""
+    values = lge[myo]
+    if values.size < 10:
+        return {**{f"nsd_{n:g}": np.zeros_like(myo) for n in ns}, "fwhm": np.zeros_like(myo)}
+    remote = values[values <= np.median(values)]
+    mu, sd = float(remote.mean()), float(remote.std())
+    out = {f"nsd_{n:g}": myo & (lge > mu + n * sd) for n in ns}
+    out["fwhm"] = myo & (lge >= 0.5 * float(np.percentile(values, 99)))
+    return out
+
+
+def case_row(fits, root, case: str, ns: list[float]) -> dict:
+    seg_file, scar_file = fits / case / f"{case}_LGE_seg.nii.gz", fits / case / f"{case}_scar.nii.gz"
+    seg, scar = np.asarray(nib.load(seg_file).dataobj), np.asarray(nib.load(scar_file).dataobj) > 0
+    lge_img = nib.load(root / case / f"{case}_LGE.nii.gz")
+    lge = np.asarray(lge_img.dataobj, dtype=np.float64)
+    truth = np.asarray(nib.load(root / case / f"{case}_gd.nii.gz").dataobj) == SCAR
+    if seg.shape != truth.shape or scar.shape != truth.shape:
+        raise SystemExit(f"{case}: the fit's grids {seg.shape} / {scar.shape} are not the label's {truth.shape}")
+    ml = float(np.prod(lge_img.header.get_zooms()[:3])) / 1000.0
+    myo = (seg == MYO) | scar
+    masks = {"mixture": scar, **threshold_masks(lge, myo, ns)}
+    masks["mixture_fwhm"] = scar & masks["fwhm"]
+    return {"case": case, "true_ml": float(truth.sum() * ml),
+            "methods": {k: {"dice": dice(m, truth), "ml": float(m.sum() * ml)} for k, m in masks.items()}}
+
+
+def summary(rows: list[dict], pick: dict[str, str]) -> dict:
+    """Per method (``pick``: case -> the method key used for it): mean Dice, mean volume and mean
+    relative volume error."""
+    d = [r["methods"][pick[r["case"]]]["dice"] for r in rows]
+    v = [r["methods"][pick[r["case"]]]["ml"] for r in rows]
+    t = [r["true_ml"] for r in rows]
+    return {"dice_mean": float(np.mean(d)), "dice_sd": float(np.std(d)), "ml_mean": float(np.mean(v)), "true_ml_mean": float(np.mean(t)),
+            "relative_volume_error": float(np.mean([abs(a - b) / b for a, b in zip(v, t)]))}
+
+
+def main() -> None:
+    ap = argument_parser(__doc__, myops=True, overrides=False)
+    ap.add_argument("--fits", type=Path, required=True)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--n", type=float, nargs="+", default=[2, 3, 4, 5, 6], help="the n of n-SD tried (default %(default)s)")
+    add_record_option(ap, "scar_methods")
+    args = parse_args(ap)
+    cases = sorted(p.name for p in args.fits.iterdir() if (p / f"{p.name}_scar.nii.gz").is_file())
+    if not cases:
+        raise SystemExit(f"{args.fits}: no fits (<case>/<case>_scar.nii.gz) found")
+    rows = [case_row(args.fits, args.root, c, args.n) for c in cases]
+    by_case = {r["case"]: r for r in rows}
+    folds = folds_of(cases, args.folds)
+    chosen = []
+    for fold in folds:
+        others = [by_case[c] for c in cases if c not in fold]
+        best = max(args.n, key=lambda n: np.mean([r["methods"][f"nsd_{n:g}"]["dice"] for r in others]))
+        chosen.append(best)
+    pick_cv = {c: f"nsd_{chosen[i]:g}" for i, fold in enumerate(folds) for c in fold}
+    methods = {"mixture (MvMM scar subtype)": {c: "mixture" for c in cases},
+               "n-SD, n chosen per fold": pick_cv,
+               **{f"n-SD, n = {n:g} (every case)": {c: f"nsd_{n:g}" for c in cases} for n in args.n},
+               "FWHM": {c: "fwhm" for c in cases},
+               "mixture and FWHM both": {c: "mixture_fwhm" for c in cases}}
+    results = {name: summary(rows, pick) for name, pick in methods.items()}
+    print(json.dumps(results, indent=1))
+    if not args.record:
+        return
+    write_record(args.record, {"cases": cases, "folds": folds, "n_chosen_per_fold": chosen, "results": results, "rows": rows}, table={
+        "columns": ["method", "scar Dice (mean ± SD)", "volume (ml, mean)", "manual volume (ml, mean)", "mean relative volume error"],
+        "rows": [[name, f"{s['dice_mean']:.3f} ± {s['dice_sd']:.3f}", f"{s['ml_mean']:.1f}", f"{s['true_ml_mean']:.1f}",
+                  f"{100 * s['relative_volume_error']:.0f} %"] for name, s in results.items()],
+        "caption": f"Scar (MyoPS 2221) on the LGE grids of {len(cases)} MyoPS cases, within each fully automatic cross-validated "
+                   f"fit's myocardium: the mixture's scar subtype against n-SD (remote: the darker half of the myocardium) and FWHM; "
+                   f"n chosen per fold on the other folds' cases ({', '.join(f'{n:g}' for n in chosen)}). Fits: {args.fits.name}.",
+    })
+
+
+if __name__ == "__main__":
+    main()
