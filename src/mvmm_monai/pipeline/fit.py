@@ -31,7 +31,7 @@ from mvmm_monai.pipeline.module import MvMMFit
 from mvmm_monai.pipeline.monitoring import figure_to_array, montage_figure
 from mvmm_monai.pipeline.outputs import ResultFolder, params_record, write_results
 from mvmm_monai.pipeline.prepare import prepare_subject, temper_atlas
-from mvmm_monai.pipeline.qc import assess_fit
+from mvmm_monai.pipeline.qc import assess_fit, fit_notes
 from mvmm_monai.pipeline.progress import lightning_notes_silenced
 from mvmm_monai.pipeline.settings import (
     convergence_window,
@@ -172,6 +172,17 @@ def converged(cfg: DictConfig, module: MvMMFit, trainer: pl.Trainer, name: str) 
     return met
 
 
+def placement_scale_range(cfg: DictConfig) -> tuple[float, float] | None:
+    """The smallest and largest stack heart size the automatic placement can reach (``atlas.auto``:
+    ``scales`` times ``fine_scales``)."""
+    auto = cfg.atlas.get("auto")
+    if not auto:
+        return None
+    lo = min(auto.scales) * min(auto.get("fine_scales") or [1.0])
+    hi = max(auto.scales) * max(auto.get("fine_scales") or [1.0])
+    return float(lo), float(hi)
+
+
 def qc_verdict(qc: dict) -> str:
     """Quality control in a few words, for a picture's title."""
     if "score" not in qc:
@@ -240,8 +251,9 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
             "input_checks": prep.checks,
             "postprocess": conventions.name,
         }
+        notes = fit_notes(metrics["converged"], prep.placement, placement_scale_range(cfg))
         metrics["qc"] = assess_fit(build(cfg.qc, _convert_="all") if cfg.get("qc") else None, subject, result, labelled.scores,
-                                   prep.placement, prep.checks)
+                                   prep.placement, prep.checks, notes)
         full = subject.parent or subject
         labels = {s: full.label_map.to_values(c) for s, c in labelled.classes.items()}
         settings = effective_settings(cfg, dataset, subject, conventions, "auto" if prep.placement is not None else "identity")

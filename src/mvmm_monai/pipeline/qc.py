@@ -238,8 +238,10 @@ class QualityModel:
                 out.append(f"{high} ({name} {v:.3g}, usual <= {hi:.3g})")
         return out
 
-    def assess(self, features: dict[str, float], agreement: dict[str, float] | None = None, mirrored: dict | None = None) -> dict:
-        """``{"score", "flag", "reasons", "features", "sequence_agreement"}`` for ``metrics.json``."""
+    def assess(self, features: dict[str, float], agreement: dict[str, float] | None = None, mirrored: dict | None = None,
+               notes: list[str] | None = None) -> dict:
+        """``{"score", "flag", "reasons", "features", "sequence_agreement"}`` for ``metrics.json``;
+        ``notes`` are further reasons that do not set the flag by themselves."""
         score = self.score(features)
         reasons = []
         flag = score < self.threshold
@@ -253,7 +255,7 @@ class QualityModel:
             if a < self.disagreement:
                 flag = True
                 reasons.append(f"{seq} disagrees with the other sequences on where the heart is (agreement {a:.2f})")
-        reasons += self.reasons(features)
+        reasons += self.reasons(features) + list(notes or [])
         return {
             "score": round(score, 4), "flag": bool(flag), "reasons": reasons,
             "features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
@@ -261,11 +263,23 @@ class QualityModel:
         }
 
 
-def assess_fit(model: QualityModel | None, subject, result, scores: torch.Tensor, placement=None, checks: dict | None = None) -> dict:
+def fit_notes(converged: bool, placement=None, scale_range: tuple[float, float] | None = None) -> list[str]:
+    """Reasons to look closer that do not make a result untrustworthy by themselves: a fit that
+    stopped at its iteration cap, a heart size on the edge of the placement's search range."""
+    notes = [] if converged else ["stopped at trainer.max_epochs before converging (metrics.json converged)"]
+    if placement is not None and scale_range is not None:
+        lo, hi = scale_range
+        if placement.scale <= lo * 1.001 or placement.scale >= hi * 0.999:
+            notes.append(f"heart size {placement.scale:.3g} on the edge of the placement search ({lo:.3g}-{hi:.3g}; atlas.auto.scales)")
+    return notes
+
+
+def assess_fit(model: QualityModel | None, subject, result, scores: torch.Tensor, placement=None, checks: dict | None = None,
+               notes: list[str] | None = None) -> dict:
     """The ``qc`` entry of ``metrics.json``; without a model (``qc`` config group removed) only the
     features and the per-sequence agreement."""
     features, agreement = qc_features(subject, result, scores, placement)
     if model is None:
         return {"features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
                 "sequence_agreement": {k: round(v, 4) for k, v in agreement.items()}}
-    return model.assess(features, agreement, (checks or {}).get("mirrored"))
+    return model.assess(features, agreement, (checks or {}).get("mirrored"), notes)
