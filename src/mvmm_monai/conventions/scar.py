@@ -42,7 +42,7 @@ def fwhm_mask(image: torch.Tensor, myocardium: torch.Tensor, percentile: float =
 
 def native_scar(
     subject, scores: torch.Tensor, result, shifts: dict, min_contrast: float = 2.0, min_blood_fraction: float = 0.45,
-    rule: str = "subtype",
+    rule: str = "subtype_and_fwhm",
 ) -> tuple[torch.Tensor, ScarResult]:
     """Scar mask ``[X, Y, Z]`` (bool) on the reference sequence's native grid, and the common-space result.
 
@@ -93,7 +93,7 @@ def _finite(v: torch.Tensor) -> float | None:
 
 
 def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, min_contrast: float = 2.0, min_blood_fraction: float = 0.45,
-               rule: str = "subtype") -> dict:
+               rule: str = "subtype_and_fwhm") -> dict:
     """Write ``<subject>_scar.nii.gz`` (uint8 0/1, the reference's native grid) into ``out``.
 
     Returns the ``scar`` entry of ``metrics.json``: ``volume_ml``, the two guards of the rule

@@ -63,7 +63,7 @@ def resolve_settings(cfg: DictConfig, dataset) -> tuple[DictConfig, LabellingCon
     subtype_counts(cfg.model, dataset.sequences)
     sequence_weights(cfg.model, dataset.sequences)
     convergence_window(cfg)
-    rule = (cfg.model.get("scar") or {}).get("rule", "subtype")
+    rule = (cfg.model.get("scar") or {}).get("rule", "subtype_and_fwhm")
     if rule not in SCAR_RULES:
         raise ValueError(f"model.scar.rule must be one of {SCAR_RULES}, got {rule!r}")
     return cfg, conventions
