@@ -130,6 +130,19 @@ def test_quality_control_flags_a_misplaced_atlas_and_names_a_mirrored_sequence(c
     assert any(r.startswith("C0 looks mirrored") for r in qc["reasons"]), qc["reasons"]
 
 
+@pytest.mark.real
+def test_quality_control_names_a_sequence_that_sees_the_heart_elsewhere(case_copy, myops_atlas, tmp_path, one_thread):
+    t2 = case_copy / "Case3018_T2.nii.gz"
+    img = nib.load(t2)
+    nib.save(nib.Nifti1Image(np.roll(np.asarray(img.dataobj), 16, axis=0), img.affine, img.header), t2)  # moved ~20 mm
+    m = fit(compose_config(["data=myops", f"data.root={case_copy.parent}", "subject=Case3018", f"atlas.path={myops_atlas}",
+                            f"paths.output_dir={tmp_path / 'out'}", "callbacks.progress.refresh_rate=0", "~logger",
+                            f"trainer.max_epochs={MAX_EPOCHS}"]))
+    qc = m["qc"]
+    assert qc["flag"] and any(r.startswith("T2 disagrees with the other sequences") for r in qc["reasons"]), qc
+    assert qc["sequence_agreement"]["T2"] < min(qc["sequence_agreement"]["LGE"], qc["sequence_agreement"]["C0"])
+
+
 @pytest.mark.slow
 @pytest.mark.real
 def test_no_drift_on_a_real_case(myops_root, myops_atlas, tmp_path, one_thread):
