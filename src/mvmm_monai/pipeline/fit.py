@@ -165,8 +165,10 @@ def converged(cfg: DictConfig, module: MvMMFit, trainer: pl.Trainer, name: str) 
     if not met:
         log.warning(
             "%s: stopped at trainer.max_epochs=%d before the relative log-likelihood change fell below model.tol=%g "
-            "(last %.1e) or the posterior change below model.posterior_tol=%g (last %.1e); raise trainer.max_epochs "
-            "if the curves in TensorBoard (em/relative_change, em/posterior_change) are still moving",
+            "(last %.1e) or the posterior change below model.posterior_tol=%g (last %.1e). A fit still rising slowly "
+            "and steadily (em/relative_change in TensorBoard) is drifting, and on the shared MyoPS cases running it longer "
+            "did not improve it (docs/results.md, 'Stopping rule'): check the montage; raise trainer.max_epochs only if "
+            "the curves are still falling fast",
             name, trainer.max_epochs, cfg.model.tol, last, cfg.model.posterior_tol, moved,
         )
     return met
