@@ -233,8 +233,9 @@ def main() -> None:
     fits_from = None
     if args.rows:
         rows = json.loads(args.rows.read_text())
-        if isinstance(rows, dict):  # a record of this script: its fits and where they came from
-            fits_from, rows = rows["figures"].get("fits_from"), rows["figures"]["rows"]
+        if isinstance(rows, dict):  # a record of this script: its fits and where they came from (that run, or the one it names)
+            made = {k: rows[k] for k in ("command", "git_revision", "date")}
+            fits_from, rows = rows["figures"].get("fits_from") or made, rows["figures"]["rows"]
         if args.fits_record:
             made = json.loads(args.fits_record.read_text())
             fits_from = {k: made[k] for k in ("command", "git_revision", "date")}
