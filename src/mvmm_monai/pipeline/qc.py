@@ -43,6 +43,8 @@ import torch
 from scipy import ndimage
 
 from mvmm_monai.classes import CLASS_NAMES
+from mvmm_monai.conventions.scar import mask_dice
+from mvmm_monai.mixture.gaussian import component_log_densities
 
 MYO, LV, RV = (CLASS_NAMES.index(c) for c in ("myocardium", "lv", "rv"))
 
@@ -83,16 +85,7 @@ def _neighbour_pairs(labels: np.ndarray, a: int, b: int) -> tuple[int, int]:
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / s) if s else 1.0
-
-
-def _class_log_likelihood(images: torch.Tensor, params) -> torch.Tensor:
-    """``[N, K, V]``: each sequence's log-likelihood of every class (its subtypes summed)."""
-    log_tau, mean, var = params.log_tau[0].double(), params.mean[0].double(), params.var[0].clamp_min(1e-12).double()
-    x = images.double()[:, None, None, :]  # [N, 1, 1, V]
-    comp = log_tau[..., None] - 0.5 * (math.log(2 * math.pi) + torch.log(var)[..., None] + (x - mean[..., None]) ** 2 / var[..., None])
-    return torch.logsumexp(comp, dim=2)
+    return mask_dice(torch.from_numpy(a), torch.from_numpy(b))
 
 
 def sequence_agreement(result, sequences: tuple[str, ...]) -> dict[str, float]:
@@ -106,7 +99,10 @@ def sequence_agreement(result, sequences: tuple[str, ...]) -> dict[str, float]:
     prior = (result.warped.log_atlas[0] + result.params.log_pi[0].reshape(-1, *[1] * (images.ndim - 1))).double()
     k = prior.shape[0]
     flat_prior = prior.reshape(k, -1)
-    ll = _class_log_likelihood(images.reshape(n, -1), result.params) * cover.reshape(n, 1, -1)
+    p = result.params
+    # each sequence's log-likelihood of every class, its subtypes summed: [N, K, V]
+    ll = torch.logsumexp(component_log_densities(images.reshape(1, n, -1).double(), p.log_tau.double(), p.mean.double(),
+                                                 p.var.clamp_min(1e-12).double())[0], dim=2) * cover.reshape(n, 1, -1)
     out = {}
     for i, seq in enumerate(sequences):
         others = [j for j in range(n) if j != i]
