@@ -34,7 +34,8 @@ def run(out: Path, cache_dir: Path, *overrides: str) -> dict:
 
 def test_tensorboard_scalars_images_hparams_and_overlay_png(tmp_path, cache_dir):
     out = tmp_path / "fit"
-    metrics = run(out, cache_dir, "subject=patient2", "trainer.max_epochs=12", "callbacks.overlay.every_n_iterations=5")
+    metrics = run(out, cache_dir, "subject=patient2", "trainer.max_epochs=12", "callbacks.overlay.every_n_iterations=5",
+                  "callbacks.overlay.max_time_fraction=null")
     ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
     ea.Reload()
     tags = ea.Tags()
@@ -45,7 +46,7 @@ def test_tensorboard_scalars_images_hparams_and_overlay_png(tmp_path, cache_dir)
     assert len(ea.Scalars("em/log_likelihood")) == 12
     assert "overlay" in tags["images"]
     steps = [e.step for e in ea.Images("overlay")]
-    assert steps[0] == 1 and 5 in steps and 10 in steps
+    assert steps == [5, 10, 12]  # every 5th iteration, whatever it costs (no time budget), and the end
     assert "_hparams_/session_start_info" in tags["tensors"] or ea.PluginTagToContent("hparams")
     png = imread(out / "patient2_overlay.png")
     assert png.shape[:2] == (360, 1600)  # 5 panels of 3.2 x 3.6 inches at 100 dpi
@@ -63,6 +64,17 @@ def test_tensorboard_scalars_images_hparams_and_overlay_png(tmp_path, cache_dir)
     magenta = (r > 0.8) & (g < 0.3) & (b > 0.8)
     assert yellow.sum() > 100, "no myocardium contour in the montage"
     assert (magenta.sum() > 10) == (metrics["scar"]["volume_ml"] > 0)
+
+
+def test_overlay_time_budget_keeps_pictures_off_a_short_fit(tmp_path, cache_dir):
+    # a budget no overlay fits in: only the final overlay is drawn, the fit and its outputs unchanged
+    out = tmp_path / "fit"
+    metrics = run(out, cache_dir, "subject=patient2", "trainer.max_epochs=12", "callbacks.overlay.every_n_iterations=2",
+                  "callbacks.overlay.max_time_fraction=0.001")
+    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Images("overlay")] == [12]
+    assert metrics["iterations"] == 12 and (out / "patient2_overlay.png").is_file()
 
 
 def test_sweep_of_three_subtype_settings_writes_one_summary(tmp_path, cache_dir):

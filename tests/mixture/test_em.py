@@ -303,8 +303,10 @@ def test_look_up_tables_give_the_exact_e_step_of_quantised_images(weight):
 
 @pytest.mark.filterwarnings("ignore::mvmm_monai.mixture.em.ConvergenceWarning")  # 30 iterations on purpose
 def test_look_up_tables_on_continuous_intensities_match_the_reference_closely():
-    """4096 levels on continuous intensities: the fitted means within 1e-4 (intensities ~[0, 1]) and
-    the same labels at > 99.9 % of the voxels after a whole EM fit."""
+    """4096 levels on continuous intensities: the fitted means within one quantisation step (about
+    2.5e-4 here) and the same labels at > 99.9 % of the voxels after a whole EM fit. (The three
+    background subtypes overlap and still trade voxels after 30 iterations: their means move by
+    1e-4-2e-4 with the float32 summation order of the CPU, so a tighter bound tests the machine.)"""
     counts = torch.tensor([[3, 2, 2, 2], [2, 2, 1, 1], [2, 1, 2, 1]])
     images, atlas, labels, _ = sample_mixture((40, 36, 4), counts, seed=2)
     images, atlas = images.float(), atlas.float()
@@ -312,7 +314,8 @@ def test_look_up_tables_on_continuous_intensities_match_the_reference_closely():
     fits = {lv: fit_em(images, torch.ones_like(images), log_atlas, counts, EMConfig(beta=0.5, intensity_levels=lv), max_iter=30, tol=0)
             for lv in (0, 4096)}
     ok = fits[0].params.valid
-    assert float((fits[0].params.mean - fits[4096].params.mean)[ok].abs().max()) < 1e-4
+    step = float((images.amax(dim=(2, 3, 4)) - images.amin(dim=(2, 3, 4))).max()) / 4095
+    assert float((fits[0].params.mean - fits[4096].params.mean)[ok].abs().max()) < step
     agree = (fits[0].log_posterior.argmax(1) == fits[4096].log_posterior.argmax(1)).float().mean()
     assert float(agree) > 0.999
 

@@ -18,7 +18,7 @@ scales and both long-axis directions, then finely per slice around the stack's c
 wall, liver and arms are bright too, but none of them has a bright disc inside a dark ring beside a
 bright crescent at the right size, which is what the template scores.
 
-Pure numpy/scipy maths: no files, no Lightning.
+Pure numpy/scipy/torch maths (the correlations: batched FFTs in torch): no files, no Lightning.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from scipy import ndimage, signal
+import torch.nn.functional as F
+from scipy import fft as sp_fft
+from scipy import ndimage
 from torch import Tensor
 
 from mvmm_monai.atlas.frame import at_level, canonical_to_slice, rotation, stack_levels
@@ -176,68 +178,92 @@ def _zoom_slice(img: np.ndarray, spacing, pixel_mm: float) -> np.ndarray:
     return ndimage.zoom(img, f, order=1)
 
 
-def _template_patch(template2d: np.ndarray, pixel_mm: float, atlas_px: float, phi: float, sigma: float, radius_mm: float):
-    """The canonical template seen at ``pixel_mm`` pixels, rotated and scaled, and its disc mask."""
+def _template_patches(template2d: np.ndarray, pixel_mm: float, atlas_px: float, phis, sigma: float, radius_mm: float):
+    """The canonical template seen at ``pixel_mm`` pixels, scaled by ``sigma`` and rotated by every
+    angle of ``phis`` (degrees): ``[A, h, w]`` (float32 tensor, one ``grid_sample``: bilinear, edge
+    values beyond the template) and the disc mask ``[h, w]`` they share (a disc turns into itself)."""
     half = int(math.ceil(radius_mm * sigma / pixel_mm))
     ax = np.arange(-half, half + 1) * pixel_mm
     p = np.stack(np.meshgrid(ax, ax, indexing="ij"), -1)
-    q = p @ rotation(-phi).T / sigma
-    idx = (q / atlas_px + (template2d.shape[0] - 1) / 2.0).transpose(2, 0, 1)
-    patch = ndimage.map_coordinates(template2d, idx, order=1, mode="nearest")
-    mask = (np.linalg.norm(q, axis=-1) <= radius_mm).astype(float)
-    return patch, mask
+    q = np.stack([p @ rotation(-phi).T / sigma for phi in phis])  # [A, h, w, 2] canonical mm
+    idx = q / atlas_px + (np.asarray(template2d.shape, dtype=float) - 1) / 2.0
+    size = np.asarray(template2d.shape, dtype=float) - 1
+    grid = torch.from_numpy((2.0 * idx[..., ::-1] / size[::-1] - 1.0).astype(np.float32))  # (width, height) order, [-1, 1] corner to corner
+    img = torch.from_numpy(np.ascontiguousarray(template2d, dtype=np.float32))[None, None].expand(len(phis), 1, *template2d.shape)
+    patches = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
+    mask = (np.linalg.norm(p, axis=-1) / sigma <= radius_mm).astype(float)
+    return patches, mask
+
+
+def _correlate(image: Tensor, kernels: Tensor, spectra: dict | None = None) -> Tensor:
+    """``scipy.signal.fftconvolve(image, k[::-1, ::-1], mode="same")`` for every kernel ``k`` of
+    ``kernels`` ``[M, h, w]`` (odd sizes) by one batched FFT: ``[M, X, Y]``. ``spectra``: a cache of
+    the image's spectrum by FFT size (one image, many kernel sizes)."""
+    (x, y), (h, w) = image.shape, kernels.shape[-2:]
+    size = (sp_fft.next_fast_len(x + h - 1, True), sp_fft.next_fast_len(y + w - 1, True))
+    spectrum = None if spectra is None else spectra.get(size)
+    if spectrum is None:
+        spectrum = torch.fft.rfft2(image, s=size)
+        if spectra is not None:
+            spectra[size] = spectrum
+    full = torch.fft.irfft2(spectrum * torch.fft.rfft2(kernels.flip(-2, -1), s=size), s=size)
+    return full[:, (h - 1) // 2 : (h - 1) // 2 + x, (w - 1) // 2 : (w - 1) // 2 + y]
+
+
+def _max_filter(maps: Tensor, radius: int) -> Tensor:
+    """``ndimage.maximum_filter(m, size=2 * radius + 1, mode="nearest")`` of every map ``[M, X, Y]``
+    (separable: rows, then columns)."""
+    k = 2 * radius + 1  # (unfold + amax: about 4x faster than max_pool2d on the CPU)
+    rows = F.pad(maps[:, None], (0, 0, radius, radius), mode="replicate")[:, 0].unfold(1, k, 1).amax(-1)
+    return F.pad(rows[:, None], (radius, radius, 0, 0), mode="replicate")[:, 0].unfold(2, k, 1).amax(-1)
 
 
 class _SliceStats:
-    """FFT correlation helpers for one image slice: local sums under a disc, for masked NCC."""
+    """Masked normalised cross-correlation (NCC) of templates with one image slice, by batched FFT:
+    the slice's spectrum and its local sums under each disc are computed once and shared."""
 
     def __init__(self, image: np.ndarray, var_floor: float | None = None) -> None:
         self.image = image
-        self.sq = image * image
+        self._image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
         # flat regions (air, zero padding) have no contrast to correlate with: floor the local
         # variance at a fraction of the slice's own, so they score ~0 instead of dividing by ~0
         self.var_floor = (0.1 * float(image.std())) ** 2 + 1e-12 if var_floor is None else var_floor
-        self._cache: dict = {}
-        self._parts: dict = {}
+        self._spectra: dict = {}  # FFT size -> the slice's spectrum
+        self._local: dict = {}  # disc shape -> local sums of the slice and its square under the disc
+        self._parts: dict = {}  # (box, disc radius) -> the _SliceStats of the part of the slice a box sees
 
-    def local(self, mask: np.ndarray):
-        key = mask.shape
-        if key not in self._cache:
-            m = mask[::-1, ::-1]
-            s1 = signal.fftconvolve(self.image, m, mode="same")
-            s2 = signal.fftconvolve(self.sq, m, mode="same")
-            self._cache[key] = (s1, s2)
-        return self._cache[key]
-
-    def ncc(self, patch: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-        """NCC of the masked template at every centre pixel (-1 where its disc leaves the slice);
-        with ``box`` ``(i0, i1, j0, j1)`` only the centres in that box are computed (the rest -1),
-        on the part of the slice they see: far less work when a window is all that is searched."""
+    def ncc(self, patches: Tensor, mask: np.ndarray, box: tuple[int, int, int, int] | None = None) -> Tensor:
+        """NCC ``[M, X, Y]`` of every masked template of ``patches`` ``[M, h, w]`` (sharing the disc
+        ``mask``) at every centre pixel, -1 where its disc leaves the slice; with ``box`` ``(i0, i1,
+        j0, j1)`` only the centres in that box are computed (the rest -1), on the part of the slice
+        they see: far less work when a window is all that is searched."""
         h = mask.shape[0] // 2
+        shape = self.image.shape
         if box is not None:
             i0, i1, j0, j1 = box
             r0, c0 = max(i0 - h, 0), max(j0 - h, 0)
             key = (box, h)
             if key not in self._parts:
                 self._parts[key] = _SliceStats(self.image[r0 : i1 + h, c0 : j1 + h], self.var_floor)
-            part = self._parts[key].ncc(patch, mask)
-            out = np.full(self.image.shape, -1.0)
-            out[i0:i1, j0:j1] = part[i0 - r0 : i1 - r0, j0 - c0 : j1 - c0]
+            part = self._parts[key].ncc(patches, mask)
+            out = torch.full((len(patches), *shape), -1.0)
+            out[:, i0:i1, j0:j1] = part[:, i0 - r0 : i1 - r0, j0 - c0 : j1 - c0]
             # a centre whose disc leaves the whole slice is no candidate (the part's edge inside the slice is no edge)
-            out[:h], out[self.image.shape[0] - h :], out[:, :h], out[:, self.image.shape[1] - h :] = -1.0, -1.0, -1.0, -1.0
+            out[:, :h], out[:, shape[0] - h :], out[:, :, :h], out[:, :, shape[1] - h :] = -1.0, -1.0, -1.0, -1.0
             return out
-        n = mask.sum()
-        t = (patch - (patch * mask).sum() / n) * mask
-        tn = math.sqrt(float((t * t).sum())) + 1e-12
-        num = signal.fftconvolve(self.image, t[::-1, ::-1], mode="same")
-        s1, s2 = self.local(mask)
-        var = np.clip(s2 - s1 * s1 / n, n * self.var_floor, None)
-        out = num / (tn * np.sqrt(var))
-        # centres whose disc leaves the image are not candidates
-        invalid = np.ones_like(out, dtype=bool)
-        invalid[h : out.shape[0] - h, h : out.shape[1] - h] = False
-        out[invalid] = -1.0
-        return out
+        n = float(mask.sum())
+        m = torch.from_numpy(mask.astype(np.float32))
+        t = (patches - (patches * m).sum((1, 2), keepdim=True) / n) * m
+        tn = t.square().sum((1, 2)).sqrt() + 1e-12
+        num = _correlate(self._image, t, self._spectra)
+        if mask.shape not in self._local:
+            self._local[mask.shape] = (_correlate(self._image, m[None], self._spectra)[0], _correlate(self._image.square(), m[None])[0])
+        s1, s2 = self._local[mask.shape]
+        var = (s2 - s1 * s1 / n).clamp_min(n * self.var_floor)
+        out = num / (tn[:, None, None] * var.sqrt())
+        valid = torch.zeros(shape, dtype=torch.bool)
+        valid[h : shape[0] - h, h : shape[1] - h] = True
+        return out.masked_fill(~valid, -1.0)
 
 
 class _HeartSearch:
@@ -279,36 +305,41 @@ class _HeartSearch:
             out.append(per)
         return out
 
-    def slice_ncc(self, stats, z: int, t: float, phi: float, sigma: float, pixel_mm: float, box=None) -> np.ndarray | None:
-        """NCC map of slice ``z`` (stats from :meth:`slice_stats` at ``pixel_mm``) against the template
-        at level ``t``, rotated by ``phi`` degrees and scaled by ``sigma``: ``[X', Y']`` (one value
-        per candidate centre pixel, -1 where the disc leaves the slice or outside ``box``), the
-        mean over the sequences covering the slice; ``None`` when none does."""
+    def slice_ncc(self, stats, z: int, t: float, phis, sigma: float, pixel_mm: float, box=None) -> Tensor | None:
+        """NCC maps of slice ``z`` (stats from :meth:`slice_stats` at ``pixel_mm``) against the template
+        at level ``t``, rotated by each angle of ``phis`` (degrees) and scaled by ``sigma``:
+        ``[A, X', Y']`` (one value per candidate centre pixel, -1 where the disc leaves the slice or
+        outside ``box``), the mean over the sequences covering the slice; ``None`` when none does."""
         acc, count = None, 0
         for n, c in self.used:
             if n not in stats[z]:
                 continue
             level = at_level(self.template[c : c + 1], t)[0]
-            patch, mask = _template_patch(level, pixel_mm, self.atlas_pixel_mm, phi, sigma, self.radius_mm)
-            r = stats[z][n].ncc(patch, mask, box)
+            r = stats[z][n].ncc(*_template_patches(level, pixel_mm, self.atlas_pixel_mm, list(phis), sigma, self.radius_mm), box)
             acc = r if acc is None else acc + r
             count += 1
         return None if acc is None else acc / count
 
 
-def _coarse_map(search: _HeartSearch, stats, levels: list[float], phi: float, sigma: float, tol: int) -> np.ndarray | None:
-    """Mean over slices of each slice's NCC map at ``coarse_mm`` pixels, each first maximised over
-    ``+-tol`` pixels (a slice may sit that far from the stack's centre): ``[X', Y']`` by stack
-    centre pixel; ``None`` when no slice is covered."""
+def _coarse_maps(search: _HeartSearch, stats, levels: list[float], tol: int) -> dict | None:
+    """Per ``(phi, sigma)`` of ``angles_deg`` x ``scales``: the mean over slices of each slice's NCC
+    map at ``coarse_mm`` pixels, each first maximised over ``+-tol`` pixels (a slice may sit that far
+    from the stack's centre): ``[X', Y']`` by stack centre pixel; ``None`` when no slice is covered.
+    Every angle of a scale is matched by one batched FFT correlation."""
+    cfg = search.cfg
+    angles, scales = list(cfg.angles_deg), list(cfg.scales)
     total, k = None, 0
     for z in range(search.nz):
-        r = search.slice_ncc(stats, z, levels[z], phi, sigma, search.cfg.coarse_mm)
-        if r is None:
+        maps = [search.slice_ncc(stats, z, levels[z], angles, sigma, cfg.coarse_mm) for sigma in scales]
+        if maps[0] is None:
             continue
-        r = ndimage.maximum_filter(r, size=2 * tol + 1, mode="nearest")
+        r = _max_filter(torch.stack(maps, 1).flatten(0, 1), tol)  # [A * S, X', Y']
         total = r if total is None else total + r
         k += 1
-    return None if total is None else total / k
+    if total is None:
+        return None
+    total = (total / k).reshape(len(angles), len(scales), *total.shape[1:]).numpy()
+    return {(phi, sigma): total[a, b] for a, phi in enumerate(angles) for b, sigma in enumerate(scales)}
 
 
 def _coarse_search(search: _HeartSearch, count: int = 1, apart_mm: float = 15.0) -> list[tuple[bool, float, float, np.ndarray]]:
@@ -323,12 +354,12 @@ def _coarse_search(search: _HeartSearch, count: int = 1, apart_mm: float = 15.0)
     directions = (True, False) if (cfg.both_directions and search.nz > 1) else (True,)
     far = apart_mm / cfg.coarse_mm
     for apex_first in directions:
-        levels = stack_levels(search.nz, apex_first)
+        maps = _coarse_maps(search, stats, stack_levels(search.nz, apex_first), tol)
+        if maps is None:
+            continue
         for phi in cfg.angles_deg:
             for sigma in cfg.scales:
-                total = _coarse_map(search, stats, levels, phi, sigma, tol)
-                if total is None:
-                    continue
+                total = maps[(phi, sigma)]
                 i = np.unravel_index(int(np.argmax(total)), total.shape)
                 found.append((float(total[i]), apex_first, phi, sigma, np.array(i, dtype=float) * cfg.coarse_mm))
                 if count > 1:
@@ -368,21 +399,22 @@ class _SliceMatch:
             self._windows[shape] = (ii - c[0]) ** 2 + (jj - c[1]) ** 2 <= self.win**2
         return self._windows[shape]
 
-    def match(self, z: int, t: float, phi: float, sigma: float) -> tuple[np.ndarray | None, float]:
+    def match(self, z: int, t: float, phis, sigma: float) -> list[tuple[np.ndarray | None, float]]:
         """Slice ``z``'s best centre ``[2]`` (mm) within the window and its NCC, for the template at
-        level ``t``, angle ``phi`` (degrees), scale ``sigma``; ``(None, nan)`` if it is not covered."""
+        level ``t``, each angle of ``phis`` (degrees) and scale ``sigma``: one pair per angle, each
+        ``(None, nan)`` if the slice is not covered."""
         if not self.stats[z]:
-            return None, np.nan
+            return [(None, np.nan)] * len(phis)
         shape = next(iter(self.stats[z].values())).image.shape
         c = self.centre_mm / self.pixel_mm
         box = (max(int(math.floor(c[0] - self.win)), 0), min(int(math.ceil(c[0] + self.win)) + 1, shape[0]),
                max(int(math.floor(c[1] - self.win)), 0), min(int(math.ceil(c[1] + self.win)) + 1, shape[1]))
-        r = self.search.slice_ncc(self.stats, z, t, phi, sigma, self.pixel_mm, box if box[0] < box[1] and box[2] < box[3] else None)
+        r = self.search.slice_ncc(self.stats, z, t, phis, sigma, self.pixel_mm, box if box[0] < box[1] and box[2] < box[3] else None)
         if r is None:
-            return None, np.nan
-        r = np.where(self._window(r.shape), r, -np.inf)
-        i = np.unravel_index(int(np.argmax(r)), r.shape)
-        return np.array(i, dtype=float) * self.pixel_mm, float(r[i])
+            return [(None, np.nan)] * len(phis)
+        r = torch.where(torch.from_numpy(self._window(tuple(r.shape[1:]))), r, -torch.inf).flatten(1)
+        best = r.argmax(1)
+        return [(np.array(np.unravel_index(int(i), shape), dtype=float) * self.pixel_mm, float(r[a, i])) for a, i in enumerate(best)]
 
 
 @dataclass(frozen=True)
@@ -404,15 +436,16 @@ class _Stack:
 def _fine_search(match: _SliceMatch, levels: list[float], phi0: float, sigma0: float) -> _Stack:
     """Per-slice centres around the coarse optimum for ``fine_angles_deg`` x ``fine_scales`` steps
     from ``phi0`` / ``sigma0``, each slice at ``levels``; the step of best mean NCC."""
+    phis = [phi0 + dphi for dphi in match.cfg.fine_angles_deg]
+    per_scale = {ds: [match.match(z, levels[z], phis, sigma0 * ds) for z in range(len(levels))] for ds in match.cfg.fine_scales}
     best_score, best = -np.inf, None
-    for dphi in match.cfg.fine_angles_deg:
+    for a, phi in enumerate(phis):
         for ds in match.cfg.fine_scales:
-            phi, sigma = phi0 + dphi, sigma0 * ds
-            found = [match.match(z, levels[z], phi, sigma) for z in range(len(levels))]
+            found = [per_z[a] for per_z in per_scale[ds]]
             scores = [f[1] for f in found]
             s = float(np.nanmean(scores))
             if s > best_score:
-                best_score, best = s, _Stack(phi, sigma, levels, [f[0] for f in found], np.array(scores), s)
+                best_score, best = s, _Stack(phi, sigma0 * ds, levels, [f[0] for f in found], np.array(scores), s)
     return best
 
 
@@ -433,7 +466,7 @@ def _choose_coverage(match: _SliceMatch, stack: _Stack, apex_first: bool) -> _St
         for z in range(nz):
             key = (z, round(levels[z], 6))
             if key not in cache:
-                cache[key] = match.match(z, levels[z], stack.phi, stack.sigma)
+                cache[key] = match.match(z, levels[z], [stack.phi], stack.sigma)[0]
             found.append(cache[key])
         s = float(np.nanmean([f[1] for f in found]))
         if s > best.score:
@@ -453,10 +486,10 @@ def _refine_slices(match: _SliceMatch, stack: _Stack) -> _Stack:
     factors, offsets = np.ones(nz), np.zeros(nz)
     for z in range(nz):
         for f in cfg.slice_scales:
-            for d in cfg.slice_angles_deg:
-                if f == 1.0 and d == 0.0:  # the stack's own scale and angle: scores[z] already
-                    continue
-                c, s = match.match(z, stack.levels[z], stack.phi + d, stack.sigma * f)
+            offs = [d for d in cfg.slice_angles_deg if not (f == 1.0 and d == 0.0)]  # the stack's own: scores[z] already
+            if not offs:
+                continue
+            for d, (c, s) in zip(offs, match.match(z, stack.levels[z], [stack.phi + d for d in offs], stack.sigma * f)):
                 if c is not None and not s <= scores[z]:  # a better match (or the first for a slice without one)
                     centres[z], scores[z], factors[z], offsets[z] = c, s, f, d
     return replace(

@@ -46,6 +46,8 @@ from scipy import ndimage
 from scipy.spatial import Delaunay, QhullError
 from torch import Tensor
 
+from mvmm_monai.classes import class_argmax
+
 MYO, LV = 1, 2
 
 
@@ -116,7 +118,7 @@ def fill_lv_cavity(posterior: Tensor, mode: str = "hull") -> Tensor:
     stays a distribution)."""
     if posterior.ndim != 4 or posterior.shape[0] <= LV:
         raise ValueError(f"fill_lv_cavity: posterior must be [K>=3, X, Y, Z], got {tuple(posterior.shape)}")
-    labels = posterior.argmax(0).cpu().numpy()
+    labels = class_argmax(posterior).cpu().numpy()
     return _swap_myocardium_and_lv(posterior, lv_cavity_mask(labels, mode=mode) & (labels == MYO))
 
 
@@ -133,7 +135,7 @@ def thin_lv_at_wall(posterior: Tensor, spacing_mm: tuple[float, float], min_wall
         raise ValueError(f"thin_lv_at_wall: min_wall_mm must be >= 0, got {min_wall_mm}")
     if min_wall_mm == 0:
         return posterior
-    labels = posterior.argmax(0).cpu().numpy()
+    labels = class_argmax(posterior).cpu().numpy()
     flip = np.zeros(labels.shape, dtype=bool)
     for z in range(labels.shape[2]):
         heart = np.isin(labels[..., z], (MYO, LV))
@@ -163,7 +165,7 @@ def smooth_endocardium(
     half = int(round(half_window_deg * n_angles / 360.0))
     if half == 0:
         return posterior
-    labels = posterior.argmax(0).cpu().numpy()
+    labels = class_argmax(posterior).cpu().numpy()
     sx, sy = (float(v) for v in spacing_mm)
     gx, gy = np.meshgrid(np.arange(labels.shape[0]) * sx, np.arange(labels.shape[1]) * sy, indexing="ij")
     flip = np.zeros(labels.shape, dtype=bool)
@@ -200,7 +202,7 @@ def claim_blood_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractio
         )
     if not fractions:
         return posterior
-    labels = posterior.argmax(0).cpu().numpy()
+    labels = class_argmax(posterior).cpu().numpy()
     myo, lv = labels == MYO, labels == LV
     cross = np.zeros((3, 3, 1), dtype=bool)
     cross[1, :, 0] = cross[:, 1, 0] = True

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mvmm_monai.classes import class_argmax
 from mvmm_monai.data.common_space import native_segmentation
 from mvmm_monai.files import save_nifti
 from mvmm_monai.mixture.scar import MYOCARDIUM, ScarResult, scar_segmentation
@@ -76,7 +77,7 @@ def native_scar(
     mask = res.mask[0]
     if rule != "subtype":
         n = subject.sequences.index(ref)
-        myo = (scores.argmax(0) == MYOCARDIUM) & (w.coverage[0, n] > 0)
+        myo = (class_argmax(scores) == MYOCARDIUM) & (w.coverage[0, n] > 0)
         fw = fwhm_mask(w.images[0, n], myo)
         mask = fw if rule == "fwhm" else mask & fw
     two_class = torch.stack((~mask, mask)).to(scores.dtype)  # [2, *S]: no scar, scar

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mvmm_monai.classes import class_argmax
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -212,8 +214,8 @@ def native_segmentation(posterior: torch.Tensor, subject, sequence: str, slice_s
     precomputed ``smap`` (:func:`sampling_map` from the common space
     to the sequence) saves recomputing the index map, e.g. at every iteration of a fit."""
     if sequence == subject.reference:
-        return posterior.argmax(0)
+        return class_argmax(posterior)
     if smap is None or slice_shifts is not None or slice_angles is not None:
         smap = sampling_map(subject.grid, subject.grids[sequence], target_slice_shifts=slice_shifts, target_slice_angles=slice_angles)
     prob = sample(posterior.float(), smap)
-    return torch.where(smap.coverage.to(prob.device) > 0, prob.argmax(0), torch.zeros((), dtype=torch.long, device=prob.device))
+    return torch.where(smap.coverage.to(prob.device) > 0, class_argmax(prob), torch.zeros((), dtype=torch.long, device=prob.device))

@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mvmm_monai.classes import class_argmax
 from mvmm_monai.config import build
 from mvmm_monai.conventions.labelling import LabellingConventions
 from mvmm_monai.conventions.scar import SCAR_RULES, write_scar
@@ -150,7 +151,7 @@ def score(subject, labelled: Labelled, result) -> dict:
         m = segmentation_metrics(labelled.classes[s], label, tuple(full.grids[s].spacing.tolist()))
         scores["dice"][s], scores["hd95_mm"][s] = m["dice"], m["hd95_mm"]
     if subject.reference in full.labels:
-        atlas_seg = subject.uncrop(result.warped.log_atlas[0].float().exp(), 0.0, 1.0).argmax(0)
+        atlas_seg = class_argmax(subject.uncrop(result.warped.log_atlas[0].float().exp(), 0.0, 1.0))
         spacing = tuple(full.grid.spacing.tolist())
         scores["atlas_dice"] = {subject.reference: segmentation_metrics(atlas_seg, full.labels[subject.reference], spacing)["dice"]}
     return scores
@@ -260,7 +261,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         labels = {s: full.label_map.to_values(c) for s, c in labelled.classes.items()}
         settings = effective_settings(cfg, dataset, subject, conventions, "auto" if prep.placement is not None else "identity")
         overlay = module.overlay(
-            title=f"{subject.name}: final segmentation ({conventions.name} labels)", posterior=result.posterior, labels=labelled.scores.argmax(0)
+            title=f"{subject.name}: final segmentation ({conventions.name} labels)", posterior=result.posterior, labels=class_argmax(labelled.scores)
         )
         montage = reference_montage(subject, labelled.classes, folder.staging, metrics["scar"], conventions.name, metrics["qc"])
         write_results(folder.staging, subject, result, labels, registration, params_record(subject, result, registration, prep.placement, settings),

@@ -6,13 +6,15 @@ state), so they work on headless servers and inside DDP workers.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytorch_lightning as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from mvmm_monai.classes import CLASS_COLOURS, CLASS_NAMES, class_rgb
+from mvmm_monai.classes import CLASS_COLOURS, CLASS_NAMES, class_argmax, class_rgb
 
 
 def overlay_figure(
@@ -37,7 +39,7 @@ def overlay_figure(
             ``postprocess`` stage); default: the posterior's argmax.
     """
     z = images.shape[-1] // 2 if slice_index is None else slice_index
-    labels = (posterior.argmax(0) if labels is None else labels)[..., z].cpu().numpy()
+    labels = (class_argmax(posterior) if labels is None else labels)[..., z].cpu().numpy()
     panels = len(sequences) + 1 + (atlas is not None)
     fig = Figure(figsize=(3.2 * panels, 3.6), dpi=100)
     FigureCanvasAgg(fig)
@@ -134,26 +136,53 @@ def figure_to_array(fig: Figure) -> np.ndarray:
 
 
 class OverlayLogger(pl.Callback):
-    """Adds the overlay figure to TensorBoard every ``every_n_iterations`` ICM iterations and at the end.
+    """Adds the overlay figure to TensorBoard after the first ICM iteration that is due (every
+    ``every_n_iterations``) and within the time budget, and always at the end.
 
-    The module must offer ``overlay(title) -> Figure``.
+    ``max_time_fraction`` keeps the pictures off the fit's hot path: an overlay is drawn at a due
+    iteration only if the overlays so far plus this one (estimated by the last one's cost) stay
+    within that fraction of the fit's elapsed time (before the first one, ``first_cost_s`` stands in for
+    its cost: about what a MyoPS overlay takes on 2 CPU cores). A long fit (registration, minutes) then shows
+    its progress every ``every_n_iterations``; a fit of a few seconds shows its final overlay only.
+    ``None`` draws at every due iteration whatever it costs. The module must offer
+    ``overlay(title) -> Figure``.
     """
 
-    def __init__(self, every_n_iterations: int = 10) -> None:
+    def __init__(self, every_n_iterations: int = 10, max_time_fraction: float | None = 0.05, first_cost_s: float = 0.5) -> None:
         if every_n_iterations < 1:
             raise ValueError(f"OverlayLogger: every_n_iterations must be >= 1, got {every_n_iterations}")
+        if max_time_fraction is not None and not 0 < max_time_fraction <= 1:
+            raise ValueError(f"OverlayLogger: max_time_fraction must be in (0, 1] or null, got {max_time_fraction}")
         self.every = every_n_iterations
+        self.fraction = max_time_fraction
+        self.first_cost = float(first_cost_s)
+        self._start = self._spent = 0.0
+        self._last = self.first_cost
+        self.logged: list[int] = []  # the iterations whose overlay was drawn (the final one included)
 
     def _log(self, trainer: pl.Trainer, module: pl.LightningModule, step: int) -> None:
         logger = trainer.logger
         if logger is None or not trainer.is_global_zero or not hasattr(logger.experiment, "add_image"):
             return
+        t = time.perf_counter()
         fig = module.overlay(title=f"{module.subject.name}, ICM iteration {step}")
         logger.experiment.add_image("overlay", figure_to_array(fig), step, dataformats="HWC")
+        self._last = time.perf_counter() - t
+        self._spent += self._last
+        self.logged.append(step)
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._start, self._spent, self._last, self.logged = time.perf_counter(), 0.0, self.first_cost, []
+
+    def _affordable(self) -> bool:
+        if self.fraction is None:
+            return True
+        elapsed = time.perf_counter() - self._start
+        return self._spent + self._last <= self.fraction * elapsed
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         it = trainer.current_epoch + 1
-        if it == 1 or it % self.every == 0:
+        if it % self.every == 0 and self._affordable():
             self._log(trainer, module, it)
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from mvmm_monai.classes import CLASS_NAMES
+from mvmm_monai.classes import CLASS_NAMES, class_argmax
 from mvmm_monai.conventions.scar import mask_dice
 from mvmm_monai.mixture.gaussian import component_log_densities
 
@@ -109,8 +109,8 @@ def sequence_agreement(result, sequences: tuple[str, ...]) -> dict[str, float]:
         both = cover[i].reshape(-1) & cover[others].reshape(len(others), -1).any(0)
         if int(both.sum()) < 100:
             continue
-        own = (flat_prior + ll[i]).argmax(0)[both].numpy()
-        rest = (flat_prior + ll[others].sum(0)).argmax(0)[both].numpy()
+        own = class_argmax(flat_prior + ll[i])[both].numpy()
+        rest = class_argmax(flat_prior + ll[others].sum(0))[both].numpy()
         out[seq] = float(np.mean([_dice(own == c, rest == c) for c in (MYO, LV)]))
     return out
 
@@ -123,7 +123,7 @@ def qc_features(subject, result, scores: torch.Tensor, placement=None) -> tuple[
     """
     ref = subject.sequences.index(subject.reference)
     covered = (result.warped.coverage[0, ref] > 0).numpy()
-    labels = scores.argmax(0).numpy()
+    labels = class_argmax(scores).numpy()
     labels = np.where(covered, labels, -1)
     post = result.posterior.double().numpy()
     sx, sy = (float(v) for v in subject.grid.spacing[:2])
@@ -169,7 +169,7 @@ def qc_features(subject, result, scores: torch.Tensor, placement=None) -> tuple[
         f[name] = float(np.median(contrasts)) if contrasts else 0.0
     agreement = sequence_agreement(result, subject.sequences)
     f["sequence_agreement"] = min(agreement.values()) if agreement else 1.0
-    atlas_labels = result.warped.log_atlas[0].argmax(0).numpy()
+    atlas_labels = class_argmax(result.warped.log_atlas[0]).numpy()
     f["atlas_agreement"] = float(np.mean([_dice((labels == c), (atlas_labels == c) & covered) for c in (MYO, LV, RV)]))
     f["placement_score"] = float(placement.score) if placement is not None else float("nan")
     return f, agreement
