@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 
 import nibabel as nib
@@ -37,6 +39,20 @@ def test_full_registration_fit_writes_shifts_and_displacement(tmp_path, cache_di
     ea.Reload()
     assert {"reg/bending", "reg/loss"} <= set(ea.Tags()["scalars"])
     assert metrics["iterations"] == 14
+    # the misaligned slices are better registered by the model's own judgement: the guard keeps it
+    guard = metrics["registration_guard"]
+    assert guard["kept"] == "registered" and guard["qc_linear_score"]["registered"] > guard["qc_linear_score"]["none"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["registration.guard=maybe"], "registration.guard must be true or false, got 'maybe'"),
+    (["~qc"], "registration.guard=true keeps the registration only where the quality-control score"),
+])
+def test_a_guard_that_cannot_judge_is_refused_before_any_work(tmp_path, cache_dir, extra, message):
+    out = tmp_path / "fit"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit(compose_config(overrides(out, cache_dir, *extra)))
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_a_blow_up_names_the_iteration_and_writes_nothing(tmp_path, cache_dir):

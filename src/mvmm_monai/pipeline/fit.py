@@ -222,11 +222,78 @@ def check_mrf_estimate(cfg: DictConfig, result, name: str) -> None:
         )
 
 
+@dataclass
+class Fitted:
+    """One run of the ICM loop on a prepared subject, its result, the label maps derived from it
+    and its quality control (what :func:`fit_subject` compares and writes)."""
+
+    cfg: DictConfig
+    module: MvMMFit
+    trainer: pl.Trainer
+    registration: object
+    logger: object
+    result: object
+    labelled: Labelled
+    converged: bool
+    qc: dict
+
+
+def _fit_prepared(cfg: DictConfig, dataset, prep, out: Path, conventions: LabellingConventions, qc_model, label: str) -> Fitted | None:
+    """Run the ICM loop on ``prep`` and derive its labels and QC; ``None`` on a rank other than 0."""
+    module, trainer, registration, logger = run_icm(cfg, dataset, prep, out)
+    if not trainer.is_global_zero:
+        return None
+    subject, result = prep.subject, module.result()
+    check_mrf_estimate(cfg, result, label)
+    labelled = derive_labels(subject, result, conventions, registration.native_shifts_voxels(), registration.native_angles())
+    met = converged(cfg, module, trainer, label)
+    notes = fit_notes(met, prep.placement, placement_scale_range(cfg))
+    qc = assess_fit(qc_model, subject, result, labelled.scores, prep.placement, prep.checks, notes)
+    return Fitted(cfg, module, trainer, registration, logger, result, labelled, met, qc)
+
+
+def _without_registration(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with the packaged ``registration=none`` preset, without checkpoints, logger,
+    overlays or a checkpoint to resume from: the registration guard's reference fit."""
+    from importlib.resources import files
+
+    ref = cfg.copy()
+    with open_dict(ref):
+        ref.registration = OmegaConf.load(str(files("mvmm_monai") / "conf" / "registration" / "none.yaml"))
+        ref.callbacks = {k: v for k, v in (cfg.get("callbacks") or {}).items()
+                         if any(t in str(v.get("_target_", "")) for t in ("EarlyStopping", "ProgressBar"))}
+        ref.logger = None
+        ref.ckpt_path = None
+        ref.trainer.enable_checkpointing = False  # else Lightning adds its own ModelCheckpoint
+    return ref
+
+
+def check_guard(cfg: DictConfig) -> bool:
+    """``registration.guard`` (default false where unset): whether a registered fit is compared with
+    the fit without registration; it needs the quality-control model that judges them."""
+    guard = cfg.registration.get("guard", False)
+    if not isinstance(guard, bool):
+        raise ValueError(f"registration.guard must be true or false, got {guard!r}")
+    if guard and not cfg.get("qc"):
+        raise ValueError(
+            "registration.guard=true keeps the registration only where the quality-control score (qc) rises, "
+            "and qc is off: set registration.guard=false or keep qc"
+        )
+    return guard
+
+
 def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
-    """Fit subject ``name`` of ``dataset`` and write its results into ``out``; returns its metrics."""
+    """Fit subject ``name`` of ``dataset`` and write its results into ``out``; returns its metrics.
+
+    With ``registration.guard`` and a registration that fits anything, the subject is also fitted
+    without registration, and the registered result is kept only where its quality-control score
+    (the label-free estimate of the LGE myocardium Dice) is higher: registration never makes a fit
+    worse by the model's own judgement (``metrics.json`` ``registration_guard``).
+    """
     start = time.perf_counter()
     check_subject_name(name)
     cfg, conventions = resolve_settings(cfg, dataset)
+    guard = check_guard(cfg)
     out = Path(out)
     if str(cfg.paths.get("output_dir")) != str(out):  # a cohort member: logs and checkpoints go with it
         cfg = cfg.copy()
@@ -235,32 +302,47 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     with ResultFolder(out, name) as folder:
         prep = prepare_subject(cfg, dataset, name)
-        module, trainer, registration, logger = run_icm(cfg, dataset, prep, out)
-        if not trainer.is_global_zero:
+        qc_model = build(cfg.qc, _convert_="all") if cfg.get("qc") else None
+        fitted = _fit_prepared(cfg, dataset, prep, out, conventions, qc_model, name)
+        if fitted is None:
             return {}
-        subject, result = prep.subject, module.result()
-        check_mrf_estimate(cfg, result, subject.name)
+        logger, guarded = fitted.logger, None
+        if guard and fitted.registration.fits_anything:
+            pl.seed_everything(cfg.seed, workers=True, verbose=False)
+            reference = _fit_prepared(_without_registration(cfg), dataset, prep, out, conventions, qc_model,
+                                      f"{name} (without registration, for registration.guard)")
+            # the calibrated score is a step function of the linear one: compare the linear one
+            linear = {k: qc_model.linear_score(f.qc["features"]) for k, f in (("registered", fitted), ("none", reference))}
+            kept = "registered" if linear["registered"] > linear["none"] else "none"
+            guarded = {"kept": kept, "qc_score": {"registered": fitted.qc["score"], "none": reference.qc["score"]},
+                       "qc_linear_score": linear}
+            if kept == "none":
+                log.warning(
+                    "%s: the registered fit's QC score %.3f is not above the fit without registration's %.3f: "
+                    "kept the fit without registration (registration.guard; metrics.json registration_guard)",
+                    name, fitted.qc["score"], reference.qc["score"],
+                )
+                fitted = reference
+        subject, result, registration, labelled = prep.subject, fitted.result, fitted.registration, fitted.labelled
         shifts = registration.native_shifts_voxels()
-        labelled = derive_labels(subject, result, conventions, shifts, registration.native_angles())
         metrics = {
             "subject": subject.name,
             **score(subject, labelled, result),
             "scar": write_scar(subject, labelled.scores, result, shifts, folder.staging, **(cfg.model.get("scar") or {})),
             "log_likelihood": result.log_likelihood,
             "iterations": result.iterations,
-            "converged": converged(cfg, module, trainer, subject.name),
-            **({"registration_settled_at": int(module.settled_at) or None} if registration.fits_anything else {}),
+            "converged": fitted.converged,
+            **({"registration_settled_at": int(fitted.module.settled_at) or None} if registration.fits_anything else {}),
+            **({"registration_guard": guarded} if guarded is not None else {}),
             **({"placement": prep.placement.as_dict()} if prep.placement is not None else {}),
             "input_checks": prep.checks,
             "postprocess": conventions.name,
+            "qc": fitted.qc,
         }
-        notes = fit_notes(metrics["converged"], prep.placement, placement_scale_range(cfg))
-        metrics["qc"] = assess_fit(build(cfg.qc, _convert_="all") if cfg.get("qc") else None, subject, result, labelled.scores,
-                                   prep.placement, prep.checks, notes)
         full = subject.parent or subject
         labels = {s: full.label_map.to_values(c) for s, c in labelled.classes.items()}
         settings = effective_settings(cfg, dataset, subject, conventions, "auto" if prep.placement is not None else "identity")
-        overlay = module.overlay(
+        overlay = fitted.module.overlay(
             title=f"{subject.name}: final segmentation ({conventions.name} labels)", posterior=result.posterior, labels=class_argmax(labelled.scores)
         )
         montage = reference_montage(subject, labelled.classes, folder.staging, metrics["scar"], conventions.name, metrics["qc"])

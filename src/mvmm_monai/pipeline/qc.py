@@ -208,8 +208,9 @@ class QualityModel:
     curve: dict | None = None
     calibration: dict = field(default_factory=dict)
 
-    def score(self, features: dict[str, float]) -> float:
-        """The estimated LGE myocardium Dice in [0, 1]; a missing or NaN feature counts as its centre."""
+    def linear_score(self, features: dict[str, float]) -> float:
+        """The ridge regression's value before the calibration curve (which is monotone but has flat
+        steps): it orders two fits of one subject where :meth:`score` ties them."""
         s = self.intercept
         for name, w in self.weights.items():
             v = features.get(name, float("nan"))
@@ -217,6 +218,11 @@ class QualityModel:
                 continue
             u = (v - self.centre[name]) / (self.spread[name] or 1.0)
             s += w * (abs(u) if name in self.two_sided else u)
+        return float(s)
+
+    def score(self, features: dict[str, float]) -> float:
+        """The estimated LGE myocardium Dice in [0, 1]; a missing or NaN feature counts as its centre."""
+        s = self.linear_score(features)
         if self.curve:
             s = float(np.interp(s, self.curve["raw"], self.curve["dice"]))
         return float(min(max(s, 0.0), 1.0))
