@@ -188,3 +188,16 @@ def test_blood_rim_claims_the_partial_volume_rim_but_not_oedema():
     assert claim_blood_rim(post, images, coverage, {}) is post
     with pytest.raises(ValueError, match="claim_blood_rim: images"):
         claim_blood_rim(post, images[:, :-1], coverage[:, :-1], {0: 0.25})
+
+
+def test_class_argmax_is_torch_argmax_over_the_class_axis_ties_included():
+    """The label maps' argmax (over a contiguous last axis on the CPU) gives torch's ``argmax(0)``,
+    ties to the lower class, for 3D and 2D score maps."""
+    from mvmm_monai.classes import class_argmax
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((4, 9, 7, 3), (4, 11, 5)):
+        scores = torch.randint(0, 3, shape, generator=g).float()  # many ties
+        assert torch.equal(class_argmax(scores), scores.argmax(0))
+        probs = torch.softmax(torch.randn(shape, generator=g), dim=0)
+        assert torch.equal(class_argmax(probs), probs.argmax(0))

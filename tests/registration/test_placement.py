@@ -251,3 +251,28 @@ def test_hypotheses_are_the_distinct_template_matches_best_first():
     assert np.hypot(*(found[0].centres_mm.mean(0) - (80.0, 90.0))) < 3.0
     assert any(np.hypot(*(f.centres_mm.mean(0) - (200.0, 190.0))) < 3.0 and abs(f.scale - 0.8) < 0.1 for f in found[1:])
     assert find_heart(images, np.ones_like(images), spacing, template, [0], PX, R_EPI, cfg).score == found[0].score
+
+
+def test_vectorised_search_parts_equal_their_scipy_definitions():
+    """The placement's batched pieces against the definitions they replace: the separable maximum
+    filter is ``ndimage.maximum_filter`` (mode nearest), and the masked NCC of a template cut out of
+    the slice itself is 1 where it was cut (and below 1 elsewhere)."""
+    from scipy import ndimage
+
+    from mvmm_monai.atlas.placement import _max_filter, _SliceStats
+
+    g = torch.Generator().manual_seed(3)
+    maps = torch.rand(3, 40, 33, generator=g)
+    for radius in (1, 2, 5):
+        want = np.stack([ndimage.maximum_filter(m, size=2 * radius + 1, mode="nearest") for m in maps.numpy()])
+        np.testing.assert_array_equal(_max_filter(maps, radius).numpy(), want)
+
+    image = torch.rand(64, 56, generator=g).numpy() + np.linspace(0, 1, 56)[None]
+    r = 6
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    disc = (xx ** 2 + yy ** 2) <= r * r
+    patch = torch.from_numpy(np.ascontiguousarray(image[20 - r:20 + r + 1, 30 - r:30 + r + 1], dtype=np.float32))[None]
+    ncc = _SliceStats(image).ncc(patch, disc)[0]
+    assert ncc.shape == image.shape
+    best = np.unravel_index(int(ncc.argmax()), ncc.shape)
+    assert best == (20, 30) and float(ncc[20, 30]) == pytest.approx(1.0, abs=1e-4)
