@@ -8,6 +8,7 @@ subtype parameters ``[B, N, K, C]`` (C = the largest subtype count, unused slots
 from mvmm_monai.mixture.em import (
     EMConfig,
     EStepResult,
+    HeldVoxelLogLikelihood,
     MixtureParams,
     e_step,
     em_step,
@@ -33,6 +34,7 @@ from mvmm_monai.mixture.prior import (
 __all__ = [
     "EMConfig",
     "EStepResult",
+    "HeldVoxelLogLikelihood",
     "MixtureParams",
     "atlas_log_prior",
     "component_log_densities",

@@ -351,6 +351,45 @@ def voxel_log_likelihood(
     return (log_norm * omega).reshape(b, *images.shape[2:])
 
 
+class HeldVoxelLogLikelihood:
+    """:func:`voxel_log_likelihood` for a series of images that differ from one call to the next in
+    some sequences only (the slice-motion search moves one sequence's slices at a time): the prior
+    is computed once, every sequence's class log-likelihood is kept from the last call, and a call
+    recomputes only the sequences whose intensities changed since. ``coverage``, atlas, parameters
+    and posterior are held. The same values as :func:`voxel_log_likelihood` (without gradients)."""
+
+    def __init__(self, images: Tensor, coverage: Tensor, log_atlas: Tensor, params: MixtureParams, config: EMConfig,
+                 posterior: Tensor | None = None) -> None:
+        with torch.no_grad():
+            lp = log_prior(log_atlas, params, posterior, config)
+            _check_inputs(images, coverage, lp)
+            b, n = images.shape[:2]
+            self.params, self.shape = params, images.shape
+            self.images = images.detach().clone()
+            self.cov = coverage.reshape(b, n, -1).to(images.dtype)
+            self.log_prior = lp.reshape(b, lp.shape[1], -1)
+            self.log_class = self._log_class(images.reshape(b, n, -1), slice(None)) * self.cov[:, :, None]  # [B, N, K, V]
+            self.omega = (self.cov.amax(dim=1) > 0).to(images.dtype)
+
+    def _log_class(self, x: Tensor, seqs: slice | list[int]) -> Tensor:
+        p = self.params
+        return _logsumexp(component_log_densities(x, p.log_tau[:, seqs], p.mean[:, seqs], p.var[:, seqs]), dim=3)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        """``log p(I(x))`` ``[B, *S]`` of ``images`` (the held shape)."""
+        if images.shape != self.shape:
+            raise ValueError(f"HeldVoxelLogLikelihood: images of shape {tuple(images.shape)}, held {tuple(self.shape)}")
+        b, n = images.shape[:2]
+        changed = [i for i in range(n) if not torch.equal(images[:, i], self.images[:, i])]
+        if changed:
+            x = images.reshape(b, n, -1)[:, changed]
+            self.log_class[:, changed] = self._log_class(x, changed) * self.cov[:, changed, None]
+            self.images[:, changed] = images[:, changed]
+        log_norm = _logsumexp(self.log_prior + self.log_class.sum(1), dim=1)
+        return (log_norm * self.omega).reshape(b, *images.shape[2:])
+
+
 def m_step(
     images: Tensor,
     coverage: Tensor,

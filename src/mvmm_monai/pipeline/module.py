@@ -24,13 +24,13 @@ from mvmm_monai.data.common_space import native_segmentation, sampling_map
 from mvmm_monai.data.subject import SubjectData
 from mvmm_monai.mixture import (
     EMConfig,
+    HeldVoxelLogLikelihood,
     MixtureParams,
     e_step,
     em_step,
     initialise_from_atlas,
     log_likelihood,
     relative_change,
-    voxel_log_likelihood,
 )
 from mvmm_monai.mixture.em import log_prior
 from mvmm_monai.mixture.gaussian import Quantised, quantise
@@ -354,7 +354,7 @@ class MvMMFit(pl.LightningModule):
             held = self.registration()
         params, posterior, em = self.params, self._objective_posterior(self.posterior), self.em
         moved = self.registration.search_shifts(
-            lambda images: voxel_log_likelihood(images, self._weighted(held.coverage), held.log_atlas, params, em, posterior),
+            HeldVoxelLogLikelihood(held.images, self._weighted(held.coverage), held.log_atlas, params, em, posterior),
             self._weights_by_name,
         )
         opt = self.optimizers().optimizer
