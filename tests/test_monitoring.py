@@ -32,12 +32,19 @@ def run(out: Path, cache_dir: Path, *overrides: str) -> dict:
     return fit(compose_config([f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}", *QUIET, *overrides]))
 
 
-def test_tensorboard_scalars_images_hparams_and_overlay_png(tmp_path, cache_dir):
-    out = tmp_path / "fit"
-    metrics = run(out, cache_dir, "subject=patient2", "trainer.max_epochs=12", "callbacks.overlay.every_n_iterations=5",
-                  "callbacks.overlay.max_time_fraction=null")
+def overlay_fit(out: Path, cache_dir: Path, every: int, fraction: str) -> tuple[dict, EventAccumulator]:
+    """A 12-iteration fit of patient2 with the overlay every ``every`` iterations within the time
+    budget ``fraction``; its metrics and its TensorBoard events (every image kept)."""
+    metrics = run(out, cache_dir, "subject=patient2", "trainer.max_epochs=12", f"callbacks.overlay.every_n_iterations={every}",
+                  f"callbacks.overlay.max_time_fraction={fraction}")
     ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
     ea.Reload()
+    return metrics, ea
+
+
+def test_tensorboard_scalars_images_hparams_and_overlay_png(tmp_path, cache_dir):
+    out = tmp_path / "fit"
+    metrics, ea = overlay_fit(out, cache_dir, 5, "null")
     tags = ea.Tags()
     for tag in ("em/log_likelihood", "em/lower_bound", "em/relative_change", "em/pi/myocardium", "dice/DE/myocardium", "dice/C0/lv", "dice/T2/rv"):
         assert tag in tags["scalars"], tag
@@ -69,10 +76,7 @@ def test_tensorboard_scalars_images_hparams_and_overlay_png(tmp_path, cache_dir)
 def test_overlay_time_budget_keeps_pictures_off_a_short_fit(tmp_path, cache_dir):
     # a budget no overlay fits in: only the final overlay is drawn, the fit and its outputs unchanged
     out = tmp_path / "fit"
-    metrics = run(out, cache_dir, "subject=patient2", "trainer.max_epochs=12", "callbacks.overlay.every_n_iterations=2",
-                  "callbacks.overlay.max_time_fraction=0.001")
-    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
-    ea.Reload()
+    metrics, ea = overlay_fit(out, cache_dir, 2, "0.001")
     assert [e.step for e in ea.Images("overlay")] == [12]
     assert metrics["iterations"] == 12 and (out / "patient2_overlay.png").is_file()
 

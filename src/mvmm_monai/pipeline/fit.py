@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mvmm_monai.classes import class_argmax
-from mvmm_monai.config import build
+from mvmm_monai.config import CONFIG_DIR, build
 from mvmm_monai.conventions.labelling import LabellingConventions
 from mvmm_monai.conventions.scar import SCAR_RULES, write_scar
 from mvmm_monai.data.common_space import native_segmentation
@@ -255,11 +255,9 @@ def _fit_prepared(cfg: DictConfig, dataset, prep, out: Path, conventions: Labell
 def _without_registration(cfg: DictConfig) -> DictConfig:
     """``cfg`` with the packaged ``registration=none`` preset, without checkpoints, logger,
     overlays or a checkpoint to resume from: the registration guard's reference fit."""
-    from importlib.resources import files
-
     ref = cfg.copy()
     with open_dict(ref):
-        ref.registration = OmegaConf.load(str(files("mvmm_monai") / "conf" / "registration" / "none.yaml"))
+        ref.registration = OmegaConf.load(Path(CONFIG_DIR) / "registration" / "none.yaml")
         ref.callbacks = {k: v for k, v in (cfg.get("callbacks") or {}).items()
                          if any(t in str(v.get("_target_", "")) for t in ("EarlyStopping", "ProgressBar"))}
         ref.logger = None
