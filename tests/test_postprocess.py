@@ -1,6 +1,6 @@
 """Post-processing of the final labels: the LV cavity fill (trabeculae inside the cavity's convex hull
-go to the LV), the minimum wall, the smooth endocardium and the blood rim; each moves only what it
-should."""
+go to the LV), the minimum wall, the smooth endocardium, the blood rim and the smooth epicardium;
+each moves only what it should."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from mvmm_monai.conventions.labelling import (
     lv_cavity_fill_mode,
     lv_cavity_mask,
     smooth_endocardium,
+    smooth_epicardium,
     thin_lv_at_wall,
 )
 
@@ -152,6 +153,42 @@ def test_smooth_endocardium_fills_a_dent_and_cuts_a_bulge():
     assert smooth_endocardium(post, (sx, sy), 0.0) is post
     with pytest.raises(ValueError, match="half_window_deg must be in"):
         smooth_endocardium(post, (sx, sy), -5.0)
+
+
+def test_smooth_epicardium_cuts_a_bump_and_fills_a_dent():
+    """A true heart (LV r <= 15 mm, wall to r = 23 mm) with an RV beside it; the mixture's wall has a
+    24-degree bump of myocardium out to r = 29 mm (epicardial fat) whose runner-up class is the
+    background, a second one beside the RV whose runner-up is the RV, and a 24-degree dent where the
+    wall stops at r = 18 mm. The running median of the heart's outer radius over +-32 degrees
+    restores the ring on an anisotropic grid: each bump goes to its runner-up class, the dent becomes
+    myocardium, the LV and the RV are untouched and a distribution stays one."""
+    sx, sy, dx, dy, r, ang, truth = _ring()
+    rv = (r > 23) & (r <= 31) & (ang >= 150)
+    truth[rv] = 3
+    bump, rv_bump, dent = (ang >= -60) & (ang <= -36), (ang >= 124) & (ang <= 148), (ang >= 30) & (ang <= 54)
+    pred = truth.copy()
+    pred[bump & (r > 23) & (r <= 29)] = 1
+    pred[rv_bump & (r > 23) & (r <= 29)] = 1
+    pred[dent & (r > 18) & (r <= 23)] = 0
+    stack = np.stack([pred, np.where(r <= 3, 2, 1)], -1)  # second slice: a pool too small to go by
+    post = _one_hot_posterior(stack)
+    post[3, ..., 0] = torch.where(torch.from_numpy(rv_bump), post[3, ..., 0] + 0.05, post[3, ..., 0])  # the RV ranks next there
+    post = post / post.sum(0, keepdim=True)
+    out = smooth_epicardium(post, (sx, sy), 32.0)
+    assert torch.allclose(out.sum(0), torch.ones(out.shape[1:], dtype=out.dtype))
+    lab = out.argmax(0).numpy()[..., 0]
+    tol = max(sx, sy)
+    assert (lab[bump & (r > 23 + tol)] == 0).all()  # the bump goes to the background
+    assert (lab[rv_bump & (r > 23 + tol) & (r <= 29)] == 3).all()  # ... or to the RV where that ranks next
+    assert (lab[dent & (r > 15) & (r <= 23 - tol)] == 1).all()  # the dent is filled
+    for k in (2, 3):  # LV and RV voxels stay what they were
+        assert (lab[pred == k] == k).all()
+    dice = lambda a, b: 2 * ((a == 1) & (b == 1)).sum() / ((a == 1).sum() + (b == 1).sum())
+    assert dice(lab, truth) > 0.97 and dice(lab, truth) > dice(pred, truth) + 0.03
+    assert torch.equal(out[..., 1], post[..., 1])
+    assert smooth_epicardium(post, (sx, sy), 0.0) is post
+    with pytest.raises(ValueError, match="half_window_deg must be in"):
+        smooth_epicardium(post, (sx, sy), 181.0)
 
 
 def test_blood_rim_claims_the_partial_volume_rim_but_not_oedema():
