@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Dice of saved real MyoPS fits relabelled with other labelling conventions (the ``postprocess``
 group): minimum wall thicknesses (``postprocess.min_wall_mm``), endocardium medians
-(``postprocess.endocardium_median_deg``), blood rims (``postprocess.blood_rim``) and epicardium
-medians (``postprocess.epicardium_median_deg``), every combination of the values given.
+(``postprocess.endocardium_median_deg``), blood rims (``postprocess.blood_rim``), epicardium
+medians (``postprocess.epicardium_median_deg``) and one RV region per slice or not
+(``postprocess.rv_main_region``), every combination of the values given.
 
     .venv/bin/python benchmarks/conventions_sweep.py --fits OUT/A [OUT/B ...] [--root DIR] [--walls 6] \
-        [--medians 32] [--rims C0:0.25,T2:0] [--epicardium 0,10,20,32,45,60] [--folds 5] [--record NAME]
+        [--medians 32] [--rims C0:0.25,T2:0] [--epicardium 0,10,20,32,45,60] [--rv-main off,on] [--folds 5] [--record NAME]
 
 Each ``OUT/*`` is a folder of fits (``benchmarks/crossval.py --out``'s variant folders,
 ``benchmarks/real_myops.py --out``; any ``postprocess``): their ``CaseN/CaseN_posterior.nii.gz`` is
@@ -13,11 +14,12 @@ the mixture's posterior, never relabelled, so the replay below is exactly what a
 settings gives. Every combination is applied the way a fit applies it
 (:func:`mvmm_monai.conventions.labelling.follow_labelling_conventions`: the wall, the cavity fill,
 the endocardium median, the blood rim on the case's images as a fit scales them within its region
-of interest, then the epicardium median), and the labels are scored on the LGE grid against
+of interest, the epicardium median, then the RV's main region), and the labels are scored on the LGE grid against
 ``CaseN_gd`` (myocardium = 200 + 1220 + 2221). No fit is rerun, so a sweep takes a minute.
 
 A setting is *chosen* per fold (``--folds``, interleaved as ``benchmarks/crossval.py``: the i-th case
-of the sorted cases in fold i mod k) by the mean myocardium Dice on the other folds' cases only,
+of the sorted cases in fold i mod k) by its Dice averaged over the three structures and the other
+folds' cases only,
 and scored on the held-out fold: with cross-validated fits (each fold's atlas from the other
 folds), the chosen row is a cross-validated figure. Writes ``benchmarks/results/NAME.json``
 (default ``conventions_sweep``; ``--record ''``: none). ``--smooth-before-fill`` replays the order
@@ -62,14 +64,14 @@ def parse_rim(text: str, sequences: tuple[str, ...]) -> dict[str, float]:
 
 
 def case_scores(
-    case_dir: Path, root: Path, settings: list[tuple[float, float, dict[str, float], float]], smooth_before_fill: bool = False
+    case_dir: Path, root: Path, settings: list[tuple[float, float, dict[str, float], float, bool]], smooth_before_fill: bool = False
 ) -> list[list[float]]:
-    """Dice of myocardium, LV and RV for each (wall, median, rim, epicardium) of ``settings``, in their order."""
+    """Dice of myocardium, LV and RV for each (wall, median, rim, epicardium, RV main region) of ``settings``, in their order."""
     fit = load_saved_fit(case_dir, root)
     posterior, spacing = fit.posterior, fit.spacing
     seen = None  # the case's images, read once a rim needs them
     out = []
-    for wall, median, fractions, epicardium in settings:
+    for wall, median, fractions, epicardium, rv_main in settings:
         if smooth_before_fill:  # the rejected order: the raw pool's notches pull the median in
             final = fill_lv_cavity(smooth_endocardium(thin_lv_at_wall(posterior, spacing, wall), spacing, median))
         else:
@@ -79,7 +81,7 @@ def case_scores(
                 posterior, spacing, min_wall_mm=wall, endocardium_median_deg=median,
                 blood_rim={seen.sequences.index(k): v for k, v in fractions.items()} if fractions else None,
                 images=seen.images if seen else None, coverage=seen.coverage if seen else None,
-                epicardium_median_deg=epicardium,
+                epicardium_median_deg=epicardium, rv_main_region=rv_main,
             )
         out.append(fit.dice(final.argmax(0).numpy()))
     return out
@@ -92,29 +94,34 @@ def main() -> None:
     ap.add_argument("--medians", default="32", help="comma-separated endocardium median half-windows, degrees")
     ap.add_argument("--rims", nargs="+", default=["C0:0.25,T2:0"], help="blood rims: off, or SEQ:FRACTION,... (e.g. C0:0.25,T2:0)")
     ap.add_argument("--epicardium", default="0,10,20,32,45,60", help="comma-separated epicardium median half-windows, degrees")
+    ap.add_argument("--rv-main", default="off,on", help="comma-separated: off and/or on (postprocess.rv_main_region)")
     ap.add_argument("--folds", type=int, default=5, help="folds of the per-fold choice (interleaved as benchmarks/crossval.py)")
     ap.add_argument("--smooth-before-fill", action="store_true", help="median before the cavity fill (not what a fit does; no rim)")
     add_record_option(ap, "conventions_sweep")
     args = parse_args(ap, quiet=True)
     rims = {r: parse_rim(r, MyoPSDataset(args.root).sequences) for r in args.rims}  # a bad one fails before any work
-    if args.smooth_before_fill and (any(rims.values()) or args.epicardium != "0"):
-        ap.error("--smooth-before-fill replays the rejected order (median before the fill) alone: use --rims off --epicardium 0")
-    keys = [(w, m, r, e) for w in args.walls.split(",") for m in args.medians.split(",") for r in args.rims
-            for e in args.epicardium.split(",")]
-    settings = [(float(w), float(m), rims[r], float(e)) for w, m, r, e in keys]
+    rv_main = args.rv_main.split(",")
+    if not rv_main or set(rv_main) - {"off", "on"}:
+        ap.error(f"--rv-main {args.rv_main}: give off, on or off,on")
+    if args.smooth_before_fill and (any(rims.values()) or args.epicardium != "0" or rv_main != ["off"]):
+        ap.error("--smooth-before-fill replays the rejected order (median before the fill) alone: use --rims off --epicardium 0 --rv-main off")
+    keys = [(w, m, r, e, v) for w in args.walls.split(",") for m in args.medians.split(",") for r in args.rims
+            for e in args.epicardium.split(",") for v in rv_main]
+    settings = [(float(w), float(m), rims[r], float(e), v == "on") for w, m, r, e, v in keys]
     dirs = [case_dir for fits in args.fits for case_dir in saved_fit_dirs(fits)]
     cases = [d.name for d in dirs]
     if len(set(cases)) != len(cases):
         raise SystemExit("--fits: a case appears in more than one folder (give one variant's fits)")
     scores = np.array([case_scores(d, args.root, settings, args.smooth_before_fill) for d in dirs])  # [case][setting][structure]
-    names = [f"wall {float(w):g} mm, endocardium {float(m):g} deg, rim {r}, epicardium {float(e):g} deg" for w, m, r, e in keys]
+    names = [f"wall {float(w):g} mm, endocardium {float(m):g} deg, rim {r}, epicardium {float(e):g} deg, one RV region {v}"
+             for w, m, r, e, v in keys]
     order = sorted(range(len(cases)), key=lambda i: cases[i])
     folds = folds_of([cases[i] for i in order], args.folds)
     fold_of = {c: f for f, members in enumerate(folds) for c in members}
     chosen, chosen_scores = [], np.zeros((len(cases), len(NAMES)))
     for f in range(len(folds)):
         held = np.array([fold_of[c] == f for c in cases])
-        best = int(np.argmax(scores[~held, :, 0].mean(0)))  # myocardium Dice on the other folds' cases
+        best = int(np.argmax(scores[~held].mean((0, 2))))  # mean Dice of the structures on the other folds' cases
         chosen.append(names[best])
         chosen_scores[held] = scores[held, best]
     means = scores.mean(0)
@@ -130,13 +137,16 @@ def main() -> None:
             "dice": {c: {n: dict(zip(NAMES, map(float, s))) for n, s in zip(names, case_rows)} for c, case_rows in zip(cases, scores)},
             "chosen_per_fold": chosen,
             "folds": folds,
-            "improved_cases_vs_first_setting": {n: int((scores[:, i, 0] > scores[:, 0, 0] + 1e-9).sum()) for i, n in enumerate(names)},
+            # against the first setting: cases whose myocardium / RV Dice rose, and fell
+            "vs_first_setting": {n: {f"{s}_{way}": int((sign * (scores[:, i, j] - scores[:, 0, j]) > 1e-9).sum())
+                                     for j, s in ((0, "myocardium"), (2, "rv")) for way, sign in (("up", 1), ("down", -1))}
+                                 for i, n in enumerate(names)},
         }, table={
             "columns": ["labelling conventions (postprocess)", *(f"LGE {n} Dice (mean)" for n in NAMES)],
             "rows": rows,
             "caption": f"The saved fits of {len(cases)} MyoPS cases ({', '.join(str(f) for f in args.fits)}) relabelled with each "
-                       f"setting (no refit), LGE-grid Dice against the manual labels; 'chosen per fold' picks the setting by the "
-                       f"myocardium Dice on the other {args.folds - 1} folds' cases.",
+                       f"setting (no refit), LGE-grid Dice against the manual labels; 'chosen per fold' picks the setting by its "
+                       f"Dice averaged over the three structures on the other {args.folds - 1} folds' cases.",
         })
 
 

@@ -138,6 +138,7 @@ def test_label_with_unknown_values_is_named(tmp_path, cache_dir, cohort_copy):
         ("postprocess.min_wall_mm=-1", r"postprocess.min_wall_mm must be a thickness in mm in \[0, 30\]"),
         ("postprocess.endocardium_median_deg=400", r"postprocess.endocardium_median_deg must be an angle in degrees in \[0, 180\]"),
         ("postprocess.epicardium_median_deg=-3", r"postprocess.epicardium_median_deg must be an angle in degrees in \[0, 180\]"),
+        ("postprocess.rv_main_region=maybe", "postprocess.rv_main_region must be true or false"),
         ("postprocess.blood_rim={XX:0.5}", r"postprocess.blood_rim: \['XX'\] not among"),
         ("postprocess.blood_rim={C0:2}", r"postprocess.blood_rim must be fractions in \[-1, 1\]"),
         ("postprocess.blood_rim=0.3", "postprocess.blood_rim must be a mapping sequence -> fraction"),
@@ -162,6 +163,7 @@ def test_postprocess_group_follows_the_dataset_and_can_be_chosen(tmp_path):
     assert myops.as_dict() == {
         "name": "myops", "lv_cavity_fill": "hull", "min_wall_mm": 6.0, "endocardium_median_deg": 32.0,
         "blood_rim": {"C0": 0.25, "T2": 0.0}, "epicardium_median_deg": 32.0,
+        "rv_main_region": True,
     }
     assert composed("data=myops", "data.root=x", "postprocess=none").as_dict()["lv_cavity_fill"] is False
     assert composed("data=files", "data.images.DE=a.nii.gz", "postprocess=myops").name == "myops"

@@ -1,6 +1,6 @@
 """Post-processing of the final labels: the LV cavity fill (trabeculae inside the cavity's convex hull
-go to the LV), the minimum wall, the smooth endocardium, the blood rim and the smooth epicardium;
-each moves only what it should."""
+go to the LV), the minimum wall, the smooth endocardium, the blood rim, the smooth epicardium
+and one RV region per slice; each moves only what it should."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from scipy import ndimage
 from mvmm_monai.conventions.labelling import (
     claim_blood_rim,
     fill_lv_cavity,
+    keep_main_rv,
     lv_cavity_fill_mode,
     lv_cavity_mask,
     smooth_endocardium,
@@ -189,6 +190,29 @@ def test_smooth_epicardium_cuts_a_bump_and_fills_a_dent():
     assert smooth_epicardium(post, (sx, sy), 0.0) is post
     with pytest.raises(ValueError, match="half_window_deg must be in"):
         smooth_epicardium(post, (sx, sy), 181.0)
+
+
+def test_keep_main_rv_gives_other_rv_regions_to_their_runner_up():
+    """A slice with the RV beside the heart and two smaller blood-bright regions the mixture called
+    RV (one whose runner-up is the background, one whose runner-up is the LV); a second slice with
+    a single RV region. Only the two small regions change, each to its runner-up class."""
+    sx, sy, dx, dy, r, ang, truth = _ring()
+    main = (r > 23) & (r <= 31) & (ang >= 150)
+    far_bg, far_lv = (dx > 40) & (np.abs(dy) < 4), (dx < -28) & (dy < -25)
+    pred = truth.copy()
+    assert far_bg.sum() > 5 and far_lv.sum() > 5
+    pred[main | far_bg | far_lv] = 3
+    stack = np.stack([pred, np.where(main, 3, truth)], -1)
+    post = _one_hot_posterior(stack)
+    post[2, ..., 0] = torch.where(torch.from_numpy(far_lv), post[2, ..., 0] + 0.05, post[2, ..., 0])
+    post = post / post.sum(0, keepdim=True)
+    out = keep_main_rv(post)
+    assert torch.allclose(out.sum(0), torch.ones(out.shape[1:], dtype=out.dtype))
+    lab = out.argmax(0).numpy()
+    assert (lab[..., 0][main] == 3).all() and (lab[..., 0][far_bg] == 0).all() and (lab[..., 0][far_lv] == 2).all()
+    untouched = ~(far_bg | far_lv)
+    assert np.array_equal(lab[..., 0][untouched], pred[untouched])
+    assert torch.equal(out[..., 1], post[..., 1])  # one region: nothing to do
 
 
 def test_blood_rim_claims_the_partial_volume_rim_but_not_oedema():
