@@ -198,7 +198,7 @@ def test_keep_main_rv_gives_other_rv_regions_to_their_runner_up():
     a single RV region. Only the two small regions change, each to its runner-up class."""
     sx, sy, dx, dy, r, ang, truth = _ring()
     main = (r > 23) & (r <= 31) & (ang >= 150)
-    far_bg, far_lv = (dx > 40) & (np.abs(dy) < 4), (dx < -28) & (dy < -25)
+    far_bg, far_lv = (dx > 28) & (np.abs(dy) < 4), (dx < -28) & (dy < -25)
     pred = truth.copy()
     assert far_bg.sum() > 5 and far_lv.sum() > 5
     pred[main | far_bg | far_lv] = 3
