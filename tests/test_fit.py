@@ -161,8 +161,8 @@ def test_postprocess_group_follows_the_dataset_and_can_be_chosen(tmp_path):
     assert composed().name == "mscmr" and composed().lv_cavity_fill == "hull"
     myops = composed("data=myops", "data.root=x")
     assert myops.as_dict() == {
-        "name": "myops", "lv_cavity_fill": "hull", "min_wall_mm": 6.0, "endocardium_median_deg": 32.0,
-        "blood_rim": {"C0": 0.25, "T2": 0.0}, "epicardium_median_deg": 32.0,
+        "name": "myops", "lv_cavity_fill": "hull", "min_wall_mm": 8.0, "endocardium_median_deg": 32.0,
+        "blood_rim": {"C0": 0.25, "T2": 0.0}, "epicardium_median_deg": 45.0,
         "rv_main_region": True,
     }
     assert composed("data=myops", "data.root=x", "postprocess=none").as_dict()["lv_cavity_fill"] is False
