@@ -73,6 +73,11 @@ def test_a_mirrored_or_disagreeing_sequence_sets_the_flag_and_is_named():
     assert mirrored["flag"] and any(r.startswith("C0 looks mirrored") for r in mirrored["reasons"])
     apart = model.assess({"a": 0.0}, {"C0": 0.9, "T2": 0.3})
     assert apart["flag"] and apart["reasons"] == ["T2 disagrees with the other sequences on where the heart is (agreement 0.30)"]
+    # agreement low for good fits but above the disagreement rule: the usual-range reason names the least agreeing sequence
+    model = _model(centre={"sequence_agreement": 0.8}, spread={"sequence_agreement": 0.1}, weights={"sequence_agreement": 0.0},
+                   usual={"sequence_agreement": [0.75, 0.95]})
+    low = model.assess({"sequence_agreement": 0.6}, {"LGE": 0.8, "C0": 0.75, "T2": 0.6})
+    assert low["reasons"] == ["sequences disagree on the heart, T2 the least (sequence_agreement 0.6, usual >= 0.75)"] and not low["flag"]
 
 
 def test_the_packaged_model_weighs_every_feature():

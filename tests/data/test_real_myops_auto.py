@@ -20,9 +20,10 @@ import torch
 from mvmm_monai import build_atlas, compose_config, fit
 
 MAX_EPOCHS = 30
-# floors: measured LGE Dice with MAX_EPOCHS on a 2-core CPU minus 0.08 (placed atlas LV / fit
-# myocardium / fit LV, measured 2026-11-24 with the default real-data settings)
-FLOORS_MEASURED = {"Case3018": {"atlas_lv": 0.91, "myocardium": 0.83, "lv": 0.87}, "Case3023": {"atlas_lv": 0.89, "myocardium": 0.82, "lv": 0.87}}
+# floors of the fully automatic fit with the default settings: measured LGE Dice on a 2-core CPU minus
+# 0.08 (placed atlas LV / fit myocardium / fit LV, measured 2026-12-06; the quality-control model is
+# calibrated on such fits, run to their stopping rule, so this test runs them so too)
+FLOORS_MEASURED = {"Case3018": {"atlas_lv": 0.88, "myocardium": 0.85, "lv": 0.87}, "Case3023": {"atlas_lv": 0.88, "myocardium": 0.81, "lv": 0.88}}
 FLOORS = {case: {k: round(v - 0.08, 2) for k, v in m.items()} for case, m in FLOORS_MEASURED.items()}
 
 
@@ -47,7 +48,7 @@ def test_automatic_fit_on_full_field_of_view(myops_root, myops_atlas, tmp_path, 
     m = fit(
         compose_config(
             ["data=myops", f"data.root={myops_root}", f"subject={case}", f"atlas.path={myops_atlas}",
-             f"paths.output_dir={out}", "callbacks.progress.refresh_rate=0", "~logger", f"trainer.max_epochs={MAX_EPOCHS}"]
+             f"paths.output_dir={out}", "callbacks.progress.refresh_rate=0", "~logger"]
         )
     )
     floor = FLOORS[case]
@@ -55,7 +56,7 @@ def test_automatic_fit_on_full_field_of_view(myops_root, myops_atlas, tmp_path, 
     assert m["atlas_dice"]["LGE"]["lv"] > floor["atlas_lv"], m["placement"]  # the heart was found
     assert m["dice"]["LGE"]["myocardium"] > floor["myocardium"]
     assert m["dice"]["LGE"]["lv"] > floor["lv"]
-    # quality control estimates the Dice of a good fit (it flags about 1 good fit in 18 in cross-validation,
+    # quality control estimates the Dice of a good fit (it flags about 1 good fit in 20 in cross-validation,
     # docs/results.md, so a flag is not asserted here; a failure's flag is, in the test below)
     assert m["qc"]["score"] > 0.6 and abs(m["qc"]["score"] - m["dice"]["LGE"]["myocardium"]) < 0.2, m["qc"]
     # outputs on the full native grid with MyoPS label values
@@ -139,7 +140,8 @@ def test_quality_control_names_a_sequence_that_sees_the_heart_elsewhere(case_cop
                             f"paths.output_dir={tmp_path / 'out'}", "callbacks.progress.refresh_rate=0", "~logger",
                             f"trainer.max_epochs={MAX_EPOCHS}"]))
     qc = m["qc"]
-    assert qc["flag"] and any(r.startswith("T2 disagrees with the other sequences") for r in qc["reasons"]), qc
+    # named by the flag's own rule (agreement below qc.disagreement) or by the usual-range reason
+    assert qc["flag"] and any(r.startswith("T2 disagrees with the other sequences") or "T2 the least" in r for r in qc["reasons"]), qc
     assert qc["sequence_agreement"]["T2"] < min(qc["sequence_agreement"]["LGE"], qc["sequence_agreement"]["C0"])
 
 

@@ -227,14 +227,19 @@ class QualityModel:
             s = float(np.interp(s, self.curve["raw"], self.curve["dice"]))
         return float(min(max(s, 0.0), 1.0))
 
-    def reasons(self, features: dict[str, float]) -> list[str]:
+    def reasons(self, features: dict[str, float], agreement: dict[str, float] | None = None) -> list[str]:
+        """A reason for every feature outside its usual range; the sequences' agreement names the
+        sequence that agrees least (``agreement``: per sequence, as :meth:`assess` takes it)."""
         out = []
         for name, (lo, hi) in self.usual.items():
             v = features.get(name)
             if v is None or not math.isfinite(v):
                 continue
             low, high = MEANING.get(name, (name + " low", name + " high"))
-            if v < lo and low:
+            if name == "sequence_agreement" and agreement and v < lo and low:
+                seq = min(agreement, key=agreement.get)
+                out.append(f"{low}, {seq} the least ({name} {v:.3g}, usual >= {lo:.3g})")
+            elif v < lo and low:
                 out.append(f"{low} ({name} {v:.3g}, usual >= {lo:.3g})")
             elif v > hi and high:
                 out.append(f"{high} ({name} {v:.3g}, usual <= {hi:.3g})")
@@ -257,7 +262,7 @@ class QualityModel:
             if a < self.disagreement:
                 flag = True
                 reasons.append(f"{seq} disagrees with the other sequences on where the heart is (agreement {a:.2f})")
-        reasons += self.reasons(features) + list(notes or [])
+        reasons += self.reasons(features, agreement) + list(notes or [])
         return {
             "score": round(score, 4), "flag": bool(flag), "reasons": reasons,
             "features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
