@@ -158,6 +158,47 @@ def thin_lv_at_wall(posterior: Tensor, spacing_mm: tuple[float, float], min_wall
     return _swap_myocardium_and_lv(posterior, flip)
 
 
+@dataclass(frozen=True)
+class _Outline:
+    """What :func:`smooth_endocardium` and :func:`smooth_epicardium` share: the argmax ``labels``
+    ``[X, Y, Z]``, the pixels' in-plane coordinates ``gx``, ``gy`` (mm), ``n_angles`` sectors and
+    the running median's ``half`` window in sectors."""
+
+    labels: np.ndarray
+    gx: np.ndarray
+    gy: np.ndarray
+    n_angles: int
+    half: int
+    tolerance_mm: float
+
+    @classmethod
+    def of(cls, name: str, posterior: Tensor, spacing_mm: tuple[float, float], half_window_deg: float, n_angles: int):
+        """Check the arguments of ``name`` (errors name it); ``None`` when the window is 0 sectors."""
+        if posterior.ndim != 4 or posterior.shape[0] <= LV:
+            raise ValueError(f"{name}: posterior must be [K>=3, X, Y, Z], got {tuple(posterior.shape)}")
+        if not 0 <= half_window_deg <= 180:
+            raise ValueError(f"{name}: half_window_deg must be in [0, 180], got {half_window_deg}")
+        half = int(round(half_window_deg * n_angles / 360.0))
+        if half == 0:
+            return None
+        labels = class_argmax(posterior).cpu().numpy()
+        sx, sy = (float(v) for v in spacing_mm)
+        gx, gy = np.meshgrid(np.arange(labels.shape[0]) * sx, np.arange(labels.shape[1]) * sy, indexing="ij")
+        return cls(labels, gx, gy, n_angles, half, 0.5 * min(sx, sy))
+
+    def within(self, region: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        """Pixels of a slice (bool) within the smoothed outline of ``region``: in the sectors around
+        the centroid of ``pool``, the outermost radius of ``region``'s pixels, replaced by its
+        circular running median over ``half`` sectors either side, plus half a pixel."""
+        dx, dy = self.gx - self.gx[pool].mean(), self.gy - self.gy[pool].mean()
+        radius = np.hypot(dx, dy)
+        sector = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * self.n_angles).astype(np.int64) % self.n_angles
+        outer = np.zeros(self.n_angles)
+        np.maximum.at(outer, sector[region], radius[region])
+        smooth = ndimage.median_filter(outer, size=2 * self.half + 1, mode="wrap")
+        return radius <= smooth[sector] + self.tolerance_mm
+
+
 def smooth_endocardium(
     posterior: Tensor, spacing_mm: tuple[float, float], half_window_deg: float, n_angles: int = 90, min_voxels: int = 30
 ) -> Tensor:
@@ -170,28 +211,16 @@ def smooth_endocardium(
     region beyond it become myocardium, by swapping the two probabilities (a distribution stays
     one). Background, RV and other LV regions are never touched. ``half_window_deg=0`` changes
     nothing."""
-    if posterior.ndim != 4 or posterior.shape[0] <= LV:
-        raise ValueError(f"smooth_endocardium: posterior must be [K>=3, X, Y, Z], got {tuple(posterior.shape)}")
-    if not 0 <= half_window_deg <= 180:
-        raise ValueError(f"smooth_endocardium: half_window_deg must be in [0, 180], got {half_window_deg}")
-    half = int(round(half_window_deg * n_angles / 360.0))
-    if half == 0:
+    outline = _Outline.of("smooth_endocardium", posterior, spacing_mm, half_window_deg, n_angles)
+    if outline is None:
         return posterior
-    labels = class_argmax(posterior).cpu().numpy()
-    sx, sy = (float(v) for v in spacing_mm)
-    gx, gy = np.meshgrid(np.arange(labels.shape[0]) * sx, np.arange(labels.shape[1]) * sy, indexing="ij")
+    labels = outline.labels
     flip = np.zeros(labels.shape, dtype=bool)
     for z in range(labels.shape[2]):
         lv = _main_pool(labels[..., z], min_voxels)
         if lv is None:
             continue
-        dx, dy = gx - gx[lv].mean(), gy - gy[lv].mean()
-        radius = np.hypot(dx, dy)
-        sector = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * n_angles).astype(np.int64) % n_angles
-        outer = np.zeros(n_angles)
-        np.maximum.at(outer, sector[lv], radius[lv])
-        smooth = ndimage.median_filter(outer, size=2 * half + 1, mode="wrap")
-        inside = radius <= smooth[sector] + 0.5 * min(sx, sy)
+        inside = outline.within(lv, lv)
         flip[..., z] = (inside & (labels[..., z] == MYO)) | (~inside & lv)
     return _swap_myocardium_and_lv(posterior, flip)
 
@@ -208,16 +237,10 @@ def smooth_epicardium(
     the class the posterior ranks next there (so it becomes that class); a background voxel within
     it swaps its background and myocardium probabilities (it becomes myocardium). A distribution
     stays one; LV and RV voxels are never changed. ``half_window_deg=0`` changes nothing."""
-    if posterior.ndim != 4 or posterior.shape[0] <= LV:
-        raise ValueError(f"smooth_epicardium: posterior must be [K>=3, X, Y, Z], got {tuple(posterior.shape)}")
-    if not 0 <= half_window_deg <= 180:
-        raise ValueError(f"smooth_epicardium: half_window_deg must be in [0, 180], got {half_window_deg}")
-    half = int(round(half_window_deg * n_angles / 360.0))
-    if half == 0:
+    outline = _Outline.of("smooth_epicardium", posterior, spacing_mm, half_window_deg, n_angles)
+    if outline is None:
         return posterior
-    labels = class_argmax(posterior).cpu().numpy()
-    sx, sy = (float(v) for v in spacing_mm)
-    gx, gy = np.meshgrid(np.arange(labels.shape[0]) * sx, np.arange(labels.shape[1]) * sy, indexing="ij")
+    labels = outline.labels
     beyond = np.zeros(labels.shape, dtype=bool)
     within = np.zeros(labels.shape, dtype=bool)
     for z in range(labels.shape[2]):
@@ -225,14 +248,7 @@ def smooth_epicardium(
         if lv is None:
             continue
         comp, _ = ndimage.label(np.isin(labels[..., z], (MYO, LV)))
-        heart = comp == comp[lv].max()
-        dx, dy = gx - gx[lv].mean(), gy - gy[lv].mean()
-        radius = np.hypot(dx, dy)
-        sector = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * n_angles).astype(np.int64) % n_angles
-        outer = np.zeros(n_angles)
-        np.maximum.at(outer, sector[heart], radius[heart])
-        smooth = ndimage.median_filter(outer, size=2 * half + 1, mode="wrap")
-        inside = radius <= smooth[sector] + 0.5 * min(sx, sy)
+        inside = outline.within(comp == comp[lv].max(), lv)
         beyond[..., z] = ~inside & (labels[..., z] == MYO)
         within[..., z] = inside & (labels[..., z] == BACKGROUND)
     out = _swap_with_runner_up(posterior, MYO, beyond)
