@@ -131,7 +131,7 @@ def fill_lv_cavity(posterior: Tensor, mode: str = "hull") -> Tensor:
     if posterior.ndim != 4 or posterior.shape[0] <= LV:
         raise ValueError(f"fill_lv_cavity: posterior must be [K>=3, X, Y, Z], got {tuple(posterior.shape)}")
     labels = class_argmax(posterior).cpu().numpy()
-    return _swap_myocardium_and_lv(posterior, lv_cavity_mask(labels, mode=mode) & (labels == MYO))
+    return _swap(posterior, MYO, LV, lv_cavity_mask(labels, mode=mode) & (labels == MYO))
 
 
 def thin_lv_at_wall(posterior: Tensor, spacing_mm: tuple[float, float], min_wall_mm: float) -> Tensor:
@@ -155,7 +155,7 @@ def thin_lv_at_wall(posterior: Tensor, spacing_mm: tuple[float, float], min_wall
             continue
         dist = ndimage.distance_transform_edt(heart, sampling=tuple(float(v) for v in spacing_mm))
         flip[..., z] = (labels[..., z] == LV) & (dist < min_wall_mm)
-    return _swap_myocardium_and_lv(posterior, flip)
+    return _swap(posterior, MYO, LV, flip)
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ def smooth_endocardium(
             continue
         inside = outline.within(lv, lv)
         flip[..., z] = (inside & (labels[..., z] == MYO)) | (~inside & lv)
-    return _swap_myocardium_and_lv(posterior, flip)
+    return _swap(posterior, MYO, LV, flip)
 
 
 def smooth_epicardium(
@@ -251,12 +251,7 @@ def smooth_epicardium(
         inside = outline.within(comp == comp[lv].max(), lv)
         beyond[..., z] = ~inside & (labels[..., z] == MYO)
         within[..., z] = inside & (labels[..., z] == BACKGROUND)
-    out = _swap_with_runner_up(posterior, MYO, beyond)
-    flip = torch.from_numpy(within).to(posterior.device)
-    myo = out[MYO].clone()
-    out[MYO] = torch.where(flip, out[BACKGROUND], out[MYO])
-    out[BACKGROUND] = torch.where(flip, myo, out[BACKGROUND])
-    return out
+    return _swap(_swap_with_runner_up(posterior, MYO, beyond), MYO, BACKGROUND, within)
 
 
 def claim_blood_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractions: dict[int, float]) -> Tensor:
@@ -291,7 +286,7 @@ def claim_blood_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractio
         if m_lv == m_myo:  # no contrast between blood and wall: nothing to go by
             return posterior
         flip &= covered & ((image - m_myo) / (m_lv - m_myo) >= fraction)
-    return _swap_myocardium_and_lv(posterior, flip)
+    return _swap(posterior, MYO, LV, flip)
 
 
 def follow_labelling_conventions(
@@ -346,31 +341,24 @@ def keep_main_rv(posterior: Tensor) -> Tensor:
 
 
 def _swap_with_runner_up(posterior: Tensor, k: int, where: np.ndarray) -> Tensor:
-    """``posterior`` ``[K, *S]`` in which, at the voxels of the boolean ``where`` ``[*S]``, class
-    ``k``'s probability is swapped with that of the class ranked next there (the label becomes that
-    class; a distribution stays one)."""
-    if not where.any():
-        return posterior
+    """:func:`_swap` of class ``k`` with the class the posterior ranks next at each voxel."""
     others = posterior.clone()
     others[k] = -1.0
-    runner_up = class_argmax(others)
-    flip = torch.from_numpy(where).to(posterior.device)
-    out = posterior.clone()
-    for j in range(posterior.shape[0]):
-        if j != k:
-            at = flip & (runner_up == j)
-            out[k] = torch.where(at, posterior[j], out[k])
-            out[j] = torch.where(at, posterior[k], out[j])
-    return out
+    return _swap(posterior, k, class_argmax(others), where)
 
 
-def _swap_myocardium_and_lv(posterior: Tensor, where: np.ndarray) -> Tensor:
-    """``posterior`` ``[K, *S]`` with its myocardium and LV probabilities swapped at the voxels of
-    the boolean ``where`` ``[*S]`` (the label changes between the two; a distribution stays one)."""
+def _swap(posterior: Tensor, a: int, b: int | Tensor, where: np.ndarray) -> Tensor:
+    """A copy of ``posterior`` ``[K, *S]`` in which, at the voxels of the boolean ``where`` ``[*S]``,
+    class ``a``'s probability is swapped with class ``b``'s (``b``: one class, or a class per voxel
+    ``[*S]``): where ``a`` won, ``b`` wins, and a distribution stays one."""
     flip = torch.from_numpy(where).to(posterior.device)
+    b = torch.as_tensor(b, device=posterior.device).expand(flip.shape)
     out = posterior.clone()
-    out[MYO] = torch.where(flip, posterior[LV], posterior[MYO])
-    out[LV] = torch.where(flip, posterior[MYO], posterior[LV])
+    for k in range(posterior.shape[0]):
+        if k != a:
+            at = flip & (b == k)
+            out[a] = torch.where(at, posterior[k], out[a])
+            out[k] = torch.where(at, posterior[a], out[k])
     return out
 
 
