@@ -155,7 +155,7 @@ def test_shards_partition_the_cohort():
     from mvmm_monai.cohort.distributed import CohortShards
 
     names = [f"s{i}" for i in range(7)]
-    mod = CohortShards(None, names, Path("."), fit_subject=None)
+    mod = CohortShards(None, names, Path("."), fit_cohort=None)
     for world in (1, 2, 3):
         shards = [mod.shard(r, world) for r in range(world)]
         assert sorted(sum(shards, [])) == sorted(names)  # every subject exactly once

@@ -35,15 +35,16 @@ log = logging.getLogger(__name__)
 
 
 class CohortShards(pl.LightningModule):
-    """One training step per process: fit this rank's share of ``names`` with ``fit_subject``.
+    """One training step per process: fit this rank's share of ``names`` with ``fit_cohort``
+    (:func:`~mvmm_monai.pipeline.fit.fit_cohort`: one subject after another, or in batches).
 
     ``_anchor`` exists only because DDP refuses a module without parameters; it gets no gradient.
     """
 
-    def __init__(self, cfg: DictConfig, names: list[str], out: Path, fit_subject: Callable) -> None:
+    def __init__(self, cfg: DictConfig, names: list[str], out: Path, fit_cohort: Callable) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.cfg, self.names, self.out, self.fit_subject = cfg, list(names), Path(out), fit_subject
+        self.cfg, self.names, self.out, self.fit_cohort = cfg, list(names), Path(out), fit_cohort
         self._anchor = nn.Parameter(torch.zeros(1))
 
     def train_dataloader(self) -> DataLoader:
@@ -65,16 +66,14 @@ class CohortShards(pl.LightningModule):
             cfg.trainer.accelerator = self.device.type
             cfg.trainer.strategy = {"_target_": f"{__name__}.ShardMemberStrategy", "device": str(self.device)}
         dataset = build(cfg.data)
-        for name in mine:
-            folder = self.out / name
-            try:
-                metrics = self.fit_subject(cfg, dataset, name, folder)
-                dice = next(iter(metrics.get("dice", {}).values()), {})  # the reference sequence's, when labelled
+        for name, outcome in self.fit_cohort(cfg, dataset, mine, self.out):
+            if isinstance(outcome, Exception):  # reported in the summary; the shard goes on
+                msg = f"{type(outcome).__name__}: {outcome}"
+                log.error("subject %s failed on rank %d: %s\n%s", name, rank, msg, "".join(traceback.format_exception(outcome, limit=3)))
+                atomic_write(self.out / name / "error.txt", lambda tmp, m=msg: Path(tmp).write_text(m + "\n"))
+            else:
+                dice = next(iter(outcome.get("dice", {}).values()), {})  # the reference sequence's, when labelled
                 log.info("rank %d: %s done: Dice %s", rank, name, ", ".join(f"{k} {v:.3f}" for k, v in dice.items()) or "(no labels)")
-            except Exception as err:  # reported in the summary; the shard goes on
-                msg = f"{type(err).__name__}: {err}"
-                log.error("subject %s failed on rank %d: %s\n%s", name, rank, msg, traceback.format_exc(limit=3))
-                atomic_write(folder / "error.txt", lambda tmp, m=msg: Path(tmp).write_text(m + "\n"))
 
 
 class ShardMemberStrategy(SingleDeviceStrategy):
@@ -100,7 +99,7 @@ class ShardMemberStrategy(SingleDeviceStrategy):
             pl_rank_zero.rank_zero_only.rank, fabric_rank_zero.rank_zero_only.rank = saved
 
 
-def run_cohort_distributed(cfg: DictConfig, names: list[str], out: Path, fit_subject: Callable) -> dict:
+def run_cohort_distributed(cfg: DictConfig, names: list[str], out: Path, fit_cohort: Callable) -> dict:
     """Fit ``names`` across ``trainer.devices`` x ``trainer.num_nodes`` processes; summary by the launcher."""
     single = cfg.copy()
     with open_dict(single):
@@ -123,6 +122,6 @@ def run_cohort_distributed(cfg: DictConfig, names: list[str], out: Path, fit_sub
     )
     out.mkdir(parents=True, exist_ok=True)
     with lightning_notes_silenced():
-        launcher.fit(CohortShards(single, names, out, fit_subject))
+        launcher.fit(CohortShards(single, names, out, fit_cohort))
     results, failed = read_results(out, names)
     return write_cohort_summary(out, results, failed)

@@ -1,5 +1,6 @@
-"""What a fit command runs: one subject, or a cohort (one process after another, or sharded across
-devices), every subject into its own folder and a summary of them all."""
+"""What a fit command runs: one subject, or a cohort (in one process, one subject after another or
+``cohort.batch_size`` at a time; or sharded across devices), every subject into its own folder and
+a summary of them all."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from omegaconf import DictConfig
 
 from mvmm_monai.cohort.summary import write_cohort_summary
 from mvmm_monai.config import build
-from mvmm_monai.pipeline.fit import fit_subject
+from mvmm_monai.pipeline.fit import cohort_batch_size, fit_cohort, fit_subject
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def fit(cfg: DictConfig) -> dict:
     summary (``{"subjects": [...], "failed": {...}, "mean": ..., "std": ...}``).
     """
     devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    cohort_batch_size(cfg)  # a bad value is refused before any work
     several = str(devices) not in ("1", "auto") or int(nodes) != 1
     dataset = build(cfg.data)
     names = _subjects(cfg, dataset)
@@ -53,18 +55,19 @@ def fit(cfg: DictConfig) -> dict:
     if several:
         from mvmm_monai.cohort.distributed import run_cohort_distributed
 
-        return run_cohort_distributed(cfg, names, out, fit_subject)
+        return run_cohort_distributed(cfg, names, out, fit_cohort)
     return run_cohort(cfg, dataset, names, out)
 
 
 def run_cohort(cfg: DictConfig, dataset, names: list[str], out: Path) -> dict:
-    """Fit ``names`` one after another into ``out/<subject>/`` and write ``out/cohort_summary.*``."""
+    """Fit ``names`` into ``out/<subject>/`` (:func:`~mvmm_monai.pipeline.fit.fit_cohort`) and
+    write ``out/cohort_summary.*``."""
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
-    for name in names:
-        try:
-            results[name] = fit_subject(cfg, dataset, name, out / name)
-        except Exception as err:  # a cohort goes on; the summary says what went wrong
-            failed[name] = f"{type(err).__name__}: {err}"
-            log.error("subject %s failed: %s\n%s", name, failed[name], traceback.format_exc(limit=3))
+    for name, outcome in fit_cohort(cfg, dataset, names, out):
+        if isinstance(outcome, Exception):  # a cohort goes on; the summary says what went wrong
+            failed[name] = f"{type(outcome).__name__}: {outcome}"
+            log.error("subject %s failed: %s\n%s", name, failed[name], "".join(traceback.format_exception(outcome, limit=3)))
+        else:
+            results[name] = outcome
     return write_cohort_summary(out, results, failed)

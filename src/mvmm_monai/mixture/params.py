@@ -123,6 +123,17 @@ class MixtureParams:
             raise ValueError("MixtureParams: EMConfig.beta='auto' needs params with a beta (start: EMConfig.beta_start)")
         return float(config.beta)
 
+    def subjects(self, index: Tensor | list[int]) -> "MixtureParams":
+        """The parameters of the subjects ``index`` (batch positions, in that order)."""
+        index = torch.as_tensor(index, dtype=torch.int64, device=self.mean.device)
+        return MixtureParams(**{k: v.index_select(0, index) for k, v in self.as_dict().items()})
+
+    @staticmethod
+    def stack(parts: list["MixtureParams"]) -> "MixtureParams":
+        """One batch from the parameters of several batches (the same N, K and subtype slots)."""
+        names = parts[0].as_dict().keys()
+        return MixtureParams(**{k: torch.cat([p.as_dict()[k] for p in parts]) for k in names})
+
     def detach(self) -> "MixtureParams":
         return MixtureParams(**{k: v.detach() for k, v in self.as_dict().items()})
 

@@ -1,5 +1,6 @@
 """One subject's fit, top to bottom: settings, preparation, the ICM loop, the result, the label
-maps derived from it, scores, files.
+maps derived from it, scores, files; and a cohort's subjects, one after another or several in one
+batch of the EM engine (:func:`fit_cohort`, ``cohort.batch_size``).
 
 The mixture's result (:class:`~mvmm_monai.pipeline.module.FitResult`: posterior, parameters) is
 written as computed. Label maps are derived from it by the ``postprocess`` stage (the labelling
@@ -29,7 +30,7 @@ from mvmm_monai.data.datasets import check_subject_name
 from mvmm_monai.files import save_json
 from mvmm_monai.pipeline.metrics import segmentation_metrics
 from mvmm_monai.pipeline.module import MvMMFit
-from mvmm_monai.pipeline.monitoring import figure_to_array, montage_figure
+from mvmm_monai.pipeline.monitoring import figure_to_array, montage_figure, overlay_figure
 from mvmm_monai.pipeline.outputs import ResultFolder, params_record, write_results
 from mvmm_monai.pipeline.prepare import prepare_subject, temper_atlas
 from mvmm_monai.pipeline.qc import assess_fit, fit_notes
@@ -85,12 +86,18 @@ def effective_settings(cfg: DictConfig, dataset, subject, conventions: Labelling
     }
 
 
+def build_registration(cfg: DictConfig, prep):
+    """The registration (``registration.model``) of a prepared subject, with its atlas tempered by
+    ``model.atlas_weight``; ``registration=none`` moves nothing and gives the fixed inputs."""
+    atlas = temper_atlas(prep.atlas, float(cfg.model.get("atlas_weight", 1.0)))
+    return build(cfg.registration.model)(subject=prep.subject, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
+
+
 def run_icm(cfg: DictConfig, dataset, prep, out: Path) -> tuple[MvMMFit, pl.Trainer, object, object]:
     """Build the registration and the LightningModule and run Lightning's Trainer (one ICM
     iteration per epoch); returns the module, the trainer, the registration and the logger."""
     subject = prep.subject
-    atlas = temper_atlas(prep.atlas, float(cfg.model.get("atlas_weight", 1.0)))
-    registration = build(cfg.registration.model)(subject=subject, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
+    registration = build_registration(cfg, prep)
     schedule = build(cfg.registration.schedule) if cfg.registration.get("schedule") else None
     optimizer = build(cfg.registration.optimizer) if cfg.registration.get("optimizer") else None
     if getattr(registration, "fits_anything", False) and optimizer is None:
@@ -160,9 +167,13 @@ def score(subject, labelled: Labelled, result) -> dict:
 def converged(cfg: DictConfig, module: MvMMFit, trainer: pl.Trainer, name: str) -> bool:
     """Whether the fit met its criterion: it stopped before ``trainer.max_epochs``, or was kept
     running past the point where it met it (``trainer.min_epochs``); a warning says what to try."""
-    last = float(module.recent_changes.max())
-    moved = float(module.recent_posterior_changes.max())
-    met = trainer.current_epoch < trainer.max_epochs or last < cfg.model.tol or moved < cfg.model.posterior_tol
+    return criterion_met(cfg, trainer.current_epoch < trainer.max_epochs, float(module.recent_changes.max()),
+                         float(module.recent_posterior_changes.max()), trainer.max_epochs, name)
+
+
+def criterion_met(cfg: DictConfig, stopped_early: bool, last: float, moved: float, max_epochs: int, name: str) -> bool:
+    """:func:`converged` from the fit's stopping measures (a batched fit's subjects too)."""
+    met = stopped_early or last < cfg.model.tol or moved < cfg.model.posterior_tol
     if not met:
         log.warning(
             "%s: stopped at trainer.max_epochs=%d before the relative log-likelihood change fell below model.tol=%g "
@@ -170,7 +181,7 @@ def converged(cfg: DictConfig, module: MvMMFit, trainer: pl.Trainer, name: str) 
             "and steadily (em/relative_change in TensorBoard) is drifting, and on the shared MyoPS cases running it longer "
             "did not improve it (docs/results.md, 'Stopping rule'): check the montage; raise trainer.max_epochs only if "
             "the curves are still falling fast",
-            name, trainer.max_epochs, cfg.model.tol, last, cfg.model.posterior_tol, moved,
+            name, max_epochs, cfg.model.tol, last, cfg.model.posterior_tol, moved,
         )
     return met
 
@@ -228,14 +239,23 @@ class Fitted:
     and its quality control (what :func:`fit_subject` compares and writes)."""
 
     cfg: DictConfig
-    module: MvMMFit
-    trainer: pl.Trainer
     registration: object
     logger: object
     result: object
     labelled: Labelled
     converged: bool
     qc: dict
+    settled_at: int | None = None  # the ICM iteration after which the registration stopped moving
+
+
+def _judge(cfg: DictConfig, prep, result, registration, logger, met: bool, conventions: LabellingConventions, qc_model,
+           label: str, settled_at: int | None = None) -> Fitted:
+    """A finished ICM loop's result with its derived labels and quality control."""
+    check_mrf_estimate(cfg, result, label)
+    labelled = derive_labels(prep.subject, result, conventions, registration.native_shifts_voxels(), registration.native_angles())
+    notes = fit_notes(met, prep.placement, placement_scale_range(cfg))
+    qc = assess_fit(qc_model, prep.subject, result, labelled.scores, prep.placement, prep.checks, notes)
+    return Fitted(cfg, registration, logger, result, labelled, met, qc, settled_at)
 
 
 def _fit_prepared(cfg: DictConfig, dataset, prep, out: Path, conventions: LabellingConventions, qc_model, label: str) -> Fitted | None:
@@ -243,13 +263,8 @@ def _fit_prepared(cfg: DictConfig, dataset, prep, out: Path, conventions: Labell
     module, trainer, registration, logger = run_icm(cfg, dataset, prep, out)
     if not trainer.is_global_zero:
         return None
-    subject, result = prep.subject, module.result()
-    check_mrf_estimate(cfg, result, label)
-    labelled = derive_labels(subject, result, conventions, registration.native_shifts_voxels(), registration.native_angles())
     met = converged(cfg, module, trainer, label)
-    notes = fit_notes(met, prep.placement, placement_scale_range(cfg))
-    qc = assess_fit(qc_model, subject, result, labelled.scores, prep.placement, prep.checks, notes)
-    return Fitted(cfg, module, trainer, registration, logger, result, labelled, met, qc)
+    return _judge(cfg, prep, module.result(), registration, logger, met, conventions, qc_model, label, int(module.settled_at) or None)
 
 
 def _without_registration(cfg: DictConfig) -> DictConfig:
@@ -321,41 +336,160 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
                     name, fitted.qc["score"], reference.qc["score"],
                 )
                 fitted = reference
-        subject, result, registration, labelled = prep.subject, fitted.result, fitted.registration, fitted.labelled
-        shifts = registration.native_shifts_voxels()
-        metrics = {
-            "subject": subject.name,
-            **score(subject, labelled, result),
-            "scar": write_scar(subject, labelled.scores, result, shifts, folder.staging, **(cfg.model.get("scar") or {})),
-            "log_likelihood": result.log_likelihood,
-            "iterations": result.iterations,
-            "converged": fitted.converged,
-            **({"registration_settled_at": int(fitted.module.settled_at) or None} if registration.fits_anything else {}),
-            **({"registration_guard": guarded} if guarded is not None else {}),
-            **({"placement": prep.placement.as_dict()} if prep.placement is not None else {}),
-            "input_checks": prep.checks,
-            "postprocess": conventions.name,
-            "qc": fitted.qc,
-        }
-        full = subject.parent or subject
-        labels = {s: full.label_map.to_values(c) for s, c in labelled.classes.items()}
-        settings = effective_settings(cfg, dataset, subject, conventions, "auto" if prep.placement is not None else "identity")
-        overlay = fitted.module.overlay(
-            title=f"{subject.name}: final segmentation ({conventions.name} labels)", posterior=result.posterior, labels=class_argmax(labelled.scores)
-        )
-        montage = reference_montage(subject, labelled.classes, folder.staging, metrics["scar"], conventions.name, metrics["qc"])
-        write_results(folder.staging, subject, result, labels, registration, params_record(subject, result, registration, prep.placement, settings),
-                      {"overlay": overlay, "montage": montage})
-        metrics["seconds"] = time.perf_counter() - start
-        if logger:
-            if hasattr(logger.experiment, "add_image"):
-                logger.experiment.add_image("montage", figure_to_array(montage), result.iterations, dataformats="HWC")
-            logger.log_hyperparams(hparams(cfg), metrics=final_scalars(metrics))
-            logger.finalize("success")
-        save_json(folder.staging / "metrics.json", metrics)
+        metrics = _write(cfg, dataset, prep, fitted, guarded, conventions, folder, start)
         folder.commit()
+    _report(prep.subject, metrics, out)
+    return metrics
+
+
+def _write(cfg: DictConfig, dataset, prep, fitted: Fitted, guarded: dict | None, conventions: LabellingConventions,
+           folder: ResultFolder, start: float) -> dict:
+    """Score ``fitted``, write its scar, pictures, files and TensorBoard summary into ``folder.staging``;
+    returns its metrics (``metrics.json``)."""
+    subject, result, registration, labelled, logger = prep.subject, fitted.result, fitted.registration, fitted.labelled, fitted.logger
+    shifts = registration.native_shifts_voxels()
+    metrics = {
+        "subject": subject.name,
+        **score(subject, labelled, result),
+        "scar": write_scar(subject, labelled.scores, result, shifts, folder.staging, **(cfg.model.get("scar") or {})),
+        "log_likelihood": result.log_likelihood,
+        "iterations": result.iterations,
+        "converged": fitted.converged,
+        **({"registration_settled_at": fitted.settled_at} if registration.fits_anything else {}),
+        **({"registration_guard": guarded} if guarded is not None else {}),
+        **({"placement": prep.placement.as_dict()} if prep.placement is not None else {}),
+        "input_checks": prep.checks,
+        "postprocess": conventions.name,
+        "qc": fitted.qc,
+    }
+    full = subject.parent or subject
+    labels = {s: full.label_map.to_values(c) for s, c in labelled.classes.items()}
+    settings = effective_settings(cfg, dataset, subject, conventions, "auto" if prep.placement is not None else "identity")
+    w = result.warped
+    overlay = overlay_figure(w.images[0], w.coverage[0], subject.sequences, result.posterior, torch.exp(w.log_atlas[0]),
+                             title=f"{subject.name}: final segmentation ({conventions.name} labels)", labels=class_argmax(labelled.scores))
+    montage = reference_montage(subject, labelled.classes, folder.staging, metrics["scar"], conventions.name, metrics["qc"])
+    write_results(folder.staging, subject, result, labels, registration, params_record(subject, result, registration, prep.placement, settings),
+                  {"overlay": overlay, "montage": montage})
+    metrics["seconds"] = time.perf_counter() - start
+    if logger:
+        if hasattr(logger.experiment, "add_image"):
+            logger.experiment.add_image("montage", figure_to_array(montage), result.iterations, dataformats="HWC")
+        logger.log_hyperparams(hparams(cfg), metrics=final_scalars(metrics))
+        logger.finalize("success")
+    save_json(folder.staging / "metrics.json", metrics)
+    return metrics
+
+
+def _report(subject, metrics: dict, out: Path) -> None:
     if subject.reference in metrics["dice"]:
         d = metrics["dice"][subject.reference]
         log.info("%s: Dice on %s " + ", ".join(f"{k} %.3f" for k in d), subject.name, subject.reference, *d.values())
     log.info("results written to %s", out)
-    return metrics
+
+
+def cohort_batch_size(cfg: DictConfig) -> int:
+    """``cohort.batch_size`` (default 1): how many subjects of a cohort one batch of the EM engine
+    fits; refused, before any work, where the subjects cannot share a batch."""
+    size = (cfg.get("cohort") or {}).get("batch_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"cohort.batch_size must be an integer >= 1, got {size!r}")
+    if size > 1:
+        model = cfg.registration.get("model") or {}
+        if model.get("atlas_deformation") is not None or model.get("slice_motion") is not None:
+            raise ValueError(
+                f"cohort.batch_size={size} fits subjects together whose registration fits nothing (registration=none); "
+                "this registration fits each subject's own deformation or slice motion: set cohort.batch_size=1"
+            )
+        if cfg.get("ckpt_path"):
+            raise ValueError(f"cohort.batch_size={size} cannot resume from ckpt_path (a checkpoint is one subject's): "
+                             "resume a subject alone, with cohort.batch_size=1")
+    return size
+
+
+def fit_cohort(cfg: DictConfig, dataset, names: list[str], out: Path):
+    """Fit ``names`` into ``out/<name>/``: one after another, or ``cohort.batch_size`` at a time in
+    one batch (:func:`fit_batch`). Yields ``(name, metrics)``, or ``(name, the exception)`` for a
+    subject that failed (the others go on)."""
+    size = cohort_batch_size(cfg)
+    for k in range(0, len(names), size):
+        if size == 1:
+            try:
+                yield names[k], fit_subject(cfg, dataset, names[k], Path(out) / names[k])
+            except Exception as err:  # reported by the caller; the cohort goes on
+                yield names[k], err
+        else:
+            yield from fit_batch(cfg, dataset, names[k:k + size], Path(out)).items()
+
+
+def fit_batch(cfg: DictConfig, dataset, names: list[str], out: Path) -> dict[str, dict | Exception]:
+    """Fit the subjects ``names`` (``registration=none``) in one batch of the EM engine
+    (:class:`~mvmm_monai.pipeline.batch.BatchedMvMMFit`), each into ``out/<name>/`` with the files
+    and metrics its fit alone writes (no checkpoints and no per-iteration Dice or overlays: the
+    final ones are written). Each subject stops on its own criterion and gets the labels of its fit
+    alone, up to the order of floating-point sums. Returns each subject's metrics, or the
+    exception of a subject that failed (preparing, fitting or writing; the others go on)."""
+    from mvmm_monai.pipeline.batch import BatchedMvMMFit
+
+    cfg, conventions = resolve_settings(cfg, dataset)
+    cohort_batch_size(cfg)
+    qc_model = build(cfg.qc, _convert_="all") if cfg.get("qc") else None
+    outcome: dict[str, dict | Exception] = {}
+    members: dict[str, tuple] = {}  # name -> (its cfg, folder, prepared subject, registration, logger, start)
+    try:
+        for name in names:
+            start, folder = time.perf_counter(), None
+            try:
+                check_subject_name(name)
+                member = cfg.copy()
+                with open_dict(member):
+                    member.paths.output_dir = str(Path(out) / name)
+                pl.seed_everything(member.seed, workers=True, verbose=False)
+                entered = ResultFolder(Path(out) / name, name)
+                entered.__enter__()  # held until the subject is written (a failed entry holds nothing)
+                folder = entered
+                prep = prepare_subject(member, dataset, name)
+                registration = build_registration(member, prep)
+                logger = build(member.logger) if member.get("logger") else None
+                members[name] = (member, folder, prep, registration, logger, start)
+            except Exception as err:
+                outcome[name] = err
+                if folder is not None:
+                    folder.__exit__(type(err), err, err.__traceback__)
+                log.error("subject %s failed: %s", name, err)
+        if members:
+            live = list(members)
+            with torch.no_grad():
+                warped = [members[n][3]().detach() for n in live]
+            module = BatchedMvMMFit(
+                live, warped, subtype_counts(cfg.model, dataset.sequences),
+                [torch.as_tensor(subject_weights(cfg.model, members[n][2].subject)) for n in live],
+                em=build(cfg.model.em), em_steps=cfg.model.em_steps, tol=cfg.model.tol, posterior_tol=cfg.model.posterior_tol,
+                tol_window=convergence_window(cfg), min_epochs=int(cfg.trainer.get("min_epochs") or 1),
+                loggers=[members[n][4] for n in live],
+            )
+            # the progress bar only: the module stops each subject itself, and a checkpoint is one subject's
+            callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if "ProgressBar" in str(c.get("_target_", ""))]
+            with lightning_notes_silenced():
+                trainer: pl.Trainer = build(cfg.trainer, logger=False, callbacks=callbacks, enable_checkpointing=False)
+                trainer.fit(module)
+            for j, name in enumerate(live):
+                member, folder, prep, registration, logger, start = members[name]
+                try:
+                    rel, moved = module.criterion(j)
+                    met = criterion_met(member, module.stopped_on_criterion[j], rel, moved, trainer.max_epochs, name)
+                    fitted = _judge(member, prep, module.result(j), registration, logger, met, conventions, qc_model, name)
+                    outcome[name] = _write(member, dataset, prep, fitted, None, conventions, folder, start)
+                    folder.commit()
+                    folder.__exit__(None, None, None)
+                    _report(prep.subject, outcome[name], Path(out) / name)
+                except Exception as err:
+                    outcome[name] = err
+                    folder.__exit__(type(err), err, err.__traceback__)
+                    log.error("subject %s failed: %s", name, err)
+                del members[name]
+    finally:
+        for name, (_, folder, *_rest) in members.items():  # an error that stopped the whole batch
+            folder.__exit__(RuntimeError, RuntimeError(f"the batch of {name} stopped"), None)
+            outcome.setdefault(name, RuntimeError("the batch stopped before this subject was written"))
+    return {n: outcome[n] for n in names}

@@ -38,7 +38,7 @@ class ICMProgressBar(ProgressBar):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.is_enabled or not trainer.is_global_zero:
             return
-        name = getattr(getattr(pl_module, "subject", None), "name", "")
+        name = getattr(pl_module, "progress_name", None) or getattr(getattr(pl_module, "subject", None), "name", "")
         self._bar = tqdm(
             total=trainer.max_epochs,
             initial=trainer.current_epoch,
