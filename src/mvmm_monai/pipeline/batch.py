@@ -125,19 +125,30 @@ class BatchedMvMMFit(pl.LightningModule):
             self.quantised = quantise(self.images, self.coverage, self.em.intensity_levels)
 
     def _running(self) -> tuple:
+        """The running subjects (indices, their index tensor, the box of their largest extent) and
+        their inputs cut to that box; rebuilt when a subject leaves the batch."""
         idx = [i for i, a in enumerate(self.active) if a]
         if self._sub is None or self._sub[0] != idx:
             sel = torch.tensor(idx, dtype=torch.int64, device=self.images.device)
-            q = None if self.quantised is None else type(self.quantised)(*(t.index_select(0, sel) for t in self.quantised))
-            self._sub = (idx, sel, self.images.index_select(0, sel), self.coverage.index_select(0, sel),
-                         self.log_atlas.index_select(0, sel), self.inside.index_select(0, sel), q)
+            box = (slice(None), slice(None), *(slice(0, max(self.shapes[i][d] for i in idx)) for d in range(len(self.shapes[0]))))
+
+            def cut(t: Tensor) -> Tensor:
+                return t.index_select(0, sel)[box].contiguous()
+
+            q = self.quantised
+            if q is not None:  # its voxels are flattened: cut them on the spatial grid
+                spatial = self.images.shape[2:]
+                flat = lambda t: cut(t.reshape(*t.shape[:2], *spatial)).flatten(2)  # noqa: E731
+                q = type(q)(flat(q.index), q.values.index_select(0, sel), q.weight.index_select(0, sel),
+                            flat(q.omega[:, None])[:, 0])
+            self._sub = (idx, sel, box, cut(self.images), cut(self.coverage), cut(self.log_atlas), cut(self.inside), q)
         return self._sub
 
     def training_step(self, batch, batch_idx: int) -> None:
         it = self.current_epoch + 1
-        idx, sel, images, coverage, log_atlas, inside, q = self._running()
+        idx, sel, box, images, coverage, log_atlas, inside, q = self._running()
         params = self.params.subjects(sel)
-        posterior = self.posterior.index_select(0, sel) if self.current_epoch > 0 else None
+        posterior = self.posterior.index_select(0, sel)[box].contiguous() if self.current_epoch > 0 else None
         for _ in range(self.em_steps):
             params, est = em_step(images, coverage, log_atlas, params, self.em, posterior, lower_bound=False, quantised=q)
             posterior = est.posterior.mul_(inside)  # nothing beyond a subject's own border (see the module's note)
@@ -153,7 +164,7 @@ class BatchedMvMMFit(pl.LightningModule):
                 raise FloatingPointError(f"MvMM fit of {self.names[i]}: non-finite log-likelihood or parameters at ICM iteration {it}")
         for name, value in named.items():
             getattr(self, name).index_copy_(0, sel, value)
-        self.posterior.index_copy_(0, sel, posterior)
+        self.posterior[box].index_copy_(0, sel, posterior)
         stopping: list[int] = []
         for j, i in enumerate(idx):
             prev = self.last_log_likelihood[i]
