@@ -99,7 +99,7 @@ def test_batched_cohort_writes_the_one_by_one_results(tmp_path, cache_dir):
         ea = EventAccumulator(str(tmp_path / "two" / name / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
         ea.Reload()
         assert len(ea.Scalars("em/log_likelihood")) == a["iterations"]
-        assert "montage" in ea.Tags()["images"]
+        assert [e.step for e in ea.Images("overlay")] == [e.step for e in ea.Images("montage")] == [a["iterations"]]
 
 
 def test_a_bad_subject_leaves_its_batch_to_the_others(tmp_path, cache_dir):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -335,7 +335,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
                     "kept the fit without registration (registration.guard; metrics.json registration_guard)",
                     name, fitted.qc["score"], reference.qc["score"],
                 )
-                fitted = reference
+                fitted = replace(reference, logger=fitted.logger)  # the subject's TensorBoard gets the kept result
         metrics = _write(cfg, dataset, prep, fitted, guarded, conventions, folder, start)
         folder.commit()
     _report(prep.subject, metrics, out)
@@ -373,7 +373,8 @@ def _write(cfg: DictConfig, dataset, prep, fitted: Fitted, guarded: dict | None,
                   {"overlay": overlay, "montage": montage})
     metrics["seconds"] = time.perf_counter() - start
     if logger:
-        if hasattr(logger.experiment, "add_image"):
+        if hasattr(logger.experiment, "add_image"):  # the final pictures, as written (callbacks.overlay draws the ones before)
+            logger.experiment.add_image("overlay", figure_to_array(overlay), result.iterations, dataformats="HWC")
             logger.experiment.add_image("montage", figure_to_array(montage), result.iterations, dataformats="HWC")
         logger.log_hyperparams(hparams(cfg), metrics=final_scalars(metrics))
         logger.finalize("success")

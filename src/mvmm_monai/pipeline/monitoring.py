@@ -136,8 +136,10 @@ def figure_to_array(fig: Figure) -> np.ndarray:
 
 
 class OverlayLogger(pl.Callback):
-    """Adds the overlay figure to TensorBoard after the first ICM iteration that is due (every
-    ``every_n_iterations``) and within the time budget, and always at the end.
+    """Adds the overlay figure to TensorBoard after every ICM iteration that is due (every
+    ``every_n_iterations``) and within the time budget. The final overlay is not drawn here: the
+    pipeline logs the one it writes (``<subject>_overlay.png``, with the labelling conventions'
+    labels) at the last iteration (:func:`~mvmm_monai.pipeline.fit.fit_subject`).
 
     ``max_time_fraction`` keeps the pictures off the fit's hot path: an overlay is drawn at a due
     iteration only if the overlays so far plus this one (estimated by the last one's cost) stay
@@ -158,7 +160,7 @@ class OverlayLogger(pl.Callback):
         self.first_cost = float(first_cost_s)
         self._start = self._spent = 0.0
         self._last = self.first_cost
-        self.logged: list[int] = []  # the iterations whose overlay was drawn (the final one included)
+        self.logged: list[int] = []  # the iterations whose overlay was drawn here (the final one is the pipeline's)
 
     def _log(self, trainer: pl.Trainer, module: pl.LightningModule, step: int) -> None:
         logger = trainer.logger
@@ -182,8 +184,5 @@ class OverlayLogger(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         it = trainer.current_epoch + 1
-        if it % self.every == 0 and self._affordable():
+        if it % self.every == 0 and it < trainer.max_epochs and not trainer.should_stop and self._affordable():
             self._log(trainer, module, it)
-
-    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._log(trainer, module, trainer.current_epoch)
