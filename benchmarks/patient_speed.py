@@ -7,7 +7,8 @@ slice with registration.
   warm-up fit of another case (imports and first-call costs excluded: the "fitting" time), and
   ``scripts/fit.py`` timed as a command (interpreter start-up, imports and exit included).
 - **Cohort**: ``scripts/fit.py subject=[...]`` on 5 patients (default Case3021..Case3025) in one
-  command: wall-clock per patient, start-up included.
+  command: wall-clock per patient, start-up included; once one subject after another, once with
+  ``cohort.batch_size=5`` (the five in one batch of the EM engine).
 - **Slice**: the 192 x 192 mid-ventricular crop of the slice case (``atlas.midslice``, as
   ``benchmarks/myops_2d_mid.py``) with ``registration=full`` (its guard included: the fit
   without registration it compares with), timed in-process after a warm-up; and the same crop
@@ -102,6 +103,12 @@ def main() -> None:
                          "dice_LGE": {n: s["dice"]["LGE"] for n, s in summary.items()}}
     print(f"cohort of {len(cohort)} in one command: {seconds:.1f} s wall, {seconds / len(cohort):.1f} s per patient, "
           f"{figures['cohort']['converged']} converged", flush=True)
+    seconds = command([*base, f"subject=[{','.join(cohort)}]", f"cohort.batch_size={len(cohort)}", f"paths.output_dir={out / 'cohort_batch'}"])
+    batched = {n: json.loads((out / "cohort_batch" / n / "metrics.json").read_text()) for n in cohort}
+    figures["cohort_batch"] = {"subjects": len(cohort), "batch_size": len(cohort), "command_s": seconds, "per_patient_s": seconds / len(cohort),
+                               "converged": sum(bool(s["converged"]) for s in batched.values()),
+                               "dice_LGE": {n: s["dice"]["LGE"] for n, s in batched.items()}}
+    print(f"the same cohort with cohort.batch_size={len(cohort)}: {seconds:.1f} s wall, {seconds / len(cohort):.1f} s per patient", flush=True)
 
     # one mid-ventricular slice with registration=full
     atlas2d = mid_slice_atlas([mid_slice_crop(args.root / c, 192) for c in atlas_cases], 2.0)
@@ -123,7 +130,7 @@ def main() -> None:
                              "dice_LGE": m["dice"]["LGE"]}
 
     if args.record:
-        p, c, s, n = figures["patient"], figures["cohort"], figures["slice"], figures["slice_none"]
+        p, c, cb, s, n = figures["patient"], figures["cohort"], figures["cohort_batch"], figures["slice"], figures["slice_none"]
         kept = (s.get("registration_guard") or {}).get("kept", "registered")
         write_record(args.record, figures, table={
             "columns": ["fit", "seconds", "iterations", "LGE myocardium Dice"],
@@ -133,6 +140,8 @@ def main() -> None:
                 ["the same as a command (start-up included)", p["command_s"], p["iterations"], p["dice_LGE"]["myocardium"]],
                 [f"cohort of {c['subjects']} in one command, per patient (start-up included)", c["per_patient_s"], None,
                  sum(d["myocardium"] for d in c["dice_LGE"].values()) / c["subjects"]],
+                [f"the same cohort with cohort.batch_size={cb['batch_size']}, per patient (start-up included)", cb["per_patient_s"], None,
+                 sum(d["myocardium"] for d in cb["dice_LGE"].values()) / cb["subjects"]],
                 [f"one 192 x 192 mid-ventricular slice, registration=full (the guard kept the {kept} fit), fitting in-process",
                  s["fitting_s"], s["iterations"], s["dice_LGE"]["myocardium"]],
                 ["the same slice, registration=none", n["fitting_s"], n["iterations"], n["dice_LGE"]["myocardium"]],
