@@ -133,3 +133,20 @@ def test_batch_settings_that_cannot_work_are_refused_before_any_work(tmp_path, c
     with pytest.raises(ValueError, match=message):
         run(tmp_path, cache_dir, "subject=[patient1,patient2]", *overrides)
     assert not (tmp_path / "patient1").exists()
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_fit_their_shards_in_batches(tmp_path, cache_dir):
+    """trainer.devices=2 with cohort.batch_size=2: each process fits its two subjects in one batch,
+    with the results of the one-process, one-after-another fits."""
+    names = ["patient1", "patient2", "patient3", "patient4"]
+    common = [f"subject=[{','.join(names)}]", "trainer.max_epochs=6", "trainer.accelerator=cpu"]
+    one = run(tmp_path / "one", cache_dir, *common, "trainer.devices=1")
+    two = run(tmp_path / "two", cache_dir, *common, "trainer.devices=2", "cohort.batch_size=2")
+    assert two["subjects"] == one["subjects"] == names and not two["failed"]
+    for name in names:
+        a = json.loads((tmp_path / "one" / name / "metrics.json").read_text())
+        b = json.loads((tmp_path / "two" / name / "metrics.json").read_text())
+        assert b["iterations"] == a["iterations"] == 6
+        assert b["dice"]["DE"] == pytest.approx(a["dice"]["DE"], abs=1e-4)
+        assert (tmp_path / "two" / name / "tensorboard").is_dir() and not (tmp_path / "two" / name / "checkpoints").exists()
