@@ -120,6 +120,28 @@ def test_a_bad_subject_leaves_its_batch_to_the_others(tmp_path, cache_dir):
     assert not any(p.name.startswith(".") and p.is_dir() for p in (out / "patient2").iterdir())  # no staging left
 
 
+def test_a_batch_that_fails_in_the_engine_falls_back_to_fits_one_after_another(tmp_path, cache_dir, monkeypatch):
+    """An error inside the batched EM (here: patient2's iteration made non-finite on purpose) costs the
+    batch, not the cohort: its subjects are fitted one after another, and every one is written."""
+    calls = {"n": 0}
+    real = BatchedMvMMFit.training_step
+
+    def failing(self, batch, batch_idx):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise FloatingPointError("MvMM fit of patient2: non-finite log-likelihood or parameters at ICM iteration 3")
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(BatchedMvMMFit, "training_step", failing)
+    out = tmp_path / "cohort"
+    summary = run(out, cache_dir, "subject=[patient1,patient2]", "cohort.batch_size=2", "trainer.max_epochs=4", "~logger")
+    assert summary["subjects"] == ["patient1", "patient2"] and not summary["failed"]
+    for name in ("patient1", "patient2"):
+        m = json.loads((out / name / "metrics.json").read_text())
+        assert m["iterations"] == 4 and (out / name / "checkpoints" / "last.ckpt").is_file()  # fitted alone
+        assert not any(p.name.startswith(".") and p.is_dir() for p in (out / name).iterdir())
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

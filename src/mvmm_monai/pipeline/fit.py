@@ -415,12 +415,17 @@ def fit_cohort(cfg: DictConfig, dataset, names: list[str], out: Path):
     size = cohort_batch_size(cfg)
     for k in range(0, len(names), size):
         if size == 1:
-            try:
-                yield names[k], fit_subject(cfg, dataset, names[k], Path(out) / names[k])
-            except Exception as err:  # reported by the caller; the cohort goes on
-                yield names[k], err
+            yield names[k], _fit_alone(cfg, dataset, names[k], Path(out))
         else:
             yield from fit_batch(cfg, dataset, names[k:k + size], Path(out)).items()
+
+
+def _fit_alone(cfg: DictConfig, dataset, name: str, out: Path) -> dict | Exception:
+    """:func:`fit_subject` into ``out/name``: its metrics, or its exception (the cohort goes on)."""
+    try:
+        return fit_subject(cfg, dataset, name, out / name)
+    except Exception as err:
+        return err
 
 
 def fit_batch(cfg: DictConfig, dataset, names: list[str], out: Path) -> dict[str, dict | Exception]:
@@ -458,37 +463,46 @@ def fit_batch(cfg: DictConfig, dataset, names: list[str], out: Path) -> dict[str
                 if folder is not None:
                     folder.__exit__(type(err), err, err.__traceback__)
                 log.error("subject %s failed: %s", name, err)
-        if members:
-            live = list(members)
-            with torch.no_grad():
-                warped = [members[n][3]().detach() for n in live]
-            module = BatchedMvMMFit(
-                live, warped, subtype_counts(cfg.model, dataset.sequences),
-                [torch.as_tensor(subject_weights(cfg.model, members[n][2].subject)) for n in live],
-                em=build(cfg.model.em), em_steps=cfg.model.em_steps, tol=cfg.model.tol, posterior_tol=cfg.model.posterior_tol,
-                tol_window=convergence_window(cfg), min_epochs=int(cfg.trainer.get("min_epochs") or 1),
-                loggers=[members[n][4] for n in live],
-            )
-            # the progress bar only: the module stops each subject itself, and a checkpoint is one subject's
-            callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if "ProgressBar" in str(c.get("_target_", ""))]
-            with lightning_notes_silenced():
-                trainer: pl.Trainer = build(cfg.trainer, logger=False, callbacks=callbacks, enable_checkpointing=False)
-                trainer.fit(module)
-            for j, name in enumerate(live):
-                member, folder, prep, registration, logger, start = members[name]
-                try:
-                    rel, moved = module.criterion(j)
-                    met = criterion_met(member, module.stopped_on_criterion[j], rel, moved, trainer.max_epochs, name)
-                    fitted = _judge(member, prep, module.result(j), registration, logger, met, conventions, qc_model, name)
-                    outcome[name] = _write(member, dataset, prep, fitted, None, conventions, folder, start)
-                    folder.commit()
-                    folder.__exit__(None, None, None)
-                    _report(prep.subject, outcome[name], Path(out) / name)
-                except Exception as err:
-                    outcome[name] = err
-                    folder.__exit__(type(err), err, err.__traceback__)
-                    log.error("subject %s failed: %s", name, err)
-                del members[name]
+        live = list(members)
+        if live:
+            try:
+                with torch.no_grad():
+                    warped = [members[n][3]().detach() for n in live]
+                module = BatchedMvMMFit(
+                    live, warped, subtype_counts(cfg.model, dataset.sequences),
+                    [torch.as_tensor(subject_weights(cfg.model, members[n][2].subject)) for n in live],
+                    em=build(cfg.model.em), em_steps=cfg.model.em_steps, tol=cfg.model.tol, posterior_tol=cfg.model.posterior_tol,
+                    tol_window=convergence_window(cfg), min_epochs=int(cfg.trainer.get("min_epochs") or 1),
+                    loggers=[members[n][4] for n in live],
+                )
+                # the progress bar only: the module stops each subject itself, and a checkpoint is one subject's
+                callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if "ProgressBar" in str(c.get("_target_", ""))]
+                with lightning_notes_silenced():
+                    trainer: pl.Trainer = build(cfg.trainer, logger=False, callbacks=callbacks, enable_checkpointing=False)
+                    trainer.fit(module)
+            except Exception as err:  # e.g. one subject's fit went non-finite: each alone, so only it fails
+                log.warning("the batch of %s stopped (%s: %s); fitting its subjects one after another",
+                            ", ".join(live), type(err).__name__, err)
+                for name in live:
+                    members.pop(name)[1].__exit__(type(err), err, err.__traceback__)
+                for name in live:
+                    outcome[name] = _fit_alone(cfg, dataset, name, Path(out))
+                live = []
+        for j, name in enumerate(live):
+            member, folder, prep, registration, logger, start = members[name]
+            try:
+                rel, moved = module.criterion(j)
+                met = criterion_met(member, module.stopped_on_criterion[j], rel, moved, trainer.max_epochs, name)
+                fitted = _judge(member, prep, module.result(j), registration, logger, met, conventions, qc_model, name)
+                outcome[name] = _write(member, dataset, prep, fitted, None, conventions, folder, start)
+                folder.commit()
+                folder.__exit__(None, None, None)
+                _report(prep.subject, outcome[name], Path(out) / name)
+            except Exception as err:
+                outcome[name] = err
+                folder.__exit__(type(err), err, err.__traceback__)
+                log.error("subject %s failed: %s", name, err)
+            del members[name]
     finally:
         for name, (_, folder, *_rest) in members.items():  # an error that stopped the whole batch
             folder.__exit__(RuntimeError, RuntimeError(f"the batch of {name} stopped"), None)
