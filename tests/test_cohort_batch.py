@@ -102,24 +102,6 @@ def test_batched_cohort_writes_the_one_by_one_results(tmp_path, cache_dir):
         assert [e.step for e in ea.Images("overlay")] == [e.step for e in ea.Images("montage")] == [a["iterations"]]
 
 
-def test_a_bad_subject_leaves_its_batch_to_the_others(tmp_path, cache_dir):
-    from mvmm_monai.data.synthetic import SyntheticConfig, ensure_cohort
-    import shutil
-
-    data = tmp_path / "data"
-    shutil.copytree(ensure_cohort(cache_dir, SyntheticConfig(misalignment=False)), data)
-    bad = data / "patient2_T2.nii.gz"
-    img = nib.load(bad)
-    nib.save(nib.Nifti1Image(np.full(img.shape, np.nan, dtype=np.float32), img.affine), bad)
-    out = tmp_path / "cohort"
-    summary = run(out, cache_dir, "data=mscmr", f"data.root={data}", f"atlas.path={data / 'atlas.nii.gz'}", "atlas.placement=identity",
-                  f"subject=[{','.join(NAMES)}]", "trainer.max_epochs=5", "~logger", "cohort.batch_size=3")
-    assert summary["subjects"] == ["patient1", "patient3"]
-    assert "patient2_T2.nii.gz" in summary["failed"]["patient2"] and "NaN" in summary["failed"]["patient2"]
-    assert (out / "patient1" / "metrics.json").is_file() and not (out / "patient2" / "metrics.json").exists()
-    assert not any(p.name.startswith(".") and p.is_dir() for p in (out / "patient2").iterdir())  # no staging left
-
-
 def test_a_batch_that_fails_in_the_engine_falls_back_to_fits_one_after_another(tmp_path, cache_dir, monkeypatch):
     """An error inside the batched EM (here: patient2's iteration made non-finite on purpose) costs the
     batch, not the cohort: its subjects are fitted one after another, and every one is written."""

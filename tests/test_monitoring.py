@@ -95,7 +95,8 @@ def test_sweep_of_three_subtype_settings_writes_one_summary(tmp_path, cache_dir)
         assert (sweep / job / "patient1_DE_seg.nii.gz").is_file()
 
 
-def test_cohort_finishes_the_others_and_reports_the_bad_subject(tmp_path, cache_dir):
+@pytest.mark.parametrize("batch_size", [1, 3])  # one after another; in one batch (tests/test_cohort_batch.py)
+def test_cohort_finishes_the_others_and_reports_the_bad_subject(tmp_path, cache_dir, batch_size):
     data = tmp_path / "data"
     shutil.copytree(ensure_cohort(cache_dir, SyntheticConfig(misalignment=False)), data)
     bad = data / "patient2_T2.nii.gz"
@@ -103,7 +104,7 @@ def test_cohort_finishes_the_others_and_reports_the_bad_subject(tmp_path, cache_
     nib.save(nib.Nifti1Image(np.full(img.shape, np.nan, dtype=np.float32), img.affine), bad)
     out = tmp_path / "cohort"
     summary = run(out, cache_dir, "data=mscmr", f"data.root={data}", f"atlas.path={data / 'atlas.nii.gz'}", "atlas.placement=identity",
-                  "subject=[patient1,patient2,patient3]", "trainer.max_epochs=5", "~logger")
+                  "subject=[patient1,patient2,patient3]", "trainer.max_epochs=5", "~logger", f"cohort.batch_size={batch_size}")
     assert summary["subjects"] == ["patient1", "patient3"]
     assert "patient2_T2.nii.gz" in summary["failed"]["patient2"] and "NaN" in summary["failed"]["patient2"]
     rows = list(csv.DictReader((out / "cohort_summary.csv").read_text().splitlines()))
@@ -112,6 +113,7 @@ def test_cohort_finishes_the_others_and_reports_the_bad_subject(tmp_path, cache_
     mean = float(rows[3]["dice/DE/lv"])
     assert mean == pytest.approx(np.mean([float(rows[1]["dice/DE/lv"]), float(rows[2]["dice/DE/lv"])]))
     assert (out / "patient1" / "metrics.json").is_file() and not (out / "patient2" / "metrics.json").exists()
+    assert not any(p.name.startswith(".") and p.is_dir() for p in (out / "patient2").iterdir())  # no staging left
 
 
 def test_resumed_fit_matches_the_uninterrupted_one(tmp_path, cache_dir):

@@ -49,8 +49,6 @@ class BatchedMvMMFit(pl.LightningModule):
             its per-iteration scalars.
     """
 
-    WATCHED = ("em/log_likelihood", "em/relative_change", "em/posterior_change")
-
     def __init__(
         self,
         names: list[str],
