@@ -29,7 +29,7 @@ from mvmm_monai.cohort.summary import read_results, write_cohort_summary
 from mvmm_monai.config import build
 from mvmm_monai.files import atomic_write
 from mvmm_monai.pipeline.module import SingleStep
-from mvmm_monai.pipeline.progress import lightning_notes_silenced
+from mvmm_monai.pipeline.progress import lightning_notes_silenced, silence_lightning_notes_in_this_process
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class CohortShards(pl.LightningModule):
         self.automatic_optimization = False
         self.cfg, self.names, self.out, self.fit_cohort = cfg, list(names), Path(out), fit_cohort
         self._anchor = nn.Parameter(torch.zeros(1))
+
+    def setup(self, stage: str) -> None:
+        silence_lightning_notes_in_this_process()  # runs in each spawned shard process, before its notes
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(SingleStep(), batch_size=None)

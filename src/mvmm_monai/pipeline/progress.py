@@ -98,3 +98,12 @@ def lightning_notes_silenced():
             yield
     finally:
         lg.removeFilter(adverts)
+
+
+def silence_lightning_notes_in_this_process() -> None:
+    """:func:`lightning_notes_silenced` for the rest of this process: a cohort shard's spawned
+    process, whose launcher's notes come before any fit (the launching process's filters do not
+    reach a spawned one)."""
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdverts())
+    for msg in LIGHTNING_NOTES:
+        warnings.filterwarnings("ignore", message=msg)
