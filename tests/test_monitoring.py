@@ -36,6 +36,7 @@ def overlay_fit(out: Path, cache_dir: Path, every: int, fraction: str) -> tuple[
     """A 12-iteration fit of patient2 with the overlay every ``every`` iterations within the time
     budget ``fraction``; its metrics and its TensorBoard events (every image kept)."""
     metrics = run(out, cache_dir, "subject=patient2", "trainer.max_epochs=12", f"callbacks.overlay.every_n_iterations={every}",
+                  "model.dice_every_n_iterations=5",
                   f"callbacks.overlay.max_time_fraction={fraction}")
     ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
     ea.Reload()

@@ -128,7 +128,7 @@ def test_checkpoint_is_never_truncated(tmp_path):
 
 
 def test_checkpoints_follow_every_n_epochs_and_the_last_iteration(tmp_path, monkeypatch):
-    """A 12-iteration fit with ``every_n_epochs: 5`` writes at iterations 5, 10 and 12 (its last), not 12 times."""
+    """A 12-iteration fit with ``every_n_epochs=5`` writes at iterations 5, 10 and 12 (its last), not 12 times."""
     from mvmm_monai import compose_config, fit
 
     saved = []
@@ -136,6 +136,7 @@ def test_checkpoints_follow_every_n_epochs_and_the_last_iteration(tmp_path, monk
     monkeypatch.setattr(ICMCheckpoint, "_save_checkpoint", lambda self, trainer, path: (saved.append(trainer.current_epoch), write(self, trainer, path)))
     out = tmp_path / "out"
     fit(compose_config([f"paths.output_dir={out}", f"paths.cache_dir={tmp_path / 'cache'}", "subject=patient1", "trainer.max_epochs=12",
-                        "model.tol=1e-12", "callbacks.progress.refresh_rate=0", "~logger", "~callbacks.overlay"]))
+                        "model.tol=1e-12", "callbacks.progress.refresh_rate=0", "~logger", "~callbacks.overlay",
+                        "callbacks.checkpoint.every_n_epochs=5"]))
     assert saved == [4, 9, 11]
     assert (out / "checkpoints" / "last.ckpt").is_file()
