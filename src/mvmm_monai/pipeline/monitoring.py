@@ -135,6 +135,15 @@ def figure_to_array(fig: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def png_to_array(path) -> np.ndarray:
+    """RGB ``uint8`` array ``[H, W, 3]`` of a PNG file (a figure already written: decoding it costs
+    a fraction of drawing the figure again)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).copy()
+
+
 class OverlayLogger(pl.Callback):
     """Adds the overlay figure to TensorBoard after every ICM iteration that is due (every
     ``every_n_iterations``) and within the time budget. The final overlay is not drawn here: the
