@@ -28,6 +28,7 @@ from mvmm_monai.conventions.scar import SCAR_RULES, write_scar
 from mvmm_monai.data.common_space import native_segmentation
 from mvmm_monai.data.datasets import check_subject_name
 from mvmm_monai.files import save_json
+from mvmm_monai.pipeline.batch import BatchedMvMMFit
 from mvmm_monai.pipeline.metrics import segmentation_metrics
 from mvmm_monai.pipeline.module import MvMMFit
 from mvmm_monai.pipeline.monitoring import montage_figure, overlay_figure, png_to_array
@@ -436,8 +437,6 @@ def fit_batch(cfg: DictConfig, dataset, names: list[str], out: Path) -> dict[str
     final ones are written). Each subject stops on its own criterion and gets the labels of its fit
     alone, up to the order of floating-point sums. Returns each subject's metrics, or the
     exception of a subject that failed (preparing, fitting or writing; the others go on)."""
-    from mvmm_monai.pipeline.batch import BatchedMvMMFit
-
     cfg, conventions = resolve_settings(cfg, dataset)
     cohort_batch_size(cfg)
     qc_model = build(cfg.qc, _convert_="all") if cfg.get("qc") else None
