@@ -195,11 +195,6 @@ class BatchedMvMMFit(pl.LightningModule):
         log-likelihood change and the largest posterior change."""
         return max(self.recent[i]), max(self.recent_posterior[i])
 
-    def met(self, i: int) -> bool:
-        """Whether subject ``i`` met its criterion (stopped on it, or met it on the last iteration)."""
-        rel, mv = self.criterion(i)
-        return self.stopped_on_criterion[i] or rel < self.tol or (self.posterior_tol is not None and mv < self.posterior_tol)
-
     # -- results ---------------------------------------------------------------------------
     @torch.no_grad()
     def result(self, i: int) -> FitResult:
