@@ -133,12 +133,13 @@ class BatchedMvMMFit(pl.LightningModule):
             def cut(t: Tensor) -> Tensor:
                 return t.index_select(0, sel)[box].contiguous()
 
+            def cut_flat(t: Tensor) -> Tensor:  # the quantised voxels are flattened: cut them on the spatial grid
+                return cut(t.reshape(*t.shape[:2], *self.images.shape[2:])).flatten(2)
+
             q = self.quantised
-            if q is not None:  # its voxels are flattened: cut them on the spatial grid
-                spatial = self.images.shape[2:]
-                flat = lambda t: cut(t.reshape(*t.shape[:2], *spatial)).flatten(2)  # noqa: E731
-                q = type(q)(flat(q.index), q.values.index_select(0, sel), q.weight.index_select(0, sel),
-                            flat(q.omega[:, None])[:, 0])
+            if q is not None:
+                q = type(q)(cut_flat(q.index), q.values.index_select(0, sel), q.weight.index_select(0, sel),
+                            cut_flat(q.omega[:, None])[:, 0])
             self._sub = (idx, sel, box, cut(self.images), cut(self.coverage), cut(self.log_atlas), cut(self.inside), q)
         return self._sub
 

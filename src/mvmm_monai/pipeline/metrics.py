@@ -25,9 +25,7 @@ def _foreground_box(pred: Tensor, truth: Tensor) -> tuple[slice, ...]:
         return tuple(slice(None) for _ in pred.shape)
     box = []
     for d in range(fg.ndim):
-        hit = fg.flatten(0, d - 1).any(0) if d else fg
-        hit = hit.flatten(1).any(1) if hit.ndim > 1 else hit
-        idx = torch.nonzero(hit).flatten()
+        idx = torch.nonzero(fg.any(dim=tuple(a for a in range(fg.ndim) if a != d)) if fg.ndim > 1 else fg).flatten()
         box.append(slice(max(int(idx[0]) - 1, 0), min(int(idx[-1]) + 2, fg.shape[d])))
     return tuple(box)
 
@@ -38,8 +36,13 @@ def dice_per_class(pred: Tensor, truth: Tensor, num_classes: int = len(CLASS_NAM
     if pred.shape != truth.shape:
         raise ValueError(f"dice_per_class: shapes differ, {tuple(pred.shape)} vs {tuple(truth.shape)}")
     box = _foreground_box(pred, truth)
-    d = compute_dice(_one_hot(pred[box], num_classes), _one_hot(truth[box], num_classes), include_background=False)[0]
-    return {CLASS_NAMES[k + 1]: float(d[k]) for k in range(num_classes - 1)}
+    return _dice(_one_hot(pred[box], num_classes), _one_hot(truth[box], num_classes))
+
+
+def _dice(p: Tensor, t: Tensor) -> dict[str, float]:
+    """MONAI's Dice of every foreground class of the one-hot maps ``p``, ``t`` ``[1, K, *S]``."""
+    d = compute_dice(p, t, include_background=False)[0]
+    return {CLASS_NAMES[k + 1]: float(d[k]) for k in range(p.shape[1] - 1)}
 
 
 def segmentation_metrics(
@@ -64,4 +67,4 @@ def segmentation_metrics(
             warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
             hd = compute_hausdorff_distance(p[:, [0, k]], t[:, [0, k]], include_background=False, percentile=95, spacing=list(spacing))
         hd95[CLASS_NAMES[k]] = float(hd[0, 0])
-    return {"dice": dice_per_class(pred[box], truth[box], num_classes), "hd95_mm": hd95}
+    return {"dice": _dice(p, t), "hd95_mm": hd95}

@@ -93,11 +93,15 @@ def lightning_notes_silenced():
     lg.addFilter(adverts)
     try:
         with warnings.catch_warnings():
-            for msg in LIGHTNING_NOTES:
-                warnings.filterwarnings("ignore", message=msg)
+            _ignore_notes()
             yield
     finally:
         lg.removeFilter(adverts)
+
+
+def _ignore_notes() -> None:
+    for msg in LIGHTNING_NOTES:
+        warnings.filterwarnings("ignore", message=msg)
 
 
 def silence_lightning_notes_in_this_process() -> None:
@@ -105,5 +109,4 @@ def silence_lightning_notes_in_this_process() -> None:
     process, whose launcher's notes come before any fit (the launching process's filters do not
     reach a spawned one)."""
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdverts())
-    for msg in LIGHTNING_NOTES:
-        warnings.filterwarnings("ignore", message=msg)
+    _ignore_notes()
