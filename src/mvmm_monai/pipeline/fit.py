@@ -436,7 +436,8 @@ def fit_batch(cfg: DictConfig, dataset, names: list[str], out: Path) -> dict[str
     and metrics its fit alone writes (no checkpoints and no per-iteration Dice or overlays: the
     final ones are written). Each subject stops on its own criterion and gets the labels of its fit
     alone, up to the order of floating-point sums. Returns each subject's metrics, or the
-    exception of a subject that failed (preparing, fitting or writing; the others go on)."""
+    exception of a subject that failed (preparing, fitting or writing; the others go on; the caller
+    reports it, as for a subject fitted alone)."""
     cfg, conventions = resolve_settings(cfg, dataset)
     cohort_batch_size(cfg)
     qc_model = build(cfg.qc, _convert_="all") if cfg.get("qc") else None
@@ -462,7 +463,6 @@ def fit_batch(cfg: DictConfig, dataset, names: list[str], out: Path) -> dict[str
                 outcome[name] = err
                 if folder is not None:
                     folder.__exit__(type(err), err, err.__traceback__)
-                log.error("subject %s failed: %s", name, err)
         live = list(members)
         if live:
             try:
@@ -501,7 +501,6 @@ def fit_batch(cfg: DictConfig, dataset, names: list[str], out: Path) -> dict[str
             except Exception as err:
                 outcome[name] = err
                 folder.__exit__(type(err), err, err.__traceback__)
-                log.error("subject %s failed: %s", name, err)
             del members[name]
     finally:
         for name, (_, folder, *_rest) in members.items():  # an error that stopped the whole batch
