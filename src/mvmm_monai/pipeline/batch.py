@@ -74,7 +74,7 @@ class BatchedMvMMFit(pl.LightningModule):
         self.names, self.warped, self.em, self.em_steps = list(names), list(warped), em, em_steps
         self.tol, self.posterior_tol, self.min_epochs = tol, posterior_tol, min_epochs
         self.subject_loggers = loggers or [None] * b
-        self.weights = [torch.as_tensor(w, dtype=torch.float32).reshape(1, -1, *([1] * (x.images.ndim - 2)))
+        self.weights = [torch.as_tensor(w, dtype=x.images.dtype).reshape(1, -1, *([1] * (x.images.ndim - 2)))
                         for w, x in zip(sequence_weights, warped)]
         with torch.no_grad():
             batch = pad_subjects([x.images[0] for x in warped], [(x.coverage * w)[0] for x, w in zip(warped, self.weights)],
