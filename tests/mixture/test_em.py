@@ -383,3 +383,29 @@ def test_held_voxel_log_likelihood_equals_the_full_computation_as_sequences_chan
         want = voxel_log_likelihood(moved, coverage, log_atlas, params, em, posterior)
         assert torch.allclose(held(moved), want, rtol=1e-10, atol=1e-10)
     assert torch.allclose(held(images), voxel_log_likelihood(images, coverage, log_atlas, params, em, posterior), rtol=1e-10, atol=1e-10)
+
+
+def test_pi_iterations_holds_the_proportions_after_its_iterations():
+    counts = torch.tensor([[2, 1, 1, 1], [1, 2, 1, 1]])
+    images, atlas, _, _ = sample_mixture((40, 40, 4), counts, seed=5)
+    coverage = torch.ones_like(images)
+    log_atlas = log_atlas_from_prob(atlas.roll(4, dims=2), 1e-4)  # a misplaced atlas: pi has work to do
+    params = initialise_from_atlas(images, coverage, log_atlas.exp(), counts)
+    cfg = EMConfig(update_pi=True, pi_iterations=3)
+    assert cfg.at_iteration(2).update_pi and not cfg.at_iteration(3).update_pi
+    assert EMConfig(update_pi=True).at_iteration(10**6).update_pi  # null: every iteration
+    pis, posterior = [], None
+    for it in range(8):
+        params, est = em_step(images, coverage, log_atlas, params, cfg.at_iteration(it), posterior)
+        posterior = est.posterior
+        pis.append(params.log_pi.clone())
+    assert not torch.equal(pis[0], pis[2])  # they moved in the first three iterations ...
+    for later in pis[3:]:
+        assert torch.equal(later, pis[2])  # ... and hold after
+    # fit_em follows the same rule
+    with pytest.warns(UserWarning, match="did not converge"):
+        fit = fit_em(images, coverage, log_atlas, counts, cfg, max_iter=8, tol=0.0)
+    assert torch.allclose(fit.params.log_pi, pis[2], atol=1e-4)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="pi_iterations"):
+            EMConfig(pi_iterations=bad)

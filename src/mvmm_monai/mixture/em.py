@@ -611,7 +611,8 @@ def fit_em(
     converged = [False] * b
     it = 0
     for it in range(1, max_iter + 1):
-        new_params, estep = em_step(images, coverage, log_atlas, params, config, posterior, lower_bound=False, quantised=quantised)
+        new_params, estep = em_step(images, coverage, log_atlas, params, config.at_iteration(it - 1), posterior, lower_bound=False,
+                                    quantised=quantised)
         lls = estep.log_likelihood.tolist()  # the one host synchronisation per iteration
         if not all(math.isfinite(v) for v, a in zip(lls, active) if a):
             raise FloatingPointError(f"fit_em: non-finite log-likelihood at iteration {it}")

@@ -27,6 +27,8 @@ class EMConfig:
             the labels whatever the images say.
         mrf_neighbourhood: ``"inplane"`` or ``"full"``.
         update_pi: run the fixed-point update of the class proportions pi_k.
+        pi_iterations: with ``update_pi``, update the proportions in the first this many EM
+            iterations only and hold them after (:meth:`at_iteration`); ``None``: in every one.
         intensity_levels: intensity levels of the E-step's look-up tables
             (:func:`~mvmm_monai.mixture.gaussian.quantise`; 4096 = 12 bits); 0 evaluates every
             subtype at every voxel instead (the reference path, several times slower).
@@ -43,8 +45,16 @@ class EMConfig:
     beta_max: float = 4.0
     mrf_neighbourhood: str = "inplane"
     update_pi: bool = True
+    pi_iterations: int | None = None
     intensity_levels: int = 4096
     chunk_voxels: int = 131072
+
+    def at_iteration(self, iteration: int) -> EMConfig:
+        """The settings of EM iteration ``iteration`` (0-based): these, with ``update_pi`` off from
+        iteration ``pi_iterations`` on."""
+        if self.update_pi and self.pi_iterations is not None and iteration >= self.pi_iterations:
+            return replace(self, update_pi=False)
+        return self
 
     @property
     def estimate_beta(self) -> bool:
@@ -63,6 +73,9 @@ class EMConfig:
             raise ValueError(f"EMConfig.intensity_levels must be 0 (no look-up tables) or >= 2, got {self.intensity_levels!r}")
         if self.chunk_voxels < 1:
             raise ValueError(f"EMConfig.chunk_voxels must be >= 1, got {self.chunk_voxels}")
+        if self.pi_iterations is not None and (isinstance(self.pi_iterations, bool) or not isinstance(self.pi_iterations, int)
+                                               or self.pi_iterations < 0):
+            raise ValueError(f"EMConfig.pi_iterations must be null or an integer >= 0, got {self.pi_iterations!r}")
         for name in ("beta", "update_pi"):
             if getattr(self, name) is None:
                 raise ValueError(f"EMConfig.{name} is None: model.em.{name}=null must be resolved from the dataset first")

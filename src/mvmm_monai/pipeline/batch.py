@@ -149,7 +149,8 @@ class BatchedMvMMFit(pl.LightningModule):
         params = self.params.subjects(sel)
         posterior = self.posterior.index_select(0, sel)[box].contiguous() if self.current_epoch > 0 else None
         for _ in range(self.em_steps):
-            params, est = em_step(images, coverage, log_atlas, params, self.em, posterior, lower_bound=False, quantised=q)
+            params, est = em_step(images, coverage, log_atlas, params, self.em.at_iteration(self.current_epoch), posterior,
+                                  lower_bound=False, quantised=q)
             posterior = est.posterior.mul_(inside)  # nothing beyond a subject's own border (see the module's note)
         n = len(idx)
         named = params.as_dict()

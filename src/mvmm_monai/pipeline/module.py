@@ -252,7 +252,7 @@ class MvMMFit(pl.LightningModule):
         quantised = self._quantise(fixed)
         for _ in range(self.em_steps):
             params, est = em_step(
-                fixed.images, self._weighted(fixed.coverage), fixed.log_atlas, params, self.em, posterior,
+                fixed.images, self._weighted(fixed.coverage), fixed.log_atlas, params, self.em.at_iteration(self.current_epoch), posterior,
                 lower_bound=monitor, quantised=quantised,
             )
             posterior = est.posterior
