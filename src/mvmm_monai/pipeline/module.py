@@ -299,8 +299,9 @@ class MvMMFit(pl.LightningModule):
             )
             regs = self.registration.regularisers(warped, self._weights_by_name)
             loss = -objective.mean() + sum(regs.values(), torch.zeros((), device=objective.device))
-            self.manual_backward(loss)
-            opt.step()
+            if loss.requires_grad:  # else only the slice searches move anything (slice_motion.steps=false)
+                self.manual_backward(loss)
+                opt.step()
             sched = self.lr_schedulers()
             if sched is not None:
                 sched.step()
@@ -353,14 +354,32 @@ class MvMMFit(pl.LightningModule):
         with torch.no_grad():
             held = self.registration()
         params, posterior, em = self.params, self._objective_posterior(self.posterior), self.em
-        moved = self.registration.search_shifts(
-            HeldVoxelLogLikelihood(held.images, self._weighted(held.coverage), held.log_atlas, params, em, posterior),
-            self._weights_by_name,
-        )
+        coverage = self._weighted(held.coverage)
+        if self.registration.search_leave_out:
+            score = {
+                seq: HeldVoxelLogLikelihood(held.images, coverage, held.log_atlas, params, em, self._posterior_without(held, n))
+                for seq, n in self.registration.slice_motion.channels.items()
+            }
+        else:
+            score = HeldVoxelLogLikelihood(held.images, coverage, held.log_atlas, params, em, posterior)
+        moved = self.registration.search_shifts(score, self._weights_by_name)
         opt = self.optimizers().optimizer
         for p in self.registration.slice_motion.parameters():
             opt.state.pop(p, None)
         return moved
+
+    def _posterior_without(self, held: Warped, channel: int, steps: int = 3) -> Tensor:
+        """The class posterior ``[1, K, *S]`` of every sequence but ``channel`` (its coverage zeroed):
+        ``steps`` E-steps with the MRF of the previous one, from the current posterior, the mixture
+        parameters held."""
+        coverage = self._weighted(held.coverage).clone()
+        coverage[:, channel] = 0
+        posterior = self.posterior
+        for _ in range(steps):
+            lp = log_prior(held.log_atlas, self.params, posterior, self.em)
+            posterior = e_step(held.images, coverage, lp, self.params, levels=self.em.intensity_levels,
+                               chunk_voxels=self.em.chunk_voxels).posterior
+        return posterior
 
     # -- pictures --------------------------------------------------------------------------
     @torch.no_grad()

@@ -75,6 +75,11 @@ class Registration(nn.Module):
             with every slice where it stands, so its MRF votes for the current position and holds a
             slice there (``benchmarks/real_slice_shifts.py``); with the atlas deformation fitted
             too, the synthetic RV drifted more without it (``benchmarks/drift.py``).
+        search_leave_out: the slice search scores the poses of a sequence's slices with the MRF of
+            the class posterior of the other sequences (that sequence left out of the E-step),
+            instead of the posterior of all sequences (with ``objective_mrf``): the slice's own
+            current pose, in the posterior, does not vote for itself, so a moved slice is not held
+            where it was acquired and an unmoved one is not pushed by its own blur.
         lr: learning rate per optimiser parameter group (:data:`PARAM_GROUPS`): ``translation``
             (atlas, mm), ``affine`` (rotation in radians and log-scale), ``svf`` (voxels),
             ``slice_shift`` (slice translations, mm), ``slice_rotation`` (slice angles, radians; only
@@ -90,6 +95,7 @@ class Registration(nn.Module):
         slice_motion: Callable[..., SliceMotion] | None = None,
         objective_mrf: bool = False,
         lr: Mapping[str, float] | None = None,
+        search_leave_out: bool = False,
     ) -> None:
         super().__init__()
         shape = tuple(subject.images.shape[1:])
@@ -100,6 +106,7 @@ class Registration(nn.Module):
             raise ValueError(f"registration.model.lr names unknown parameter groups {unknown}; known: {list(PARAM_GROUPS)}")
         self.atlas_floor = float(atlas_floor)
         self.objective_mrf = bool(objective_mrf)
+        self.search_leave_out = bool(search_leave_out)
         self.lr = {k: float(v) for k, v in (lr or {}).items()}
         self.register_buffer("atlas", atlas[None].float(), persistent=False)
         self.register_buffer("images", subject.images[None].float(), persistent=False)
@@ -183,7 +190,8 @@ class Registration(nn.Module):
         return regs
 
     def search_shifts(
-        self, voxel_log_likelihood: Callable[[Tensor], Tensor], sequence_weights: Mapping[str, float] | None = None
+        self, voxel_log_likelihood: Callable[[Tensor], Tensor] | Mapping[str, Callable[[Tensor], Tensor]],
+        sequence_weights: Mapping[str, float] | None = None,
     ) -> dict[str, float]:
         """The slice motion's exhaustive whole-voxel search (:meth:`SliceMotion.search`) on this
         registration's images; sequence -> largest move (mm). Empty without a slice motion."""

@@ -64,6 +64,9 @@ class SliceMotion(nn.Module):
             where it was acquired); 0: the search moves translations only (>= 0).
         search_angle_step_deg: the step of those angles, degrees (> 0).
         max_shift_mm: a slice shift beyond this is a blow-up (:meth:`exceeds`; > 0).
+        steps: whether the slices also take gradient steps between the whole-voxel searches
+            (false: they move only at the searches, ``registration.schedule.shift_search_at``; the
+            resampling then passes no gradient to them).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class SliceMotion(nn.Module):
         search_angle_deg: float = 10.0,
         search_angle_step_deg: float = 2.5,
         max_shift_mm: float = 25.0,
+        steps: bool = True,
     ) -> None:
         super().__init__()
         if gradient_sigma < 0:
@@ -100,6 +104,7 @@ class SliceMotion(nn.Module):
         self.search_angle_deg = float(search_angle_deg)
         self.search_angle_step_deg = float(search_angle_step_deg)
         self.max_shift_mm = float(max_shift_mm)
+        self.steps = bool(steps)
         #: follow the exact gradient of the resampling (set per ICM iteration by the schedule)
         self.exact_gradient = False
         slices = {s: subject.grids[s].shape[2] for s in self.channels}
@@ -173,6 +178,8 @@ class SliceMotion(nn.Module):
         (:func:`~mvmm_monai.registration.functional.first_order_resample`)."""
         native, smap = getattr(self, f"_native_{sequence}"), self._maps[sequence]
         shift, angle = self.voxels(sequence), self.angles(sequence)
+        if not self.steps:  # the slices move only at the searches
+            shift, angle = shift.detach(), None if angle is None else angle.detach()
         if self.gradient_sigma == 0 or self.exact_gradient:
             return sample(native, smap, slice_shifts=shift, slice_angles=angle)
         grad = getattr(self, f"_grad_{sequence}")
@@ -233,7 +240,7 @@ class SliceMotion(nn.Module):
         self,
         images: Tensor,
         coverage: Tensor,
-        voxel_log_likelihood: Callable[[Tensor], Tensor],
+        voxel_log_likelihood: Callable[[Tensor], Tensor] | Mapping[str, Callable[[Tensor], Tensor]],
         sequence_weights: Mapping[str, float] | None = None,
     ) -> dict[str, float]:
         """Move every slice of every moved sequence to its best whole-voxel offset, and with
@@ -259,6 +266,8 @@ class SliceMotion(nn.Module):
         Args:
             images: ``[1, N, *S]`` common-space images before the slice motion.
             coverage: ``[1, N, *S]`` coverage masks.
+            voxel_log_likelihood: the scoring function, or one per moved sequence (its slices are
+                scored by its own: e.g. with a prior that leaves that sequence out).
 
         Returns:
             Sequence -> the largest translation (mm).
@@ -278,12 +287,13 @@ class SliceMotion(nn.Module):
             smap, native = self._maps[s], getattr(self, f"_native_{s}")
             k = smap.slice_index.to(covered.device)[covered]
             shifted = self(images, coverage)  # the other sequences as they stand; only channel n changes below
+            score_voxels = voxel_log_likelihood[s] if isinstance(voxel_log_likelihood, Mapping) else voxel_log_likelihood
 
             def score(shift_mm: Tensor, angle: Tensor | None, s=s, n=n, smap=smap, native=native, covered=covered, k=k,
-                      shifted=shifted, spacing=spacing) -> Tensor:
+                      shifted=shifted, spacing=spacing, score_voxels=score_voxels) -> Tensor:
                 """``[Z]`` objective of every slice at pose ``(shift_mm [Z, 2], angle [Z])``."""
                 shifted[0, n] = sample(native, smap, slice_shifts=shift_mm / spacing, slice_angles=angle)[0] * covered
-                ll = voxel_log_likelihood(shifted)[0][covered]
+                ll = score_voxels(shifted)[0][covered]
                 if self.marginal_correction:
                     ll = ll - weights.get(s, 1.0) * self._log_density(s, shifted[0, n][covered])
                 return torch.zeros(shift_mm.shape[0], dtype=torch.float64, device=ll.device).index_add_(0, k, ll.double())
