@@ -302,9 +302,9 @@ class MvMMFit(pl.LightningModule):
             if loss.requires_grad:  # else only the slice searches move anything (slice_motion.steps=false)
                 self.manual_backward(loss)
                 opt.step()
-            sched = self.lr_schedulers()
-            if sched is not None:
-                sched.step()
+                sched = self.lr_schedulers()
+                if sched is not None:
+                    sched.step()
             self.registration.check(it)
             if self.schedule.settle and self._still(rel, moved):
                 self.settled_at.fill_(it)  # this was its last step (a default fit stops here anyway)

@@ -67,6 +67,10 @@ class SliceMotion(nn.Module):
         steps: whether the slices also take gradient steps between the whole-voxel searches
             (false: they move only at the searches, ``registration.schedule.shift_search_at``; the
             resampling then passes no gradient to them).
+        joint_search: with ``rotation``, the search tries every angle with the offsets of every
+            second voxel (up to ``search_radius``) around the best pose at the current angle,
+            instead of every angle at that pose alone: a slice turned and moved far is found
+            where the best offset at the wrong angle is not the right one.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class SliceMotion(nn.Module):
         search_angle_step_deg: float = 2.5,
         max_shift_mm: float = 25.0,
         steps: bool = True,
+        joint_search: bool = False,
     ) -> None:
         super().__init__()
         if gradient_sigma < 0:
@@ -105,6 +110,7 @@ class SliceMotion(nn.Module):
         self.search_angle_step_deg = float(search_angle_step_deg)
         self.max_shift_mm = float(max_shift_mm)
         self.steps = bool(steps)
+        self.joint_search = bool(joint_search)
         #: follow the exact gradient of the resampling (set per ICM iteration by the schedule)
         self.exact_gradient = False
         slices = {s: subject.grids[s].shape[2] for s in self.channels}
@@ -305,12 +311,16 @@ class SliceMotion(nn.Module):
                 rows = torch.arange(len(pick), device=start.device)
                 base = torch.stack([pose[0] for pose in poses])[pick, rows]  # [Z, 2] mm
                 pivot = self._pivot(smap, covered, k, start.shape[0]).to(start)  # [Z, 2] voxels from the slice centre
+                # with joint_search, every angle with the offsets of every second voxel around that pose
+                grid = offsets[(offsets.remainder(2) == 0).all(dim=1)].to(start) if self.joint_search else offsets[len(offsets) // 2:][:1].to(start)
                 for turn in turns.to(start):
                     angle = torch.full_like(start_angle, float(turn))
                     # keep the pivot where the first stage put it: t' = t + (R(a) - R(a')) pivot
-                    pose = (base + (_rotate(pivot, start_angle) - _rotate(pivot, angle)) * spacing, angle)
-                    poses.append(pose)
-                    scores.append(score(*pose))
+                    turned = base + (_rotate(pivot, start_angle) - _rotate(pivot, angle)) * spacing
+                    for off in grid:
+                        pose = (turned + off * spacing, angle)
+                        poses.append(pose)
+                        scores.append(score(*pose))
                 # the offsets that go with the chosen angle: the whole voxels within 2 (at most r) around it
                 pick = torch.stack(scores).argmax(dim=0).to(start.device)
                 base = torch.stack([pose[0] for pose in poses])[pick, rows]
