@@ -140,3 +140,18 @@ def test_rotation_has_its_own_parameter_group_and_search_angles():
     assert shifts_only.slice_motion.search_angles().tolist() == [0.0]
     with pytest.raises(ValueError, match="search_angle_step_deg"):
         SliceMotion(subject, rotation=True, search_angle_step_deg=0.0)
+
+
+def test_the_joint_search_finds_slices_turned_and_moved_far(one_thread):
+    """``joint_search``: every angle step with every second offset, then the offsets within two voxels
+    of the best: slices turned by up to 10 degrees and moved by up to 5 voxels are found at the
+    truth's angle step and within a voxel of its offset by the search alone."""
+    truth = torch.tensor([[4.0, -3.0], [-4.0, 3.0]])
+    subject, atlas = rotated_subject([10.0, -7.5], truth.tolist(), seed=2)
+    reg = Registration(subject, atlas, slice_motion=partial(SliceMotion, rotation=True, search_radius=6, joint_search=True))
+    params = initialise_from_atlas(subject.images[None], subject.coverage[None], atlas[None], torch.ones(2, 4, dtype=torch.long))
+    log_atlas = reg().log_atlas.detach()
+    reg.search_shifts(lambda images: voxel_log_likelihood(images, reg.coverage, log_atlas, params, EMConfig()))
+    assert reg.slice_rotations_deg()["C0"] == pytest.approx([10.0, -7.5], abs=1e-4)
+    err = (reg.slice_motion.voxels("C0") - truth).norm(dim=-1)
+    assert err.max() < 1.0, err.tolist()

@@ -68,8 +68,8 @@ class SliceMotion(nn.Module):
             (false: they move only at the searches, ``registration.schedule.shift_search_at``; the
             resampling then passes no gradient to them).
         joint_search: with ``rotation``, the search tries every angle with the offsets of every
-            second voxel (up to ``search_radius``) around the best pose at the current angle,
-            instead of every angle at that pose alone: a slice turned and moved far is found
+            second voxel (up to ``search_radius``) around the current pose, instead of every angle
+            at the best offset of the current angle alone: a slice turned and moved far is found
             where the best offset at the wrong angle is not the right one.
     """
 
@@ -311,12 +311,13 @@ class SliceMotion(nn.Module):
                 rows = torch.arange(len(pick), device=start.device)
                 base = torch.stack([pose[0] for pose in poses])[pick, rows]  # [Z, 2] mm
                 pivot = self._pivot(smap, covered, k, start.shape[0]).to(start)  # [Z, 2] voxels from the slice centre
-                # with joint_search, every angle with the offsets of every second voxel around that pose
+                # with joint_search, every angle with the offsets of every second voxel around the current pose
                 grid = offsets[(offsets.remainder(2) == 0).all(dim=1)].to(start) if self.joint_search else offsets[len(offsets) // 2:][:1].to(start)
+                centre = start if self.joint_search else base
                 for turn in turns.to(start):
                     angle = torch.full_like(start_angle, float(turn))
-                    # keep the pivot where the first stage put it: t' = t + (R(a) - R(a')) pivot
-                    turned = base + (_rotate(pivot, start_angle) - _rotate(pivot, angle)) * spacing
+                    # keep the pivot where it was: t' = t + (R(a) - R(a')) pivot
+                    turned = centre + (_rotate(pivot, start_angle) - _rotate(pivot, angle)) * spacing
                     for off in grid:
                         pose = (turned + off * spacing, angle)
                         poses.append(pose)
