@@ -57,15 +57,15 @@ def test_slice_shifts_are_recovered_within_one_voxel_on_heart_slices(shift_error
 
 @pytest.mark.slow
 def test_slices_moved_by_the_leave_out_search_alone_land_on_their_shifts(tmp_path):
-    # slice shifts only (the atlas sits where the subject is); the slices move at the searches alone
-    # (slice_motion.steps=false), each sequence scored with the MRF of the others' posterior
+    # registration=slice_search on slice shifts only (the atlas sits where the subject is): the slices
+    # move at the searches alone (slice_motion.steps=false), each sequence scored with the MRF of the
+    # others' posterior
     root = make_cohort(tmp_path / "data", SyntheticConfig(n_subjects=1, misalignment=True, atlas_misalignment=False))
     out = tmp_path / "fit"
     fit(compose_config([
         f"paths.output_dir={out}", "callbacks.progress.refresh_rate=0", "~logger", "subject=patient1",
         "data=mscmr", f"data.root={root}", f"atlas.path={root}/atlas.nii.gz", "atlas.placement=identity",
-        "registration=slice_shift", "registration.guard=false", "registration.model.search_leave_out=true",
-        "registration.model.slice_motion.steps=false", "registration.schedule.warmup=20", "registration.schedule.shift_search_at=[0,10]",
+        "registration=slice_search", "registration.guard=false",
     ]))
     fitted = json.loads((out / "params.json").read_text())["slice_shifts_mm"]
     truth = json.loads((root / "truth" / "patient1_truth.json").read_text())["slice_shifts_mm"]
