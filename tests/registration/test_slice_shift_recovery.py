@@ -26,26 +26,30 @@ from mvmm_monai.data.synthetic import SyntheticConfig, make_cohort
 MIN_HEART_MM2 = 500.0
 
 
-@pytest.fixture(scope="module")
-def shift_errors(tmp_path_factory):
-    """Per sequence: ``(errors in the sequence's voxels, heart mask)`` over its slices."""
-    root = make_cohort(tmp_path_factory.mktemp("shifts"), SyntheticConfig(n_subjects=1, misalignment=True))
-    out = tmp_path_factory.mktemp("fit")
+def fitted_shifts(root, out, *registration: str) -> dict:
+    """Fit synthetic patient1 of ``root`` into ``out`` with the ``registration`` overrides; per
+    sequence ``(fitted shifts, true shifts, heart mask)`` over its slices, shifts in its voxels."""
     fit(compose_config([
         f"paths.output_dir={out}", "callbacks.progress.refresh_rate=0", "~logger", "subject=patient1",
-        "data=mscmr", f"data.root={root}", f"atlas.path={root}/atlas.nii.gz", "atlas.placement=identity",
-        "registration=full", "trainer.max_epochs=80",
+        "data=mscmr", f"data.root={root}", f"atlas.path={root}/atlas.nii.gz", "atlas.placement=identity", *registration,
     ]))
     fitted = json.loads((out / "params.json").read_text())["slice_shifts_mm"]
     truth = json.loads((root / "truth" / "patient1_truth.json").read_text())["slice_shifts_mm"]
     result = {}
     for seq in ("C0", "T2"):
         lab = nib.load(root / f"patient1_{seq}_manual.nii.gz")
-        pixel = lab.header.get_zooms()[:2]
+        pixel = np.array(lab.header.get_zooms()[:2])
         heart = (np.asarray(lab.dataobj) > 0).sum(axis=(0, 1)) * pixel[0] * pixel[1] >= MIN_HEART_MM2
-        err_vox = np.linalg.norm((np.array(fitted[seq]) - np.array(truth[seq])) / np.array(pixel), axis=1)
-        result[seq] = (err_vox, heart)
+        result[seq] = (np.array(fitted[seq]) / pixel, np.array(truth[seq]) / pixel, heart)
     return result
+
+
+@pytest.fixture(scope="module")
+def shift_errors(tmp_path_factory):
+    """Per sequence: ``(errors in the sequence's voxels, heart mask)`` over its slices."""
+    root = make_cohort(tmp_path_factory.mktemp("shifts"), SyntheticConfig(n_subjects=1, misalignment=True))
+    shifts = fitted_shifts(root, tmp_path_factory.mktemp("fit"), "registration=full", "trainer.max_epochs=80")
+    return {seq: (np.linalg.norm(got - truth, axis=1), heart) for seq, (got, truth, heart) in shifts.items()}
 
 
 @pytest.mark.slow
@@ -61,21 +65,10 @@ def test_slices_moved_by_the_leave_out_search_alone_land_on_their_shifts(tmp_pat
     # move at the searches alone (slice_motion.steps=false), each sequence scored with the MRF of the
     # others' posterior
     root = make_cohort(tmp_path / "data", SyntheticConfig(n_subjects=1, misalignment=True, atlas_misalignment=False))
-    out = tmp_path / "fit"
-    fit(compose_config([
-        f"paths.output_dir={out}", "callbacks.progress.refresh_rate=0", "~logger", "subject=patient1",
-        "data=mscmr", f"data.root={root}", f"atlas.path={root}/atlas.nii.gz", "atlas.placement=identity",
-        "registration=slice_search", "registration.guard=false",
-    ]))
-    fitted = json.loads((out / "params.json").read_text())["slice_shifts_mm"]
-    truth = json.loads((root / "truth" / "patient1_truth.json").read_text())["slice_shifts_mm"]
-    for seq in ("C0", "T2"):
-        lab = nib.load(root / f"patient1_{seq}_manual.nii.gz")
-        pixel = np.array(lab.header.get_zooms()[:2])
-        heart = (np.asarray(lab.dataobj) > 0).sum(axis=(0, 1)) * pixel[0] * pixel[1] >= MIN_HEART_MM2
-        got = np.array(fitted[seq]) / pixel
+    shifts = fitted_shifts(root, tmp_path / "fit", "registration=slice_search", "registration.guard=false")
+    for seq, (got, truth, heart) in shifts.items():
         assert np.allclose(got, np.round(got), atol=1e-4), f"{seq}: a gradient step moved a slice: {got.tolist()}"
-        err = np.linalg.norm(got - np.array(truth[seq]) / pixel, axis=1)
+        err = np.linalg.norm(got - truth, axis=1)
         assert heart.sum() >= 3, seq
         # whole-voxel poses of a sub-voxel truth (the nearest is up to 0.71 voxels away): on average
         # within 0.8 voxels, and no heart slice more than one voxel step beyond that
