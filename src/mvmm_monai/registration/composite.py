@@ -77,9 +77,9 @@ class Registration(nn.Module):
             too, the synthetic RV drifted more without it (``benchmarks/drift.py``).
         search_leave_out: the slice search scores the poses of a sequence's slices with the MRF of
             the class posterior of the other sequences (that sequence left out of the E-step),
-            instead of the posterior of all sequences (with ``objective_mrf``): the slice's own
-            current pose, in the posterior, does not vote for itself, so a moved slice is not held
-            where it was acquired and an unmoved one is not pushed by its own blur.
+            instead of the posterior of all sequences (with ``objective_mrf``) or none: the
+            posterior carries the slice's own current position, which then does not vote for
+            itself.
         lr: learning rate per optimiser parameter group (:data:`PARAM_GROUPS`): ``translation``
             (atlas, mm), ``affine`` (rotation in radians and log-scale), ``svf`` (voxels),
             ``slice_shift`` (slice translations, mm), ``slice_rotation`` (slice angles, radians; only

@@ -264,7 +264,9 @@ class SliceMotion(nn.Module):
         distance from there times the angle), and the whole-voxel offsets within 2 voxels (at most
         ``search_radius``) of the best pose so far, at its angle (``M + A + 24`` evaluations, ``M`` the square's offsets and ``A`` the
         angles, instead of the ``M A`` of every angle with every offset: each costs the model's
-        likelihood over the whole region); last, the pose as acquired (no motion). The current pose is a candidate and a slice moves only where it strictly
+        likelihood over the whole region); with ``joint_search``, every angle is tried with the
+        offsets of every second voxel of the square around the current pose instead (about
+        ``M + A M / 4 + 24``); last, the pose as acquired (no motion). The current pose is a candidate and a slice moves only where it strictly
         gains, so no slice gets worse by this objective, and after a search none scores below its
         acquired pose (the gradient steps between searches are local and may have walked it
         into a worse optimum).
@@ -312,7 +314,8 @@ class SliceMotion(nn.Module):
                 base = torch.stack([pose[0] for pose in poses])[pick, rows]  # [Z, 2] mm
                 pivot = self._pivot(smap, covered, k, start.shape[0]).to(start)  # [Z, 2] voxels from the slice centre
                 # with joint_search, every angle with the offsets of every second voxel around the current pose
-                grid = offsets[(offsets.remainder(2) == 0).all(dim=1)].to(start) if self.joint_search else offsets[len(offsets) // 2:][:1].to(start)
+                grid = offsets[(offsets.remainder(2) == 0).all(dim=1)] if self.joint_search else torch.zeros(1, 2)
+                grid = grid.to(start)
                 centre = start if self.joint_search else base
                 for turn in turns.to(start):
                     angle = torch.full_like(start_angle, float(turn))
