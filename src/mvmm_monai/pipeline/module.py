@@ -244,7 +244,8 @@ class MvMMFit(pl.LightningModule):
         searched = {}
         if fitting_registration and self.registration.slice_motion is not None and self.schedule.search_due(self.current_epoch):
             searched = self._search_shifts()
-        with torch.set_grad_enabled(fitting_registration):
+        stepping = fitting_registration and self.registration.takes_steps  # else the searches alone move anything
+        with torch.set_grad_enabled(stepping):
             warped = self.registration()
         fixed = warped.detach()
         params, posterior = self.params, self.posterior if self.current_epoch > 0 else None
@@ -291,7 +292,7 @@ class MvMMFit(pl.LightningModule):
         metrics = {"em/log_likelihood": ll, "em/relative_change": rel, "em/posterior_change": moved}
         if est.lower_bound is not None:
             metrics["em/lower_bound"] = lower_bound
-        if fitting_registration:
+        if stepping:
             opt = self.optimizers()
             opt.zero_grad()
             objective = log_likelihood(
@@ -299,17 +300,17 @@ class MvMMFit(pl.LightningModule):
             )
             regs = self.registration.regularisers(warped, self._weights_by_name)
             loss = -objective.mean() + sum(regs.values(), torch.zeros((), device=objective.device))
-            if loss.requires_grad:  # else only the slice searches move anything (slice_motion.steps=false)
-                self.manual_backward(loss)
-                opt.step()
-                sched = self.lr_schedulers()
-                if sched is not None:
-                    sched.step()
+            self.manual_backward(loss)
+            opt.step()
+            sched = self.lr_schedulers()
+            if sched is not None:
+                sched.step()
+            metrics["reg/loss"] = float(loss.detach())
+            metrics.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
+        if fitting_registration:
             self.registration.check(it)
             if self.schedule.settle and self._still(rel, moved):
                 self.settled_at.fill_(it)  # this was its last step (a default fit stops here anyway)
-            metrics["reg/loss"] = float(loss.detach())
-            metrics.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
         metrics.update({f"reg/search_move_mm/{seq}": mm for seq, mm in searched.items()})
         for k, p in enumerate(pi):
             metrics[f"em/pi/{CLASS_NAMES[k]}"] = p
@@ -374,11 +375,12 @@ class MvMMFit(pl.LightningModule):
         parameters held."""
         coverage = self._weighted(held.coverage).clone()
         coverage[:, channel] = 0
+        quantised = quantise(held.images, coverage, self.em.intensity_levels) if self.em.intensity_levels else None
         posterior = self.posterior
         for _ in range(steps):
             lp = log_prior(held.log_atlas, self.params, posterior, self.em)
             posterior = e_step(held.images, coverage, lp, self.params, levels=self.em.intensity_levels,
-                               chunk_voxels=self.em.chunk_voxels).posterior
+                               chunk_voxels=self.em.chunk_voxels, quantised=quantised).posterior
         return posterior
 
     # -- pictures --------------------------------------------------------------------------

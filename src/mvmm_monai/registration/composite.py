@@ -142,6 +142,13 @@ class Registration(nn.Module):
         """Whether any parameter currently moves (``requires_grad``); false without parameters."""
         return any(p.requires_grad for p in self.parameters())
 
+    @property
+    def takes_steps(self) -> bool:
+        """Whether a moving parameter takes gradient steps: the atlas deformation's, or the slice
+        motion's unless it moves at the searches only (``slice_motion.steps=false``)."""
+        d, m = self.atlas_deformation, self.slice_motion
+        return (d is not None and any(p.requires_grad for p in d.parameters())) or (m is not None and m.steps and m.trains)
+
     def param_groups(self) -> list[dict]:
         """Optimiser parameter groups (``name``, ``params``, and ``lr`` where configured), in the
         order of :data:`PARAM_GROUPS`; empty without parameters."""
