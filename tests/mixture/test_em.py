@@ -20,6 +20,7 @@ from mvmm_monai.mixture import (
     log_likelihood,
     m_step,
     mrf_log_potential,
+    posterior_without,
     update_log_pi,
 )
 from tests.conftest import smooth_atlas
@@ -409,3 +410,23 @@ def test_pi_iterations_holds_the_proportions_after_its_iterations():
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="pi_iterations"):
             EMConfig(pi_iterations=bad)
+
+
+def test_posterior_without_a_sequence_does_not_see_it():
+    counts = torch.tensor([[2, 1, 1, 1], [1, 2, 1, 1]])
+    images, atlas, _, _ = sample_mixture((32, 32, 3), counts, seed=7)
+    coverage = torch.ones_like(images)
+    log_atlas = log_atlas_from_prob(atlas, 1e-4)
+    cfg = EMConfig(beta=0.7)
+    params = initialise_from_atlas(images, coverage, atlas, counts)
+    params, est = em_step(images, coverage, log_atlas, params, cfg, None)
+    left_out = posterior_without(images, coverage, log_atlas, params, cfg, est.posterior, channel=1)
+    scrambled = images.clone()
+    scrambled[:, 1] = scrambled[:, 1].flip(1)  # what sequence 1 shows changes nothing left out
+    assert torch.allclose(posterior_without(scrambled, coverage, log_atlas, params, cfg, est.posterior, channel=1), left_out, atol=1e-6)
+    assert torch.allclose(left_out.sum(1), torch.ones(()).to(left_out), atol=1e-5)
+    # with every sequence, it does see it
+    assert not torch.allclose(posterior_without(images, coverage, log_atlas, params, cfg, est.posterior, channel=0),
+                              posterior_without(scrambled, coverage, log_atlas, params, cfg, est.posterior, channel=0), atol=1e-3)
+    with pytest.raises(ValueError, match="channel 2"):
+        posterior_without(images, coverage, log_atlas, params, cfg, est.posterior, channel=2)

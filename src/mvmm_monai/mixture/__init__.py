@@ -15,6 +15,7 @@ from mvmm_monai.mixture.em import (
     fit_em,
     log_likelihood,
     m_step,
+    posterior_without,
     relative_change,
     voxel_log_likelihood,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "log_normal",
     "m_step",
     "mrf_log_potential",
+    "posterior_without",
     "relative_change",
     "subtype_mask",
     "update_log_pi",

@@ -351,6 +351,33 @@ def voxel_log_likelihood(
     return (log_norm * omega).reshape(b, *images.shape[2:])
 
 
+@torch.no_grad()
+def posterior_without(
+    images: Tensor,
+    coverage: Tensor,
+    log_atlas: Tensor,
+    params: MixtureParams,
+    config: EMConfig,
+    posterior: Tensor,
+    channel: int,
+    steps: int = 3,
+) -> Tensor:
+    """The class posterior ``[B, K, *S]`` (linear) of every sequence but ``channel``: ``steps``
+    E-steps with that sequence's ``coverage`` zeroed, each with the MRF prior of the one before,
+    from ``posterior`` ``[B, K, *S]``, the parameters held. ``images``, ``coverage``
+    ``[B, N, *S]``; ``log_atlas`` ``[B, K, *S]`` (log space)."""
+    if not 0 <= channel < images.shape[1]:
+        raise ValueError(f"posterior_without: channel {channel} is not one of the {images.shape[1]} sequences")
+    coverage = coverage.clone()
+    coverage[:, channel] = 0
+    quantised = quantise(images, coverage, config.intensity_levels) if config.intensity_levels else None
+    for _ in range(steps):
+        lp = log_prior(log_atlas, params, posterior, config)
+        posterior = e_step(images, coverage, lp, params, levels=config.intensity_levels, chunk_voxels=config.chunk_voxels,
+                           quantised=quantised).posterior
+    return posterior
+
+
 class HeldVoxelLogLikelihood:
     """:func:`voxel_log_likelihood` for a series of images that differ from one call to the next in
     some sequences only (the slice-motion search moves one sequence's slices at a time): the prior

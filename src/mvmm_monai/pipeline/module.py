@@ -30,6 +30,7 @@ from mvmm_monai.mixture import (
     em_step,
     initialise_from_atlas,
     log_likelihood,
+    posterior_without,
     relative_change,
 )
 from mvmm_monai.mixture.em import log_prior
@@ -358,7 +359,8 @@ class MvMMFit(pl.LightningModule):
         coverage = self._weighted(held.coverage)
         if self.registration.search_leave_out:
             score = {
-                seq: HeldVoxelLogLikelihood(held.images, coverage, held.log_atlas, params, em, self._posterior_without(held, n))
+                seq: HeldVoxelLogLikelihood(held.images, coverage, held.log_atlas, params, em,
+                                            posterior_without(held.images, coverage, held.log_atlas, params, em, self.posterior, n))
                 for seq, n in self.registration.slice_motion.channels.items()
             }
         else:
@@ -368,20 +370,6 @@ class MvMMFit(pl.LightningModule):
         for p in self.registration.slice_motion.parameters():
             opt.state.pop(p, None)
         return moved
-
-    def _posterior_without(self, held: Warped, channel: int, steps: int = 3) -> Tensor:
-        """The class posterior ``[1, K, *S]`` of every sequence but ``channel`` (its coverage zeroed):
-        ``steps`` E-steps with the MRF of the previous one, from the current posterior, the mixture
-        parameters held."""
-        coverage = self._weighted(held.coverage).clone()
-        coverage[:, channel] = 0
-        quantised = quantise(held.images, coverage, self.em.intensity_levels) if self.em.intensity_levels else None
-        posterior = self.posterior
-        for _ in range(steps):
-            lp = log_prior(held.log_atlas, self.params, posterior, self.em)
-            posterior = e_step(held.images, coverage, lp, self.params, levels=self.em.intensity_levels,
-                               chunk_voxels=self.em.chunk_voxels, quantised=quantised).posterior
-        return posterior
 
     # -- pictures --------------------------------------------------------------------------
     @torch.no_grad()
