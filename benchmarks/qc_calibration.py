@@ -283,11 +283,14 @@ def main() -> None:
         "rows": rows,
     }
     print(json.dumps({"pooled": pooled, "model": full}, indent=1))
+    if args.record:  # before the config is written: the record names the revision the fits ran at, not a tree it changed
+        write_table_record(args, figures, per_fold, pooled, cases)
     if args.write_config:
         write_config(full, {"record": args.record or None, "cases": args.cases, "fits": len(fitted),
                             "failures_per_case": args.failures, "folds": args.folds})
-    if not args.record:
-        return
+
+
+def write_table_record(args, figures: dict, per_fold: list[dict], pooled: dict, cases: list[str]) -> None:
     table_rows = []
     for label, s in [*((f"fold {i}", s) for i, s in enumerate(per_fold)), ("pooled", pooled)]:
         table_rows.append([label, s["fits"], f"{s['failed_flagged']}/{s['failed']}", f"{s['good_flagged']}/{s['good']}",

@@ -15,6 +15,12 @@ mixture's own. Within each fit's myocardium (its label plus its scar), on the LG
 - ``FWHM``: at least half the myocardium's maximum (its 99th percentile, robust to single voxels);
 - both the mixture's scar and FWHM.
 
+As a ceiling for the threshold rules (not a method: it needs the manual label), n-SD and FWHM are
+also applied within the *manual* myocardium (MyoPS 200, 1220 and 2221): what they reach when the
+myocardium is drawn perfectly. And where the manual scar lies in each fit's LGE label map
+(myocardium, LV, RV, background): manual scar the fit draws as LV pool is scar no rule within the
+fitted myocardium can find.
+
 n is chosen by cross-validation: for each fold, the n of ``--n`` with the best mean scar Dice on
 the other folds' cases, applied to the fold; the product's rule (``model.scar.rule``: subtype,
 fwhm, subtype_and_fwhm) is chosen per fold the same way. Reported per method: scar Dice against the manual
@@ -34,6 +40,8 @@ from crossval import folds_of
 from record import add_record_option, write_record
 
 SCAR, MYO = 2221, 200  # MyoPS label values: scar, myocardium (the fit's myocardium label)
+MANUAL_MYO = (200, 1220, 2221)  # MyoPS myocardium: normal, oedema, scar
+FIT_LABELS = {"myocardium": 200, "lv": 500, "rv": 600, "background": 0}  # the fit's LGE label map (MyoPS values)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -61,14 +69,18 @@ def case_row(fits, root, case: str, ns: list[float]) -> dict:
     seg, scar = np.asarray(nib.load(seg_file).dataobj), np.asarray(nib.load(scar_file).dataobj) > 0
     lge_img = nib.load(root / case / f"{case}_LGE.nii.gz")
     lge = np.asarray(lge_img.dataobj, dtype=np.float64)
-    truth = np.asarray(nib.load(root / case / f"{case}_gd.nii.gz").dataobj) == SCAR
+    gd = np.asarray(nib.load(root / case / f"{case}_gd.nii.gz").dataobj)
+    truth = gd == SCAR
     if seg.shape != truth.shape or scar.shape != truth.shape:
         raise SystemExit(f"{case}: the fit's grids {seg.shape} / {scar.shape} are not the label's {truth.shape}")
     ml = float(np.prod(lge_img.header.get_zooms()[:3])) / 1000.0
     myo = (seg == MYO) | scar
     masks = {"mixture": scar, **threshold_masks(lge, myo, ns)}
     masks["mixture_fwhm"] = scar & masks["fwhm"]
-    return {"case": case, "true_ml": float(truth.sum() * ml),
+    masks.update({f"manual_{k}": m for k, m in threshold_masks(lge, np.isin(gd, MANUAL_MYO), ns).items()})
+    lands = {name: int((truth & (seg == value) & ~scar).sum()) for name, value in FIT_LABELS.items()}
+    lands["myocardium"] += int((truth & scar).sum())  # the fit's scar is its myocardium too
+    return {"case": case, "true_ml": float(truth.sum() * ml), "manual_scar_in_fit": lands,
             "methods": {k: {"dice": dice(m, truth), "ml": float(m.sum() * ml)} for k, m in masks.items()}}
 
 
@@ -101,6 +113,9 @@ def main() -> None:
         best = max(args.n, key=lambda n: np.mean([r["methods"][f"nsd_{n:g}"]["dice"] for r in others]))
         chosen.append(best)
     pick_cv = {c: f"nsd_{chosen[i]:g}" for i, fold in enumerate(folds) for c in fold}
+    chosen_manual = [max(args.n, key=lambda n: np.mean([by_case[c]["methods"][f"manual_nsd_{n:g}"]["dice"] for c in cases if c not in fold]))
+                     for fold in folds]
+    pick_manual = {c: f"manual_nsd_{chosen_manual[i]:g}" for i, fold in enumerate(folds) for c in fold}
     # the product's rule (model.scar.rule) chosen per fold the same way, among those it offers
     rules = {"subtype": "mixture", "fwhm": "fwhm", "subtype_and_fwhm": "mixture_fwhm"}
     rule_chosen = []
@@ -113,12 +128,18 @@ def main() -> None:
                **{f"n-SD, n = {n:g} (every case)": {c: f"nsd_{n:g}" for c in cases} for n in args.n},
                "FWHM": {c: "fwhm" for c in cases},
                "mixture and FWHM both": {c: "mixture_fwhm" for c in cases},
-               "model.scar.rule chosen per fold": pick_rule}
+               "model.scar.rule chosen per fold": pick_rule,
+               "ceiling, not a method: n-SD within the manual myocardium, n chosen per fold": pick_manual,
+               "ceiling, not a method: FWHM within the manual myocardium": {c: "manual_fwhm" for c in cases}}
     results = {name: summary(rows, pick) for name, pick in methods.items()}
+    total = sum(sum(r["manual_scar_in_fit"].values()) for r in rows)
+    lands = {k: sum(r["manual_scar_in_fit"][k] for r in rows) / total for k in FIT_LABELS}
     print(json.dumps(results, indent=1))
+    print("manual scar in the fits' label maps: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in lands.items()))
     if not args.record:
         return
     write_record(args.record, {"cases": cases, "folds": folds, "n_chosen_per_fold": chosen, "rule_chosen_per_fold": rule_chosen,
+                               "n_chosen_per_fold_manual_myocardium": chosen_manual, "manual_scar_in_fit": lands,
                                "results": results, "rows": rows}, table={
         "columns": ["method", "scar Dice (mean ± SD)", "volume (ml, mean)", "manual volume (ml, mean)", "mean relative volume error"],
         "rows": [[name, f"{s['dice_mean']:.3f} ± {s['dice_sd']:.3f}", f"{s['ml_mean']:.1f}", f"{s['true_ml_mean']:.1f}",
@@ -126,7 +147,8 @@ def main() -> None:
         "caption": f"Scar (MyoPS 2221) on the LGE grids of {len(cases)} MyoPS cases, within each fully automatic cross-validated "
                    f"fit's myocardium: the mixture's scar subtype against n-SD (remote: the darker half of the myocardium) and FWHM; "
                    f"n chosen per fold on the other folds' cases ({', '.join(f'{n:g}' for n in chosen)}), and the rule of model.scar.rule "
-                   f"the same way ({', '.join(rule_chosen)}). Fits: {args.fits.name}.",
+                   f"the same way ({', '.join(rule_chosen)}). Fits: {args.fits.name}. Manual scar voxels in the fits' label maps: "
+                   + ", ".join(f"{k} {100 * v:.1f} %" for k, v in lands.items()) + ".",
     })
 
 
