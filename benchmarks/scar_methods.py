@@ -19,7 +19,8 @@ As a ceiling for the threshold rules (not a method: it needs the manual label), 
 also applied within the *manual* myocardium (MyoPS 200, 1220 and 2221): what they reach when the
 myocardium is drawn perfectly. And where the manual scar lies in each fit's LGE label map
 (myocardium, LV, RV, background): manual scar the fit draws as LV pool is scar no rule within the
-fitted myocardium can find.
+fitted myocardium can find; and what each sequence shows there (its intensity from the normal
+myocardium's median, 0, to the LV blood's, 1).
 
 n is chosen by cross-validation: for each fold, the n of ``--n`` with the best mean scar Dice on
 the other folds' cases, applied to the fold; the product's rule (``model.scar.rule``: subtype,
@@ -80,7 +81,15 @@ def case_row(fits, root, case: str, ns: list[float]) -> dict:
     masks.update({f"manual_{k}": m for k, m in threshold_masks(lge, np.isin(gd, MANUAL_MYO), ns).items()})
     lands = {name: int((truth & (seg == value) & ~scar).sum()) for name, value in FIT_LABELS.items()}
     lands["myocardium"] += int((truth & scar).sum())  # the fit's scar is its myocardium too
-    return {"case": case, "true_ml": float(truth.sum() * ml), "manual_scar_in_fit": lands,
+    # what every sequence shows on the manual scar the fit draws as LV pool: t = 0 like the normal
+    # myocardium (MyoPS 200), 1 like the LV blood (500), the medians over the case
+    lost = truth & (seg == FIT_LABELS["lv"])
+    like_blood = {}
+    for seq in ("C0", "LGE", "T2"):
+        im = lge if seq == "LGE" else np.asarray(nib.load(root / case / f"{case}_{seq}.nii.gz").dataobj, dtype=np.float64)
+        m0, m1 = np.median(im[gd == MYO]), np.median(im[gd == FIT_LABELS["lv"]])
+        like_blood[seq] = float(np.median((im[lost] - m0) / (m1 - m0))) if lost.sum() >= 10 else None
+    return {"case": case, "true_ml": float(truth.sum() * ml), "manual_scar_in_fit": lands, "lost_scar_like_blood": like_blood,
             "methods": {k: {"dice": dice(m, truth), "ml": float(m.sum() * ml)} for k, m in masks.items()}}
 
 
@@ -135,11 +144,15 @@ def main() -> None:
     total = sum(sum(r["manual_scar_in_fit"].values()) for r in rows)
     lands = {k: sum(r["manual_scar_in_fit"][k] for r in rows) / total for k in FIT_LABELS}
     print(json.dumps(results, indent=1))
+    like_blood = {seq: float(np.median([v for r in rows if (v := r["lost_scar_like_blood"][seq]) is not None])) for seq in ("C0", "LGE", "T2")}
     print("manual scar in the fits' label maps: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in lands.items()))
+    print("on the manual scar drawn as LV, median over cases of (I - normal myocardium) / (LV blood - normal myocardium): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in like_blood.items()))
     if not args.record:
         return
     write_record(args.record, {"cases": cases, "folds": folds, "n_chosen_per_fold": chosen, "rule_chosen_per_fold": rule_chosen,
                                "n_chosen_per_fold_manual_myocardium": chosen_manual, "manual_scar_in_fit": lands,
+                               "lost_scar_like_blood": like_blood,
                                "results": results, "rows": rows}, table={
         "columns": ["method", "scar Dice (mean ± SD)", "volume (ml, mean)", "manual volume (ml, mean)", "mean relative volume error"],
         "rows": [[name, f"{s['dice_mean']:.3f} ± {s['dice_sd']:.3f}", f"{s['ml_mean']:.1f}", f"{s['true_ml_mean']:.1f}",
@@ -148,7 +161,9 @@ def main() -> None:
                    f"fit's myocardium: the mixture's scar subtype against n-SD (remote: the darker half of the myocardium) and FWHM; "
                    f"n chosen per fold on the other folds' cases ({', '.join(f'{n:g}' for n in chosen)}), and the rule of model.scar.rule "
                    f"the same way ({', '.join(rule_chosen)}). Fits: {args.fits.name}. Manual scar voxels in the fits' label maps: "
-                   + ", ".join(f"{k} {100 * v:.1f} %" for k, v in lands.items()) + ".",
+                   + ", ".join(f"{k} {100 * v:.1f} %" for k, v in lands.items()) + "; on the manual scar drawn as LV, each "
+                   "sequence's intensity from normal myocardium (0) to LV blood (1), median over the cases: "
+                   + ", ".join(f"{k} {v:.2f}" for k, v in like_blood.items()) + ".",
     })
 
 
