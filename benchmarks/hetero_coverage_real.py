@@ -32,7 +32,10 @@ its slice thickness), so a slab twice as thick as the LGE's, whose intensity mix
 anatomy, counts half at every LGE voxel it covers (C0 1 -> 0.5 in the MS-CMRSeg-like version; the
 full-coverage weights are unchanged). ``--no-thickness-weights`` fits with the tuning's
 weights as they are (C0 at full weight: measured on Case3016..3018, LGE myocardium Dice +0.014,
--0.053, -0.031 against full coverage, the blurred C0 pulling the LGE slices it covers). Prints a table per case and the mean
+-0.053, -0.031 against full coverage, the blurred C0 pulling the LGE slices it covers). The
+partial-volume model of the thick C0 slabs is a fit setting: ``--no-thickness-weights
+model.partial_volume=true --record hetero_coverage_real_pv`` (each slab's intensity turned into
+each LGE slice's own; no effect on the full-coverage fits). Prints a table per case and the mean
 Dice per version, sequence and structure, and writes the record ``benchmarks/results/NAME.json``
 (``--record``, default ``hetero_coverage_real``) with every case's Dice and the LGE myocardium Dice
 difference (MS-CMRSeg-like minus full coverage).
@@ -247,6 +250,7 @@ def main() -> None:
                         "(twice as thick, half a slice along), T2 cut to three mid-ventricular slices"
                         + ("; sequence weights scaled by LGE / own slice thickness (C0 1 -> 0.5). " if args.thickness_weights
                            else "; the tuning's sequence weights. ")
+                        + (f"Both fits with {' '.join(args.overrides)}. " if args.overrides else "")
                         + (f"LGE myocardium Dice, MS-CMRSeg-like minus full coverage: {mean_delta:+.3f} on average "
                            f"({min(deltas):+.3f} to {max(deltas):+.3f}); per case in the record." if deltas else "")),
         })

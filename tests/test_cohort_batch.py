@@ -131,6 +131,7 @@ def test_a_batch_that_fails_in_the_engine_falls_back_to_fits_one_after_another(t
         (["cohort.batch_size=two"], "cohort.batch_size must be an integer >= 1"),
         (["cohort.batch_size=2", "registration=slice_shift"], "registration=none"),
         (["cohort.batch_size=2", "ckpt_path=last"], "cannot resume from ckpt_path"),
+        (["cohort.batch_size=2", "model.partial_volume=true"], "model.partial_volume=true"),
     ],
 )
 def test_batch_settings_that_cannot_work_are_refused_before_any_work(tmp_path, cache_dir, overrides, message):

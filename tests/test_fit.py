@@ -146,6 +146,7 @@ def test_label_with_unknown_values_is_named(tmp_path, cache_dir, cohort_copy):
         ("model.sequence_weights=2", "model.sequence_weights must be a mapping sequence -> number"),
         ("model.tol_window=0", "model.tol_window must be an integer >= 1"),
         ("model.dice_every_n_iterations=0", "model.dice_every_n_iterations must be an integer >= 1"),
+        ("model.partial_volume=maybe", "model.partial_volume must be true or false"),
         ("+registration.min_tol_window=-2", "registration.min_tol_window must be an integer >= 1"),
     ],
 )

@@ -74,12 +74,13 @@ def hetero(tmp_path_factory):
     root = ensure_cohort(tmp_path_factory.mktemp("hetero_cache"),
                          SyntheticConfig(n_subjects=1, misalignment=False, geometries=GEOMETRIES))
     outs = {}
-    for name, seqs in (("all", "[DE,C0,T2]"), ("de_only", "[DE]")):
+    for name, seqs, extra in (("all", "[DE,C0,T2]", []), ("de_only", "[DE]", []),
+                              ("all_pv", "[DE,C0,T2]", ["model.partial_volume=true"])):
         out = tmp_path_factory.mktemp(f"hetero_{name}")
         fit(compose_config([
             f"paths.output_dir={out}", "callbacks.progress.refresh_rate=0", "~logger", f"subject={SUBJECT}",
             "data=mscmr", f"data.root={root}", f"data.sequences={seqs}", f"atlas.path={root}/atlas.nii.gz",
-            "atlas.placement=identity", "trainer.max_epochs=40",
+            "atlas.placement=identity", "trainer.max_epochs=40", *extra,
         ]))
         outs[name] = out
     return root, outs
@@ -141,6 +142,22 @@ def test_all_three_beat_de_alone_on_commonly_covered_slices(hetero):
     reported = json.loads((outs["all"] / "metrics.json").read_text())["dice"]["DE"]["myocardium"]
     print(f"DE myocardium Dice on slices {np.flatnonzero(covered).tolist()}: {dice}; whole stack (all): {reported:.4f}")
     assert dice["all"] > dice["de_only"], dice
+    assert dice["all_pv"] > dice["de_only"], dice
+
+
+@pytest.mark.slow
+def test_partial_volume_of_the_thick_c0(hetero):
+    """model.partial_volume: C0's 15 mm slabs span two 10 mm DE slices in places (the synthetic truth
+    averages sub-samples through each slab). Measured (40 iterations) against the fit without it:
+    DE RV Dice 0.882 vs 0.816 and C0's own RV 0.835 vs 0.767, while the DE myocardium falls from
+    0.816 to 0.722 (as on the real MS-CMRSeg-like cases, docs/results.md): the recorded setting, the
+    RV gain and floors on the rest are checked."""
+    root, outs = hetero
+    settings = json.loads((outs["all_pv"] / "params.json").read_text())["settings"]["model"]
+    assert settings["partial_volume"] is True
+    plain, pv = (json.loads((outs[name] / "metrics.json").read_text())["dice"] for name in ("all", "all_pv"))
+    assert pv["DE"]["rv"] > plain["DE"]["rv"] + 0.03 and pv["C0"]["rv"] > plain["C0"]["rv"] + 0.03, (plain, pv)
+    assert pv["DE"]["lv"] >= 0.95 and pv["DE"]["myocardium"] >= 0.65, pv
 
 
 def test_thickness_weights_count_a_thick_slab_for_less():

@@ -219,3 +219,23 @@ def native_segmentation(posterior: torch.Tensor, subject, sequence: str, slice_s
         smap = sampling_map(subject.grid, subject.grids[sequence], target_slice_shifts=slice_shifts, target_slice_angles=slice_angles)
     prob = sample(posterior.float(), smap)
     return torch.where(smap.coverage.to(prob.device) > 0, class_argmax(prob), torch.zeros((), dtype=torch.long, device=prob.device))
+
+
+def slab_ids(source: Grid, target: Grid) -> Tensor:
+    """``[X, Y, Z]`` long over ``target``: which slab of ``source`` every target voxel lies in, one id
+    per (in-plane position, source slice) shared by two or more target voxels; -1 where the voxel is
+    alone in its slab or outside ``source``. A slab thicker than the target's slices contains several
+    of them (:mod:`mvmm_monai.mixture.partial_volume`)."""
+    smap = sampling_map(source, target)
+    x, y, _ = target.shape
+    pos = torch.arange(x * y).reshape(x, y, 1).expand(target.shape)
+    key = pos * source.shape[2] + smap.slice_index
+    inside = smap.coverage > 0
+    ids = torch.full(target.shape, -1, dtype=torch.long)
+    if not bool(inside.any()):
+        return ids
+    uniq, inverse, count = torch.unique(key[inside], return_inverse=True, return_counts=True)
+    shared = count[inverse] > 1
+    dense = torch.cumsum(count > 1, 0) - 1  # ids 0.. for the shared slabs
+    ids[inside] = torch.where(shared, dense[inverse], torch.full_like(inverse, -1))
+    return ids

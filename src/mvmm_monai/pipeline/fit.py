@@ -40,6 +40,7 @@ from mvmm_monai.pipeline.settings import (
     convergence_window,
     final_scalars,
     hparams,
+    partial_volume_slabs,
     sequence_weights,
     subject_weights,
     subtype_counts,
@@ -65,6 +66,8 @@ def resolve_settings(cfg: DictConfig, dataset) -> tuple[DictConfig, LabellingCon
     conventions.check_sequences(dataset.sequences)
     subtype_counts(cfg.model, dataset.sequences)
     sequence_weights(cfg.model, dataset.sequences)
+    if not isinstance(cfg.model.get("partial_volume", False), bool):
+        raise ValueError(f"model.partial_volume must be true or false, got {cfg.model.get('partial_volume')!r}")
     convergence_window(cfg)
     rule = (cfg.model.get("scar") or {}).get("rule", "subtype_and_fwhm")
     if rule not in SCAR_RULES:
@@ -117,6 +120,7 @@ def run_icm(cfg: DictConfig, dataset, prep, out: Path) -> tuple[MvMMFit, pl.Trai
         schedule=schedule,
         sequence_weights=subject_weights(cfg.model, subject),
         dice_every=cfg.model.get("dice_every_n_iterations", 1),
+        slabs=partial_volume_slabs(cfg.model, subject),
     )
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values()]
     logger = build(cfg.logger) if cfg.get("logger") else False
@@ -404,6 +408,9 @@ def cohort_batch_size(cfg: DictConfig) -> int:
                 f"cohort.batch_size={size} fits subjects together whose registration fits nothing (registration=none); "
                 "this registration fits each subject's own deformation or slice motion: set cohort.batch_size=1"
             )
+        if cfg.model.get("partial_volume", False):
+            raise ValueError(f"cohort.batch_size={size} does not fit thick slabs' partial volume (model.partial_volume=true): "
+                             "set cohort.batch_size=1")
         if cfg.get("ckpt_path"):
             raise ValueError(f"cohort.batch_size={size} cannot resume from ckpt_path (a checkpoint is one subject's): "
                              "resume a subject alone, with cohort.batch_size=1")

@@ -35,6 +35,7 @@ from mvmm_monai.mixture import (
 )
 from mvmm_monai.mixture.em import log_prior
 from mvmm_monai.mixture.gaussian import Quantised, quantise
+from mvmm_monai.mixture.partial_volume import partial_volume_images
 from mvmm_monai.pipeline.metrics import dice_per_class
 from mvmm_monai.registration import ICMSchedule, Registration, Warped
 
@@ -124,6 +125,7 @@ class MvMMFit(pl.LightningModule):
         settle_posterior_tol: float | None = None,
         schedule: ICMSchedule | None = None,
         dice_every: int = 1,
+        slabs: Tensor | None = None,
     ) -> None:
         super().__init__()
         n = len(subject.sequences)
@@ -164,6 +166,9 @@ class MvMMFit(pl.LightningModule):
         self.settle_tol = settle_tol
         self.settle_posterior_tol = settle_posterior_tol
         self._quantised: Quantised | None = None  # see _quantise
+        if slabs is not None and tuple(slabs.shape) != (n, *subject.images.shape[1:]):
+            raise ValueError(f"MvMMFit: slabs must be [{n}, *common space] = {[n, *subject.images.shape[1:]]}, got {list(slabs.shape)}")
+        self._slabs = None if slabs is None else slabs[None]  # [1, N, *S]: partial volume of thick slabs (see _em_images)
         with torch.no_grad():
             w = registration()
             init = initialise_from_atlas(
@@ -251,10 +256,11 @@ class MvMMFit(pl.LightningModule):
         fixed = warped.detach()
         params, posterior = self.params, self.posterior if self.current_epoch > 0 else None
         monitor = it == 1 or it % self.dice_every == 0
-        quantised = self._quantise(fixed)
+        images = self._em_images(fixed, params)
+        quantised = self._quantise(images, fixed.coverage)
         for _ in range(self.em_steps):
             params, est = em_step(
-                fixed.images, self._weighted(fixed.coverage), fixed.log_atlas, params, self.em.at_iteration(self.current_epoch), posterior,
+                images, self._weighted(fixed.coverage), fixed.log_atlas, params, self.em.at_iteration(self.current_epoch), posterior,
                 lower_bound=monitor, quantised=quantised,
             )
             posterior = est.posterior
@@ -333,15 +339,23 @@ class MvMMFit(pl.LightningModule):
         if self.logger is not None and self.trainer.is_global_zero:
             self.logger.log_metrics(metrics, step=self.current_epoch)
 
-    def _quantise(self, warped: Warped) -> Quantised | None:
+    def _em_images(self, warped: Warped, params: MixtureParams) -> Tensor:
+        """The images the EM fits: ``warped``'s, with ``slabs`` each thick slab's intensity turned
+        into every voxel's own by the current posterior and parameters
+        (:func:`~mvmm_monai.mixture.partial_volume.partial_volume_images`)."""
+        if self._slabs is None:
+            return warped.images
+        return partial_volume_images(warped.images, self._weighted(warped.coverage), self.posterior, params, self._slabs.to(warped.images.device))
+
+    def _quantise(self, images: Tensor, coverage: Tensor) -> Quantised | None:
         """The E-step's quantised images (:func:`~mvmm_monai.mixture.gaussian.quantise`): once per
-        fit when the registration never moves the images (no slice motion), else every iteration."""
+        fit when the images never change (no slice motion, no partial volume), else every iteration."""
         if not self.em.intensity_levels:
             return None
         if self._quantised is not None:
             return self._quantised
-        q = quantise(warped.images, self._weighted(warped.coverage), self.em.intensity_levels)
-        if self.registration.slice_motion is None:
+        q = quantise(images, self._weighted(coverage), self.em.intensity_levels)
+        if self.registration.slice_motion is None and self._slabs is None:
             self._quantised = q
         return q
 
@@ -389,9 +403,10 @@ class MvMMFit(pl.LightningModule):
         """Final posterior from one E-step with the fitted parameters and registration."""
         warped = self.registration().detach()
         lp = log_prior(warped.log_atlas, self.params, self.posterior if self.current_epoch > 0 else None, self.em)
+        images = self._em_images(warped, self.params)
         est = e_step(
-            warped.images, self._weighted(warped.coverage), lp, self.params, levels=self.em.intensity_levels,
-            chunk_voxels=self.em.chunk_voxels, quantised=self._quantise(warped),
+            images, self._weighted(warped.coverage), lp, self.params, levels=self.em.intensity_levels,
+            chunk_voxels=self.em.chunk_voxels, quantised=self._quantise(images, warped.coverage),
         )
         return FitResult(
             posterior=est.posterior[0],
