@@ -234,7 +234,7 @@ def slab_ids(source: Grid, target: Grid) -> Tensor:
     ids = torch.full(target.shape, -1, dtype=torch.long)
     if not bool(inside.any()):
         return ids
-    uniq, inverse, count = torch.unique(key[inside], return_inverse=True, return_counts=True)
+    _, inverse, count = torch.unique(key[inside], return_inverse=True, return_counts=True)
     shared = count[inverse] > 1
     dense = torch.cumsum(count > 1, 0) - 1  # ids 0.. for the shared slabs
     ids[inside] = torch.where(shared, dense[inverse], torch.full_like(inverse, -1))

@@ -40,6 +40,7 @@ from mvmm_monai.pipeline.settings import (
     convergence_window,
     final_scalars,
     hparams,
+    partial_volume_flag,
     partial_volume_slabs,
     sequence_weights,
     subject_weights,
@@ -66,8 +67,7 @@ def resolve_settings(cfg: DictConfig, dataset) -> tuple[DictConfig, LabellingCon
     conventions.check_sequences(dataset.sequences)
     subtype_counts(cfg.model, dataset.sequences)
     sequence_weights(cfg.model, dataset.sequences)
-    if not isinstance(cfg.model.get("partial_volume", False), bool):
-        raise ValueError(f"model.partial_volume must be true or false, got {cfg.model.get('partial_volume')!r}")
+    partial_volume_flag(cfg.model)
     convergence_window(cfg)
     rule = (cfg.model.get("scar") or {}).get("rule", "subtype_and_fwhm")
     if rule not in SCAR_RULES:
@@ -408,7 +408,7 @@ def cohort_batch_size(cfg: DictConfig) -> int:
                 f"cohort.batch_size={size} fits subjects together whose registration fits nothing (registration=none); "
                 "this registration fits each subject's own deformation or slice motion: set cohort.batch_size=1"
             )
-        if cfg.model.get("partial_volume", False):
+        if partial_volume_flag(cfg.model):
             raise ValueError(f"cohort.batch_size={size} does not fit thick slabs' partial volume (model.partial_volume=true): "
                              "set cohort.batch_size=1")
         if cfg.get("ckpt_path"):

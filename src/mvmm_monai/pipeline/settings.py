@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mvmm_monai.classes import CLASS_NAMES
+from mvmm_monai.data.common_space import slab_ids
 
 
 def hparams(cfg: DictConfig) -> dict:
@@ -109,19 +110,20 @@ def sequence_weights(model_cfg: DictConfig, sequences) -> list[float]:
     return [float(given.get(s, 1.0)) for s in sequences]
 
 
-def partial_volume_slabs(model_cfg: DictConfig, subject) -> "torch.Tensor | None":
-    """With ``model.partial_volume``, ``[N, *common space]`` long: the thick slab of every voxel for
-    each sequence (:func:`~mvmm_monai.data.common_space.slab_ids`; the reference's -1); None without
-    it, or where no sequence has a slab spanning two reference slices (co-registered stacks)."""
+def partial_volume_flag(model_cfg: DictConfig) -> bool:
+    """``model.partial_volume`` (default false), refused unless true or false."""
     flag = model_cfg.get("partial_volume", False)
     if not isinstance(flag, bool):
         raise ValueError(f"model.partial_volume must be true or false, got {flag!r}")
-    if not flag:
+    return flag
+
+
+def partial_volume_slabs(model_cfg: DictConfig, subject) -> torch.Tensor | None:
+    """With ``model.partial_volume``, ``[N, *common space]`` long: the thick slab of every voxel for
+    each sequence (:func:`~mvmm_monai.data.common_space.slab_ids`; the reference's -1); None without
+    it, or where no sequence has a slab spanning two reference slices (co-registered stacks)."""
+    if not partial_volume_flag(model_cfg):
         return None
-    import torch
-
-    from mvmm_monai.data.common_space import slab_ids
-
     grid = subject.grid
     slabs = torch.stack([
         torch.full(grid.shape, -1, dtype=torch.long) if s == subject.reference else slab_ids(subject.grids[s], grid)
