@@ -21,9 +21,6 @@ model knows about its own result (:func:`qc_features`):
   sequence that sees the heart elsewhere (mirrored, moved) disagrees. The feature is the lowest;
 - ``atlas_agreement``: the mean Dice of the labels and the (deformed) atlas' most likely class:
   how far the result had to leave the prior;
-- ``heart_to_atlas``: log of the heart's size in the posterior (the probability of myocardium, LV
-  and RV summed) against the atlas's (the same sum of the placed atlas): a heart the fit finds much
-  smaller or larger than the placed atlas says the placement's size or position was wrong;
 - ``placement_score``: the automatic placement's template correlation.
 
 :class:`QualityModel` turns them into ``{"score", "flag", "reasons", "features"}`` for
@@ -54,11 +51,11 @@ MYO, LV, RV = (CLASS_NAMES.index(c) for c in ("myocardium", "lv", "rv"))
 #: the features :class:`QualityModel` weighs, in order
 FEATURES = (
     "entropy", "lv_enclosed", "rv_lv_contact", "wall_mm", "myo_connected", "rv_lv_ratio",
-    "blood_contrast", "rv_contrast", "sequence_agreement", "atlas_agreement", "heart_to_atlas", "placement_score",
+    "blood_contrast", "rv_contrast", "sequence_agreement", "atlas_agreement", "placement_score",
 )
 
 #: features for which both too small and too large are implausible (they enter the score as distances)
-TWO_SIDED = ("wall_mm", "rv_lv_ratio", "heart_to_atlas")
+TWO_SIDED = ("wall_mm", "rv_lv_ratio")
 
 #: short words for reasons (feature -> what a low / high value means)
 MEANING = {
@@ -72,7 +69,6 @@ MEANING = {
     "rv_contrast": ("RV pool not brighter than the myocardium", ""),
     "sequence_agreement": ("sequences disagree on the heart", ""),
     "atlas_agreement": ("result far from the atlas", ""),
-    "heart_to_atlas": ("heart smaller than the placed atlas's", "heart larger than the placed atlas's"),
     "placement_score": ("weak automatic placement", ""),
 }
 
@@ -175,9 +171,6 @@ def qc_features(subject, result, scores: torch.Tensor, placement=None) -> tuple[
     f["sequence_agreement"] = min(agreement.values()) if agreement else 1.0
     atlas_labels = class_argmax(result.warped.log_atlas[0]).numpy()
     f["atlas_agreement"] = float(np.mean([_dice((labels == c), (atlas_labels == c) & covered) for c in (MYO, LV, RV)]))
-    atlas_heart = float(torch.exp(result.warped.log_atlas[0, 1:]).double().sum(0).numpy()[covered].sum())
-    fit_heart = float(post[1:].sum(0)[covered].sum())
-    f["heart_to_atlas"] = math.log((fit_heart + 1.0) / (atlas_heart + 1.0))
     f["placement_score"] = float(placement.score) if placement is not None else float("nan")
     return f, agreement
 
