@@ -59,7 +59,7 @@ def partial_volume_images(images: Tensor, coverage: Tensor, posterior: Tensor, p
             member = (ids[i, c] >= 0) & (cov[i, c] > 0)
             if not bool(member.any()):
                 continue
-            key = torch.unique(ids[i, c][member], return_inverse=True)[1]
+            key = ids[i, c][member]  # slab ids are small non-negative integers (data.common_space.slab_ids)
             count = torch.bincount(key).to(x.dtype)
             if not bool((count > 1).any()):
                 continue
