@@ -259,7 +259,7 @@ def _judge(cfg: DictConfig, prep, result, registration, logger, met: bool, conve
     check_mrf_estimate(cfg, result, label)
     labelled = derive_labels(prep.subject, result, conventions, registration.native_shifts_voxels(), registration.native_angles())
     notes = fit_notes(met, prep.placement, placement_scale_range(cfg))
-    qc = assess_fit(qc_model, prep.subject, result, labelled.scores, prep.placement, prep.checks, notes)
+    qc = assess_fit(qc_model, prep.subject, result, labelled.scores, prep.placement, prep.checks, notes, atlas=prep.atlas)
     return Fitted(cfg, registration, logger, result, labelled, met, qc, settled_at)
 
 
