@@ -11,7 +11,10 @@ fits only, so the chosen setting's figures on the held-out fold are cross-valida
 
 Folds: the cases in natural order, case ``i`` in fold ``i mod k`` (interleaved, so no fold is one
 end of the release). Variants: ``default`` (no override) unless given, e.g.
-``--variant beta1=model.em.beta=1.0 --variant beta_auto=model.em.beta=auto``. Choosing among
+``--variant beta1=model.em.beta=1.0 --variant beta_auto=model.em.beta=auto``. An override
+``build_atlas.KEY=VALUE`` goes to the atlas build instead of the fit (``conf/build_atlas.yaml``,
+e.g. ``--variant sigma3=build_atlas.sigma_mm=3``): such a variant gets its own atlas per fold,
+built from the same training cases. Choosing among
 variants on the other folds' fits is nested as far as the fits go; the atlases of those fits saw
 the held-out fold's cases (a full nested run would build k x (k-1) atlases), which is said here
 so that nobody reads more into the chosen figure than there is.
@@ -56,6 +59,15 @@ def parse_variants(given: list[str]) -> dict[str, list[str]]:
             raise SystemExit(f"--variant {v!r}: need a new NAME=OVERRIDES")
         variants[name] = [o for o in re.split(r",(?![^\[]*\])", rest) if o]  # commas inside [...] belong to a list value
     return variants
+
+
+BUILD = "build_atlas."  # a variant's override of the atlas build (conf/build_atlas.yaml), not of the fit
+
+
+def split_build(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """A variant's overrides -> (atlas build overrides without the prefix, fit overrides)."""
+    build = [o.removeprefix(BUILD) for o in overrides if o.startswith(BUILD)]
+    return build, [o for o in overrides if not o.startswith(BUILD)]
 
 
 def fit_case(root: Path, atlas: Path, case: str, out: Path, overrides: list[str], threads: int) -> dict:
@@ -116,20 +128,28 @@ def main() -> None:
     cases = select_subjects(args.cases, dataset.subjects(), "--cases")
     folds = folds_of(cases, args.folds)
     variants = parse_variants(args.variant)
-    atlases = []
+    # one atlas per fold and atlas build (variants without build overrides share the default's)
+    builds = {name: split_build(overrides)[0] for name, overrides in variants.items()}
+    atlases: dict[tuple[int, tuple[str, ...]], Path] = {}
     t0 = time.perf_counter()
     for i, fold in enumerate(folds):
         training = [c for c in cases if c not in fold]
-        atlas = args.out / f"fold{i}" / "atlas.nii.gz"
-        build_atlas(compose_config([f"data.root={args.root}", f"subjects=[{','.join(training)}]", f"output={atlas}"], config_name="build_atlas"))
-        atlases.append(atlas)
+        for name, build_overrides in builds.items():
+            key = (i, tuple(build_overrides))
+            if key in atlases:
+                continue
+            atlas = args.out / f"fold{i}" / (f"atlas_{name}/atlas.nii.gz" if build_overrides else "atlas.nii.gz")
+            build_atlas(compose_config([f"data.root={args.root}", f"subjects=[{','.join(training)}]", f"output={atlas}", *build_overrides],
+                                       config_name="build_atlas"))
+            atlases[key] = atlas
     atlas_seconds = time.perf_counter() - t0
 
     jobs = [(name, i, case) for name in variants for i, fold in enumerate(folds) for case in fold]
     rows: dict[str, dict[str, dict]] = {name: {} for name in variants}
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
         futures = {
-            pool.submit(fit_case, args.root, atlases[i], case, args.out / name / case, [*args.overrides, *variants[name]], args.threads or 1): (name, i, case)
+            pool.submit(fit_case, args.root, atlases[i, tuple(builds[name])], case, args.out / name / case,
+                        [*args.overrides, *split_build(variants[name])[1]], args.threads or 1): (name, i, case)
             for name, i, case in jobs
         }
         for future, (name, i, case) in futures.items():

@@ -302,8 +302,10 @@ class MvMMFit(pl.LightningModule):
         if stepping:
             opt = self.optimizers()
             opt.zero_grad()
+            # the class log-likelihoods from the E-step's look-up tables (the parameters are held)
             objective = log_likelihood(
-                warped.images, self._weighted(warped.coverage), warped.log_atlas, self.params, self.em, self._objective_posterior(posterior)
+                warped.images, self._weighted(warped.coverage), warped.log_atlas, self.params, self.em, self._objective_posterior(posterior),
+                tabulated=True,
             )
             regs = self.registration.regularisers(warped, self._weights_by_name)
             loss = -objective.mean() + sum(regs.values(), torch.zeros((), device=objective.device))
