@@ -49,6 +49,8 @@ __all__ = [
     "m_step",
     "relative_change",
     "voxel_log_likelihood",
+    "class_log_likelihood_table",
+    "lookup_class_log_likelihood",
 ]
 
 
