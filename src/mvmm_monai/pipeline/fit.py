@@ -259,7 +259,7 @@ def _judge(cfg: DictConfig, prep, result, registration, logger, met: bool, conve
     check_mrf_estimate(cfg, result, label)
     labelled = derive_labels(prep.subject, result, conventions, registration.native_shifts_voxels(), registration.native_angles())
     notes = fit_notes(met, prep.placement, placement_scale_range(cfg))
-    qc = assess_fit(qc_model, prep.subject, result, labelled.scores, prep.placement, prep.checks, notes, atlas=prep.atlas)
+    qc = assess_fit(qc_model, prep.subject, result, labelled.scores, prep.placement, prep.checks, notes)
     return Fitted(cfg, registration, logger, result, labelled, met, qc, settled_at)
 
 
@@ -286,6 +286,26 @@ def _without_registration(cfg: DictConfig) -> DictConfig:
     return ref
 
 
+def guard_decision(qc_model, registered: dict, none: dict) -> dict:
+    """``registration.guard``'s choice between a registered fit and the same subject fitted without
+    registration, from their ``qc`` entries: the registered result is kept only where quality
+    control does not flag it and its score is higher (the linear score: the calibrated one is a
+    step function of it). A flagged registered result never replaces the slices as acquired, even
+    where the fit without registration is flagged too: on real crops (``benchmarks/registration_guard.py``)
+    the registered fits kept that way were the ones that lost most. Returns the
+    ``metrics.json`` ``registration_guard`` entry: ``kept`` (``registered`` or ``none``), ``why``,
+    both fits' ``qc_score``, ``qc_flag`` and ``qc_linear_score``."""
+    linear = {"registered": qc_model.linear_score(registered["features"]), "none": qc_model.linear_score(none["features"])}
+    if registered["flag"]:
+        kept, why = "none", "the registered fit is flagged by quality control"
+    elif linear["registered"] <= linear["none"]:
+        kept, why = "none", "the registered fit's QC score is not above the fit's without registration"
+    else:
+        kept, why = "registered", "the registered fit's QC score is higher and it is not flagged"
+    return {"kept": kept, "why": why, "qc_score": {"registered": registered["score"], "none": none["score"]},
+            "qc_flag": {"registered": registered["flag"], "none": none["flag"]}, "qc_linear_score": linear}
+
+
 def check_guard(cfg: DictConfig) -> bool:
     """``registration.guard`` (default false where unset): whether a registered fit is compared with
     the fit without registration; it needs the quality-control model that judges them."""
@@ -304,9 +324,11 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     """Fit subject ``name`` of ``dataset`` and write its results into ``out``; returns its metrics.
 
     With ``registration.guard`` and a registration that fits anything, the subject is also fitted
-    without registration, and the registered result is kept only where its quality-control score
-    (the label-free estimate of the LGE myocardium Dice) is higher: registration never makes a fit
-    worse by the model's own judgement (``metrics.json`` ``registration_guard``).
+    without registration, and the registered result is kept only where quality control trusts it
+    (``qc.flag`` false) and its score (the label-free estimate of the LGE myocardium Dice) is
+    higher: registration never makes a fit worse by the model's own judgement, and a registered
+    result the model does not trust never replaces the slices as acquired (``metrics.json``
+    ``registration_guard``).
     """
     start = time.perf_counter()
     check_subject_name(name)
@@ -329,16 +351,13 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
             reference = _fit_prepared(_without_registration(cfg), dataset, prep, out, conventions, qc_model,
                                       f"{name} (without registration, for registration.guard)")
-            # the calibrated score is a step function of the linear one: compare the linear one
-            linear = {k: qc_model.linear_score(f.qc["features"]) for k, f in (("registered", fitted), ("none", reference))}
-            kept = "registered" if linear["registered"] > linear["none"] else "none"
-            guarded = {"kept": kept, "qc_score": {"registered": fitted.qc["score"], "none": reference.qc["score"]},
-                       "qc_linear_score": linear}
+            guarded = guard_decision(qc_model, fitted.qc, reference.qc)
+            kept, why = guarded["kept"], guarded["why"]
             if kept == "none":
                 log.warning(
-                    "%s: the registered fit's QC score %.3f is not above the fit without registration's %.3f: "
-                    "kept the fit without registration (registration.guard; metrics.json registration_guard)",
-                    name, fitted.qc["score"], reference.qc["score"],
+                    "%s: %s (QC score %.3f against %.3f without registration): kept the fit without registration "
+                    "(registration.guard; metrics.json registration_guard)",
+                    name, why, fitted.qc["score"], reference.qc["score"],
                 )
                 fitted = replace(reference, logger=fitted.logger)  # the subject's TensorBoard gets the kept result
         metrics = _write(cfg, dataset, prep, fitted, guarded, conventions, folder, start)

@@ -19,10 +19,11 @@ model knows about its own result (:func:`qc_features`):
 - ``sequence_agreement``: for each sequence, the labels its own intensities give (with the atlas
   prior) against those the other sequences give together (mean Dice of myocardium and LV); a
   sequence that sees the heart elsewhere (mirrored, moved) disagrees. The feature is the lowest;
-- ``atlas_agreement``: the mean Dice of the labels and the most likely class of the atlas as placed
-  (before any deformation the registration fitted): how far the result, and the atlas with it,
-  had to leave the prior. Against the deformed atlas a registered fit would score its own
-  deformation as agreement, and the registration guard, which compares QC scores, would favour it;
+- ``atlas_agreement``: the mean Dice of the labels and the (deformed) atlas' most likely class:
+  how far the result had to leave the prior. The deformed atlas, not the atlas as placed: a
+  registration that deformed the atlas one way while the labels went another lowers it (measured
+  against the placed atlas instead, the registered crops of ``benchmarks/registration_guard.py``
+  mostly scored higher, and the guard kept a fit 0.09 worse);
 - ``placement_score``: the automatic placement's template correlation.
 
 :class:`QualityModel` turns them into ``{"score", "flag", "reasons", "features"}`` for
@@ -117,14 +118,11 @@ def sequence_agreement(result, sequences: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-def qc_features(subject, result, scores: torch.Tensor, placement=None,
-                atlas: torch.Tensor | None = None) -> tuple[dict[str, float], dict[str, float]]:
+def qc_features(subject, result, scores: torch.Tensor, placement=None) -> tuple[dict[str, float], dict[str, float]]:
     """The label-free features of a fit (module docstring) and the per-sequence agreement.
 
     ``scores`` ``[K, *S]``: the labelled fit in the common space (its argmax is the label map);
-    features are measured on the slices the reference sequence covers. ``atlas`` ``[K, *S]``: the
-    atlas as placed, before the registration deformed it (``atlas_agreement``); ``None`` where the
-    fit did not deform it (its warped atlas is the placed one).
+    features are measured on the slices the reference sequence covers.
     """
     ref = subject.sequences.index(subject.reference)
     covered = (result.warped.coverage[0, ref] > 0).numpy()
@@ -174,7 +172,7 @@ def qc_features(subject, result, scores: torch.Tensor, placement=None,
         f[name] = float(np.median(contrasts)) if contrasts else 0.0
     agreement = sequence_agreement(result, subject.sequences)
     f["sequence_agreement"] = min(agreement.values()) if agreement else 1.0
-    atlas_labels = class_argmax(result.warped.log_atlas[0] if atlas is None else atlas).numpy()
+    atlas_labels = class_argmax(result.warped.log_atlas[0]).numpy()
     f["atlas_agreement"] = float(np.mean([_dice((labels == c), (atlas_labels == c) & covered) for c in (MYO, LV, RV)]))
     f["placement_score"] = float(placement.score) if placement is not None else float("nan")
     return f, agreement
@@ -287,10 +285,10 @@ def fit_notes(converged: bool, placement=None, scale_range: tuple[float, float] 
 
 
 def assess_fit(model: QualityModel | None, subject, result, scores: torch.Tensor, placement=None, checks: dict | None = None,
-               notes: list[str] | None = None, atlas: torch.Tensor | None = None) -> dict:
+               notes: list[str] | None = None) -> dict:
     """The ``qc`` entry of ``metrics.json``; without a model (``qc`` config group removed) only the
-    features and the per-sequence agreement. ``atlas``: the placed atlas (:func:`qc_features`)."""
-    features, agreement = qc_features(subject, result, scores, placement, atlas)
+    features and the per-sequence agreement."""
+    features, agreement = qc_features(subject, result, scores, placement)
     if model is None:
         return {"features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
                 "sequence_agreement": {k: round(v, 4) for k, v in agreement.items()}}
