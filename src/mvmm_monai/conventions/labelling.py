@@ -254,6 +254,43 @@ def smooth_epicardium(
     return _swap(_swap_with_runner_up(posterior, MYO, beyond), MYO, BACKGROUND, within)
 
 
+def _rim_voxels(labels: np.ndarray, images: Tensor, coverage: Tensor, fractions: dict[int, float], rim_of: int, touching: int,
+                blood_side: bool, touching_any: bool = False) -> np.ndarray | None:
+    """Voxels of class ``rim_of`` with a ``touching`` voxel among their four in-plane neighbours
+    (any voxel of the class with ``touching_any``) that every channel of ``fractions`` covers and
+    puts on the blood's side (``blood_side``: ``t >= fraction``) or the wall's side
+    (``t < fraction``) of ``fraction``, where ``t = (I_n - m_myo) / (m_lv - m_myo)`` with the
+    channel's medians over the covered myocardium and LV voxels; ``None`` where a channel has no
+    myocardium, no LV or no contrast between them."""
+    myo, lv = labels == MYO, labels == LV
+    cross = np.zeros((3, 3, 1), dtype=bool)
+    cross[1, :, 0] = cross[:, 1, 0] = True
+    rim = labels == rim_of
+    if not touching_any:
+        rim &= ndimage.binary_dilation(labels == touching, structure=cross)
+    for channel, fraction in fractions.items():
+        image = images[channel].detach().cpu().numpy()
+        covered = coverage[channel].detach().cpu().numpy() > 0.5
+        if not (myo & covered).any() or not (lv & covered).any():
+            return None
+        m_myo, m_lv = np.median(image[myo & covered]), np.median(image[lv & covered])
+        if m_lv == m_myo:  # no contrast between blood and wall: nothing to go by
+            return None
+        t = (image - m_myo) / (m_lv - m_myo)
+        rim &= covered & ((t >= fraction) if blood_side else (t < fraction))
+    return rim
+
+
+def _check_rim_inputs(name: str, posterior: Tensor, images: Tensor, coverage: Tensor) -> None:
+    if posterior.ndim != 4 or posterior.shape[0] <= LV:
+        raise ValueError(f"{name}: posterior must be [K>=3, X, Y, Z], got {tuple(posterior.shape)}")
+    if images.shape != coverage.shape or tuple(images.shape[1:]) != tuple(posterior.shape[1:]):
+        raise ValueError(
+            f"{name}: images {tuple(images.shape)} and coverage {tuple(coverage.shape)} must be "
+            f"[N, {', '.join(map(str, posterior.shape[1:]))}]"
+        )
+
+
 def claim_blood_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractions: dict[int, float]) -> Tensor:
     """Posterior ``[K, X, Y, Z]`` in which the partial-volume rim of the LV pool becomes LV. A voxel
     whose argmax is myocardium and that has an LV voxel among its four in-plane neighbours swaps its
@@ -263,30 +300,42 @@ def claim_blood_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractio
     channel over the covered myocardium and LV voxels (a fraction of 0: on the blood's side of the
     wall's median, whether the blood is bright or dark there). ``images`` and ``coverage`` are
     ``[N, X, Y, Z]``; an empty ``fractions``, or no myocardium or LV voxel, changes nothing."""
-    if posterior.ndim != 4 or posterior.shape[0] <= LV:
-        raise ValueError(f"claim_blood_rim: posterior must be [K>=3, X, Y, Z], got {tuple(posterior.shape)}")
-    if images.shape != coverage.shape or tuple(images.shape[1:]) != tuple(posterior.shape[1:]):
-        raise ValueError(
-            f"claim_blood_rim: images {tuple(images.shape)} and coverage {tuple(coverage.shape)} must be "
-            f"[N, {', '.join(map(str, posterior.shape[1:]))}]"
-        )
+    _check_rim_inputs("claim_blood_rim", posterior, images, coverage)
     if not fractions:
         return posterior
+    flip = _rim_voxels(class_argmax(posterior).cpu().numpy(), images, coverage, fractions, MYO, LV, blood_side=True)
+    return posterior if flip is None else _swap(posterior, MYO, LV, flip)
+
+
+def give_wall_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractions: dict[int, float], passes: int = 1) -> Tensor:
+    """Posterior ``[K, X, Y, Z]`` in which the LV pool's rim that a sequence shows as wall becomes
+    myocardium: the mirror of :func:`claim_blood_rim`. A voxel whose argmax is LV and that has a
+    myocardium voxel among its four in-plane neighbours swaps its LV and myocardium probabilities
+    when, for every channel ``n`` of ``fractions``, it is covered and
+    ``(I_n - m_myo) / (m_lv - m_myo) < fraction`` (a negative fraction: darker than the wall's median
+    where the blood is bright). Subendocardial scar is as bright as the blood in LGE and near it in
+    bSSFP, so the mixture gives it to the pool; in the MyoPS T2 the manual myocardium that the fits
+    drew as LV lies below the wall's median (``benchmarks/lv_error_sources.py``). The rule runs
+    ``passes`` times, each on the labels the one before left, so the wall grows into the pool by at
+    most that many voxels and only through voxels the sequences show as wall (the medians are
+    those of the first pass)."""
+    _check_rim_inputs("give_wall_rim", posterior, images, coverage)
+    if not fractions or passes < 1:
+        return posterior
     labels = class_argmax(posterior).cpu().numpy()
-    myo, lv = labels == MYO, labels == LV
+    # the wall side of every channel, from the medians of the labels as they came
+    wall_side = _rim_voxels(labels, images, coverage, fractions, LV, LV, blood_side=False, touching_any=True)
+    if wall_side is None:
+        return posterior
     cross = np.zeros((3, 3, 1), dtype=bool)
     cross[1, :, 0] = cross[:, 1, 0] = True
-    flip = myo & ndimage.binary_dilation(lv, structure=cross)
-    for channel, fraction in fractions.items():
-        image = images[channel].detach().cpu().numpy()
-        covered = coverage[channel].detach().cpu().numpy() > 0.5
-        if not (myo & covered).any() or not (lv & covered).any():
-            return posterior
-        m_myo, m_lv = np.median(image[myo & covered]), np.median(image[lv & covered])
-        if m_lv == m_myo:  # no contrast between blood and wall: nothing to go by
-            return posterior
-        flip &= covered & ((image - m_myo) / (m_lv - m_myo) >= fraction)
-    return _swap(posterior, MYO, LV, flip)
+    flip = np.zeros_like(wall_side)
+    for _ in range(passes):
+        grow = wall_side & ~flip & (labels == LV) & ndimage.binary_dilation((labels == MYO) | flip, structure=cross)
+        if not grow.any():
+            break
+        flip |= grow
+    return _swap(posterior, LV, MYO, flip)
 
 
 def follow_labelling_conventions(
@@ -301,22 +350,28 @@ def follow_labelling_conventions(
     coverage: Tensor | None = None,
     epicardium_median_deg: float = 0.0,
     rv_main_region: bool = False,
+    wall_rim: dict[int, float] | None = None,
+    wall_rim_mm: float = 0.0,
 ) -> Tensor:
     """The final posterior ``[K, X, Y, Z]`` after every labelling step, in the order a fit applies
     them: :func:`thin_lv_at_wall` (``min_wall_mm``), :func:`fill_lv_cavity` (``fill_mode``, None:
     off), :func:`smooth_endocardium` (``endocardium_median_deg``), :func:`claim_blood_rim`
-    (``blood_rim`` ``{channel: fraction}`` of ``images`` / ``coverage`` ``[N, X, Y, Z]``) and
-    :func:`smooth_epicardium` (``epicardium_median_deg``), then :func:`keep_main_rv`
-    (``rv_main_region``). A step
+    (``blood_rim`` ``{channel: fraction}`` of ``images`` / ``coverage`` ``[N, X, Y, Z]``),
+    :func:`give_wall_rim` (``wall_rim``, likewise, into the pool by up to ``wall_rim_mm`` in-plane: as
+    many passes as voxels of the mean in-plane spacing, at least one) and :func:`smooth_epicardium`
+    (``epicardium_median_deg``), then :func:`keep_main_rv` (``rv_main_region``). A step
     whose setting is 0, None or empty leaves the posterior as it is."""
     posterior = thin_lv_at_wall(posterior, spacing_mm, min_wall_mm)
     if fill_mode:
         posterior = fill_lv_cavity(posterior, fill_mode)
     posterior = smooth_endocardium(posterior, spacing_mm, endocardium_median_deg)
+    if (blood_rim or wall_rim) and (images is None or coverage is None):
+        raise ValueError("follow_labelling_conventions: blood_rim and wall_rim need the images and their coverage")
     if blood_rim:
-        if images is None or coverage is None:
-            raise ValueError("follow_labelling_conventions: blood_rim needs the images and their coverage")
         posterior = claim_blood_rim(posterior, images, coverage, blood_rim)
+    if wall_rim:
+        passes = max(1, round(wall_rim_mm / (0.5 * (float(spacing_mm[0]) + float(spacing_mm[1])))))
+        posterior = give_wall_rim(posterior, images, coverage, wall_rim, passes)
     posterior = smooth_epicardium(posterior, spacing_mm, epicardium_median_deg)
     return keep_main_rv(posterior) if rv_main_region else posterior
 
@@ -386,6 +441,8 @@ class LabellingConventions:
         blood_rim: sequence name -> fraction in [-1, 1] (:func:`claim_blood_rim`; empty: off).
         epicardium_median_deg: :func:`smooth_epicardium` (0: off).
         rv_main_region: :func:`keep_main_rv` (false: off).
+        wall_rim: sequence name -> fraction in [-1, 1] (:func:`give_wall_rim`; empty: off).
+        wall_rim_mm: how far the wall rim may grow into the pool, mm in-plane (0: one voxel).
     """
 
     name: str = "none"
@@ -395,6 +452,8 @@ class LabellingConventions:
     blood_rim: dict = field(default_factory=dict)
     epicardium_median_deg: float = 0.0
     rv_main_region: bool = False
+    wall_rim: dict = field(default_factory=dict)
+    wall_rim_mm: float = 0.0
 
     def __post_init__(self) -> None:
         try:
@@ -409,21 +468,24 @@ class LabellingConventions:
         object.__setattr__(
             self, "epicardium_median_deg", _amount("epicardium_median_deg", self.epicardium_median_deg, 180, "an angle in degrees")
         )
+        object.__setattr__(self, "wall_rim_mm", _amount("wall_rim_mm", self.wall_rim_mm, 20, "a depth in mm"))
         if not isinstance(self.rv_main_region, bool):
             raise ValueError(f"postprocess.rv_main_region must be true or false, got {self.rv_main_region!r}")
-        rim = self.blood_rim if self.blood_rim is not None else {}
-        if not isinstance(rim, Mapping):
-            raise ValueError(f"postprocess.blood_rim must be a mapping sequence -> fraction (e.g. {{C0: 0.25}}) or {{}}, got {rim!r}")
-        bad = {k: v for k, v in rim.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not -1 <= v <= 1}
-        if bad:
-            raise ValueError(f"postprocess.blood_rim must be fractions in [-1, 1], got {bad}")
-        object.__setattr__(self, "blood_rim", {str(k): float(v) for k, v in rim.items()})
+        for key, example in (("blood_rim", "{C0: 0.25}"), ("wall_rim", "{T2: -0.25}")):
+            rim = getattr(self, key) if getattr(self, key) is not None else {}
+            if not isinstance(rim, Mapping):
+                raise ValueError(f"postprocess.{key} must be a mapping sequence -> fraction (e.g. {example}) or {{}}, got {rim!r}")
+            bad = {k: v for k, v in rim.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not -1 <= v <= 1}
+            if bad:
+                raise ValueError(f"postprocess.{key} must be fractions in [-1, 1], got {bad}")
+            object.__setattr__(self, key, {str(k): float(v) for k, v in rim.items()})
 
     def check_sequences(self, sequences) -> None:
-        """Refuse a ``blood_rim`` that names a sequence the dataset does not know (before any work)."""
-        unknown = sorted(set(self.blood_rim) - set(sequences))
-        if unknown:
-            raise ValueError(f"postprocess.blood_rim: {unknown} not among the dataset's sequences {list(sequences)}")
+        """Refuse a ``blood_rim`` or ``wall_rim`` that names a sequence the dataset does not know (before any work)."""
+        for key in ("blood_rim", "wall_rim"):
+            unknown = sorted(set(getattr(self, key)) - set(sequences))
+            if unknown:
+                raise ValueError(f"postprocess.{key}: {unknown} not among the dataset's sequences {list(sequences)}")
 
     def as_dict(self) -> dict:
         """The effective settings (for ``params.json``)."""
@@ -435,13 +497,16 @@ class LabellingConventions:
             "blood_rim": dict(self.blood_rim),
             "epicardium_median_deg": self.epicardium_median_deg,
             "rv_main_region": self.rv_main_region,
+            "wall_rim": dict(self.wall_rim),
+            "wall_rim_mm": self.wall_rim_mm,
         }
 
     def apply(self, posterior: Tensor, spacing_mm: tuple[float, float], sequences, images: Tensor, coverage: Tensor) -> Tensor:
         """Label scores ``[K, X, Y, Z]`` from the posterior ``[K, X, Y, Z]`` (common space; linear),
         ``images`` / ``coverage`` ``[N, X, Y, Z]`` in ``sequences`` order. The posterior is not changed.
-        A ``blood_rim`` sequence the subject lacks is left out of the rule."""
+        A ``blood_rim`` or ``wall_rim`` sequence the subject lacks is left out of the rule."""
         rim = {list(sequences).index(k): v for k, v in self.blood_rim.items() if k in sequences}
+        wall = {list(sequences).index(k): v for k, v in self.wall_rim.items() if k in sequences}
         return follow_labelling_conventions(
             posterior,
             spacing_mm,
@@ -453,4 +518,6 @@ class LabellingConventions:
             coverage=coverage,
             epicardium_median_deg=self.epicardium_median_deg,
             rv_main_region=self.rv_main_region,
+            wall_rim=wall,
+            wall_rim_mm=self.wall_rim_mm,
         )
