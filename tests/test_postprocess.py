@@ -1,6 +1,6 @@
 """Post-processing of the final labels: the LV cavity fill (trabeculae inside the cavity's convex hull
-go to the LV), the minimum wall, the smooth endocardium, the blood rim, the smooth epicardium
-and one RV region per slice; each moves only what it should."""
+go to the LV), the minimum wall, the smooth endocardium, the blood rim and its mirror the wall rim,
+the smooth epicardium and one RV region per slice; each moves only what it should."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from scipy import ndimage
 from mvmm_monai.conventions.labelling import (
     claim_blood_rim,
     fill_lv_cavity,
+    follow_labelling_conventions,
+    give_wall_rim,
     keep_main_rv,
     lv_cavity_fill_mode,
     lv_cavity_mask,
@@ -249,6 +251,42 @@ def test_blood_rim_claims_the_partial_volume_rim_but_not_oedema():
     assert claim_blood_rim(post, images, coverage, {}) is post
     with pytest.raises(ValueError, match="claim_blood_rim: images"):
         claim_blood_rim(post, images[:, :-1], coverage[:, :-1], {0: 0.25})
+
+
+def test_wall_rim_gives_the_dark_subendocardial_band_to_the_wall_up_to_its_depth():
+    """The mixture's pool reaches 3 voxels into the true wall in a sector of subendocardial scar
+    (LGE as bright as blood; T2 darker than the wall). The wall rim gives that band back to the
+    myocardium, one voxel layer per pass up to its depth and no deeper; elsewhere the pool's edge is
+    blood in T2 and stays LV, and a sequence that does not cover a slice vetoes it."""
+    sx, sy, dx, dy, r, ang, truth = _ring()
+    scar = (ang >= -40) & (ang <= 40)
+    band = scar & (r > 15 - 3 * sx) & (r <= 15)  # true wall the mixture took into the pool
+    pred = truth.copy()
+    pred[band] = 2
+    t2 = np.where(truth == 1, 0.4, np.where(truth == 2, 0.9, 0.1))  # wall, blood, background
+    t2[band] = 0.2  # darker than the wall: (0.2 - 0.4) / (0.9 - 0.4) = -0.4
+    images = torch.from_numpy(np.stack([np.stack([t2, t2], -1)])).float()
+    coverage = torch.ones_like(images)
+    coverage[0, ..., 1] = 0  # T2 does not cover the second slice
+    post = _one_hot_posterior(np.stack([pred, pred], -1))
+    layers = []
+    for passes in (1, 2, 10):
+        out = give_wall_rim(post, images, coverage, {0: -0.25}, passes)
+        assert torch.allclose(out.sum(0), torch.ones(out.shape[1:], dtype=out.dtype))
+        lab = out.argmax(0).numpy()
+        moved = lab[..., 0] != pred
+        assert (lab[..., 0][moved] == 1).all() and not (moved & ~band).any()  # only the dark band, to the wall
+        assert np.array_equal(lab[..., 1], pred)  # uncovered: vetoed
+        layers.append(int(moved.sum()))
+    assert 0 < layers[0] < layers[1] < layers[2] == int(band.sum())  # deeper with every pass, never past the band
+    assert give_wall_rim(post, images, coverage, {0: -0.5}, 10).argmax(0)[..., 0][band].eq(2).all()  # -0.4 is not below -0.5
+    assert give_wall_rim(post, images, coverage, {}) is post
+    # through the conventions: the depth in mm sets the passes (mean in-plane spacing 1 mm here: 2 mm = 2 passes)
+    two = follow_labelling_conventions(post, (0.8, 1.2), fill_mode=None, images=images, coverage=coverage,
+                                       wall_rim={0: -0.25}, wall_rim_mm=2.0)
+    assert int((two.argmax(0).numpy()[..., 0] != pred).sum()) == layers[1]
+    with pytest.raises(ValueError, match="give_wall_rim: images"):
+        give_wall_rim(post, images[:, :-1], coverage[:, :-1], {0: -0.25})
 
 
 def test_class_argmax_is_torch_argmax_over_the_class_axis_ties_included():

@@ -28,6 +28,16 @@ at least ``postprocess.blood_rim[seq]`` of the way from the myocardium's median 
 (MyoPS: bSSFP at least a quarter of the way to the bright blood, and T2 no brighter than normal
 wall, so that oedema, bright in bSSFP too, stays myocardium). It runs after the median.
 
+The mirror of the fourth: subendocardial scar is as bright as the blood in LGE and near it in bSSFP,
+so the mixture gives it to the pool, while the manual myocardium includes it. In the MyoPS T2 the
+manual myocardium that the fits drew as LV lies below the wall's median intensity
+(``benchmarks/lv_error_sources.py``). :func:`give_wall_rim` gives LV voxels that touch the
+myocardium to it where every sequence of ``postprocess.wall_rim`` puts them on the wall's side of
+a fraction of the way to the blood, growing into the pool by up to ``postprocess.wall_rim_mm``
+(MyoPS: T2 darker than the wall by half the wall-to-blood difference, 3.5 mm; chosen per fold on
+cross-validated fits, ``benchmarks/conventions_sweep.py``, record ``conventions_wall_rim``). It runs
+after the blood rim.
+
 A fifth: the manual epicardial contour is a smooth curve too. :func:`smooth_epicardium` takes, per
 slice, the outer radius of the heart (the LV pool and the myocardium joined to it) around the pool's
 centroid as a function of angle and replaces it with its running median over
