@@ -264,10 +264,10 @@ def smooth_epicardium(
     return _swap(_swap_with_runner_up(posterior, MYO, beyond), MYO, BACKGROUND, within)
 
 
-def _rim_voxels(labels: np.ndarray, images: Tensor, coverage: Tensor, fractions: dict[int, float], rim_of: int, touching: int,
-                blood_side: bool, touching_any: bool = False) -> np.ndarray | None:
+def _rim_voxels(labels: np.ndarray, images: Tensor, coverage: Tensor, fractions: dict[int, float], rim_of: int,
+                touching: int | None, blood_side: bool) -> np.ndarray | None:
     """Voxels of class ``rim_of`` with a ``touching`` voxel among their four in-plane neighbours
-    (any voxel of the class with ``touching_any``) that every channel of ``fractions`` covers and
+    (every voxel of the class where ``touching`` is None) that every channel of ``fractions`` covers and
     puts on the blood's side (``blood_side``: ``t >= fraction``) or the wall's side
     (``t < fraction``) of ``fraction``, where ``t = (I_n - m_myo) / (m_lv - m_myo)`` with the
     channel's medians over the covered myocardium and LV voxels; ``None`` where a channel has no
@@ -276,7 +276,7 @@ def _rim_voxels(labels: np.ndarray, images: Tensor, coverage: Tensor, fractions:
     cross = np.zeros((3, 3, 1), dtype=bool)
     cross[1, :, 0] = cross[:, 1, 0] = True
     rim = labels == rim_of
-    if not touching_any:
+    if touching is not None:
         rim &= ndimage.binary_dilation(labels == touching, structure=cross)
     for channel, fraction in fractions.items():
         image = images[channel].detach().cpu().numpy()
@@ -334,7 +334,7 @@ def give_wall_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractions
         return posterior
     labels = class_argmax(posterior).cpu().numpy()
     # the wall side of every channel, from the medians of the labels as they came
-    wall_side = _rim_voxels(labels, images, coverage, fractions, LV, LV, blood_side=False, touching_any=True)
+    wall_side = _rim_voxels(labels, images, coverage, fractions, LV, None, blood_side=False)
     if wall_side is None:
         return posterior
     cross = np.zeros((3, 3, 1), dtype=bool)
