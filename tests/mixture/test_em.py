@@ -414,6 +414,25 @@ def test_the_tabulated_likelihood_and_its_gradient_match_the_exact_ones():
     assert (gx1 - gx0).abs().max() <= 0.01 * gx0.abs().max()
 
 
+def test_the_em_pool_threads_run_single_threaded_and_leave_the_caller_its_threads():
+    """The fused iteration's slabs go to a pool whose threads run their operations on one thread;
+    the caller keeps its count. (A worker that took the caller's count ran its own team of threads,
+    and the whole process slowed down after the first pooled fit.)"""
+    import mvmm_monai.mixture.em as em_module
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        em_module._POOL = None  # a fresh pool, made while the caller runs 2 threads
+        pool = em_module._pool(2)
+        assert torch.get_num_threads() == 2
+        counts = list(pool.map(lambda _: (torch.ones(70000).exp().sum(), torch.get_num_threads())[1], range(8)))
+        assert counts == [1] * 8
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_pi_iterations_holds_the_proportions_after_its_iterations():
     counts = torch.tensor([[2, 1, 1, 1], [1, 2, 1, 1]])
     images, atlas, _, _ = sample_mixture((40, 40, 4), counts, seed=5)

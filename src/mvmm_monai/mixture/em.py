@@ -575,13 +575,24 @@ def em_step(
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool)
 
 
+def _single_threaded() -> None:
+    """The pool's thread initializer: this thread's torch operations run on one thread. ATen gives
+    a thread its OpenMP thread count from the process-wide setting at the thread's first parallel
+    operation, so that first read happens here, before the count is set to 1; otherwise the
+    caller's count, restored after the pool starts, reached the workers at their first operation
+    and each ran its own team of threads (measured: 2 threads per worker on 2 cores, and every
+    small operation of the process about 10x slower from then on)."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
 def _pool(workers: int) -> ThreadPoolExecutor:
     """This process's pool of ``workers`` threads whose torch operations run single-threaded (made
     again when the count changes, or in a forked child, which inherits no threads)."""
     global _POOL
     if _POOL is None or _POOL[:2] != (os.getpid(), workers):
         threads = torch.get_num_threads()
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mvmm-em", initializer=torch.set_num_threads, initargs=(1,))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mvmm-em", initializer=_single_threaded)
         barrier = threading.Barrier(workers)
         list(pool.map(lambda _: barrier.wait(), range(workers)))  # start every worker (and its initializer) now
         torch.set_num_threads(threads)  # the initializer also set the default of threads made later: restore it
