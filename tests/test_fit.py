@@ -167,7 +167,7 @@ def test_postprocess_group_follows_the_dataset_and_can_be_chosen(tmp_path):
     assert myops.as_dict() == {
         "name": "myops", "lv_cavity_fill": "hull", "min_wall_mm": 8.0, "endocardium_median_deg": 32.0,
         "blood_rim": {"C0": 0.25, "T2": 0.0}, "epicardium_median_deg": 45.0,
-        "rv_main_region": True,
+        "rv_main_region": True, "wall_rim": {"T2": -0.5}, "wall_rim_mm": 3.5,
     }
     assert composed("data=myops", "data.root=x", "postprocess=none").as_dict()["lv_cavity_fill"] is False
     assert composed("data=files", "data.images.DE=a.nii.gz", "postprocess=myops").name == "myops"

@@ -137,7 +137,9 @@ def test_resumed_registration_fit_matches_the_uninterrupted_one(tmp_path, cache_
     """registration=full: the atlas deformation, the slice shifts, Adam's moments and the step-size
     schedule are in the checkpoint; a fit resumed before the slice-shift search (iteration 8, on a
     schedule shortened for the test) ends where the uninterrupted one does."""
-    common = ["subject=patient3", "data.misalignment=true", "registration=full", "model.tol=0", "~logger",
+    # guard off: quality control (calibrated on real MyoPS) flags these short synthetic fits, and the
+    # guard would keep the fit without registration
+    common = ["subject=patient3", "data.misalignment=true", "registration=full", "registration.guard=false", "model.tol=0", "~logger",
               "callbacks.progress.refresh_rate=0", "registration.schedule.warmup=3", "registration.schedule.scale_start=[0,3]",
               "registration.schedule.shift_search_at=[5]", "registration.schedule.shift_gradient_exact_after=8"]
     whole = run(tmp_path / "whole", cache_dir, *common, "trainer.max_epochs=16")
