@@ -264,6 +264,11 @@ def smooth_epicardium(
     return _swap(_swap_with_runner_up(posterior, MYO, beyond), MYO, BACKGROUND, within)
 
 
+#: the four in-plane neighbours of a voxel of a [X, Y, Z] volume (no neighbour across slices)
+_IN_PLANE_CROSS = np.zeros((3, 3, 1), dtype=bool)
+_IN_PLANE_CROSS[1, :, 0] = _IN_PLANE_CROSS[:, 1, 0] = True
+
+
 def _rim_voxels(labels: np.ndarray, images: Tensor, coverage: Tensor, fractions: dict[int, float], rim_of: int,
                 touching: int | None, blood_side: bool) -> np.ndarray | None:
     """Voxels of class ``rim_of`` with a ``touching`` voxel among their four in-plane neighbours
@@ -273,11 +278,9 @@ def _rim_voxels(labels: np.ndarray, images: Tensor, coverage: Tensor, fractions:
     channel's medians over the covered myocardium and LV voxels; ``None`` where a channel has no
     myocardium, no LV or no contrast between them."""
     myo, lv = labels == MYO, labels == LV
-    cross = np.zeros((3, 3, 1), dtype=bool)
-    cross[1, :, 0] = cross[:, 1, 0] = True
     rim = labels == rim_of
     if touching is not None:
-        rim &= ndimage.binary_dilation(labels == touching, structure=cross)
+        rim &= ndimage.binary_dilation(labels == touching, structure=_IN_PLANE_CROSS)
     for channel, fraction in fractions.items():
         image = images[channel].detach().cpu().numpy()
         covered = coverage[channel].detach().cpu().numpy() > 0.5
@@ -337,11 +340,9 @@ def give_wall_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractions
     wall_side = _rim_voxels(labels, images, coverage, fractions, LV, None, blood_side=False)
     if wall_side is None:
         return posterior
-    cross = np.zeros((3, 3, 1), dtype=bool)
-    cross[1, :, 0] = cross[:, 1, 0] = True
     flip = np.zeros_like(wall_side)
     for _ in range(passes):
-        grow = wall_side & ~flip & (labels == LV) & ndimage.binary_dilation((labels == MYO) | flip, structure=cross)
+        grow = wall_side & ~flip & (labels == LV) & ndimage.binary_dilation((labels == MYO) | flip, structure=_IN_PLANE_CROSS)
         if not grow.any():
             break
         flip |= grow

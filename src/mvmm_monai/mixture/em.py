@@ -22,6 +22,7 @@ from torch import Tensor
 from mvmm_monai.mixture.gaussian import (
     Quantised,
     component_log_densities,
+    covered_range,
     intensity_features,
     level_tables,
     quantise,
@@ -401,18 +402,14 @@ def class_log_likelihood_table(x: Tensor, coverage: Tensor, params: MixtureParam
     on ``levels`` even levels from ``lo``, spanning the intensities of ``x`` ``[B, N, V]`` where
     ``coverage`` ``[B, N, V]`` > 0, widened by :data:`TABLE_MARGIN` of their range on either side.
     The parameters are read as they are (no gradient through the table)."""
-    covered = coverage > 0
     x = x.detach()
-    lo = torch.where(covered, x, torch.inf).amin(-1, keepdim=True)
-    hi = torch.where(covered, x, -torch.inf).amax(-1, keepdim=True)
-    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))  # a sequence covering nothing
-    hi = torch.where(torch.isfinite(hi), hi, lo)
+    lo, hi = covered_range(x, coverage)
     width = (hi - lo).clamp_min(1e-6)
     lo, hi = lo - TABLE_MARGIN * width, hi + TABLE_MARGIN * width
     step = (hi - lo) / (levels - 1)
     values = lo + step * torch.arange(levels, dtype=x.dtype, device=x.device)  # [B, N, L]
     p = params.detach()
-    return lo, step, level_tables(values, p.log_tau, p.mean, p.var)[0]
+    return lo, step, level_tables(values, p.log_tau, p.mean, p.var, responsibilities=False)[0]
 
 
 def lookup_class_log_likelihood(x: Tensor, lo: Tensor, step: Tensor, table: Tensor) -> Tensor:

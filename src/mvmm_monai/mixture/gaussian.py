@@ -97,22 +97,30 @@ def quantise(images: Tensor, coverage: Tensor, levels: int) -> Quantised:
     x = images.reshape(b, n, -1)
     cov = coverage.reshape(b, n, -1)
     covered = cov > 0
-    lo = torch.where(covered, x, torch.inf).amin(-1, keepdim=True)
-    hi = torch.where(covered, x, -torch.inf).amax(-1, keepdim=True)
-    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))  # an image covering nothing
-    hi = torch.where(torch.isfinite(hi), hi, lo)
+    lo, hi = covered_range(x, cov)
     step = ((hi - lo) / (levels - 1)).clamp_min(torch.finfo(x.dtype).tiny)
     index = ((x - lo) / step).round_().clamp_(0, levels - 1).to(torch.int64).masked_fill_(~covered, levels)
     values = lo + step * torch.arange(levels, dtype=x.dtype, device=x.device)
     return Quantised(index, values, cov.amax(dim=-1).to(x.dtype), covered.any(dim=1).to(x.dtype))
 
 
-def level_tables(values: Tensor, log_tau: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+def covered_range(x: Tensor, coverage: Tensor) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)`` ``[B, N, 1]``: each image's lowest and highest intensity of ``x`` ``[B, N, V]``
+    where ``coverage`` ``[B, N, V]`` > 0 (both 0 for an image that covers nothing)."""
+    covered = coverage > 0
+    lo = torch.where(covered, x, torch.inf).amin(-1, keepdim=True)
+    hi = torch.where(covered, x, -torch.inf).amax(-1, keepdim=True)
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))  # an image covering nothing
+    return lo, torch.where(torch.isfinite(hi), hi, lo)
+
+
+def level_tables(values: Tensor, log_tau: Tensor, mean: Tensor, var: Tensor, responsibilities: bool = True) -> tuple[Tensor, Tensor | None]:
     """The class log-densities and subtype responsibilities at every intensity level.
 
     Args:
         values: ``[B, N, L]`` level intensities (:attr:`Quantised.values`).
         log_tau, mean, var: ``[B, N, K, C]`` subtype parameters.
+        responsibilities: also the subtypes' shares (``False``: ``None`` in their place).
 
     Returns:
         ``(log_class [B, N, K, L], within [B, N, K, C, L])``: ``log sum_c tau_nkc N(v; mu, var)``
@@ -120,4 +128,4 @@ def level_tables(values: Tensor, log_tau: Tensor, mean: Tensor, var: Tensor) -> 
     """
     dens = component_log_densities(values, log_tau, mean, var)
     log_class = torch.logsumexp(dens, dim=3)
-    return log_class, torch.exp(dens - log_class[:, :, :, None])
+    return log_class, torch.exp(dens - log_class[:, :, :, None]) if responsibilities else None
