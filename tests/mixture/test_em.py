@@ -433,6 +433,61 @@ def test_the_em_pool_threads_run_single_threaded_and_leave_the_caller_its_thread
         torch.set_num_threads(before)
 
 
+def test_the_thread_choice_runs_the_faster_way_and_follows_a_change_of_load():
+    """Timed with made-up seconds: each way is timed once, the faster runs, the other is tried after
+    4 calls (then 8, ... while the choice holds), a jump in the faster way's time has the other
+    tried at once, and a try that turns out faster takes over."""
+    from mvmm_monai.mixture.em import _ThreadChoice
+
+    choice, key = _ThreadChoice(), ("size",)
+    seconds = {True: 0.05, False: 0.09}  # quiet: the pool is faster
+
+    def run(n):
+        ways = []
+        for _ in range(n):
+            way = choice.pick(key)
+            choice.record(key, way, seconds[way])
+            ways.append(way)
+        return ways
+
+    assert run(2) == [True, False]  # each way timed once
+    assert run(13) == [True] * 3 + [False] + [True] * 7 + [False] + [True]  # tries after 4, then 8 calls
+    seconds[True] = 0.33  # the machine became loaded: the pool is now slower than one thread
+    assert run(3) == [True, False, False]  # the pool's running mean passes one thread's: one thread takes over
+    # a smaller jump (the pool's 0.05 s to 0.085 s, its running mean still ahead of one thread's):
+    # one thread is tried at the next call, long before the interval's try
+    choice.state[key].update(mean={True: 0.05, False: 0.09}, calls=0, interval=16)
+    seconds[True] = 0.085
+    assert run(3) == [True, False, True]
+    choice.state[key].update(mean={True: 0.33, False: 0.09}, calls=0, interval=4)
+    seconds[True] = 0.05  # quiet again: found at the next try (after 4 calls)
+    assert run(6) == [False] * 3 + [True, True, True]
+
+
+def test_the_fused_iteration_gives_the_same_result_on_the_pool_and_on_one_thread():
+    import mvmm_monai.mixture.em as em_module
+
+    counts = torch.tensor([[3, 2, 2, 2], [2, 2, 1, 1]])
+    images, atlas, _, _ = sample_mixture((24, 20, 3), counts, seed=6)
+    coverage = torch.ones_like(images)
+    log_atlas = log_atlas_from_prob(atlas, 1e-4)
+    params = initialise_from_atlas(images, coverage, atlas, counts)
+    posterior = torch.softmax(log_atlas, dim=1)
+    config = EMConfig(beta=0.7, update_pi=True, chunk_voxels=100)
+    before, saved = torch.get_num_threads(), em_module._THREAD_CHOICE
+    try:
+        torch.set_num_threads(2)
+        em_module._THREAD_CHOICE = em_module._ThreadChoice()  # fresh: the first call pools, the second runs on one thread
+        (p1, e1), (p2, e2) = (em_step(images, coverage, log_atlas, params, config, posterior) for _ in range(2))
+        assert [set(s["mean"]) for s in em_module._THREAD_CHOICE.state.values()] == [{True, False}]
+    finally:
+        torch.set_num_threads(before)
+        em_module._THREAD_CHOICE = saved
+    assert torch.equal(e1.posterior, e2.posterior) and torch.equal(e1.log_likelihood, e2.log_likelihood)
+    for name, value in p1.as_dict().items():
+        assert torch.equal(p2.as_dict()[name], value), name
+
+
 def test_pi_iterations_holds_the_proportions_after_its_iterations():
     counts = torch.tensor([[2, 1, 1, 1], [1, 2, 1, 1]])
     images, atlas, _, _ = sample_mixture((40, 40, 4), counts, seed=5)

@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -597,6 +598,63 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _POOL[2]
 
 
+class _ThreadChoice:
+    """Whether the slabs of an iteration run on the whole pool or on one of its threads, chosen by
+    timing both on this machine as it is now.
+
+    On a loaded CPU the pool can lose badly to one thread (measured in ``benchmarks/em_speed.py``
+    on 2 cores with 2 busy processes: the pool 2.6x the time of one thread; quiet, one thread 1.7x
+    the pool's): a worker that the OS preempts while it holds Python's lock stalls the others. Per
+    problem size (its voxels, to a power of two) the choice keeps a running mean of the seconds
+    each way took and runs the faster; it tries the other way again after ``interval`` calls (4,
+    doubling up to 64 while the choice holds, back to 4 when it changes), and at the next call when
+    the faster way took more than 1.5x its running mean (the load changed); a try's time replaces
+    that way's stale mean. Both ways run the same slabs with the same single-threaded operations
+    and sum them in the same order: the results are identical.
+    """
+
+    RATE, FIRST, LAST, JUMP = 0.5, 4, 64, 1.5
+
+    def __init__(self) -> None:
+        self.state: dict[tuple, dict] = {}
+        self.lock = threading.Lock()
+
+    def pick(self, key: tuple) -> bool:
+        """True: the whole pool; False: one thread."""
+        with self.lock:
+            st = self.state.setdefault(key, {"mean": {}, "calls": 0, "interval": self.FIRST, "explore": False})
+            mean = st["mean"]
+            if True not in mean or False not in mean:
+                return True not in mean  # each way timed once first
+            best = mean[True] <= mean[False]
+            st["calls"] += 1
+            st["trying"] = st["explore"] or st["calls"] >= st["interval"]
+            if st["trying"]:
+                st["calls"], st["explore"] = 0, False
+                return not best
+            return best
+
+    def record(self, key: tuple, pooled: bool, seconds: float) -> None:
+        with self.lock:
+            st = self.state[key]
+            mean = st["mean"]
+            before = mean[True] <= mean[False] if len(mean) == 2 else None
+            jump = pooled == before and seconds > self.JUMP * mean[pooled]
+            trying = st.pop("trying", False)
+            # the way tried after a while: its earlier times are stale, this one replaces them
+            mean[pooled] = seconds if trying or pooled not in mean else (1 - self.RATE) * mean[pooled] + self.RATE * seconds
+            after = mean[True] <= mean[False] if len(mean) == 2 else None
+            if trying:  # wait longer before the next try if the choice held
+                st["interval"] = min(2 * st["interval"], self.LAST) if after == before else self.FIRST
+            elif before is not None and after != before:  # the running means changed places
+                st["interval"], st["calls"] = self.FIRST, 0
+            elif jump:
+                st["explore"] = True  # the faster way slowed down but is still ahead: try the other at the next call
+
+
+_THREAD_CHOICE = _ThreadChoice()
+
+
 @torch.no_grad()
 def _fused_iteration(
     q: Quantised, log_atlas: Tensor, params: MixtureParams, config: EMConfig, posterior: Tensor | None, lower_bound: bool
@@ -608,7 +666,8 @@ def _fused_iteration(
     and partial sums are computed while it is in cache. On a CPU the slabs go to a pool of
     ``torch.get_num_threads()`` threads, each running its operations single-threaded: a thread
     that the OS preempts on a loaded machine delays only its own slab instead of every operation's
-    barrier. On other devices the volume is one slab.
+    barrier; where even so one thread is faster (a loaded machine), they go to one of its threads
+    (:class:`_ThreadChoice`). On other devices the volume is one slab.
     """
     b, _, v = q.index.shape
     k = params.mean.shape[2]
@@ -643,7 +702,14 @@ def _fused_iteration(
 
     bounds = [(s, min(s + step, rows)) for s in range(0, rows, step)]
     if threads > 1 and len(bounds) > 1:
-        parts = list(_pool(threads).map(lambda se: slab(*se), bounds))
+        pool, key = _pool(threads), (threads, b, k, v.bit_length())
+        pooled = _THREAD_CHOICE.pick(key)
+        t = time.perf_counter()
+        if pooled:
+            parts = list(pool.map(lambda se: slab(*se), bounds))
+        else:
+            parts = pool.submit(lambda: [slab(*se) for se in bounds]).result()
+        _THREAD_CHOICE.record(key, pooled, time.perf_counter() - t)
     else:
         parts = [slab(s, e) for s, e in bounds]
     hist, ll, bound, prior_mass, post_mass, moved = (
