@@ -27,7 +27,8 @@ model knows about its own result (:func:`qc_features`):
 - ``placement_score``: the automatic placement's template correlation.
 
 :class:`QualityModel` turns them into ``{"score", "flag", "reasons", "features"}`` for
-``metrics.json``: ``score`` is an estimate of the LGE myocardium Dice (ridge regression on the
+``metrics.json``: ``score`` is an estimate of the LGE myocardium Dice (ridge regression of the
+Dice, raised to a floor so that the deepest failures do not set the weights, on the
 standardised features, mapped through a monotone calibration curve fitted by isotonic
 regression so that the estimate is unbiased for good fits as well as failures), ``flag`` is set when the score is below the model's threshold or when
 a sequence was found mirrored or disagrees with the others, and ``reasons`` names every feature
