@@ -9,7 +9,8 @@ For each fold, the atlas is built from the other folds' cases only; every case o
 fitted fully automatically as given, and ``--failures`` more times with a failure made on purpose
 (``atlas.displace``: the placed atlas shifted 12-25 mm in a random direction, scaled by 0.6-0.75
 or 1.35-1.5, or rotated by 90-180 degrees about the heart's centre; drawn per case from a fixed
-seed). Every fit gives its label-free QC features (``pipeline/qc.py``) and its true LGE
+seed), and ``--sequence-failures`` more with C0 or T2 moved in-plane by 12-25 mm against the
+other sequences (a copy of the case's files, the image rolled, its header kept). Every fit gives its label-free QC features (``pipeline/qc.py``) and its true LGE
 myocardium Dice.
 
 The quality model (ridge regression of the Dice on the standardised features, a flag threshold,
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -69,8 +71,39 @@ def failures_for(case: str, count: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def sequence_failures_for(case: str, count: int, seed: int = 0) -> list[dict]:
+    """``count`` deliberate misalignments of one sequence of ``case`` against the others (C0 or T2
+    moved in-plane by 12-25 mm: an acquisition or export error, not a misplaced atlas), drawn from
+    a seed and the case's name (a stream of their own: the atlas failures stay those of
+    :func:`failures_for`)."""
+    rng = np.random.default_rng([seed, 1, *case.encode()])
+    out = []
+    for _ in range(count):
+        r, a = rng.uniform(12, 25), rng.uniform(0, 2 * math.pi)
+        out.append({"sequence": str(rng.choice(["C0", "T2"])), "shift_mm": [round(r * math.cos(a), 1), round(r * math.sin(a), 1)]})
+    return out
+
+
+def moved_sequence_copy(root: Path, case: str, d: dict, dest: Path) -> Path:
+    """A copy of ``case`` under ``dest`` with ``d["sequence"]`` rolled in-plane by ``d["shift_mm"]``
+    (whole voxels; its header kept, so it no longer lies where the other sequences say the heart
+    is); returns the copy's data root."""
+    import nibabel as nib
+
+    target = dest / case
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(root / case, target)
+    path = target / f"{case}_{d['sequence']}.nii.gz"
+    img = nib.load(path)
+    spacing = img.header.get_zooms()[:2]
+    voxels = [int(round(mm / sp)) for mm, sp in zip(d["shift_mm"], spacing)]
+    nib.save(nib.Nifti1Image(np.roll(np.asarray(img.dataobj), voxels, axis=(0, 1)), img.affine, img.header), path)
+    return dest
+
+
 def displace_override(d: dict | None) -> list[str]:
-    if not d:
+    if not d or "sequence" in d:
         return []
     body = ",".join(f"{k}:{json.dumps(v).replace(' ', '')}" for k, v in d.items())
     return [f"atlas.displace={{{body}}}"]
@@ -86,6 +119,8 @@ def fit_one(root: Path, atlas: Path, case: str, out: Path, displace: dict | None
     row: dict = {"case": case, "displace": displace}
     start = time.perf_counter()
     try:
+        if displace and "sequence" in displace:
+            root = moved_sequence_copy(root, case, displace, out.with_name(out.name + "_data"))
         m = fit(compose_config(["data=myops", f"data.root={root}", f"subject={case}", f"atlas.path={atlas}", f"paths.output_dir={out}",
                                 "callbacks.progress.refresh_rate=0", "~logger", *displace_override(displace), *overrides]))
         row.update(dice=m["dice"]["LGE"], features=m["qc"]["features"], agreement=m["qc"]["sequence_agreement"],
@@ -240,6 +275,8 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--cases", default="Case3001..Case3025")
     ap.add_argument("--failures", type=int, default=2, help="failures made on purpose per case (default %(default)s)")
+    ap.add_argument("--sequence-failures", type=int, default=1, help="failures per case made by moving C0 or T2 "
+                    "against the other sequences (default %(default)s)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/mvmm_qc_calibration"))
     ap.add_argument("--reuse-atlases", action="store_true", help="use the fold atlases already in --out")
@@ -276,7 +313,7 @@ def main() -> None:
                 training = [c for c in cases if c not in fold]
                 build_atlas(compose_config([f"data.root={args.root}", f"subjects=[{','.join(training)}]", f"output={atlas}"], config_name="build_atlas"))
             atlases.append(atlas)
-        jobs = [(c, d) for c in cases for d in [None, *failures_for(c, args.failures)]]
+        jobs = [(c, d) for c in cases for d in [None, *failures_for(c, args.failures), *sequence_failures_for(c, args.sequence_failures)]]
         rows = []
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(fit_one, args.root, atlases[fold_of[c]], c, args.out / "fits" / f"{c}_{k}", d, list(args.overrides), args.threads or 1)
@@ -303,8 +340,11 @@ def main() -> None:
         per_fold.append(verdict_summary(j))
     pooled = verdict_summary(judged)
     full = make_model(fitted, names)
+    # failures per case as the rows have them (with --rows, those of the run that fitted them)
+    per_case = {"atlas": sum(bool(r.get("displace")) and "sequence" not in r["displace"] for r in rows) // max(len(cases), 1),
+                "sequence": sum(bool(r.get("displace")) and "sequence" in r["displace"] for r in rows) // max(len(cases), 1)}
     figures = {
-        "folds": folds, "failures_per_case": args.failures, "features": names, "errors": [f"{r['case']} {r.get('displace')}: {r['error']}" for r in errors],
+        "folds": folds, "failures_per_case": per_case["atlas"], "sequence_failures_per_case": per_case["sequence"], "features": names, "errors": [f"{r['case']} {r.get('displace')}: {r['error']}" for r in errors],
         "cross_validated": {"pooled": pooled, "folds": per_fold, "fits": judged},
         "model_from_all": full,
         "same_fits": verdict_summary(judge(full, fitted)),
@@ -316,7 +356,8 @@ def main() -> None:
         write_table_record(args, figures, per_fold, pooled, cases)
     if args.write_config:
         write_config(full, {"record": args.record or None, "cases": args.cases, "fits": len(fitted),
-                            "failures_per_case": args.failures, "folds": args.folds})
+                            "failures_per_case": per_case["atlas"], "sequence_failures_per_case": per_case["sequence"],
+                            "folds": args.folds})
 
 
 def write_table_record(args, figures: dict, per_fold: list[dict], pooled: dict, cases: list[str]) -> None:
@@ -329,7 +370,9 @@ def write_table_record(args, figures: dict, per_fold: list[dict], pooled: dict, 
                     "mean |score - Dice|", "r(score, Dice)"],
         "rows": table_rows,
         "caption": f"Quality control, {args.folds}-fold cross-validated over {len(cases)} MyoPS cases ({args.cases}), each fitted "
-                   f"as given and {args.failures} times with a misplaced atlas made on purpose: the model judging a fold was made "
+                   f"as given, {figures['failures_per_case']} times with a misplaced atlas and "
+                   f"{figures['sequence_failures_per_case']} times with C0 or T2 moved against the other sequences, made on purpose: "
+                   "the model judging a fold was made "
                    "from the other folds' fits only; each fold's atlas from the other folds' cases.",
     })
 
