@@ -360,6 +360,10 @@ def main() -> None:
                             "folds": args.folds})
 
 
+def times(n: int) -> str:
+    return {0: "never", 1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
 def write_table_record(args, figures: dict, per_fold: list[dict], pooled: dict, cases: list[str]) -> None:
     table_rows = []
     for label, s in [*((f"fold {i}", s) for i, s in enumerate(per_fold)), ("pooled", pooled)]:
@@ -370,8 +374,8 @@ def write_table_record(args, figures: dict, per_fold: list[dict], pooled: dict, 
                     "mean |score - Dice|", "r(score, Dice)"],
         "rows": table_rows,
         "caption": f"Quality control, {args.folds}-fold cross-validated over {len(cases)} MyoPS cases ({args.cases}), each fitted "
-                   f"as given, {figures['failures_per_case']} times with a misplaced atlas and "
-                   f"{figures['sequence_failures_per_case']} times with C0 or T2 moved against the other sequences, made on purpose: "
+                   f"as given, {times(figures['failures_per_case'])} with a misplaced atlas and "
+                   f"{times(figures['sequence_failures_per_case'])} with C0 or T2 moved against the other sequences, made on purpose: "
                    "the model judging a fold was made "
                    "from the other folds' fits only; each fold's atlas from the other folds' cases.",
     })
