@@ -2,7 +2,7 @@
 """Calibrate and cross-validate quality control (``metrics.json`` ``qc``) on the shared MyoPS cases.
 
     .venv/bin/python benchmarks/qc_calibration.py [--root DIR] [--folds 5] [--cases Case3001..Case3025] \
-        [--failures 2] [--jobs 2] [--out DIR] [--reuse-atlases] [--rows FILE] [--write-config] \
+        [--failures 2] [--sequence-failures 1] [--jobs 2] [--out DIR] [--reuse-atlases] [--rows FILE] [--write-config] \
         [--record NAME] [hydra overrides common to every fit ...]
 
 For each fold, the atlas is built from the other folds' cases only; every case of the fold is
@@ -10,20 +10,19 @@ fitted fully automatically as given, and ``--failures`` more times with a failur
 (``atlas.displace``: the placed atlas shifted 12-25 mm in a random direction, scaled by 0.6-0.75
 or 1.35-1.5, or rotated by 90-180 degrees about the heart's centre; drawn per case from a fixed
 seed), and ``--sequence-failures`` more with C0 or T2 moved in-plane by 12-25 mm against the
-other sequences (a copy of the case's files, the image rolled, its header kept). Every fit gives its label-free QC features (``pipeline/qc.py``) and its true LGE
-myocardium Dice.
+other sequences (a copy of the case's files, the image rolled, its header kept). Every fit gives
+its label-free QC features (``pipeline/qc.py``) and its true LGE myocardium Dice.
 
 The quality model (ridge regression of the Dice on the standardised features, a flag threshold,
 the usual range of every feature on good fits) is then *cross-validated*. The regression's target
 is the Dice raised to a floor (max(Dice, floor), the floor of ``FLOORS`` that misjudges fewest
 fits leaving one case out at a time within the fits the model is made from): without it, the
 depth of the worst failures (Dice 0.1-0.5) set the weights, and the fits near the 0.70 and 0.80
-lines were told apart less well. Cross-validated: for each fold it is
-made from the other folds' fits and judged on the fold's own (failed fits: Dice < 0.70, good:
->= 0.80): how many failures it flags, how many good fits it flags, how close its score is to the
-Dice. ``--write-config`` writes the model made from all fits to ``src/mvmm_monai/conf/qc/default.yaml``
-(what every fit then uses). ``--rows FILE`` recalibrates from the fits of an earlier run without
-fitting again. The record is ``benchmarks/results/NAME.json`` (default ``qc_calibration``).
+lines were told apart less well. Cross-validated: for each fold it is made from the other folds'
+fits and judged on the fold's own (failed fits: Dice < 0.70, good: >= 0.80): how many failures it
+flags, how many good fits it flags, how close its score is to the Dice. ``--write-config``
+writes the model made from all fits to ``src/mvmm_monai/conf/qc/default.yaml`` (what every fit
+then uses). ``--rows FILE`` recalibrates from the fits of an earlier run without fitting again. The record is ``benchmarks/results/NAME.json`` (default ``qc_calibration``).
 """
 
 from __future__ import annotations
