@@ -465,6 +465,8 @@ def test_the_thread_choice_runs_the_faster_way_and_follows_a_change_of_load():
 
 
 def test_the_fused_iteration_gives_the_same_result_on_the_pool_and_on_one_thread():
+    """Every operation of the iteration is single-threaded whichever way it runs: the pool, one of
+    its threads and a one-thread process give the same bits."""
     import mvmm_monai.mixture.em as em_module
 
     counts = torch.tensor([[3, 2, 2, 2], [2, 2, 1, 1]])
@@ -480,12 +482,15 @@ def test_the_fused_iteration_gives_the_same_result_on_the_pool_and_on_one_thread
         em_module._THREAD_CHOICE = em_module._ThreadChoice()  # fresh: the first call pools, the second runs on one thread
         (p1, e1), (p2, e2) = (em_step(images, coverage, log_atlas, params, config, posterior) for _ in range(2))
         assert [set(s["mean"]) for s in em_module._THREAD_CHOICE.state.values()] == [{True, False}]
+        torch.set_num_threads(1)  # a one-thread process: no pool at all
+        p3, e3 = em_step(images, coverage, log_atlas, params, config, posterior)
     finally:
         torch.set_num_threads(before)
         em_module._THREAD_CHOICE = saved
-    assert torch.equal(e1.posterior, e2.posterior) and torch.equal(e1.log_likelihood, e2.log_likelihood)
-    for name, value in p1.as_dict().items():
-        assert torch.equal(p2.as_dict()[name], value), name
+    for pp, ee in ((p2, e2), (p3, e3)):
+        assert torch.equal(e1.posterior, ee.posterior) and torch.equal(e1.log_likelihood, ee.log_likelihood)
+        for name, value in p1.as_dict().items():
+            assert torch.equal(pp.as_dict()[name], value), name
 
 
 def test_pi_iterations_holds_the_proportions_after_its_iterations():

@@ -599,8 +599,8 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 class _ThreadChoice:
-    """Whether the slabs of an iteration run on the whole pool or on one of its threads, chosen by
-    timing both on this machine as it is now.
+    """Whether the slabs of an iteration run on the whole pool or on one thread, chosen by timing
+    both on this machine as it is now.
 
     On a loaded CPU the pool can lose badly to one thread (measured in ``benchmarks/em_speed.py``
     on 2 cores with 2 busy processes: the pool 2.6x the time of one thread; quiet, one thread 1.7x
@@ -609,8 +609,8 @@ class _ThreadChoice:
     each way took and runs the faster; it tries the other way again after ``interval`` calls (4,
     doubling up to 64 while the choice holds, back to 4 when it changes), and at the next call when
     the faster way took more than 1.5x its running mean (the load changed); a try's time replaces
-    that way's stale mean. Both ways run the same slabs with the same single-threaded operations
-    and sum them in the same order: the results are identical.
+    that way's stale mean. Both ways run the same single-threaded operations and sum the slabs in
+    the same order: the results are identical.
     """
 
     RATE, FIRST, LAST, JUMP = 0.5, 4, 64, 1.5
@@ -655,7 +655,6 @@ class _ThreadChoice:
 _THREAD_CHOICE = _ThreadChoice()
 
 
-@torch.no_grad()
 def _fused_iteration(
     q: Quantised, log_atlas: Tensor, params: MixtureParams, config: EMConfig, posterior: Tensor | None, lower_bound: bool
 ) -> tuple[MixtureParams, EStepResult]:
@@ -663,12 +662,32 @@ def _fused_iteration(
 
     The volume is cut into slabs along its first spatial axis; each slab's prior (atlas, pi and the
     MRF of the previous posterior, read one row beyond the slab), look-ups, posterior, histograms
-    and partial sums are computed while it is in cache. On a CPU the slabs go to a pool of
-    ``torch.get_num_threads()`` threads, each running its operations single-threaded: a thread
-    that the OS preempts on a loaded machine delays only its own slab instead of every operation's
-    barrier; where even so one thread is faster (a loaded machine), they go to one of its threads
-    (:class:`_ThreadChoice`). On other devices the volume is one slab.
+    and partial sums are computed while it is in cache (:func:`_fused_pass`). On a CPU with more
+    than one thread the iteration runs on a pool of ``torch.get_num_threads() + 1`` threads, each
+    running its operations single-threaded: one thread runs the iteration and hands the slabs to
+    the others (a thread that the OS preempts on a loaded machine delays only its own slab instead
+    of every operation's barrier), or runs them itself where that is faster (a loaded machine;
+    :class:`_ThreadChoice`). Every operation is single-threaded either way, so the result is the
+    same, and the same as a one-thread process's. On other devices the volume is one slab.
     """
+    threads = torch.get_num_threads() if log_atlas.device.type == "cpu" else 1
+    if threads == 1:
+        return _fused_pass(q, log_atlas, params, config, posterior, lower_bound, None)
+    pool = _pool(threads + 1)  # the iteration's thread waits while the others take the slabs
+    key = (threads, q.index.shape[0], params.mean.shape[2], q.index.shape[-1].bit_length())
+    pooled = _THREAD_CHOICE.pick(key)
+    t = time.perf_counter()
+    out = pool.submit(_fused_pass, q, log_atlas, params, config, posterior, lower_bound, pool if pooled else None).result()
+    _THREAD_CHOICE.record(key, pooled, time.perf_counter() - t)
+    return out
+
+
+@torch.no_grad()
+def _fused_pass(
+    q: Quantised, log_atlas: Tensor, params: MixtureParams, config: EMConfig, posterior: Tensor | None, lower_bound: bool,
+    slab_pool: ThreadPoolExecutor | None,
+) -> tuple[MixtureParams, EStepResult]:
+    """:func:`_fused_iteration`'s work; the slabs go to ``slab_pool`` (None: one after the other)."""
     b, _, v = q.index.shape
     k = params.mean.shape[2]
     spatial = log_atlas.shape[2:]
@@ -680,9 +699,7 @@ def _fused_iteration(
     mrf = torch.is_tensor(beta) or beta > 0
     log_pi = params.log_pi[:, :, None]
     new_post = torch.empty((b, k, *spatial), dtype=dtype, device=log_atlas.device)
-    cpu = log_atlas.device.type == "cpu"
-    threads = torch.get_num_threads() if cpu else 1
-    step = max(1, config.chunk_voxels // max(per_row * b, 1)) if cpu else rows
+    step = max(1, config.chunk_voxels // max(per_row * b, 1)) if log_atlas.device.type == "cpu" else rows
 
     def slab(s: int, e: int):
         vs = slice(s * per_row, e * per_row)
@@ -701,15 +718,8 @@ def _fused_iteration(
         return hist, ll, bound, prior_mass, post_mass, moved
 
     bounds = [(s, min(s + step, rows)) for s in range(0, rows, step)]
-    if threads > 1 and len(bounds) > 1:
-        pool, key = _pool(threads), (threads, b, k, v.bit_length())
-        pooled = _THREAD_CHOICE.pick(key)
-        t = time.perf_counter()
-        if pooled:
-            parts = list(pool.map(lambda se: slab(*se), bounds))
-        else:
-            parts = pool.submit(lambda: [slab(*se) for se in bounds]).result()
-        _THREAD_CHOICE.record(key, pooled, time.perf_counter() - t)
+    if slab_pool is not None and len(bounds) > 1:
+        parts = list(slab_pool.map(lambda se: slab(*se), bounds))
     else:
         parts = [slab(s, e) for s, e in bounds]
     hist, ll, bound, prior_mass, post_mass, moved = (
