@@ -62,6 +62,9 @@ def test_tensorboard_scalars_images_hparams_and_overlay_png(tmp_path, cache_dir)
     assert metrics["iterations"] == 12
     # the montage: every slice of the reference with the label contours (and scar, patient2 has some)
     assert [e.step for e in ea.Images("montage")] == [12]
+    # TensorBoard holds the final pictures as written, byte for byte
+    assert ea.Images("montage")[0].encoded_image_string == (out / "patient2_montage.png").read_bytes()
+    assert ea.Images("overlay")[-1].encoded_image_string == (out / "patient2_overlay.png").read_bytes()
     montage = imread(out / "patient2_montage.png")[..., :3]
     slices = nib.load(out / "patient2_DE_seg.nii.gz").shape[2]
     rows = -(-slices // 6)
@@ -133,10 +136,13 @@ def test_resumed_fit_matches_the_uninterrupted_one(tmp_path, cache_dir):
     assert np.allclose(a["DE"]["myocardium"]["mu"], b["DE"]["myocardium"]["mu"], atol=1e-6)
 
 
-def test_resumed_registration_fit_matches_the_uninterrupted_one(tmp_path, cache_dir):
+def test_resumed_registration_fit_matches_the_uninterrupted_one(tmp_path, cache_dir, one_thread):
     """registration=full: the atlas deformation, the slice shifts, Adam's moments and the step-size
     schedule are in the checkpoint; a fit resumed before the slice-shift search (iteration 8, on a
-    schedule shortened for the test) ends where the uninterrupted one does."""
+    schedule shortened for the test) ends where the uninterrupted one does. On one thread: the
+    registration's backward pass on two threads sums in an order that varies from run to run
+    (measured on two threads: the resumed and the uninterrupted slice shifts 3e-5 mm apart in some
+    runs, also before the EM's thread changes)."""
     # guard off: quality control (calibrated on real MyoPS) flags these short synthetic fits, and the
     # guard would keep the fit without registration
     common = ["subject=patient3", "data.misalignment=true", "registration=full", "registration.guard=false", "model.tol=0", "~logger",

@@ -31,7 +31,7 @@ from mvmm_monai.files import save_json
 from mvmm_monai.pipeline.batch import BatchedMvMMFit
 from mvmm_monai.pipeline.metrics import segmentation_metrics
 from mvmm_monai.pipeline.module import MvMMFit
-from mvmm_monai.pipeline.monitoring import montage_figure, overlay_figure, png_to_array
+from mvmm_monai.pipeline.monitoring import add_png, montage_figure, overlay_figure
 from mvmm_monai.pipeline.outputs import ResultFolder, params_record, write_results
 from mvmm_monai.pipeline.prepare import prepare_subject, temper_atlas
 from mvmm_monai.pipeline.qc import assess_fit, fit_notes
@@ -399,8 +399,7 @@ def _write(cfg: DictConfig, dataset, prep, fitted: Fitted, guarded: dict | None,
     if logger:
         if hasattr(logger.experiment, "add_image"):  # the final pictures, as written (callbacks.overlay draws the ones before)
             for name in ("overlay", "montage"):  # the files just written, not drawn again
-                picture = png_to_array(folder.staging / f"{subject.name}_{name}.png")
-                logger.experiment.add_image(name, picture, result.iterations, dataformats="HWC")
+                add_png(logger.experiment, name, folder.staging / f"{subject.name}_{name}.png", result.iterations)
         logger.log_hyperparams(hparams(cfg), metrics=final_scalars(metrics))
         logger.finalize("success")
     save_json(folder.staging / "metrics.json", metrics)
