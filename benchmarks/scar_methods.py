@@ -24,7 +24,9 @@ myocardium's median, 0, to the LV blood's, 1).
 
 n is chosen by cross-validation: for each fold, the n of ``--n`` with the best mean scar Dice on
 the other folds' cases, applied to the fold; the product's rule (``model.scar.rule``: subtype,
-fwhm, subtype_and_fwhm) is chosen per fold the same way. Reported per method: scar Dice against the manual
+fwhm, subtype_and_fwhm) is chosen per fold the same way, alone and together with
+``model.scar.min_component_ml`` (pieces of scar smaller than that many ml dropped; ``--min-components``).
+Reported per method: scar Dice against the manual
 label (MyoPS 2221), volumes in ml and the mean relative volume error. Writes
 ``benchmarks/results/NAME.json`` (default ``scar_methods``).
 """
@@ -36,13 +38,17 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from common import argument_parser, parse_args
 from crossval import folds_of
 from record import add_record_option, write_record
 
+from mvmm_monai.conventions.scar import drop_small_components
+
 SCAR, MYO = 2221, 200  # MyoPS label values: scar, myocardium (the fit's myocardium label)
 MANUAL_MYO = (200, 1220, 2221)  # MyoPS myocardium: normal, oedema, scar
 FIT_LABELS = {"myocardium": 200, "lv": 500, "rv": 600, "background": 0}  # the fit's LGE label map (MyoPS values)
+RULES = {"subtype": "mixture", "fwhm": "fwhm", "subtype_and_fwhm": "mixture_fwhm"}  # model.scar.rule -> method key
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -62,7 +68,7 @@ def threshold_masks(lge: np.ndarray, myo: np.ndarray, ns: list[float]) -> dict[s
     return out
 
 
-def case_row(fits, root, case: str, ns: list[float]) -> dict:
+def case_row(fits, root, case: str, ns: list[float], min_components: list[float]) -> dict:
     seg_file, scar_file = fits / case / f"{case}_LGE_seg.nii.gz", fits / case / f"{case}_scar.nii.gz"
     rule = json.loads((fits / case / "metrics.json").read_text()).get("scar", {}).get("rule", "subtype")
     if rule != "subtype":
@@ -78,6 +84,10 @@ def case_row(fits, root, case: str, ns: list[float]) -> dict:
     myo = (seg == MYO) | scar
     masks = {"mixture": scar, **threshold_masks(lge, myo, ns)}
     masks["mixture_fwhm"] = scar & masks["fwhm"]
+    for key in RULES.values():  # the product's rules with their small pieces dropped (model.scar.min_component_ml)
+        for m in min_components:
+            if m > 0:
+                masks[f"{key}_min{m:g}"] = drop_small_components(torch.from_numpy(masks[key]), ml, m).numpy()
     masks.update({f"manual_{k}": m for k, m in threshold_masks(lge, np.isin(gd, MANUAL_MYO), ns).items()})
     lands = {name: int((truth & (seg == value) & ~scar).sum()) for name, value in FIT_LABELS.items()}
     lands["myocardium"] += int((truth & scar).sum())  # the fit's scar is its myocardium too
@@ -108,12 +118,14 @@ def main() -> None:
     ap.add_argument("--fits", type=Path, required=True)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--n", type=float, nargs="+", default=[2, 3, 4, 5, 6], help="the n of n-SD tried (default %(default)s)")
+    ap.add_argument("--min-components", type=float, nargs="+", default=[0, 0.25, 0.5, 1.0],
+                    help="model.scar.min_component_ml values tried with the product's rules, ml (default %(default)s)")
     add_record_option(ap, "scar_methods")
     args = parse_args(ap)
     cases = sorted(p.name for p in args.fits.iterdir() if (p / f"{p.name}_scar.nii.gz").is_file())
     if not cases:
         raise SystemExit(f"{args.fits}: no fits (<case>/<case>_scar.nii.gz) found")
-    rows = [case_row(args.fits, args.root, c, args.n) for c in cases]
+    rows = [case_row(args.fits, args.root, c, args.n, args.min_components) for c in cases]
     by_case = {r["case"]: r for r in rows}
     folds = folds_of(cases, args.folds)
     chosen = []
@@ -126,18 +138,31 @@ def main() -> None:
                      for fold in folds]
     pick_manual = {c: f"manual_nsd_{chosen_manual[i]:g}" for i, fold in enumerate(folds) for c in fold}
     # the product's rule (model.scar.rule) chosen per fold the same way, among those it offers
-    rules = {"subtype": "mixture", "fwhm": "fwhm", "subtype_and_fwhm": "mixture_fwhm"}
+    rules = RULES
     rule_chosen = []
     for fold in folds:
         others = [by_case[c] for c in cases if c not in fold]
         rule_chosen.append(max(rules, key=lambda k: np.mean([r["methods"][rules[k]]["dice"] for r in others])))
     pick_rule = {c: rules[rule_chosen[i]] for i, fold in enumerate(folds) for c in fold}
+    # ... and together with model.scar.min_component_ml (its smallest value on a tie)
+    def key_of(rule: str, m: float) -> str:
+        return rules[rule] if m == 0 else f"{rules[rule]}_min{m:g}"
+
+    pairs = [(rule, m) for rule in rules for m in sorted(args.min_components)]
+    pair_chosen = []
+    for fold in folds:
+        others = [by_case[c] for c in cases if c not in fold]
+        pair_chosen.append(max(pairs, key=lambda p: np.mean([r["methods"][key_of(*p)]["dice"] for r in others])))
+    pick_pair = {c: key_of(*pair_chosen[i]) for i, fold in enumerate(folds) for c in fold}
     methods = {"mixture (MvMM scar subtype)": {c: "mixture" for c in cases},
                "n-SD, n chosen per fold": pick_cv,
                **{f"n-SD, n = {n:g} (every case)": {c: f"nsd_{n:g}" for c in cases} for n in args.n},
                "FWHM": {c: "fwhm" for c in cases},
                "mixture and FWHM both": {c: "mixture_fwhm" for c in cases},
                "model.scar.rule chosen per fold": pick_rule,
+               **{f"mixture and FWHM both, pieces under {m:g} ml dropped": {c: key_of("subtype_and_fwhm", m) for c in cases}
+                  for m in sorted(args.min_components) if m > 0},
+               "model.scar.rule and min_component_ml chosen per fold": pick_pair,
                "ceiling, not a method: n-SD within the manual myocardium, n chosen per fold": pick_manual,
                "ceiling, not a method: FWHM within the manual myocardium": {c: "manual_fwhm" for c in cases}}
     results = {name: summary(rows, pick) for name, pick in methods.items()}
@@ -151,6 +176,7 @@ def main() -> None:
     if not args.record:
         return
     write_record(args.record, {"cases": cases, "folds": folds, "n_chosen_per_fold": chosen, "rule_chosen_per_fold": rule_chosen,
+                               "rule_and_min_component_ml_chosen_per_fold": [list(p) for p in pair_chosen],
                                "n_chosen_per_fold_manual_myocardium": chosen_manual, "manual_scar_in_fit": lands,
                                "lost_scar_like_blood": like_blood,
                                "results": results, "rows": rows}, table={
@@ -160,7 +186,8 @@ def main() -> None:
         "caption": f"Scar (MyoPS 2221) on the LGE grids of {len(cases)} MyoPS cases, within each fully automatic cross-validated "
                    f"fit's myocardium: the mixture's scar subtype against n-SD (remote: the darker half of the myocardium) and FWHM; "
                    f"n chosen per fold on the other folds' cases ({', '.join(f'{n:g}' for n in chosen)}), and the rule of model.scar.rule "
-                   f"the same way ({', '.join(rule_chosen)}). Fits: {args.fits.name}. Manual scar voxels in the fits' label maps: "
+                   f"the same way ({', '.join(rule_chosen)}), and with model.scar.min_component_ml "
+                   f"({', '.join(f'{r} {m:g} ml' for r, m in pair_chosen)}). Fits: {args.fits.name}. Manual scar voxels in the fits' label maps: "
                    + ", ".join(f"{k} {100 * v:.1f} %" for k, v in lands.items()) + "; on the manual scar drawn as LV, each "
                    "sequence's intensity from normal myocardium (0) to LV blood (1), median over the cases: "
                    + ", ".join(f"{k} {v:.2f}" for k, v in like_blood.items()) + ".",

@@ -41,9 +41,24 @@ def fwhm_mask(image: torch.Tensor, myocardium: torch.Tensor, percentile: float =
     return myocardium & (image >= 0.5 * torch.quantile(values.double(), percentile / 100.0).to(image.dtype))
 
 
+def drop_small_components(mask: torch.Tensor, voxel_ml: float, min_ml: float) -> torch.Tensor:
+    """``mask`` ``[X, Y, Z]`` (bool) without its connected pieces (26-connected) smaller than
+    ``min_ml`` millilitres (``voxel_ml`` the volume of one voxel); ``min_ml`` 0 keeps every piece."""
+    if min_ml < 0:
+        raise ValueError(f"model.scar.min_component_ml must be >= 0, got {min_ml}")
+    if min_ml == 0 or not bool(mask.any()):
+        return mask
+    from scipy import ndimage
+
+    pieces, _ = ndimage.label(mask.cpu().numpy(), structure=np.ones((3, 3, 3)))
+    volume = np.bincount(pieces.ravel()) * voxel_ml
+    keep = (volume >= min_ml) & (np.arange(volume.size) > 0)
+    return torch.from_numpy(keep[pieces]).to(mask.device)
+
+
 def native_scar(
     subject, scores: torch.Tensor, result, shifts: dict, min_contrast: float = 2.0, min_blood_fraction: float = 0.45,
-    rule: str = "subtype_and_fwhm",
+    rule: str = "subtype_and_fwhm", min_component_ml: float = 0.0,
 ) -> tuple[torch.Tensor, ScarResult]:
     """Scar mask ``[X, Y, Z]`` (bool) on the reference sequence's native grid, and the common-space result.
 
@@ -59,6 +74,8 @@ def native_scar(
         result: the :class:`~mvmm_monai.pipeline.module.FitResult` of the fit (images, parameters).
         shifts: sequence -> fitted slice shifts in voxels (as for the segmentations).
         min_contrast, min_blood_fraction: see :func:`~mvmm_monai.mixture.scar.scar_segmentation`.
+        min_component_ml: pieces of scar smaller than this (ml, on the native grid) are dropped
+            (:func:`drop_small_components`).
     """
     ref = subject.reference
     w = result.warped
@@ -84,8 +101,9 @@ def native_scar(
     full = getattr(subject, "parent", None) or subject  # the uncut subject when the common space was cropped
     if full is not subject:
         two_class = subject.uncrop(two_class, 0.0, 1.0)
-    native = native_segmentation(two_class, full, ref, shifts.get(ref)) == 1
-    return native.cpu(), res
+    native = (native_segmentation(two_class, full, ref, shifts.get(ref)) == 1).cpu()
+    voxel_ml = float(torch.prod(full.grids[ref].spacing.to(torch.float64))) / 1000.0
+    return drop_small_components(native, voxel_ml, min_component_ml), res
 
 
 def _finite(v: torch.Tensor) -> float | None:
@@ -94,7 +112,7 @@ def _finite(v: torch.Tensor) -> float | None:
 
 
 def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, min_contrast: float = 2.0, min_blood_fraction: float = 0.45,
-               rule: str = "subtype_and_fwhm") -> dict:
+               rule: str = "subtype_and_fwhm", min_component_ml: float = 0.0) -> dict:
     """Write ``<subject>_scar.nii.gz`` (uint8 0/1, the reference's native grid) into ``out``.
 
     Returns the ``scar`` entry of ``metrics.json``: ``volume_ml``, the two guards of the rule
@@ -103,7 +121,7 @@ def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, m
     reference, ``dice`` (1.0 when both masks are empty) and ``true_volume_ml``.
     """
     ref = subject.reference
-    mask, res = native_scar(subject, scores, result, shifts, min_contrast, min_blood_fraction, rule)
+    mask, res = native_scar(subject, scores, result, shifts, min_contrast, min_blood_fraction, rule, min_component_ml)
     full = getattr(subject, "parent", None) or subject
     grid = full.grids[ref]
     save_nifti(Path(out) / f"{subject.name}_scar.nii.gz", mask.numpy().astype(np.uint8), grid.affine.numpy())
@@ -111,6 +129,7 @@ def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, m
     entry: dict = {
         "volume_ml": int(mask.sum()) * voxel_ml,
         "rule": rule,
+        "min_component_ml": min_component_ml,
         "contrast": _finite(res.contrast[0]),
         "blood_fraction": _finite(res.blood_fraction[0]),
     }

@@ -69,9 +69,11 @@ def resolve_settings(cfg: DictConfig, dataset) -> tuple[DictConfig, LabellingCon
     sequence_weights(cfg.model, dataset.sequences)
     partial_volume_flag(cfg.model)
     convergence_window(cfg)
-    rule = (cfg.model.get("scar") or {}).get("rule", "subtype_and_fwhm")
-    if rule not in SCAR_RULES:
-        raise ValueError(f"model.scar.rule must be one of {SCAR_RULES}, got {rule!r}")
+    scar = cfg.model.get("scar") or {}
+    if scar.get("rule", "subtype_and_fwhm") not in SCAR_RULES:
+        raise ValueError(f"model.scar.rule must be one of {SCAR_RULES}, got {scar.get('rule')!r}")
+    if not isinstance(scar.get("min_component_ml", 0.0), (int, float)) or scar.get("min_component_ml", 0.0) < 0:
+        raise ValueError(f"model.scar.min_component_ml must be a number >= 0 (ml), got {scar.get('min_component_ml')!r}")
     return cfg, conventions
 
 
