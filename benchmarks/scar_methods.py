@@ -6,8 +6,8 @@ fitted myocardium of the same cases.
 
 ``--fits``: the folder of one variant of ``benchmarks/crossval.py`` (``DIR/<case>/`` holding
 ``<case>_LGE_seg.nii.gz``, ``<case>_scar.nii.gz`` and ``metrics.json`` of fully automatic fits, each
-with an atlas from the other folds) made with ``model.scar.rule=subtype``: their scar is the
-mixture's own. Within each fit's myocardium (its label plus its scar), on the LGE image:
+with an atlas from the other folds) made with ``model.scar.rule=subtype model.scar.min_component_ml=0``:
+their scar is the mixture's own, every piece of it. Within each fit's myocardium (its label plus its scar), on the LGE image:
 
 - ``mixture``: the fit's own scar (the brightest LGE myocardium subtype, ``mixture/scar.py``);
 - ``n-SD``: brighter than the remote myocardium's mean by n of its standard deviations, the remote
@@ -70,9 +70,11 @@ def threshold_masks(lge: np.ndarray, myo: np.ndarray, ns: list[float]) -> dict[s
 
 def case_row(fits, root, case: str, ns: list[float], min_components: list[float]) -> dict:
     seg_file, scar_file = fits / case / f"{case}_LGE_seg.nii.gz", fits / case / f"{case}_scar.nii.gz"
-    rule = json.loads((fits / case / "metrics.json").read_text()).get("scar", {}).get("rule", "subtype")
-    if rule != "subtype":
-        raise SystemExit(f"{fits / case}: fitted with model.scar.rule={rule}; fit with model.scar.rule=subtype (the mixture's own scar)")
+    entry = json.loads((fits / case / "metrics.json").read_text()).get("scar", {})
+    rule, smallest = entry.get("rule", "subtype"), entry.get("min_component_ml", 0.0)  # fits before min_component_ml kept every piece
+    if rule != "subtype" or smallest:
+        raise SystemExit(f"{fits / case}: fitted with model.scar.rule={rule} model.scar.min_component_ml={smallest}; fit with "
+                         "model.scar.rule=subtype model.scar.min_component_ml=0 (the mixture's own scar, every piece)")
     seg, scar = np.asarray(nib.load(seg_file).dataobj), np.asarray(nib.load(scar_file).dataobj) > 0
     lge_img = nib.load(root / case / f"{case}_LGE.nii.gz")
     lge = np.asarray(lge_img.dataobj, dtype=np.float64)

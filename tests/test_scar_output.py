@@ -83,3 +83,28 @@ def test_scar_rules_are_named_in_metrics_and_stay_in_the_myocardium(tmp_path, ca
 def test_an_unknown_scar_rule_is_refused(tmp_path, cache_dir):
     with pytest.raises(ValueError, match="model.scar.rule"):
         fit(compose_config(["subject=patient2", f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path}", "model.scar.rule=otsu", *QUIET]))
+
+
+def test_small_pieces_of_scar_are_dropped_by_volume():
+    from mvmm_monai.conventions.scar import drop_small_components
+
+    mask = torch.zeros(20, 20, 4, dtype=torch.bool)
+    mask[2:6, 2:6, 1:3] = True  # 32 voxels: 0.32 ml at 0.01 ml per voxel
+    mask[12, 12, 0] = True  # one voxel: 0.01 ml
+    mask[15:17, 15:17, 2] = True  # 4 voxels, touching only diagonally ...
+    mask[17, 17, 3] = True  # ... this one (26-connected): one piece of 0.05 ml
+    assert torch.equal(drop_small_components(mask, 0.01, 0.0), mask)
+    kept = drop_small_components(mask, 0.01, 0.05)
+    assert int(kept.sum()) == 37 and not kept[12, 12, 0] and kept[17, 17, 3]
+    kept = drop_small_components(mask, 0.01, 0.1)
+    assert int(kept.sum()) == 32 and kept[2:6, 2:6, 1:3].all()
+    assert not drop_small_components(mask, 0.01, 1.0).any()
+    with pytest.raises(ValueError, match="min_component_ml"):
+        drop_small_components(mask, 0.01, -1.0)
+
+
+def test_a_negative_minimum_scar_piece_is_refused(tmp_path, cache_dir):
+    with pytest.raises(ValueError, match="model.scar.min_component_ml"):
+        fit(compose_config(["subject=patient2", f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path}",
+                            "model.scar.min_component_ml=-1", *QUIET]))
+    assert not list(tmp_path.glob("*.nii.gz"))
