@@ -493,6 +493,30 @@ def test_the_fused_iteration_gives_the_same_result_on_the_pool_and_on_one_thread
             assert torch.equal(pp.as_dict()[name], value), name
 
 
+def test_em_steps_from_many_threads_at_once_finish_with_the_same_result():
+    """Callers on several threads share the EM's pool: an iteration never waits for a helper the
+    busy pool could not start (a deadlock otherwise, with more callers than pool threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    counts = torch.tensor([[3, 2, 2, 2], [2, 2, 1, 1]])
+    images, atlas, _, _ = sample_mixture((24, 20, 3), counts, seed=7)
+    coverage = torch.ones_like(images)
+    log_atlas = log_atlas_from_prob(atlas, 1e-4)
+    params = initialise_from_atlas(images, coverage, atlas, counts)
+    config = EMConfig(beta=0.7, chunk_voxels=100)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        want = em_step(images, coverage, log_atlas, params, config, torch.softmax(log_atlas, dim=1))[1].posterior
+        with ThreadPoolExecutor(max_workers=6) as callers:
+            futures = [callers.submit(em_step, images, coverage, log_atlas, params, config, torch.softmax(log_atlas, dim=1))
+                       for _ in range(12)]
+            got = [f.result(timeout=60)[1].posterior for f in futures]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(g, want) for g in got)
+
+
 def test_pi_iterations_holds_the_proportions_after_its_iterations():
     counts = torch.tensor([[2, 1, 1, 1], [1, 2, 1, 1]])
     images, atlas, _, _ = sample_mixture((40, 40, 4), counts, seed=5)

@@ -663,31 +663,61 @@ def _fused_iteration(
     The volume is cut into slabs along its first spatial axis; each slab's prior (atlas, pi and the
     MRF of the previous posterior, read one row beyond the slab), look-ups, posterior, histograms
     and partial sums are computed while it is in cache (:func:`_fused_pass`). On a CPU with more
-    than one thread the iteration runs on a pool of ``torch.get_num_threads() + 1`` threads, each
-    running its operations single-threaded: one thread runs the iteration and hands the slabs to
-    the others (a thread that the OS preempts on a loaded machine delays only its own slab instead
-    of every operation's barrier), or runs them itself where that is faster (a loaded machine;
-    :class:`_ThreadChoice`). Every operation is single-threaded either way, so the result is the
+    than one thread the iteration runs on a pool of ``torch.get_num_threads()`` threads, each
+    running its operations single-threaded: one thread runs the iteration and shares the slabs
+    with the others (:func:`_share_slabs`; a thread that the OS preempts on a loaded machine delays
+    only its own slab instead of every operation's barrier), or takes them all itself where that
+    is faster (a loaded machine; :class:`_ThreadChoice`). Every operation is single-threaded either way, so the result is the
     same, and the same as a one-thread process's. On other devices the volume is one slab.
     """
     threads = torch.get_num_threads() if log_atlas.device.type == "cpu" else 1
     if threads == 1:
         return _fused_pass(q, log_atlas, params, config, posterior, lower_bound, None)
-    pool = _pool(threads + 1)  # the iteration's thread waits while the others take the slabs
+    pool = _pool(threads)
     key = (threads, q.index.shape[0], params.mean.shape[2], q.index.shape[-1].bit_length())
     pooled = _THREAD_CHOICE.pick(key)
     t = time.perf_counter()
-    out = pool.submit(_fused_pass, q, log_atlas, params, config, posterior, lower_bound, pool if pooled else None).result()
+    out = pool.submit(_fused_pass, q, log_atlas, params, config, posterior, lower_bound, pool if pooled else None, threads - 1).result()
     _THREAD_CHOICE.record(key, pooled, time.perf_counter() - t)
     return out
+
+
+def _share_slabs(slab, bounds: list[tuple[int, int]], pool: ThreadPoolExecutor, helpers: int) -> list:
+    """``slab(s, e)`` of every bound, in their order, computed by this thread and up to ``helpers``
+    threads of ``pool`` taking the next bound in turn. This thread never waits for a helper that
+    has not started: one that the pool could not start (its threads busy, e.g. with iterations of
+    other callers) is cancelled, so calls from many threads at once cannot deadlock the pool."""
+    results: list = [None] * len(bounds)
+    order = iter(range(len(bounds)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = next(order, None)
+            if i is None:
+                return
+            results[i] = slab(*bounds[i])
+
+    started = [pool.submit(work) for _ in range(min(helpers, len(bounds) - 1))]
+    try:
+        work()
+    finally:
+        for f in started:
+            f.cancel()  # not started yet: nothing left for it
+        for f in started:
+            if not f.cancelled():
+                f.result()  # a running helper finishes its slab (and raises what it raised)
+    return results
 
 
 @torch.no_grad()
 def _fused_pass(
     q: Quantised, log_atlas: Tensor, params: MixtureParams, config: EMConfig, posterior: Tensor | None, lower_bound: bool,
-    slab_pool: ThreadPoolExecutor | None,
+    slab_pool: ThreadPoolExecutor | None, helpers: int = 0,
 ) -> tuple[MixtureParams, EStepResult]:
-    """:func:`_fused_iteration`'s work; the slabs go to ``slab_pool`` (None: one after the other)."""
+    """:func:`_fused_iteration`'s work; the slabs are shared with ``helpers`` threads of
+    ``slab_pool`` (None: this thread takes them one after the other)."""
     b, _, v = q.index.shape
     k = params.mean.shape[2]
     spatial = log_atlas.shape[2:]
@@ -719,7 +749,7 @@ def _fused_pass(
 
     bounds = [(s, min(s + step, rows)) for s in range(0, rows, step)]
     if slab_pool is not None and len(bounds) > 1:
-        parts = list(slab_pool.map(lambda se: slab(*se), bounds))
+        parts = _share_slabs(slab, bounds, slab_pool, helpers)
     else:
         parts = [slab(s, e) for s, e in bounds]
     hist, ll, bound, prior_mass, post_mass, moved = (
