@@ -41,9 +41,14 @@ def fwhm_mask(image: torch.Tensor, myocardium: torch.Tensor, percentile: float =
     return myocardium & (image >= 0.5 * torch.quantile(values.double(), percentile / 100.0).to(image.dtype))
 
 
-def drop_small_components(mask: torch.Tensor, voxel_ml: float, min_ml: float) -> torch.Tensor:
+def voxel_ml(grid) -> float:
+    """The volume of one voxel of ``grid`` (a :class:`~mvmm_monai.data.common_space.Grid`), ml."""
+    return float(torch.prod(grid.spacing.to(torch.float64))) / 1000.0
+
+
+def drop_small_components(mask: torch.Tensor, ml_per_voxel: float, min_ml: float) -> torch.Tensor:
     """``mask`` ``[X, Y, Z]`` (bool) without its connected pieces (26-connected) smaller than
-    ``min_ml`` millilitres (``voxel_ml`` the volume of one voxel); ``min_ml`` 0 keeps every piece."""
+    ``min_ml`` millilitres (``ml_per_voxel`` the volume of one voxel); ``min_ml`` 0 keeps every piece."""
     if min_ml < 0:
         raise ValueError(f"model.scar.min_component_ml must be >= 0, got {min_ml}")
     if min_ml == 0 or not bool(mask.any()):
@@ -51,7 +56,7 @@ def drop_small_components(mask: torch.Tensor, voxel_ml: float, min_ml: float) ->
     from scipy import ndimage
 
     pieces, _ = ndimage.label(mask.cpu().numpy(), structure=np.ones((3, 3, 3)))
-    volume = np.bincount(pieces.ravel()) * voxel_ml
+    volume = np.bincount(pieces.ravel()) * ml_per_voxel
     keep = (volume >= min_ml) & (np.arange(volume.size) > 0)
     return torch.from_numpy(keep[pieces]).to(mask.device)
 
@@ -102,8 +107,7 @@ def native_scar(
     if full is not subject:
         two_class = subject.uncrop(two_class, 0.0, 1.0)
     native = (native_segmentation(two_class, full, ref, shifts.get(ref)) == 1).cpu()
-    voxel_ml = float(torch.prod(full.grids[ref].spacing.to(torch.float64))) / 1000.0
-    return drop_small_components(native, voxel_ml, min_component_ml), res
+    return drop_small_components(native, voxel_ml(full.grids[ref]), min_component_ml), res
 
 
 def _finite(v: torch.Tensor) -> float | None:
@@ -125,9 +129,9 @@ def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, m
     full = getattr(subject, "parent", None) or subject
     grid = full.grids[ref]
     save_nifti(Path(out) / f"{subject.name}_scar.nii.gz", mask.numpy().astype(np.uint8), grid.affine.numpy())
-    voxel_ml = float(torch.prod(grid.spacing.to(torch.float64))) / 1000.0
+    ml = voxel_ml(grid)
     entry: dict = {
-        "volume_ml": int(mask.sum()) * voxel_ml,
+        "volume_ml": int(mask.sum()) * ml,
         "rule": rule,
         "min_component_ml": min_component_ml,
         "contrast": _finite(res.contrast[0]),
@@ -136,5 +140,5 @@ def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, m
     truth = full.scar_labels.get(ref)
     if truth is not None:
         entry["dice"] = mask_dice(mask, truth.cpu())
-        entry["true_volume_ml"] = int(truth.sum()) * voxel_ml
+        entry["true_volume_ml"] = int(truth.sum()) * ml
     return entry

@@ -667,8 +667,9 @@ def _fused_iteration(
     running its operations single-threaded: one thread runs the iteration and shares the slabs
     with the others (:func:`_share_slabs`; a thread that the OS preempts on a loaded machine delays
     only its own slab instead of every operation's barrier), or takes them all itself where that
-    is faster (a loaded machine; :class:`_ThreadChoice`). Every operation is single-threaded either way, so the result is the
-    same, and the same as a one-thread process's. On other devices the volume is one slab.
+    is faster (a loaded machine; :class:`_ThreadChoice`). Every operation is single-threaded either
+    way, so the result is the same, and the same as a one-thread process's. On other devices the
+    volume is one slab.
     """
     threads = torch.get_num_threads() if log_atlas.device.type == "cpu" else 1
     if threads == 1:
