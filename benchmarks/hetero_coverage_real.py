@@ -190,8 +190,8 @@ def main() -> None:
     cases = select_subjects(args.test_cases, sorted(p.name for p in root.iterdir() if (p / f"{p.name}_gd.nii.gz").exists()),
                             "--test-cases")
     settings = ["data=mscmr", "data.sequences=[LGE,C0,T2]", "data.reference=LGE", "tuning=myops", "postprocess=myops",
-                f"atlas.path={atlas}", "callbacks.progress.refresh_rate=0", "~logger", *args.overrides]
-    settings.append(f"model.thickness_weights={str(args.thickness_weights).lower()}")
+                f"atlas.path={atlas}", "callbacks.progress.refresh_rate=0", "~logger",
+                f"model.thickness_weights={str(args.thickness_weights).lower()}", *args.overrides]
     rows = []
     for case in cases:
         row: dict = {"case": case}

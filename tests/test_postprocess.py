@@ -221,7 +221,8 @@ def test_blood_rim_claims_the_partial_volume_rim_but_not_oedema():
     """The mixture's pool stops one voxel short of the true LV: that voxel ring is partial volume
     (bSSFP between wall and blood, T2 between the dark blood and the wall). It goes to the LV,
     except in a sector of oedema (bright in bSSFP *and* T2) and a sector where the ring is plain
-    wall; nothing beyond the ring moves, and a sequence that does not cover a slice vetoes it."""
+    wall; nothing beyond the ring moves, and where T2 does not reach (the second slice, as on an
+    MS-CMRSeg stack) bSSFP decides alone."""
     sx, sy, dx, dy, r, ang, _ = _ring()
     pred = np.zeros(r.shape, dtype=np.int64)
     pred[r <= 23] = 1
@@ -246,8 +247,15 @@ def test_blood_rim_claims_the_partial_volume_rim_but_not_oedema():
     moved = lab[..., 0] != pred
     assert np.array_equal(moved, ring & ~oedema & ~plain) and (lab[..., 0][moved] == 2).all()
     assert moved.sum() > 50
-    assert np.array_equal(lab[..., 1], pred)  # uncovered by T2: vetoed
-    assert claim_blood_rim(post, images, coverage, {0: 0.25}).argmax(0)[..., 0][oedema & ring].eq(2).all()  # bSSFP alone: oedema taken
+    alone = claim_blood_rim(post, images, coverage, {0: 0.25}).argmax(0).numpy()
+    assert np.array_equal(alone[..., 0] != pred, ring & ~plain)  # bSSFP alone: the oedematous ring taken too
+    assert np.array_equal(lab[..., 1], alone[..., 1])  # uncovered by T2: bSSFP alone decides there
+    flat = images.clone()
+    flat[1] = 0.5  # a T2 without contrast between wall and blood has nothing to say: bSSFP decides alone
+    assert np.array_equal(claim_blood_rim(post, flat, coverage, {0: 0.25, 1: 0.0}).argmax(0).numpy(), alone)
+    nothing = coverage.clone()
+    nothing[0, ..., 1] = 0  # no sequence of the rule reaches the second slice: it stays as it was
+    assert np.array_equal(claim_blood_rim(post, images, nothing, {0: 0.25, 1: 0.0}).argmax(0)[..., 1].numpy(), pred)
     assert claim_blood_rim(post, images, coverage, {}) is post
     with pytest.raises(ValueError, match="claim_blood_rim: images"):
         claim_blood_rim(post, images[:, :-1], coverage[:, :-1], {0: 0.25})
@@ -257,7 +265,7 @@ def test_wall_rim_gives_the_dark_subendocardial_band_to_the_wall_up_to_its_depth
     """The mixture's pool reaches 3 voxels into the true wall in a sector of subendocardial scar
     (LGE as bright as blood; T2 darker than the wall). The wall rim gives that band back to the
     myocardium, one voxel layer per pass up to its depth and no deeper; elsewhere the pool's edge is
-    blood in T2 and stays LV, and a sequence that does not cover a slice vetoes it."""
+    blood in T2 and stays LV, and where no sequence of the rule reaches a slice nothing moves."""
     sx, sy, dx, dy, r, ang, truth = _ring()
     scar = (ang >= -40) & (ang <= 40)
     band = scar & (r > 15 - 3 * sx) & (r <= 15)  # true wall the mixture took into the pool
@@ -276,7 +284,7 @@ def test_wall_rim_gives_the_dark_subendocardial_band_to_the_wall_up_to_its_depth
         lab = out.argmax(0).numpy()
         moved = lab[..., 0] != pred
         assert (lab[..., 0][moved] == 1).all() and not (moved & ~band).any()  # only the dark band, to the wall
-        assert np.array_equal(lab[..., 1], pred)  # uncovered: vetoed
+        assert np.array_equal(lab[..., 1], pred)  # uncovered: nothing to go by
         layers.append(int(moved.sum()))
     assert 0 < layers[0] < layers[1] < layers[2] == int(band.sum())  # deeper with every pass, never past the band
     assert give_wall_rim(post, images, coverage, {0: -0.5}, 10).argmax(0)[..., 0][band].eq(2).all()  # -0.4 is not below -0.5

@@ -272,26 +272,30 @@ _IN_PLANE_CROSS[1, :, 0] = _IN_PLANE_CROSS[:, 1, 0] = True
 def _rim_voxels(labels: np.ndarray, images: Tensor, coverage: Tensor, fractions: dict[int, float], rim_of: int,
                 touching: int | None, blood_side: bool) -> np.ndarray | None:
     """Voxels of class ``rim_of`` with a ``touching`` voxel among their four in-plane neighbours
-    (every voxel of the class where ``touching`` is None) that every channel of ``fractions`` covers and
-    puts on the blood's side (``blood_side``: ``t >= fraction``) or the wall's side
-    (``t < fraction``) of ``fraction``, where ``t = (I_n - m_myo) / (m_lv - m_myo)`` with the
-    channel's medians over the covered myocardium and LV voxels; ``None`` where a channel has no
-    myocardium, no LV or no contrast between them."""
+    (every voxel of the class where ``touching`` is None) that the channels of ``fractions`` put on
+    the blood's side (``blood_side``: ``t >= fraction``) or the wall's side (``t < fraction``) of
+    ``fraction``, where ``t = (I_n - m_myo) / (m_lv - m_myo)`` with the channel's medians over the
+    covered myocardium and LV voxels. A voxel must be covered by at least one of the channels, and
+    every channel that covers it must agree: a sequence that does not reach a slice (T2 on a few
+    slices of an MS-CMRSeg stack) leaves the rule to the others there, as does a channel with no
+    covered myocardium, no covered LV or no contrast between them; ``None`` when no channel is left."""
     myo, lv = labels == MYO, labels == LV
     rim = labels == rim_of
     if touching is not None:
         rim &= ndimage.binary_dilation(labels == touching, structure=_IN_PLANE_CROSS)
+    seen = np.zeros_like(rim)
     for channel, fraction in fractions.items():
         image = images[channel].detach().cpu().numpy()
         covered = coverage[channel].detach().cpu().numpy() > 0.5
         if not (myo & covered).any() or not (lv & covered).any():
-            return None
+            continue  # no wall or no pool where it reaches: this sequence has nothing to say
         m_myo, m_lv = np.median(image[myo & covered]), np.median(image[lv & covered])
         if m_lv == m_myo:  # no contrast between blood and wall: nothing to go by
-            return None
+            continue
         t = (image - m_myo) / (m_lv - m_myo)
-        rim &= covered & ((t >= fraction) if blood_side else (t < fraction))
-    return rim
+        rim &= ~covered | ((t >= fraction) if blood_side else (t < fraction))
+        seen |= covered
+    return rim & seen if seen.any() else None
 
 
 def _check_rim_inputs(name: str, posterior: Tensor, images: Tensor, coverage: Tensor) -> None:
@@ -308,7 +312,7 @@ def claim_blood_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractio
     """Posterior ``[K, X, Y, Z]`` in which the partial-volume rim of the LV pool becomes LV. A voxel
     whose argmax is myocardium and that has an LV voxel among its four in-plane neighbours swaps its
     myocardium and LV probabilities (a distribution stays one) when, for every channel ``n`` of
-    ``fractions`` (``{channel of images: fraction}``), it is covered by that sequence and
+    ``fractions`` (``{channel of images: fraction}``) that covers it (at least one must),
     ``(I_n - m_myo) / (m_lv - m_myo) >= fraction``, with ``m_myo``, ``m_lv`` the medians of the
     channel over the covered myocardium and LV voxels (a fraction of 0: on the blood's side of the
     wall's median, whether the blood is bright or dark there). ``images`` and ``coverage`` are
@@ -324,7 +328,7 @@ def give_wall_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractions
     """Posterior ``[K, X, Y, Z]`` in which the LV pool's rim that a sequence shows as wall becomes
     myocardium: the mirror of :func:`claim_blood_rim`. A voxel whose argmax is LV and that has a
     myocardium voxel among its four in-plane neighbours swaps its LV and myocardium probabilities
-    when, for every channel ``n`` of ``fractions``, it is covered and
+    when, for every channel ``n`` of ``fractions`` that covers it (at least one must),
     ``(I_n - m_myo) / (m_lv - m_myo) < fraction`` (a negative fraction: darker than the wall's median
     where the blood is bright). Subendocardial scar is as bright as the blood in LGE and near it in
     bSSFP, so the mixture gives it to the pool; in the MyoPS T2 the manual myocardium that the fits
