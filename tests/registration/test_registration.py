@@ -23,6 +23,7 @@ from mvmm_monai.registration import (
     thick_slices,
 )
 from mvmm_monai.registration._monai import bending_energy
+from mvmm_monai.registration.atlas_deformation import min_jacobian
 from tests.conftest import smooth_atlas
 
 
@@ -173,6 +174,13 @@ def test_blow_ups_raise_with_the_iteration():
         reg.atlas_deformation.velocity[0][:, 0] = torch.linspace(-40, 40, reg.atlas_deformation.velocity[0].shape[2])[None, :, None]
     with pytest.raises(RegistrationError, match="iteration 3: the atlas deformation folds"):
         reg.check(3)
+    # the fit checks the deformation its forward made (no second integration): the same determinant
+    with torch.no_grad():
+        warped = reg()
+    assert min_jacobian(warped.ddf) == pytest.approx(reg.atlas_deformation.min_jacobian(reg.atlas), abs=1e-6)
+    with pytest.raises(RegistrationError, match="iteration 5: the atlas deformation folds"):
+        reg.check_deformation(5, warped)
+    reg.check_parameters(5)  # finite parameters, no slice beyond its limit: the fold is not its business
     with torch.no_grad():
         reg.atlas_deformation.velocity[0].fill_(float("nan"))
     with pytest.raises(RegistrationError, match="iteration 4: atlas_deformation.velocity.0 is not finite"):

@@ -253,6 +253,8 @@ class MvMMFit(pl.LightningModule):
         stepping = fitting_registration and self.registration.takes_steps  # else the searches alone move anything
         with torch.set_grad_enabled(stepping):
             warped = self.registration()
+        if fitting_registration:  # the deformation the last step made, before anything uses it
+            self.registration.check_deformation(it, warped)
         fixed = warped.detach()
         params, posterior = self.params, self.posterior if self.current_epoch > 0 else None
         monitor = it == 1 or it % self.dice_every == 0
@@ -317,7 +319,7 @@ class MvMMFit(pl.LightningModule):
             metrics["reg/loss"] = float(loss.detach())
             metrics.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
         if fitting_registration:
-            self.registration.check(it)
+            self.registration.check_parameters(it)  # its deformation: at the next forward (or the result's)
             if self.schedule.settle and self._still(rel, moved):
                 self.settled_at.fill_(it)  # this was its last step (a default fit stops here anyway)
         metrics.update({f"reg/search_move_mm/{seq}": mm for seq, mm in searched.items()})
@@ -404,6 +406,7 @@ class MvMMFit(pl.LightningModule):
     def result(self) -> FitResult:
         """Final posterior from one E-step with the fitted parameters and registration."""
         warped = self.registration().detach()
+        self.registration.check_deformation(int(self.current_epoch), warped)
         lp = log_prior(warped.log_atlas, self.params, self.posterior if self.current_epoch > 0 else None, self.em)
         images = self._em_images(warped, self.params)
         est = e_step(

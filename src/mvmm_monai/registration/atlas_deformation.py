@@ -188,9 +188,16 @@ class AtlasDeformation(nn.Module):
     def min_jacobian(self, like: Tensor) -> float:
         """Smallest in-plane Jacobian determinant (finite differences) of ``D`` with the current
         parameters; ``like`` gives dtype and device."""
-        d = self.displacement(like)
-        gx = torch.gradient(d, dim=2)
-        gy = torch.gradient(d, dim=3)
-        j11, j12 = 1 + gx[0][:, 0], gy[0][:, 0]
-        j21, j22 = gx[0][:, 1], 1 + gy[0][:, 1]
-        return float((j11 * j22 - j12 * j21).min())
+        return min_jacobian(self.displacement(like))
+
+
+@torch.no_grad()
+def min_jacobian(ddf: Tensor) -> float:
+    """Smallest in-plane Jacobian determinant (finite differences) of the map ``x + ddf(x)``;
+    ``ddf`` ``[B, >=2, X, Y, ...]`` in voxels, channels 0 and 1 along X and Y (the batched layout of
+    :meth:`AtlasDeformation.displacement` or :attr:`DeformedAtlas.ddf`: the same values)."""
+    gx = torch.gradient(ddf, dim=2)
+    gy = torch.gradient(ddf, dim=3)
+    j11, j12 = 1 + gx[0][:, 0], gy[0][:, 0]
+    j21, j22 = gx[0][:, 1], 1 + gy[0][:, 1]
+    return float((j11 * j22 - j12 * j21).min())

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from mvmm_monai.data.subject import SubjectData
 from mvmm_monai.mixture import log_atlas_from_prob
-from mvmm_monai.registration.atlas_deformation import AtlasDeformation
+from mvmm_monai.registration.atlas_deformation import AtlasDeformation, min_jacobian
 from mvmm_monai.registration.schedule import Parts
 from mvmm_monai.registration.slice_motion import SliceMotion
 
@@ -40,17 +40,21 @@ class Warped:
         svf_displacement: the atlas deformation's SVF displacement of this forward (voxels, batched
             layout, see :class:`~mvmm_monai.registration.atlas_deformation.DeformedAtlas`), what
             :meth:`Registration.regularisers` bends; ``None`` without an SVF.
+        ddf: the atlas deformation's whole displacement of this forward (``[1, 3, *S]``, voxels),
+            what :meth:`Registration.check_deformation` checks for folds; ``None`` without one.
     """
 
     images: Tensor
     coverage: Tensor
     log_atlas: Tensor
     svf_displacement: Tensor | None = None
+    ddf: Tensor | None = None
 
     def detach(self) -> Warped:
         """The same tensors, detached from the autograd graph."""
         svf = None if self.svf_displacement is None else self.svf_displacement.detach()
-        return Warped(self.images.detach(), self.coverage.detach(), self.log_atlas.detach(), svf)
+        ddf = None if self.ddf is None else self.ddf.detach()
+        return Warped(self.images.detach(), self.coverage.detach(), self.log_atlas.detach(), svf, ddf)
 
 
 class Registration(nn.Module):
@@ -173,12 +177,12 @@ class Registration(nn.Module):
     # -- application -----------------------------------------------------------------------
     def forward(self) -> Warped:
         """The mixture's inputs with the current parameters (see :class:`Warped`)."""
-        atlas, svf = self.atlas, None
+        atlas, svf, ddf = self.atlas, None, None
         if self.atlas_deformation is not None:
             deformed = self.atlas_deformation(self.atlas)
-            atlas, svf = deformed.atlas, deformed.svf_displacement
+            atlas, svf, ddf = deformed.atlas, deformed.svf_displacement, deformed.ddf
         images = self.images if self.slice_motion is None else self.slice_motion(self.images, self.coverage)
-        return Warped(images, self.coverage, log_atlas_from_prob(atlas.clamp_min(0), self.atlas_floor), svf)
+        return Warped(images, self.coverage, log_atlas_from_prob(atlas.clamp_min(0), self.atlas_floor), svf, ddf)
 
     def regularisers(self, warped: Warped, sequence_weights: Mapping[str, float] | None = None) -> dict[str, Tensor]:
         """Named scalar penalties added to the negative per-voxel log-likelihood, computed on
@@ -208,7 +212,30 @@ class Registration(nn.Module):
 
     def check(self, iteration: int) -> None:
         """Raise :class:`RegistrationError` naming ICM ``iteration`` if a parameter is not finite, a
-        slice moved beyond ``max_shift_mm`` or the atlas deformation folds."""
+        slice moved beyond ``max_shift_mm`` or the atlas deformation folds (integrated anew from the
+        current parameters: :meth:`check_parameters` and :meth:`check_deformation` in one)."""
+        self.check_parameters(iteration)
+        if self.atlas_deformation is not None:
+            self._check_folds(iteration, self.atlas_deformation.min_jacobian(self.atlas))
+
+    def check_deformation(self, iteration: int, warped: Warped) -> None:
+        """Raise :class:`RegistrationError` naming ICM ``iteration`` if the atlas deformation that
+        made ``warped`` (this module's forward) folds; the fit checks every deformation it is about
+        to use this way, without integrating the velocity again."""
+        if warped.ddf is not None:
+            self._check_folds(iteration, min_jacobian(warped.ddf))
+
+    def _check_folds(self, iteration: int, jmin: float) -> None:
+        if not math.isfinite(jmin) or jmin <= 0:
+            raise RegistrationError(
+                f"registration blew up at ICM iteration {iteration}: the atlas deformation folds "
+                f"(min Jacobian determinant {jmin:.3f}); raise registration.model.atlas_deformation.bending_weight "
+                "or lower registration.model.lr.svf"
+            )
+
+    def check_parameters(self, iteration: int) -> None:
+        """Raise :class:`RegistrationError` naming ICM ``iteration`` if a parameter is not finite or
+        a slice moved beyond ``max_shift_mm``."""
         for name, p in self.named_parameters():
             if not torch.isfinite(p).all():
                 raise RegistrationError(f"registration blew up at ICM iteration {iteration}: {name} is not finite")
@@ -218,14 +245,6 @@ class Registration(nn.Module):
                 raise RegistrationError(
                     f"registration blew up at ICM iteration {iteration}: a slice shift of {worst:.1f} mm exceeds "
                     f"registration.model.slice_motion.max_shift_mm={self.slice_motion.max_shift_mm}"
-                )
-        if self.atlas_deformation is not None:
-            jmin = self.atlas_deformation.min_jacobian(self.atlas)
-            if not math.isfinite(jmin) or jmin <= 0:
-                raise RegistrationError(
-                    f"registration blew up at ICM iteration {iteration}: the atlas deformation folds "
-                    f"(min Jacobian determinant {jmin:.3f}); raise registration.model.atlas_deformation.bending_weight "
-                    "or lower registration.model.lr.svf"
                 )
 
     # -- results ---------------------------------------------------------------------------
