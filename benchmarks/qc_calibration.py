@@ -20,7 +20,12 @@ fits leaving one case out at a time within the fits the model is made from): wit
 depth of the worst failures (Dice 0.1-0.5) set the weights, and the fits near the 0.70 and 0.80
 lines were told apart less well. Cross-validated: for each fold it is made from the other folds'
 fits and judged on the fold's own (failed fits: Dice < 0.70, good: >= 0.80): how many failures it
-flags, how many good fits it flags, how close its score is to the Dice. ``--write-config``
+flags, how many good fits it flags, how close its score is to the Dice, and how many of the moved
+sequences it flags with a reason that names the sequence. The flag rule of a sequence that fits
+the labelled heart best elsewhere (``sequence_offsets``: at least ``OFFSET_MIN_MM`` away, with a
+gain at least ``offset_gain``) takes its gain threshold from the fits as given in the folds the
+model is made from: ``OFFSET_MARGIN`` above the largest gain of such a shift among them (their
+sequences are co-registered). ``--write-config``
 writes the model made from all fits to ``src/mvmm_monai/conf/qc/default.yaml`` (what every fit
 then uses). ``--rows FILE`` recalibrates from the fits of an earlier run without fitting again. The record is ``benchmarks/results/NAME.json`` (default ``qc_calibration``).
 """
@@ -50,6 +55,10 @@ RIDGES = (0.1, 0.3, 1.0, 3.0, 10.0)  # ridge penalties tried (per fit: lambda = 
 # beyond the floor stops pulling the weights, which then separate failures from good fits instead
 FLOORS = (0.0, 0.3, 0.4, 0.5, 0.6)
 CONFIG = REPO / "src" / "mvmm_monai" / "conf" / "qc" / "default.yaml"
+# a sequence that fits the labelled heart best this far away is looked at (sequence_offsets); the gain
+# that flags it: this margin above the largest gain of such a shift among the fits as given (the
+# shared sequences are co-registered: their shifts of 5 mm or more are the measure's own noise)
+OFFSET_MIN_MM, OFFSET_MARGIN = 5.0, 0.02
 
 
 def failures_for(case: str, count: int, seed: int = 0) -> list[dict]:
@@ -123,7 +132,7 @@ def fit_one(root: Path, atlas: Path, case: str, out: Path, displace: dict | None
         m = fit(compose_config(["data=myops", f"data.root={root}", f"subject={case}", f"atlas.path={atlas}", f"paths.output_dir={out}",
                                 "callbacks.progress.refresh_rate=0", "~logger", *displace_override(displace), *overrides]))
         row.update(dice=m["dice"]["LGE"], features=m["qc"]["features"], agreement=m["qc"]["sequence_agreement"],
-                   converged=m["converged"], iterations=m["iterations"])
+                   offsets=m["qc"]["sequence_offsets"], converged=m["converged"], iterations=m["iterations"])
     except Exception as err:  # a failing fit is reported, never dropped
         row["error"] = f"{type(err).__name__}: {err}"
         traceback.print_exc()
@@ -214,6 +223,10 @@ def make_model(rows: list[dict], names: list[str], floor: float | None = None) -
             usual[name] = [round(lo - pad, 4), round(hi + pad, 4)]
     agreements = [a for r in rows if r["dice"]["myocardium"] >= GOOD and not r.get("displace") for a in r["agreement"].values()]
     disagreement = round(max(min(agreements) - 0.1, 0.0), 3) if agreements else 0.5
+    # rows of a run before sequence_offsets existed have none: the rule stays off
+    noise = [o["gain"] for r in rows if not r.get("displace") and "offsets" in r for o in r["offsets"].values() if o["mm"] >= OFFSET_MIN_MM]
+    offsets_known = any("offsets" in r for r in rows)
+    offset_gain = round(max(noise, default=0.0) + OFFSET_MARGIN, 4) if offsets_known else None
     return {
         "centre": dict(zip(names, np.round(centre, 5).tolist())),
         "spread": dict(zip(names, np.round(spread, 5).tolist())),
@@ -222,6 +235,8 @@ def make_model(rows: list[dict], names: list[str], floor: float | None = None) -
         "threshold": round(threshold, 4),
         "usual": usual,
         "disagreement": disagreement,
+        "offset_min_mm": OFFSET_MIN_MM,
+        "offset_gain": offset_gain,
         "two_sided": [n for n in names if n in TWO_SIDED],
         "curve": curve,
         "calibration": {"ridge": ridge, "floor": floor},
@@ -234,7 +249,8 @@ def judge(model: dict, rows: list[dict]) -> list[dict]:
     qm = QualityModel(**model)
     out = []
     for r in rows:
-        verdict = qm.assess({k: (np.nan if v is None else v) for k, v in r["features"].items()}, r["agreement"])
+        verdict = qm.assess({k: (np.nan if v is None else v) for k, v in r["features"].items()}, r["agreement"],
+                            offsets=r.get("offsets"))
         out.append({"case": r["case"], "displace": r.get("displace"), "dice": r["dice"]["myocardium"],
                     "score": verdict["score"], "flag": verdict["flag"], "reasons": verdict["reasons"]})
     return out
@@ -245,7 +261,13 @@ def verdict_summary(judged: list[dict]) -> dict:
     score = np.array([j["score"] for j in judged])
     flag = np.array([j["flag"] for j in judged])
     failed, good = dice < FAILED, dice >= GOOD
+    moved = [j for j in judged if j["displace"] and "sequence" in j["displace"]]
+    given = [j for j in judged if not j["displace"]]
     return {
+        # every misplaced sequence should set the flag, with a reason that names it (whatever its Dice)
+        "moved_sequences": len(moved), "moved_flagged": sum(j["flag"] for j in moved),
+        "moved_named": sum(j["flag"] and any(r.startswith(j["displace"]["sequence"] + " ") for r in j["reasons"]) for j in moved),
+        "as_given": len(given), "as_given_flagged": sum(j["flag"] for j in given),
         "fits": len(judged), "failed": int(failed.sum()), "good": int(good.sum()),
         "failed_flagged": int((flag & failed).sum()), "good_flagged": int((flag & good).sum()),
         "good_flagged_fraction": float((flag & good).sum() / max(good.sum(), 1)),
@@ -367,9 +389,11 @@ def write_table_record(args, figures: dict, per_fold: list[dict], pooled: dict, 
     table_rows = []
     for label, s in [*((f"fold {i}", s) for i, s in enumerate(per_fold)), ("pooled", pooled)]:
         table_rows.append([label, s["fits"], f"{s['failed_flagged']}/{s['failed']}", f"{s['good_flagged']}/{s['good']}",
-                           f"{s['mean_abs_error']:.3f}", "" if s["r"] is None else f"{s['r']:.2f}"])
+                           f"{s['as_given_flagged']}/{s['as_given']}", f"{s['moved_flagged']}/{s['moved_sequences']}",
+                           f"{s['moved_named']}/{s['moved_sequences']}", f"{s['mean_abs_error']:.3f}", "" if s["r"] is None else f"{s['r']:.2f}"])
     write_record(args.record, figures, table={
         "columns": ["held-out fold", "fits", "failures (Dice < 0.70) flagged", "good fits (Dice >= 0.80) flagged",
+                    "fits as given flagged", "moved sequences flagged", "... with a reason naming the sequence",
                     "mean |score - Dice|", "r(score, Dice)"],
         "rows": table_rows,
         "caption": f"Quality control, {args.folds}-fold cross-validated over {len(cases)} MyoPS cases ({args.cases}), each fitted "

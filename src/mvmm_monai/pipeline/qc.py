@@ -26,6 +26,13 @@ model knows about its own result (:func:`qc_features`):
   mostly scored higher, and the guard kept a fit 0.09 worse);
 - ``placement_score``: the automatic placement's template correlation.
 
+Beside the features, :func:`sequence_offsets` asks of every sequence but the reference where its
+intensities fit the labelled heart best: the in-plane shift (the same for every slice, whole
+voxels, up to 25 mm) that maximises the correlation ratio of the sequence's intensities given the
+labels, over the heart and a margin around it. A sequence acquired or exported out of place (a
+breath-hold apart, a wrong header) fits best far from zero; the model flags it by name when the
+shift is at least ``offset_min_mm`` and the gain at least ``offset_gain``.
+
 :class:`QualityModel` turns them into ``{"score", "flag", "reasons", "features"}`` for
 ``metrics.json``: ``score`` is an estimate of the LGE myocardium Dice (ridge regression of the
 Dice, raised to a floor so that the deepest failures do not set the weights, on the
@@ -119,6 +126,66 @@ def sequence_agreement(result, sequences: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+def _window_sums(mask: np.ndarray, values: np.ndarray, radius: tuple[int, int]) -> np.ndarray:
+    """``out[a, b] = sum_v mask[v] * values[v + (a - rx, b - ry)]`` over every in-plane shift within
+    ``radius`` (``values`` zero outside the volume), summed over the slices: ``[2 rx + 1, 2 ry + 1]``."""
+    from scipy.signal import fftconvolve
+
+    rx, ry = radius
+    padded = np.pad(values, ((rx, rx), (ry, ry), (0, 0)))
+    out = np.zeros((2 * rx + 1, 2 * ry + 1))
+    for z in range(mask.shape[2]):
+        m = mask[..., z]
+        if m.any():
+            out += fftconvolve(padded[..., z], m[::-1, ::-1].astype(float), mode="valid")
+    return out
+
+
+def sequence_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, margin_mm: float = 8.0) -> dict[str, dict[str, float]]:
+    """Per sequence but the reference: ``{"mm", "gain"}``, the in-plane shift (mm, the same for every
+    slice, whole voxels within ``max_mm``) at which the correlation ratio of its intensities given
+    the labels (the argmax of ``scores`` ``[K, *S]``, common space) is highest, over the labelled
+    heart and ``margin_mm`` around it on the slices the reference covers, and how much higher it is
+    there than unshifted (``eta^2(best) - eta^2(0)``, both in [0, 1]). The images are the
+    sequences as acquired (no slice motion), on the uncut common grid when the fit's was cut to the
+    heart, so that a shift may look past the fit's region; only voxels the sequence covers count. A
+    sequence whose slices see too little of the heart is left out."""
+    full = subject.parent or subject
+    ref = subject.sequences.index(subject.reference)
+    cover = full.coverage.numpy() > 0
+    labels = class_argmax(subject.uncrop(scores, 0.0, 1.0)).numpy()
+    heart = (labels > 0) & cover[ref]
+    if not heart.any():
+        return {}
+    sx, sy = (float(v) for v in subject.grid.spacing[:2])
+    grow = np.zeros((3, 3, 1), dtype=bool)
+    grow[..., 0] = ndimage.generate_binary_structure(2, 1)
+    region = ndimage.binary_dilation(heart, structure=grow, iterations=max(1, round(margin_mm / min(sx, sy)))) & cover[ref]
+    radius = (max(1, math.ceil(max_mm / sx)), max(1, math.ceil(max_mm / sy)))
+    images = full.images.double().numpy()
+    out = {}
+    for n, seq in enumerate(subject.sequences):
+        if n == ref or not (region & cover[n]).sum() >= 100:
+            continue
+        c = cover[n].astype(float)
+        image = np.where(cover[n], images[n], 0.0)
+        count, first, second = 0.0, 0.0, 0.0
+        within = 0.0
+        for k in np.unique(labels[region]):
+            mask = region & (labels == k)
+            nk, s1, s2 = (_window_sums(mask, v, radius) for v in (c, image, image * image))
+            count, first, second = count + nk, first + s1, second + s2
+            within = within + s2 - s1 ** 2 / np.maximum(nk, 1.0)
+        total = second - first ** 2 / np.maximum(count, 1.0)
+        # where the shifted sequence still covers most of the region (a shift off its edge is no evidence)
+        enough = count >= 0.5 * count[radius]
+        eta = np.where(enough & (total > 0), 1.0 - within / np.where(total > 0, total, 1.0), -np.inf)
+        a, b = np.unravel_index(int(np.argmax(eta)), eta.shape)
+        out[seq] = {"mm": float(math.hypot((a - radius[0]) * sx, (b - radius[1]) * sy)),
+                    "gain": float(eta[a, b] - eta[radius])}
+    return out
+
+
 def qc_features(subject, result, scores: torch.Tensor, placement=None) -> tuple[dict[str, float], dict[str, float]]:
     """The label-free features of a fit (module docstring) and the per-sequence agreement.
 
@@ -198,6 +265,9 @@ class QualityModel:
             value outside it is a reason.
         disagreement: a sequence whose agreement with the others is below this is named in a reason
             and sets the flag.
+        offset_min_mm, offset_gain: a sequence that fits the labelled heart best at least
+            ``offset_min_mm`` away (:func:`sequence_offsets`), with a correlation-ratio gain of at
+            least ``offset_gain``, is named in a reason and sets the flag (``offset_gain`` None: never).
         calibration: where the numbers come from (record, cases, fits).
     """
 
@@ -208,6 +278,8 @@ class QualityModel:
     threshold: float
     usual: dict[str, list[float]]
     disagreement: float = 0.5
+    offset_min_mm: float = 5.0
+    offset_gain: float | None = None
     two_sided: tuple[str, ...] = ()
     curve: dict | None = None
     calibration: dict = field(default_factory=dict)
@@ -250,9 +322,10 @@ class QualityModel:
         return out
 
     def assess(self, features: dict[str, float], agreement: dict[str, float] | None = None, mirrored: dict | None = None,
-               notes: list[str] | None = None) -> dict:
-        """``{"score", "flag", "reasons", "features", "sequence_agreement"}`` for ``metrics.json``;
-        ``notes`` are further reasons that do not set the flag by themselves."""
+               notes: list[str] | None = None, offsets: dict[str, dict[str, float]] | None = None) -> dict:
+        """``{"score", "flag", "reasons", "features", "sequence_agreement", "sequence_offsets"}`` for
+        ``metrics.json``; ``notes`` are further reasons that do not set the flag by themselves;
+        ``offsets``: :func:`sequence_offsets`."""
         score = self.score(features)
         reasons = []
         flag = score < self.threshold
@@ -266,12 +339,22 @@ class QualityModel:
             if a < self.disagreement:
                 flag = True
                 reasons.append(f"{seq} disagrees with the other sequences on where the heart is (agreement {a:.2f})")
+        for seq, o in (offsets or {}).items():
+            if self.offset_gain is not None and o["mm"] >= self.offset_min_mm and o["gain"] >= self.offset_gain:
+                flag = True
+                reasons.append(f"{seq} fits the heart best {o['mm']:.0f} mm away from where the labels put it: acquired or "
+                               f"exported out of place? (sequence_offsets gain {o['gain']:.3f})")
         reasons += self.reasons(features, agreement) + list(notes or [])
         return {
             "score": round(score, 4), "flag": bool(flag), "reasons": reasons,
             "features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
             "sequence_agreement": {k: round(v, 4) for k, v in (agreement or {}).items()},
+            "sequence_offsets": _rounded_offsets(offsets),
         }
+
+
+def _rounded_offsets(offsets: dict | None) -> dict:
+    return {k: {"mm": round(v["mm"], 2), "gain": round(v["gain"], 4)} for k, v in (offsets or {}).items()}
 
 
 def fit_notes(converged: bool, placement=None, scale_range: tuple[float, float] | None = None) -> list[str]:
@@ -290,7 +373,8 @@ def assess_fit(model: QualityModel | None, subject, result, scores: torch.Tensor
     """The ``qc`` entry of ``metrics.json``; without a model (``qc`` config group removed) only the
     features and the per-sequence agreement."""
     features, agreement = qc_features(subject, result, scores, placement)
+    offsets = sequence_offsets(subject, scores)
     if model is None:
         return {"features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
-                "sequence_agreement": {k: round(v, 4) for k, v in agreement.items()}}
-    return model.assess(features, agreement, (checks or {}).get("mirrored"), notes)
+                "sequence_agreement": {k: round(v, 4) for k, v in agreement.items()}, "sequence_offsets": _rounded_offsets(offsets)}
+    return model.assess(features, agreement, (checks or {}).get("mirrored"), notes, offsets)
