@@ -80,6 +80,34 @@ def test_a_mirrored_or_disagreeing_sequence_sets_the_flag_and_is_named():
     assert low["reasons"] == ["sequences disagree on the heart, T2 the least (sequence_agreement 0.6, usual >= 0.75)"] and not low["flag"]
 
 
+def test_sequence_offsets_find_a_sequence_acquired_out_of_place():
+    """Three sequences of one synthetic heart (noisy class intensities); C0 moved by (6, -4) voxels of
+    1.5 mm against the others. Its intensities fit the labelled heart best at that shift (10.8 mm),
+    T2's where it is; the model flags C0 by name, not T2, and never with the rule off."""
+    from types import SimpleNamespace
+
+    from mvmm_monai.pipeline.qc import sequence_offsets
+
+    prob = _atlas((64, 64, 3)).float()
+    labels = prob.argmax(0).numpy()
+    rng = np.random.default_rng(0)
+    means = {"LGE": (0.2, 0.5, 0.9, 0.8), "C0": (0.3, 0.4, 0.9, 0.85), "T2": (0.4, 0.6, 0.1, 0.15)}
+    images = np.stack([np.asarray(m)[labels] + 0.05 * rng.standard_normal(labels.shape) for m in means.values()])
+    images[1] = np.roll(images[1], (6, -4), axis=(0, 1))
+    subject = SimpleNamespace(sequences=("LGE", "C0", "T2"), reference="LGE", parent=None, uncrop=lambda v, *a: v,
+                              grid=SimpleNamespace(spacing=torch.tensor([1.5, 1.5, 8.0])),
+                              images=torch.from_numpy(images).float(), coverage=torch.ones(3, *labels.shape))
+    offsets = sequence_offsets(subject, prob)
+    assert set(offsets) == {"C0", "T2"}  # the reference is what the others are measured against
+    assert offsets["C0"]["mm"] == pytest.approx(1.5 * math.hypot(6, 4), abs=0.01) and offsets["C0"]["gain"] > 0.5
+    assert offsets["T2"]["mm"] == 0.0 and offsets["T2"]["gain"] == 0.0
+    verdict = _model(offset_gain=0.05).assess({"a": 0.0}, offsets=offsets)
+    assert verdict["flag"] and len(verdict["reasons"]) == 1 and verdict["reasons"][0].startswith("C0 fits the heart best 11 mm away")
+    assert verdict["sequence_offsets"]["C0"]["mm"] == pytest.approx(10.82, abs=0.01)
+    assert not _model().assess({"a": 0.0}, offsets=offsets)["flag"]  # offset_gain None: the rule is off
+    assert not _model(offset_gain=0.05, offset_min_mm=12.0).assess({"a": 0.0}, offsets=offsets)["flag"]  # nearer than the minimum
+
+
 def test_the_packaged_model_weighs_every_feature():
     model = build(compose_config([]).qc, _convert_="all")
     assert isinstance(model, QualityModel)
@@ -111,6 +139,7 @@ def test_a_fit_reports_its_quality_and_a_turned_atlas_scores_lower(tmp_path):
         assert set(qc["features"]) == set(FEATURES) and qc["features"]["placement_score"] is None  # identity placement
         assert all(math.isfinite(v) for k, v in qc["features"].items() if k != "placement_score")
         assert set(qc["sequence_agreement"]) == {"C0", "T2", "DE"}
+        assert set(qc["sequence_offsets"]) == {"C0", "T2"} and all(0 <= o["mm"] <= 26 for o in qc["sequence_offsets"].values())
     assert turned["dice"]["DE"]["myocardium"] < given["dice"]["DE"]["myocardium"] - 0.2
     assert turned["qc"]["score"] < given["qc"]["score"]
     assert turned["qc"]["features"]["atlas_agreement"] < given["qc"]["features"]["atlas_agreement"]
