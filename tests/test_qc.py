@@ -108,6 +108,24 @@ def test_sequence_offsets_find_a_sequence_acquired_out_of_place():
     assert not _model(offset_gain=0.05, offset_min_mm=12.0).assess({"a": 0.0}, offsets=offsets)["flag"]  # nearer than the minimum
 
 
+def test_window_sums_are_the_masked_sums_at_every_shift():
+    from mvmm_monai.pipeline.qc import _window_sums
+
+    rng = np.random.default_rng(1)
+    values = rng.random((40, 36, 3))
+    mask = np.zeros(values.shape, dtype=bool)
+    mask[12:20, 10:22, :2] = rng.random((8, 12, 2)) > 0.4
+    other = np.zeros(values.shape, dtype=bool)
+    other[25:30, 5:9, 2] = True
+    sums = _window_sums([mask, other], [values, values ** 2], (9, 7))
+    assert sums.shape == (2, 2, 19, 15)
+    for i, m in enumerate((mask, other)):
+        for j, v in enumerate((values, values ** 2)):
+            padded = np.pad(v, ((9, 9), (7, 7), (0, 0)))
+            for dx, dy in ((0, 0), (4, -7), (-9, 7), (9, 2)):  # the shift's voxels off the volume count as 0
+                assert sums[i, j, dx + 9, dy + 7] == pytest.approx((m * padded[9 + dx:49 + dx, 7 + dy:43 + dy]).sum())
+
+
 def test_the_packaged_model_weighs_every_feature():
     model = build(compose_config([]).qc, _convert_="all")
     assert isinstance(model, QualityModel)

@@ -126,18 +126,31 @@ def sequence_agreement(result, sequences: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-def _window_sums(mask: np.ndarray, values: np.ndarray, radius: tuple[int, int]) -> np.ndarray:
-    """``out[a, b] = sum_v mask[v] * values[v + (a - rx, b - ry)]`` over every in-plane shift within
-    ``radius`` (``values`` zero outside the volume), summed over the slices: ``[2 rx + 1, 2 ry + 1]``."""
-    from scipy.signal import fftconvolve
+def _window_sums(masks: list[np.ndarray], values: list[np.ndarray], radius: tuple[int, int]) -> np.ndarray:
+    """``out[i, j, a, b] = sum_v masks[i][v] * values[j][v + (a - rx, b - ry)]`` over every in-plane
+    shift within ``radius`` (``values`` zero outside the volume), summed over the slices:
+    ``[len(masks), len(values), 2 rx + 1, 2 ry + 1]``. One FFT per mask and per value array and
+    slice (the masks' bounding box and ``radius`` around it), their products for every pair."""
+    from scipy import fft
 
     rx, ry = radius
-    padded = np.pad(values, ((rx, rx), (ry, ry), (0, 0)))
-    out = np.zeros((2 * rx + 1, 2 * ry + 1))
-    for z in range(mask.shape[2]):
-        m = mask[..., z]
-        if m.any():
-            out += fftconvolve(padded[..., z], m[::-1, ::-1].astype(float), mode="valid")
+    out = np.zeros((len(masks), len(values), 2 * rx + 1, 2 * ry + 1))
+    xs, ys = np.nonzero(np.any([m.any(2) for m in masks], axis=0))
+    if xs.size == 0:
+        return out
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    shape = (fft.next_fast_len(x1 - x0 + 2 * rx), fft.next_fast_len(y1 - y0 + 2 * ry))
+    for z in range(masks[0].shape[2]):
+        cut = [m[x0:x1, y0:y1, z] for m in masks]
+        if not any(c.any() for c in cut):
+            continue
+        spectra = [fft.rfft2(np.pad(v[..., z], ((rx, rx), (ry, ry)))[x0:x1 + 2 * rx, y0:y1 + 2 * ry], shape) for v in values]
+        for i, c in enumerate(cut):
+            if not c.any():
+                continue
+            m = np.conj(fft.rfft2(c.astype(float), shape))
+            for j, spectrum in enumerate(spectra):
+                out[i, j] += fft.irfft2(spectrum * m, shape)[: 2 * rx + 1, : 2 * ry + 1]
     return out
 
 
@@ -167,15 +180,13 @@ def sequence_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, margin
     for n, seq in enumerate(subject.sequences):
         if n == ref or not (region & cover[n]).sum() >= 100:
             continue
-        c = cover[n].astype(float)
         image = np.where(cover[n], images[n], 0.0)
-        count, first, second = 0.0, 0.0, 0.0
-        within = 0.0
-        for k in np.unique(labels[region]):
-            mask = region & (labels == k)
-            nk, s1, s2 = (_window_sums(mask, v, radius) for v in (c, image, image * image))
-            count, first, second = count + nk, first + s1, second + s2
-            within = within + s2 - s1 ** 2 / np.maximum(nk, 1.0)
+        # per class: the covered voxels, their intensities' sum and sum of squares at every shift
+        sums = _window_sums([region & (labels == k) for k in np.unique(labels[region])],
+                            [cover[n].astype(float), image, image * image], radius)
+        nk, s1, s2 = sums[:, 0], sums[:, 1], sums[:, 2]
+        within = (s2 - s1 ** 2 / np.maximum(nk, 1.0)).sum(0)
+        count, first, second = nk.sum(0), s1.sum(0), s2.sum(0)
         total = second - first ** 2 / np.maximum(count, 1.0)
         # where the shifted sequence still covers most of the region (a shift off its edge is no evidence)
         enough = count >= 0.5 * count[radius]
