@@ -105,6 +105,10 @@ def test_sequence_offsets_find_a_sequence_acquired_out_of_place():
     assert verdict["flag"] and len(verdict["reasons"]) == 1 and verdict["reasons"][0].startswith("C0 fits the heart best 11 mm away")
     assert verdict["sequence_offsets"]["C0"]["mm"] == pytest.approx(10.82, abs=0.01)
     assert not _model().assess({"a": 0.0}, offsets=offsets)["flag"]  # offset_gain None: the rule is off
+    # a fit whose registration put C0's slices back is measured on the slices as it used them
+    back = torch.from_numpy(np.roll(images, (-6, 4), axis=(1, 2))).float()
+    back[0], back[2] = torch.from_numpy(images[0]).float(), torch.from_numpy(images[2]).float()
+    assert sequence_offsets(subject, prob, moved=(back, subject.coverage))["C0"] == {"mm": 0.0, "gain": 0.0}
     assert not _model(offset_gain=0.05, offset_min_mm=12.0).assess({"a": 0.0}, offsets=offsets)["flag"]  # nearer than the minimum
 
 

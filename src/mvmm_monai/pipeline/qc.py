@@ -154,18 +154,25 @@ def _window_sums(masks: list[np.ndarray], values: list[np.ndarray], radius: tupl
     return out
 
 
-def sequence_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, margin_mm: float = 8.0) -> dict[str, dict[str, float]]:
+def sequence_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, margin_mm: float = 8.0,
+                     moved: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
     """Per sequence but the reference: ``{"mm", "gain"}``, the in-plane shift (mm, the same for every
     slice, whole voxels within ``max_mm``) at which the correlation ratio of its intensities given
     the labels (the argmax of ``scores`` ``[K, *S]``, common space) is highest, over the labelled
     heart and ``margin_mm`` around it on the slices the reference covers, and how much higher it is
     there than unshifted (``eta^2(best) - eta^2(0)``, both in [0, 1]). The images are the
-    sequences as acquired (no slice motion), on the uncut common grid when the fit's was cut to the
-    heart, so that a shift may look past the fit's region; only voxels the sequence covers count. A
-    sequence whose slices see too little of the heart is left out."""
+    sequences as acquired, on the uncut common grid when the fit's was cut to the heart, so that a
+    shift may look past the fit's region; or, where the fit moved slices (``moved``: its images and
+    coverage ``[N, *S]`` after the slice motion, common space), as the fit used them: a sequence the
+    registration put back is not out of place for this fit. Only voxels the sequence covers count;
+    a sequence whose slices see too little of the heart is left out."""
     full = subject.parent or subject
     ref = subject.sequences.index(subject.reference)
-    cover = full.coverage.numpy() > 0
+    if moved is None:
+        images, cover = full.images.double().numpy(), full.coverage.numpy() > 0
+    else:
+        images = subject.uncrop(moved[0].double()).numpy()
+        cover = subject.uncrop(moved[1]).numpy() > 0
     labels = class_argmax(subject.uncrop(scores, 0.0, 1.0)).numpy()
     heart = (labels > 0) & cover[ref]
     if not heart.any():
@@ -175,7 +182,6 @@ def sequence_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, margin
     grow[..., 0] = ndimage.generate_binary_structure(2, 1)
     region = ndimage.binary_dilation(heart, structure=grow, iterations=max(1, round(margin_mm / min(sx, sy)))) & cover[ref]
     radius = (max(1, math.ceil(max_mm / sx)), max(1, math.ceil(max_mm / sy)))
-    images = full.images.double().numpy()
     out = {}
     for n, seq in enumerate(subject.sequences):
         if n == ref or not (region & cover[n]).sum() >= 100:
@@ -384,7 +390,10 @@ def assess_fit(model: QualityModel | None, subject, result, scores: torch.Tensor
     """The ``qc`` entry of ``metrics.json``; without a model (``qc`` config group removed) only the
     features and the per-sequence agreement."""
     features, agreement = qc_features(subject, result, scores, placement)
-    offsets = sequence_offsets(subject, scores)
+    # the slices as the fit used them where its registration moved any, else as acquired
+    warped = result.warped
+    moved = None if torch.equal(warped.images[0], subject.images.to(warped.images)) else (warped.images[0], warped.coverage[0])
+    offsets = sequence_offsets(subject, scores, moved=moved)
     if model is None:
         return {"features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
                 "sequence_agreement": {k: round(v, 4) for k, v in agreement.items()}, "sequence_offsets": _rounded_offsets(offsets)}
