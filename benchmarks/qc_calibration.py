@@ -193,8 +193,8 @@ def choose_offset_rule(rows: list[dict]) -> tuple[float, float | None]:
     """``(offset_min_mm, offset_gain)`` of the quality model's moved-sequence rule, from ``rows``
     only: for each minimum shift of ``OFFSET_MIN_MM`` the gain threshold is ``OFFSET_MARGIN`` above
     the largest gain among the fits as given whose sequences fit best at least that far away (so
-    none of them is flagged by it; at least ``OFFSET_FLOOR``), and the minimum that then flags most of the moved sequences
-    (by their own offsets) is kept, the smaller on a tie. Rows without offsets (a run before
+    none of them is flagged by it; at least ``OFFSET_FLOOR``), and the minimum that then flags most
+    of the moved sequences (by their own offsets) is kept, the smaller on a tie. Rows without offsets (a run before
     ``sequence_offsets``): ``(OFFSET_MIN_MM[0], None)``, the rule off."""
     if not any("offsets" in r for r in rows):
         return OFFSET_MIN_MM[0], None

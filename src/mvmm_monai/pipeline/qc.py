@@ -396,5 +396,6 @@ def assess_fit(model: QualityModel | None, subject, result, scores: torch.Tensor
     offsets = sequence_offsets(subject, scores, moved=moved)
     if model is None:
         return {"features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
-                "sequence_agreement": {k: round(v, 4) for k, v in agreement.items()}, "sequence_offsets": _rounded_offsets(offsets)}
+                "sequence_agreement": {k: round(v, 4) for k, v in agreement.items()},
+                "sequence_offsets": _rounded_offsets(offsets)}
     return model.assess(features, agreement, (checks or {}).get("mirrored"), notes, offsets)
