@@ -184,12 +184,6 @@ class AtlasDeformation(nn.Module):
             raise ValueError("AtlasDeformation: similarity_prior needs the similarity part (affine=True)")
         return self.affine_weight * (self.log_scale.pow(2).sum() + self.rotation.pow(2).sum())
 
-    @torch.no_grad()
-    def min_jacobian(self, like: Tensor) -> float:
-        """Smallest in-plane Jacobian determinant (finite differences) of ``D`` with the current
-        parameters; ``like`` gives dtype and device."""
-        return min_jacobian(self.displacement(like))
-
 
 @torch.no_grad()
 def min_jacobian(ddf: Tensor) -> float:

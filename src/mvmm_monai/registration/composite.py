@@ -210,22 +210,13 @@ class Registration(nn.Module):
             return {}
         return self.slice_motion.search(self.images, self.coverage, voxel_log_likelihood, sequence_weights)
 
-    def check(self, iteration: int) -> None:
-        """Raise :class:`RegistrationError` naming ICM ``iteration`` if a parameter is not finite, a
-        slice moved beyond ``max_shift_mm`` or the atlas deformation folds (integrated anew from the
-        current parameters: :meth:`check_parameters` and :meth:`check_deformation` in one)."""
-        self.check_parameters(iteration)
-        if self.atlas_deformation is not None:
-            self._check_folds(iteration, self.atlas_deformation.min_jacobian(self.atlas))
-
     def check_deformation(self, iteration: int, warped: Warped) -> None:
         """Raise :class:`RegistrationError` naming ICM ``iteration`` if the atlas deformation that
-        made ``warped`` (this module's forward) folds; the fit checks every deformation it is about
-        to use this way, without integrating the velocity again."""
-        if warped.ddf is not None:
-            self._check_folds(iteration, min_jacobian(warped.ddf))
-
-    def _check_folds(self, iteration: int, jmin: float) -> None:
+        made ``warped`` (this module's forward) folds: the fit checks every deformation it is about
+        to use, on the displacement its forward made (the velocity is not integrated again)."""
+        if warped.ddf is None:
+            return
+        jmin = min_jacobian(warped.ddf)
         if not math.isfinite(jmin) or jmin <= 0:
             raise RegistrationError(
                 f"registration blew up at ICM iteration {iteration}: the atlas deformation folds "
