@@ -61,6 +61,8 @@ CONFIG = REPO / "src" / "mvmm_monai" / "conf" / "qc" / "default.yaml"
 # among the fits as given (the shared sequences are co-registered: their shifts are the measure's noise),
 # and never below OFFSET_FLOOR (5 % more of the sequence's variance explained by the labels: set, not tuned)
 OFFSET_MIN_MM, OFFSET_MARGIN, OFFSET_FLOOR = (4.0, 5.0, 6.0, 8.0, 10.0), 0.02, 0.05
+# how many features outside their usual range together set the flag (None: never), chosen
+UNUSUAL_FLAGS = (1, 2, 3, None)
 
 
 def failures_for(case: str, count: int, seed: int = 0) -> list[dict]:
@@ -174,13 +176,32 @@ def choose_floor(rows: list[dict], names: list[str]) -> float:
     for floor in FLOORS:
         wrong, error = 0, 0.0
         for g in cases:
-            judged = judge(make_model([r for r in rows if r["case"] != g], names, floor), [r for r in rows if r["case"] == g])
-            wrong += sum((j["dice"] < FAILED and not j["flag"]) or (j["dice"] >= GOOD and not moved_sequence(j) and j["flag"])
-                         for j in judged)
+            judged = judge(make_model([r for r in rows if r["case"] != g], names, floor, unusual_flag=None),
+                           [r for r in rows if r["case"] == g])
+            wrong += misjudged(judged)
             error += sum(abs(j["score"] - j["dice"]) for j in judged)
         if best is None or (wrong, error) < best[:2]:
             best = (wrong, error, floor)
     return best[2]
+
+
+def misjudged(judged: list[dict]) -> int:
+    """Failures not flagged and good fits (not a moved sequence) flagged."""
+    return sum((j["dice"] < FAILED and not j["flag"]) or (j["dice"] >= GOOD and not moved_sequence(j) and j["flag"]) for j in judged)
+
+
+def choose_unusual_flag(rows: list[dict], names: list[str], floor: float) -> int | None:
+    """The ``unusual_flag`` of ``UNUSUAL_FLAGS`` whose rule misjudges fewest fits leaving one case
+    (all its fits) out at a time, the usual ranges then made without that case (on the fits a model
+    was made from, every good fit is inside them); a tie goes to the smaller count, the one that
+    flags more (a failure missed costs more than a good fit looked at twice). Chosen on the rows
+    given only, so that judging other folds stays cross-validated."""
+    wrong = dict.fromkeys(UNUSUAL_FLAGS, 0)
+    for g in sorted({r["case"] for r in rows}):
+        model = make_model([r for r in rows if r["case"] != g], names, floor, unusual_flag=None)
+        for k in UNUSUAL_FLAGS:
+            wrong[k] += misjudged(judge({**model, "unusual_flag": k}, [r for r in rows if r["case"] == g]))
+    return min(UNUSUAL_FLAGS, key=lambda k: (wrong[k], len(names) + 1 if k is None else k))
 
 
 def moved_sequence(row: dict) -> bool:
@@ -209,13 +230,16 @@ def choose_offset_rule(rows: list[dict]) -> tuple[float, float | None]:
     return best[1], best[2]
 
 
-def make_model(rows: list[dict], names: list[str], floor: float | None = None) -> dict:
+def make_model(rows: list[dict], names: list[str], floor: float | None = None, unusual_flag: int | None | str = "choose") -> dict:
     """The quality model from ``rows`` (fits with features and Dice): the fields of
     :class:`mvmm_monai.pipeline.qc.QualityModel`. The regression's target is max(Dice, ``floor``)
     (``None``: chosen by :func:`choose_floor` on ``rows``); the calibration curve and the threshold
-    see the Dice itself."""
+    see the Dice itself. ``unusual_flag``: ``"choose"`` (by :func:`choose_unusual_flag` on ``rows``)
+    or the value to use."""
     if floor is None:
         floor = choose_floor(rows, names)
+    if unusual_flag == "choose":
+        unusual_flag = choose_unusual_flag(rows, names, floor)
     x = feature_matrix(rows, names)
     y = np.array([r["dice"]["myocardium"] for r in rows])
     target = np.maximum(y, floor)
@@ -263,6 +287,7 @@ def make_model(rows: list[dict], names: list[str], floor: float | None = None) -
         "disagreement": disagreement,
         "offset_min_mm": offset_min_mm,
         "offset_gain": offset_gain,
+        "unusual_flag": unusual_flag,
         "two_sided": [n for n in names if n in TWO_SIDED],
         "curve": curve,
         "calibration": {"ridge": ridge, "floor": floor},

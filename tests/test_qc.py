@@ -77,7 +77,24 @@ def test_a_mirrored_or_disagreeing_sequence_sets_the_flag_and_is_named():
     model = _model(centre={"sequence_agreement": 0.8}, spread={"sequence_agreement": 0.1}, weights={"sequence_agreement": 0.0},
                    usual={"sequence_agreement": [0.75, 0.95]})
     low = model.assess({"sequence_agreement": 0.6}, {"LGE": 0.8, "C0": 0.75, "T2": 0.6})
-    assert low["reasons"] == ["sequences disagree on the heart, T2 the least (sequence_agreement 0.6, usual >= 0.75)"] and not low["flag"]
+    assert low["reasons"] == ["T2 agrees least with the other sequences on the heart (sequence_agreement 0.6, usual >= 0.75)"]
+    assert not low["flag"]
+
+
+def test_features_unusual_together_set_the_flag():
+    # two features each outside the range of good fits, the score still fine (the atlas placed too
+    # large: a thick wall and a result far from the atlas)
+    usual = {"wall_mm": [8.0, 17.0], "atlas_agreement": [0.7, 0.95], "entropy": [0.02, 0.04]}
+    model = _model(centre=dict.fromkeys(usual, 0.0), spread=dict.fromkeys(usual, 1.0), weights=dict.fromkeys(usual, 0.0),
+                   usual=usual, unusual_flag=2)
+    one = model.assess({"wall_mm": 19.0, "atlas_agreement": 0.8, "entropy": 0.03})
+    assert not one["flag"] and one["reasons"] == ["myocardial wall implausibly thick (wall_mm 19, usual <= 17)"]
+    two = model.assess({"wall_mm": 19.0, "atlas_agreement": 0.65, "entropy": 0.03})
+    assert two["flag"] and two["reasons"][0] == "2 features outside the range of good fits (at least 2 set the flag)"
+    assert two["reasons"][1:] == ["myocardial wall implausibly thick (wall_mm 19, usual <= 17)",
+                                  "result far from the atlas (atlas_agreement 0.65, usual >= 0.7)"]
+    assert not _model(usual=usual, centre=model.centre, spread=model.spread, weights=model.weights).assess(
+        {"wall_mm": 19.0, "atlas_agreement": 0.65, "entropy": 0.03})["flag"]  # unusual_flag None: reasons only
 
 
 def test_sequence_offsets_find_a_sequence_acquired_out_of_place():

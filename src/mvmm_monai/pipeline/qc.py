@@ -282,6 +282,10 @@ class QualityModel:
             value outside it is a reason.
         disagreement: a sequence whose agreement with the others is below this is named in a reason
             and sets the flag.
+        unusual_flag: at least this many features outside their usual range together set the flag
+            (``None``: never; one outside its range is a reason only), with a reason that counts them:
+            a failure that no single feature gives away (the atlas placed too large: a thick wall
+            and a result far from the atlas) rarely looks unusual in two ways at once on a good fit.
         offset_min_mm, offset_gain: a sequence that fits the labelled heart best at least
             ``offset_min_mm`` away (:func:`sequence_offsets`), with a correlation-ratio gain of at
             least ``offset_gain``, is named in a reason and sets the flag (``offset_gain`` None: never).
@@ -297,6 +301,7 @@ class QualityModel:
     disagreement: float = 0.5
     offset_min_mm: float = 5.0
     offset_gain: float | None = None
+    unusual_flag: int | None = None
     two_sided: tuple[str, ...] = ()
     curve: dict | None = None
     calibration: dict = field(default_factory=dict)
@@ -331,7 +336,7 @@ class QualityModel:
             low, high = MEANING.get(name, (name + " low", name + " high"))
             if name == "sequence_agreement" and agreement and v < lo and low:
                 seq = min(agreement, key=agreement.get)
-                out.append(f"{low}, {seq} the least ({name} {v:.3g}, usual >= {lo:.3g})")
+                out.append(f"{seq} agrees least with the other sequences on the heart ({name} {v:.3g}, usual >= {lo:.3g})")
             elif v < lo and low:
                 out.append(f"{low} ({name} {v:.3g}, usual >= {lo:.3g})")
             elif v > hi and high:
@@ -361,7 +366,11 @@ class QualityModel:
                 flag = True
                 reasons.append(f"{seq} fits the heart best {o['mm']:.0f} mm away from where the labels put it: acquired or "
                                f"exported out of place? (sequence_offsets gain {o['gain']:.3f})")
-        reasons += self.reasons(features, agreement) + list(notes or [])
+        unusual = self.reasons(features, agreement)
+        if self.unusual_flag is not None and len(unusual) >= self.unusual_flag:
+            flag = True
+            reasons.append(f"{len(unusual)} features outside the range of good fits (at least {self.unusual_flag} set the flag)")
+        reasons += unusual + list(notes or [])
         return {
             "score": round(score, 4), "flag": bool(flag), "reasons": reasons,
             "features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
