@@ -328,20 +328,28 @@ class MvMMFit(pl.LightningModule):
         if params.beta is not None:
             metrics["em/beta"] = beta
         if self.subject.labels and monitor:  # the final Dice: pipeline.fit.score
-            shifts, angles = self.registration.native_shifts_voxels(), self.registration.native_angles()
-            for seq in self._monitored:
-                label = self.subject.labels[seq]
-                pred = native_segmentation(
-                    posterior[0], self.subject, seq, shifts.get(seq), self._label_maps.get(seq), slice_angles=angles.get(seq)
-                ).to(label.device)
-                for name, d in dice_per_class(pred, label).items():
-                    metrics[f"dice/{seq}/{name}"] = d
+            metrics.update(self.monitored_dice(posterior))
         # what the callbacks and the progress bar read goes through Lightning's logging; the rest
         # straight to the logger (Lightning's bookkeeping costs ~2 ms per scalar per iteration)
         watched = {k: metrics.pop(k) for k in self.WATCHED}
         self.log_dict(watched, on_step=False, on_epoch=True, batch_size=1)
         if self.logger is not None and self.trainer.is_global_zero:
             self.logger.log_metrics(metrics, step=self.current_epoch)
+
+    def monitored_dice(self, posterior: Tensor) -> dict[str, float]:
+        """``dice/<sequence>/<structure>`` of ``posterior`` (``[1, K, *S]``) against the subject's
+        labels on every monitored sequence's own grid, the slices where the registration put them:
+        the per-iteration Dice in TensorBoard (every ``dice_every_n_iterations``)."""
+        shifts, angles = self.registration.native_shifts_voxels(), self.registration.native_angles()
+        out = {}
+        for seq in self._monitored:
+            label = self.subject.labels[seq]
+            pred = native_segmentation(
+                posterior[0], self.subject, seq, shifts.get(seq), self._label_maps.get(seq), slice_angles=angles.get(seq)
+            ).to(label.device)
+            for name, d in dice_per_class(pred, label).items():
+                out[f"dice/{seq}/{name}"] = d
+        return out
 
     def _em_images(self, warped: Warped, params: MixtureParams) -> Tensor:
         """The images the EM fits: ``warped``'s, with ``slabs`` each thick slab's intensity turned
