@@ -95,6 +95,14 @@ def table_lookup(x: Tensor, table: Tensor, value_range: Tensor) -> Tensor:
     return t[i0] * (1 - frac) + t[i0 + 1] * frac
 
 
+def per_slice(values: Tensor, slice_index: Tensor) -> Tensor:
+    """``values[slice_index]`` (``values`` ``[Z, ...]``, ``slice_index`` long ``[*S]`` -> ``[*S, ...]``)
+    by ``index_select``: its backward adds into the ``Z`` rows (``index_add_``), where advanced
+    indexing's backward (``index_put_`` with accumulation) took 6x longer on CPU with every voxel of
+    a slice landing on one row."""
+    return torch.index_select(values, 0, slice_index.reshape(-1)).reshape(*slice_index.shape, *values.shape[1:])
+
+
 def first_order_resample(
     values: Tensor,
     gradient: Tensor,
@@ -122,13 +130,13 @@ def first_order_resample(
     Returns:
         ``[1, *S]``: equal to ``values`` in value.
     """
-    move = (shift - shift.detach())[slice_index].movedim(-1, 0)  # [2, *S] source voxels
+    move = per_slice(shift - shift.detach(), slice_index).movedim(-1, 0)  # [2, *S] source voxels
     if angle is not None:
         if index is None or centre is None:
             raise ValueError("first_order_resample: a rotation needs index and centre")
         d = index[..., :2].to(shift) - centre
-        a = angle.detach()[slice_index]
+        a = per_slice(angle.detach(), slice_index)
         cos, sin = torch.cos(a), torch.sin(a)
-        da = (angle - angle.detach())[slice_index]
+        da = per_slice(angle - angle.detach(), slice_index)
         move = move + torch.stack((-sin * d[..., 0] - cos * d[..., 1], cos * d[..., 0] - sin * d[..., 1])) * da
     return values + (move * gradient).sum(0, keepdim=True)
