@@ -55,26 +55,31 @@ BARE = ["model.dice_every_n_iterations=1000000", "~callbacks.checkpoint", "~call
 
 class MonitoringClock:
     """Seconds spent, while in use, in what a fit does only to be watched: the per-iteration Dice
-    (``MvMMFit.monitored_dice``), the checkpoint and overlay callbacks' per-iteration hook and the
-    TensorBoard logger's writes (scalars; its images come from the overlay callback). Each is
-    wrapped by a timer for the time of the ``with`` block. Not counted: the EM lower bound that the
-    same iterations compute for TensorBoard inside the E-step (one extra sum per voxel)."""
+    (``MvMMFit.monitored_dice``), the checkpoint and overlay callbacks' per-iteration hook, the
+    TensorBoard logger's writes (scalars, the writer's creation at the first of them, the
+    hyper-parameters and its closing) and the final pictures' copy into TensorBoard
+    (``pipeline.fit.add_png``; the pictures themselves are drawn and written as files whatever the
+    monitoring). Each is wrapped by a timer for the time of the ``with`` block. Not counted: the
+    EM lower bound that the monitored iterations compute inside the E-step (one extra sum per
+    voxel), and building the logger object."""
 
     def __init__(self) -> None:
         from pytorch_lightning.loggers import TensorBoardLogger
 
+        from mvmm_monai.pipeline import fit as pipeline_fit
         from mvmm_monai.pipeline.checkpoint import ICMCheckpoint
         from mvmm_monai.pipeline.module import MvMMFit
         from mvmm_monai.pipeline.monitoring import OverlayLogger
 
         self.targets = [(MvMMFit, "monitored_dice"), (ICMCheckpoint, "on_train_epoch_end"),
-                        (OverlayLogger, "on_train_epoch_end"), (TensorBoardLogger, "log_metrics")]
-        self.seconds = {f"{cls.__name__}.{name}": 0.0 for cls, name in self.targets}
+                        (OverlayLogger, "on_train_epoch_end"), (TensorBoardLogger, "log_metrics"),
+                        (TensorBoardLogger, "log_hyperparams"), (TensorBoardLogger, "finalize"), (pipeline_fit, "add_png")]
+        self.seconds = {f"{cls.__name__.rsplit('.', 1)[-1]}.{name}": 0.0 for cls, name in self.targets}
 
     def __enter__(self) -> MonitoringClock:
         self._saved = []
         for cls, name in self.targets:
-            original, key = getattr(cls, name), f"{cls.__name__}.{name}"
+            original, key = getattr(cls, name), f"{cls.__name__.rsplit('.', 1)[-1]}.{name}"
 
             def timed(*a, _f=original, _k=key, **kw):
                 t = time.perf_counter()
