@@ -52,13 +52,14 @@ def _qc(score: float, flag: bool, linear: float) -> dict:
 @pytest.mark.parametrize(
     "registered, none, kept, why",
     [
-        (_qc(0.85, False, 0.80), _qc(0.80, False, 0.75), "registered", "higher and it is not flagged"),
-        (_qc(0.80, False, 0.75), _qc(0.85, False, 0.80), "none", "not above"),
+        (_qc(0.85, False, 0.80), _qc(0.60, True, 0.55), "registered", "the registered fit is not and scores higher"),
+        (_qc(0.85, False, 0.80), _qc(0.80, False, 0.75), "none", "nothing to repair"),  # higher, but none is trusted
+        (_qc(0.80, False, 0.75), _qc(0.65, True, 0.80), "none", "not above"),
         (_qc(0.74, True, 0.70), _qc(0.49, True, 0.45), "none", "flagged by quality control"),  # both flagged: as acquired
         (_qc(0.70, True, 0.65), _qc(0.85, False, 0.80), "none", "flagged by quality control"),
     ],
 )
-def test_the_guard_keeps_a_registered_fit_only_where_quality_control_trusts_it_and_it_scores_higher(registered, none, kept, why):
+def test_the_guard_keeps_a_registered_fit_only_where_it_repairs_a_fit_quality_control_does_not_trust(registered, none, kept, why):
     from types import SimpleNamespace
 
     from mvmm_monai.pipeline.fit import guard_decision
