@@ -78,3 +78,19 @@ def test_labels_written_back_follow_turned_and_shifted_slices():
     assert moved > 0.05  # the motion does move the labels in the common space
     inner = (slice(6, 42), slice(6, 34))  # away from the border, where turned corners fall outside
     assert (back[inner] == label[inner]).float().mean() > 0.98
+
+
+def test_per_slice_is_indexing_with_the_same_gradient():
+    from mvmm_monai.data.common_space import per_slice
+
+    torch.manual_seed(0)
+    shifts = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 4, (6, 5, 3))
+    weights = torch.randn(6, 5, 3, 2, dtype=torch.float64)
+    picked = per_slice(shifts, index)
+    assert torch.equal(picked, shifts[index])
+    (grad,) = torch.autograd.grad((picked * weights).sum(), shifts)
+    (expected,) = torch.autograd.grad((shifts[index] * weights).sum(), shifts)
+    assert torch.allclose(grad, expected)
+    angles = torch.randn(4)
+    assert torch.equal(per_slice(angles, index), angles[index])

@@ -119,6 +119,14 @@ def sampling_map(
     return SamplingMap(idx.to(dtype), inside.to(dtype), k.long(), tuple(source.shape))
 
 
+def per_slice(values: Tensor, slice_index: Tensor) -> Tensor:
+    """``values[slice_index]`` (``values`` ``[Z, ...]``, ``slice_index`` long ``[*S]`` -> ``[*S, ...]``)
+    by ``index_select``: its backward adds into the ``Z`` rows (``index_add_``), where advanced
+    indexing's backward (``index_put_`` with accumulation) took 6x longer on CPU with every voxel of
+    a slice landing on one row."""
+    return torch.index_select(values, 0, slice_index.reshape(-1)).reshape(*slice_index.shape, *values.shape[1:])
+
+
 def sample(
     image: Tensor,
     smap: SamplingMap,
@@ -146,7 +154,7 @@ def sample(
         if tuple(slice_angles.shape) != (nz,):
             raise ValueError(f"resample: slice_angles must be [{nz}], got {tuple(slice_angles.shape)}")
         centre = (size[:2] - 1) / 2
-        ang = torch.index_select(slice_angles.to(idx.dtype), 0, k.reshape(-1)).reshape(k.shape)  # (backward: index_add_, not index_put_)
+        ang = per_slice(slice_angles.to(idx.dtype), k)
         cos, sin = torch.cos(ang), torch.sin(ang)
         d = idx[..., :2] - centre
         rot = torch.stack((cos * d[..., 0] - sin * d[..., 1], sin * d[..., 0] + cos * d[..., 1]), dim=-1)
@@ -154,8 +162,7 @@ def sample(
     if slice_shifts is not None:
         if tuple(slice_shifts.shape) != (nz, 2):
             raise ValueError(f"resample: slice_shifts must be [{nz}, 2], got {tuple(slice_shifts.shape)}")
-        moved = torch.index_select(slice_shifts.to(idx.dtype), 0, k.reshape(-1)).reshape(*k.shape, 2)
-        idx = torch.cat((idx[..., :2] + moved, idx[..., 2:]), dim=-1)
+        idx = torch.cat((idx[..., :2] + per_slice(slice_shifts.to(idx.dtype), k), idx[..., 2:]), dim=-1)
     # grid_sample on [1, C, X, Y, Z] wants (z, y, x) order in [-1, 1] (align_corners=True)
     norm = 2.0 * idx / (size - 1).clamp_min(1.0) - 1.0
     norm = torch.where(size > 1, norm, torch.zeros_like(norm))

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mvmm_monai.data.common_space import per_slice
+
 #: points of the lookup table that stands in for a kernel log-density (see :func:`kde_table`)
 KDE_TABLE_SIZE = 2048
 
@@ -93,14 +95,6 @@ def table_lookup(x: Tensor, table: Tensor, value_range: Tensor) -> Tensor:
     frac = pos - i0.to(pos.dtype)
     t = table.to(x)
     return t[i0] * (1 - frac) + t[i0 + 1] * frac
-
-
-def per_slice(values: Tensor, slice_index: Tensor) -> Tensor:
-    """``values[slice_index]`` (``values`` ``[Z, ...]``, ``slice_index`` long ``[*S]`` -> ``[*S, ...]``)
-    by ``index_select``: its backward adds into the ``Z`` rows (``index_add_``), where advanced
-    indexing's backward (``index_put_`` with accumulation) took 6x longer on CPU with every voxel of
-    a slice landing on one row."""
-    return torch.index_select(values, 0, slice_index.reshape(-1)).reshape(*slice_index.shape, *values.shape[1:])
 
 
 def first_order_resample(
