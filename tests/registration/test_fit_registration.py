@@ -56,7 +56,8 @@ def _qc(score: float, flag: bool, linear: float) -> dict:
         (_qc(0.85, False, 0.80), _qc(0.80, False, 0.75), "none", "nothing to repair"),  # higher, but none is trusted
         (_qc(0.80, False, 0.75), _qc(0.65, True, 0.80), "none", "not above"),
         (_qc(0.74, True, 0.70), _qc(0.49, True, 0.45), "none", "flagged by quality control"),  # both flagged: as acquired
-        (_qc(0.70, True, 0.65), _qc(0.85, False, 0.80), "none", "flagged by quality control"),
+        (_qc(0.70, True, 0.65), _qc(0.85, False, 0.80), "none", "nothing to repair"),
+        (None, _qc(0.85, False, 0.80), "none", "nothing to repair"),  # trusted: the registered fit is not made
     ],
 )
 def test_the_guard_keeps_a_registered_fit_only_where_it_repairs_a_fit_quality_control_does_not_trust(registered, none, kept, why):
@@ -67,8 +68,18 @@ def test_the_guard_keeps_a_registered_fit_only_where_it_repairs_a_fit_quality_co
     model = SimpleNamespace(linear_score=lambda features: features["linear"])
     d = guard_decision(model, registered, none)
     assert d["kept"] == kept and why in d["why"]
-    assert d["qc_flag"] == {"registered": registered["flag"], "none": none["flag"]}
-    assert d["qc_linear_score"] == {"registered": registered["features"]["linear"], "none": none["features"]["linear"]}
+    assert d["qc_flag"] == {"registered": registered and registered["flag"], "none": none["flag"]}
+    assert d["qc_linear_score"] == {"registered": registered and registered["features"]["linear"], "none": none["features"]["linear"]}
+
+
+def test_the_guard_needs_the_registered_fit_where_the_fit_without_registration_is_flagged():
+    from types import SimpleNamespace
+
+    from mvmm_monai.pipeline.fit import guard_decision
+
+    model = SimpleNamespace(linear_score=lambda features: features["linear"])
+    with pytest.raises(ValueError, match="the registered fit is needed"):
+        guard_decision(model, None, _qc(0.6, True, 0.55))
 
 
 @pytest.mark.parametrize(("extra", "message"), [

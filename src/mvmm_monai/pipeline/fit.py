@@ -275,44 +275,61 @@ def _fit_prepared(cfg: DictConfig, dataset, prep, out: Path, conventions: Labell
 
 
 def _without_registration(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with the packaged ``registration=none`` preset, without checkpoints, logger,
-    overlays or a checkpoint to resume from: the registration guard's reference fit."""
+    """``cfg`` with the packaged ``registration=none`` preset, without checkpoints or one to resume
+    from: the registration guard's fit without registration, made first (its TensorBoard is the
+    subject's; a registered fit's checkpoints are the ones to resume)."""
     ref = cfg.copy()
     with open_dict(ref):
         ref.registration = OmegaConf.load(Path(CONFIG_DIR) / "registration" / "none.yaml")
-        ref.callbacks = {k: v for k, v in (cfg.get("callbacks") or {}).items()
-                         if any(t in str(v.get("_target_", "")) for t in ("EarlyStopping", "ProgressBar"))}
-        ref.logger = None
+        ref.callbacks = {k: v for k, v in (cfg.get("callbacks") or {}).items() if "Checkpoint" not in str(v.get("_target_", ""))}
         ref.ckpt_path = None
         ref.trainer.enable_checkpointing = False  # else Lightning adds its own ModelCheckpoint
     return ref
 
 
-def guard_decision(qc_model, registered: dict, none: dict) -> dict:
+def _registered_beside(cfg: DictConfig) -> DictConfig:
+    """``cfg`` for the registered fit that the guard makes after the fit without registration: its
+    TensorBoard scalars and overlays in the logger's ``registered`` sub-folder, beside the first fit's."""
+    if not cfg.get("logger"):
+        return cfg
+    reg = cfg.copy()
+    with open_dict(reg):
+        reg.logger.sub_dir = "registered"
+    return reg
+
+
+def guard_decision(qc_model, registered: dict | None, none: dict) -> dict:
     """``registration.guard``'s choice between a registered fit and the same subject fitted without
-    registration, from their ``qc`` entries. The registered result is kept only where quality
+    registration, from their ``qc`` entries (``registered`` ``None``: not fitted, because quality
+    control trusts the fit without registration). The registered result is kept only where quality
     control flags the fit without registration (there is something to repair), does not flag the
     registered one, and scores it higher (the linear score: the calibrated one is a step function
-    of it). A fit without registration that quality control trusts is kept as it is: on
-    co-registered MyoPS stacks (``benchmarks/crossval.py``, record ``crossval_slices_guard``) the
-    registered fits scored higher on 22 of 25 cases, moving the slices towards agreement between
-    the sequences, which quality control reads as a better fit, and lost up to 0.06 of LGE
-    myocardium Dice. A flagged registered result never replaces the slices as acquired, even where
-    the fit without registration is flagged too: on real crops (``benchmarks/registration_guard.py``)
-    the registered fits kept that way were the ones that lost most. Returns the ``metrics.json``
-    ``registration_guard`` entry: ``kept`` (``registered`` or ``none``), ``why``, both fits'
-    ``qc_score``, ``qc_flag`` and ``qc_linear_score``."""
-    linear = {"registered": qc_model.linear_score(registered["features"]), "none": qc_model.linear_score(none["features"])}
-    if registered["flag"]:
-        kept, why = "none", "the registered fit is flagged by quality control"
-    elif not none["flag"]:
+    of it). A fit without registration that quality control trusts is kept as it is, and the
+    registration is not run: on co-registered MyoPS stacks (``benchmarks/crossval.py``, record
+    ``crossval_slices_guard``) the registered fits scored higher on 22 of 25 cases, moving the
+    slices towards agreement between the sequences, which quality control reads as a better fit,
+    and lost up to 0.06 of LGE myocardium Dice. A flagged registered result never replaces the
+    slices as acquired, even where the fit without registration is flagged too: on real crops
+    (``benchmarks/registration_guard.py``) the registered fits kept that way were the ones that
+    lost most. Returns the ``metrics.json`` ``registration_guard`` entry: ``kept`` (``registered``
+    or ``none``), ``why``, both fits' ``qc_score``, ``qc_flag`` and ``qc_linear_score`` (``None``
+    for a registered fit not made)."""
+    linear = {"registered": None if registered is None else qc_model.linear_score(registered["features"]),
+              "none": qc_model.linear_score(none["features"])}
+    if not none["flag"]:
         kept, why = "none", "quality control trusts the fit without registration: nothing to repair"
+    elif registered is None:
+        raise ValueError("guard_decision: the fit without registration is flagged; the registered fit is needed")
+    elif registered["flag"]:
+        kept, why = "none", "the registered fit is flagged by quality control"
     elif linear["registered"] <= linear["none"]:
         kept, why = "none", "the registered fit's QC score is not above the fit's without registration"
     else:
         kept, why = "registered", "the fit without registration is flagged, the registered fit is not and scores higher"
-    return {"kept": kept, "why": why, "qc_score": {"registered": registered["score"], "none": none["score"]},
-            "qc_flag": {"registered": registered["flag"], "none": none["flag"]}, "qc_linear_score": linear}
+    return {"kept": kept, "why": why,
+            "qc_score": {"registered": None if registered is None else registered["score"], "none": none["score"]},
+            "qc_flag": {"registered": None if registered is None else registered["flag"], "none": none["flag"]},
+            "qc_linear_score": linear}
 
 
 def check_guard(cfg: DictConfig) -> bool:
@@ -332,12 +349,12 @@ def check_guard(cfg: DictConfig) -> bool:
 def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     """Fit subject ``name`` of ``dataset`` and write its results into ``out``; returns its metrics.
 
-    With ``registration.guard`` and a registration that fits anything, the subject is also fitted
-    without registration, and the registered result is kept only where quality control flags that
-    fit, trusts the registered one (``qc.flag`` false) and scores it higher (the label-free
-    estimate of the LGE myocardium Dice): registration repairs fits the model does not trust, and
-    a registered result the model does not trust never replaces the slices as acquired
-    (:func:`guard_decision`; ``metrics.json`` ``registration_guard``).
+    With ``registration.guard`` and a registration that fits anything, the subject is first fitted
+    without registration; only where quality control flags that fit is the registered fit made,
+    and it is kept only where quality control trusts it (``qc.flag`` false) and scores it higher
+    (the label-free estimate of the LGE myocardium Dice): registration repairs fits the model does
+    not trust, and a registered result the model does not trust never replaces the slices as
+    acquired (:func:`guard_decision`; ``metrics.json`` ``registration_guard``).
     """
     start = time.perf_counter()
     check_subject_name(name)
@@ -352,23 +369,26 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
     with ResultFolder(out, name) as folder:
         prep = prepare_subject(cfg, dataset, name)
         qc_model = build(cfg.qc, _convert_="all") if cfg.get("qc") else None
-        fitted = _fit_prepared(cfg, dataset, prep, out, conventions, qc_model, name)
-        if fitted is None:
-            return {}
-        logger, guarded = fitted.logger, None
-        if guard and fitted.registration.fits_anything:
-            pl.seed_everything(cfg.seed, workers=True, verbose=False)
-            reference = _fit_prepared(_without_registration(cfg), dataset, prep, out, conventions, qc_model,
-                                      f"{name} (without registration, for registration.guard)")
-            guarded = guard_decision(qc_model, fitted.qc, reference.qc)
-            kept, why = guarded["kept"], guarded["why"]
-            if kept == "none":
-                log.warning(
-                    "%s: %s (QC score %.3f against %.3f without registration): kept the fit without registration "
-                    "(registration.guard; metrics.json registration_guard)",
-                    name, why, fitted.qc["score"], reference.qc["score"],
-                )
-                fitted = replace(reference, logger=fitted.logger)  # the subject's TensorBoard gets the kept result
+        guarded = None
+        if guard and build_registration(cfg, prep).fits_anything:
+            fitted = _fit_prepared(_without_registration(cfg), dataset, prep, out, conventions, qc_model,
+                                   f"{name} (without registration, for registration.guard)")
+            if fitted is None:
+                return {}
+            registered = None
+            if fitted.qc["flag"]:  # something to repair: the registered fit
+                pl.seed_everything(cfg.seed, workers=True, verbose=False)
+                registered = _fit_prepared(_registered_beside(cfg), dataset, prep, out, conventions, qc_model, name)
+            guarded = guard_decision(qc_model, None if registered is None else registered.qc, fitted.qc)
+            if guarded["kept"] == "registered":
+                fitted = replace(registered, logger=fitted.logger)  # the final pictures with the first fit's
+            else:
+                log.warning("%s: %s: kept the fit without registration (registration.guard; metrics.json registration_guard)",
+                            name, guarded["why"])
+        else:
+            fitted = _fit_prepared(cfg, dataset, prep, out, conventions, qc_model, name)
+            if fitted is None:
+                return {}
         metrics = _write(cfg, dataset, prep, fitted, guarded, conventions, folder, start)
         folder.commit()
     _report(prep.subject, metrics, out)
