@@ -28,7 +28,15 @@ gain at least ``offset_gain``) is made from the fits the model is made from
 (:func:`choose_offset_rule`): no fit as given there (their sequences are co-registered) is flagged
 by it, and as many moved sequences as can be. ``--write-config``
 writes the model made from all fits to ``src/mvmm_monai/conf/qc/default.yaml`` (what every fit
-then uses). ``--rows FILE`` recalibrates from the fits of an earlier run without fitting again. The record is ``benchmarks/results/NAME.json`` (default ``qc_calibration``).
+then uses). ``--rows FILE`` recalibrates from the fits of an earlier run without fitting again. The record is
+``benchmarks/results/NAME.json`` (default ``qc_calibration``).
+
+``--crops 192`` does all of this on each case's 192 x 192 mid-ventricular crop (one slice, as
+``benchmarks/registration_guard.py`` and ``benchmarks/patient_speed.py`` fit them) with each fold's
+mid-slice atlas made from the other folds' crops; ``--write-config`` then writes the model as the
+packaged model's ``single_slice`` (what judges every subject whose reference is one slice), the
+model for stacks kept: the features spread differently on one slice than on a stack (the stacks'
+model flagged 5 of the 9 good unmoved crops of ``registration_guard``).
 """
 
 from __future__ import annotations
@@ -112,6 +120,39 @@ def moved_sequence_copy(root: Path, case: str, d: dict, dest: Path) -> Path:
     voxels = [int(round(mm / sp)) for mm, sp in zip(d["shift_mm"], spacing)]
     nib.save(nib.Nifti1Image(np.roll(np.asarray(img.dataobj), voxels, axis=(0, 1)), img.affine, img.header), path)
     return dest
+
+
+def fit_one_crop(root: Path, atlas: Path, case: str, out: Path, displace: dict | None, overrides: list[str], threads: int,
+                 size: int) -> dict:
+    """One fit of ``case``'s ``size`` x ``size`` mid-ventricular crop (:mod:`mvmm_monai.atlas.midslice`,
+    as ``benchmarks/registration_guard.py`` fits them) in a worker process, with the fold's mid-slice
+    atlas (``atlas``: its ``[K, size, size, 1]`` array, ``.npy``) on the crop's grid; a sequence
+    failure rolls that sequence of the crop in-plane. Its QC features and true Dice, or its error."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from mvmm_monai import compose_config, fit
+    from mvmm_monai.atlas.midslice import fit_overrides, mid_slice_crop, write_atlas, write_crop
+
+    row: dict = {"case": case, "displace": displace}
+    start = time.perf_counter()
+    try:
+        crop = mid_slice_crop(root / case, size)
+        if displace and "sequence" in displace:
+            spacing = np.linalg.norm(crop.affine[:3, :2], axis=0)
+            voxels = [int(round(mm / sp)) for mm, sp in zip(displace["shift_mm"], spacing)]
+            crop.images[displace["sequence"]] = np.roll(crop.images[displace["sequence"]], voxels, axis=(0, 1))
+        paths = write_crop(crop, out.with_name(out.name + "_input"))
+        atlas_path = write_atlas(np.load(atlas), crop.affine, out.with_name(out.name + "_input") / "atlas.nii.gz")
+        m = fit(compose_config([*fit_overrides(case, paths, atlas_path, out), "callbacks.progress.refresh_rate=0", "~logger",
+                                *displace_override(displace), *overrides]))
+        row.update(dice=m["dice"]["LGE"], features=m["qc"]["features"], agreement=m["qc"]["sequence_agreement"],
+                   offsets=m["qc"]["sequence_offsets"], converged=m["converged"], iterations=m["iterations"])
+    except Exception as err:  # a failing fit is reported, never dropped
+        row["error"] = f"{type(err).__name__}: {err}"
+        traceback.print_exc()
+    row["seconds"] = time.perf_counter() - start
+    return row
 
 
 def displace_override(d: dict | None) -> list[str]:
@@ -330,10 +371,19 @@ def verdict_summary(judged: list[dict]) -> dict:
     }
 
 
-def write_config(model: dict, calibration: dict) -> None:
+def write_config(model: dict, calibration: dict, single_slice: bool = False) -> None:
+    """Write ``model`` to the packaged quality model: the model itself (stacks), keeping the
+    ``single_slice`` model already there, or (``single_slice``) that model, keeping the rest."""
     import yaml
 
     body = {"_target_": "mvmm_monai.pipeline.qc.QualityModel", **model, "calibration": {**model["calibration"], **calibration}}
+    before = yaml.safe_load(CONFIG.read_text()) if CONFIG.is_file() else None
+    if single_slice:
+        if not before:
+            raise SystemExit(f"{CONFIG}: no model for stacks to add the single-slice model to (calibrate on stacks first)")
+        body = {**before, "single_slice": body}
+    elif before and before.get("single_slice"):
+        body["single_slice"] = before["single_slice"]
     CONFIG.parent.mkdir(parents=True, exist_ok=True)
     CONFIG.write_text(
         "# Quality control of every fit (metrics.json qc): written by benchmarks/qc_calibration.py --write-config\n"
@@ -357,6 +407,9 @@ def main() -> None:
     ap.add_argument("--fits-record", type=Path, help="with --rows FILE: the record of the run that made those fits (its command and "
                     "revision are kept in this record)")
     ap.add_argument("--write-config", action="store_true", help=f"write the model from all fits to {CONFIG.relative_to(REPO)}")
+    ap.add_argument("--crops", type=int, default=0, metavar="SIZE",
+                    help="fit each case's SIZE x SIZE mid-ventricular crop with the folds' mid-slice atlases instead of the stack "
+                         "(a model for single slices: --write-config writes it as the packaged model's single_slice)")
     add_record_option(ap, "qc_calibration")
     args = parse_args(ap)
 
@@ -381,15 +434,26 @@ def main() -> None:
     else:
         atlases = []
         for i, fold in enumerate(folds):
-            atlas = args.out / f"fold{i}" / "atlas.nii.gz"
-            if not (args.reuse_atlases and atlas.is_file()):
-                training = [c for c in cases if c not in fold]
-                build_atlas(compose_config([f"data.root={args.root}", f"subjects=[{','.join(training)}]", f"output={atlas}"], config_name="build_atlas"))
+            training = [c for c in cases if c not in fold]
+            if args.crops:  # the mid-slice atlas of the training folds' crops (benchmarks/registration_guard.py's protocol)
+                from mvmm_monai.atlas.midslice import mid_slice_atlas, mid_slice_crop
+
+                atlas = args.out / f"fold{i}" / "atlas2d.npy"
+                atlas.parent.mkdir(parents=True, exist_ok=True)
+                np.save(atlas, mid_slice_atlas([mid_slice_crop(args.root / c, args.crops) for c in training]))
+            else:
+                atlas = args.out / f"fold{i}" / "atlas.nii.gz"
+                if not (args.reuse_atlases and atlas.is_file()):
+                    build_atlas(compose_config([f"data.root={args.root}", f"subjects=[{','.join(training)}]", f"output={atlas}"],
+                                               config_name="build_atlas"))
             atlases.append(atlas)
         jobs = [(c, d) for c in cases for d in [None, *failures_for(c, args.failures), *sequence_failures_for(c, args.sequence_failures)]]
         rows = []
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(fit_one, args.root, atlases[fold_of[c]], c, args.out / "fits" / f"{c}_{k}", d, list(args.overrides), args.threads or 1)
+            common = (list(args.overrides), args.threads or 1)
+            futures = [pool.submit(fit_one_crop, args.root, atlases[fold_of[c]], c, args.out / "fits" / f"{c}_{k}", d, *common, args.crops)
+                       if args.crops else
+                       pool.submit(fit_one, args.root, atlases[fold_of[c]], c, args.out / "fits" / f"{c}_{k}", d, *common)
                        for k, (c, d) in enumerate(jobs)]
             for fut in futures:
                 row = {**fut.result(), "fold": None}
@@ -417,6 +481,7 @@ def main() -> None:
     per_case = {"atlas": sum(bool(r.get("displace")) and "sequence" not in r["displace"] for r in rows) // max(len(cases), 1),
                 "sequence": sum(bool(r.get("displace")) and "sequence" in r["displace"] for r in rows) // max(len(cases), 1)}
     figures = {
+        "crops": args.crops or None,  # None: whole stacks
         "folds": folds, "failures_per_case": per_case["atlas"], "sequence_failures_per_case": per_case["sequence"], "features": names, "errors": [f"{r['case']} {r.get('displace')}: {r['error']}" for r in errors],
         "cross_validated": {"pooled": pooled, "folds": per_fold, "fits": judged},
         "model_from_all": full,
@@ -430,7 +495,8 @@ def main() -> None:
     if args.write_config:
         write_config(full, {"record": args.record or None, "cases": args.cases, "fits": len(fitted),
                             "failures_per_case": per_case["atlas"], "sequence_failures_per_case": per_case["sequence"],
-                            "folds": args.folds})
+                            "folds": args.folds, "inputs": f"{args.crops} x {args.crops} mid-ventricular crops" if args.crops else "stacks"},
+                     single_slice=bool(args.crops))
 
 
 def times(n: int) -> str:
@@ -448,7 +514,9 @@ def write_table_record(args, figures: dict, per_fold: list[dict], pooled: dict, 
                     "fits as given flagged", "moved sequences flagged", "... with a reason naming the sequence",
                     "mean |score - Dice|", "r(score, Dice)"],
         "rows": table_rows,
-        "caption": f"Quality control, {args.folds}-fold cross-validated over {len(cases)} MyoPS cases ({args.cases}), each fitted "
+        "caption": f"Quality control, {args.folds}-fold cross-validated over {len(cases)} MyoPS cases ({args.cases})"
+                   + (f" as {args.crops} x {args.crops} mid-ventricular crops (one slice; the folds' mid-slice atlases)" if args.crops else "")
+                   + ", each fitted "
                    f"as given, {times(figures['failures_per_case'])} with a misplaced atlas and "
                    f"{times(figures['sequence_failures_per_case'])} with C0 or T2 moved against the other sequences, made on purpose: "
                    "the model judging a fold was made "
