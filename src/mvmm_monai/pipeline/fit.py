@@ -379,8 +379,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
             if fitted.qc["flag"]:  # something to repair: the registered fit
                 pl.seed_everything(cfg.seed, workers=True, verbose=False)
                 registered = _fit_prepared(_registered_beside(cfg), dataset, prep, out, conventions, qc_model, name)
-            judge = None if qc_model is None else qc_model.for_subject(prep.subject)
-            guarded = guard_decision(judge, None if registered is None else registered.qc, fitted.qc)
+            guarded = guard_decision(qc_model, None if registered is None else registered.qc, fitted.qc)
             if guarded["kept"] == "registered":
                 fitted = replace(registered, logger=fitted.logger)  # the final pictures with the first fit's
             else:

@@ -86,7 +86,7 @@ def judge_hypotheses(cfg: DictConfig, subject, candidates: list) -> tuple[torch.
 
     if not cfg.get("qc"):
         raise ValueError("atlas.hypotheses > 1 needs the qc group (the quality model judges the hypotheses)")
-    model: QualityModel = build(cfg.qc, _convert_="all").for_subject(subject)
+    model: QualityModel = build(cfg.qc, _convert_="all")
     em = build(cfg.model.em)
     counts = subtype_counts(cfg.model, subject.sequences)
     weight = float(cfg.model.get("atlas_weight", 1.0))

@@ -290,11 +290,6 @@ class QualityModel:
             ``offset_min_mm`` away (:func:`sequence_offsets`), with a correlation-ratio gain of at
             least ``offset_gain``, is named in a reason and sets the flag (``offset_gain`` None: never).
         calibration: where the numbers come from (record, cases, fits).
-        single_slice: the model that judges a subject whose reference sequence is a single slice
-            (a 2D crop; :meth:`for_subject`), made by the same calibration from fits of such
-            slices: features such as the wall thickness, the RV-to-LV ratio and the sequences'
-            agreement spread differently on one slice than on a stack (``None``: this model judges
-            every subject).
     """
 
     centre: dict[str, float]
@@ -310,14 +305,6 @@ class QualityModel:
     two_sided: tuple[str, ...] = ()
     curve: dict | None = None
     calibration: dict = field(default_factory=dict)
-    single_slice: QualityModel | None = None
-
-    def for_subject(self, subject) -> QualityModel:
-        """The model that judges ``subject``: :attr:`single_slice` where the subject's reference
-        sequence has one slice and that model exists, else this one."""
-        if self.single_slice is not None and is_single_slice(subject):
-            return self.single_slice
-        return self
 
     def linear_score(self, features: dict[str, float]) -> float:
         """The ridge regression's value before the calibration curve (which is monotone but has flat
@@ -407,16 +394,10 @@ def fit_notes(converged: bool, placement=None, scale_range: tuple[float, float] 
     return notes
 
 
-def is_single_slice(subject) -> bool:
-    """Whether ``subject``'s reference sequence (its common space) is a single slice."""
-    return int(subject.grids[subject.reference].shape[2]) == 1
-
-
 def assess_fit(model: QualityModel | None, subject, result, scores: torch.Tensor, placement=None, checks: dict | None = None,
                notes: list[str] | None = None) -> dict:
     """The ``qc`` entry of ``metrics.json``; without a model (``qc`` config group removed) only the
-    features and the per-sequence agreement. ``model`` judges through :meth:`QualityModel.for_subject`;
-    ``"model"`` says which judged: ``"single_slice"`` or ``"stack"``."""
+    features and the per-sequence agreement."""
     features, agreement = qc_features(subject, result, scores, placement)
     # the slices as the fit used them where its registration moved any, else as acquired
     warped = result.warped
@@ -426,6 +407,4 @@ def assess_fit(model: QualityModel | None, subject, result, scores: torch.Tensor
         return {"features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
                 "sequence_agreement": {k: round(v, 4) for k, v in agreement.items()},
                 "sequence_offsets": _rounded_offsets(offsets)}
-    chosen = model.for_subject(subject)
-    out = chosen.assess(features, agreement, (checks or {}).get("mirrored"), notes, offsets)
-    return {**out, "model": "single_slice" if chosen is not model else "stack"}
+    return model.assess(features, agreement, (checks or {}).get("mirrored"), notes, offsets)
