@@ -527,7 +527,7 @@ def write_table_record(args, figures: dict, per_fold: list[dict], pooled: dict, 
                    f"{times(figures['sequence_failures_per_case'])} with C0 or T2 moved against the other sequences, made on purpose: "
                    "the model judging a fold was made "
                    "from the other folds' fits only; each fold's atlas from the other folds' cases."
-                   + ("; the last row: the packaged model, made from whole stacks, judging every crop." if args.crops else ""),
+                   + (" The last row: the packaged model, made from whole stacks, judging every crop." if args.crops else ""),
     })
 
 
