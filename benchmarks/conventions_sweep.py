@@ -3,12 +3,13 @@
 group): minimum wall thicknesses (``postprocess.min_wall_mm``), endocardium medians
 (``postprocess.endocardium_median_deg``), blood rims (``postprocess.blood_rim``), epicardium
 medians (``postprocess.epicardium_median_deg``), one RV region per slice or not
-(``postprocess.rv_main_region``) and wall rims (``postprocess.wall_rim``, ``postprocess.wall_rim_mm``),
-every combination of the values given.
+(``postprocess.rv_main_region``), wall rims (``postprocess.wall_rim``, ``postprocess.wall_rim_mm``)
+and the rims' reference, the whole heart or each slice (``postprocess.rim_reference``), every
+combination of the values given.
 
     .venv/bin/python benchmarks/conventions_sweep.py --fits OUT/A [OUT/B ...] [--root DIR] [--walls 6] \
         [--medians 32] [--rims C0:0.25,T2:0] [--epicardium 0,10,20,32,45,60] [--rv-main off,on] \
-        [--wall-rims off T2:-0.25 ...] [--wall-rim-depths 0,2] [--folds 5] [--record NAME]
+        [--wall-rims off T2:-0.25 ...] [--wall-rim-depths 0,2] [--rim-references heart,slice] [--folds 5] [--record NAME]
 
 Each ``OUT/*`` is a folder of fits (``benchmarks/crossval.py --out``'s variant folders,
 ``benchmarks/real_myops.py --out``; any ``postprocess``): their ``CaseN/CaseN_posterior.nii.gz`` is
@@ -66,16 +67,16 @@ def parse_rim(text: str, sequences: tuple[str, ...]) -> dict[str, float]:
 
 
 def case_scores(
-    case_dir: Path, root: Path, settings: list[tuple[float, float, dict[str, float], float, bool, dict[str, float], float]],
+    case_dir: Path, root: Path, settings: list[tuple[float, float, dict[str, float], float, bool, dict[str, float], float, str]],
     smooth_before_fill: bool = False,
 ) -> list[list[float]]:
     """Dice of myocardium, LV and RV for each (wall, median, rim, epicardium, RV main region, wall
-    rim, wall rim depth) of ``settings``, in their order."""
+    rim, wall rim depth, rim reference) of ``settings``, in their order."""
     fit = load_saved_fit(case_dir, root)
     posterior, spacing = fit.posterior, fit.spacing
     seen = None  # the case's images, read once a rim needs them
     out = []
-    for wall, median, fractions, epicardium, rv_main, wall_rim, depth in settings:
+    for wall, median, fractions, epicardium, rv_main, wall_rim, depth, reference in settings:
         if smooth_before_fill:  # the rejected order: the raw pool's notches pull the median in
             final = fill_lv_cavity(smooth_endocardium(thin_lv_at_wall(posterior, spacing, wall), spacing, median))
         else:
@@ -87,6 +88,7 @@ def case_scores(
                 images=seen.images if seen else None, coverage=seen.coverage if seen else None,
                 epicardium_median_deg=epicardium, rv_main_region=rv_main,
                 wall_rim={seen.sequences.index(k): v for k, v in wall_rim.items()} if wall_rim else None, wall_rim_mm=depth,
+                rim_reference=reference,
             )
         out.append(fit.dice(final.argmax(0).numpy()))
     return out
@@ -102,6 +104,7 @@ def main() -> None:
     ap.add_argument("--rv-main", default="off,on", help="comma-separated: off and/or on (postprocess.rv_main_region)")
     ap.add_argument("--wall-rims", nargs="+", default=["off"], help="wall rims: off, or SEQ:FRACTION,... (e.g. T2:-0.25)")
     ap.add_argument("--wall-rim-depths", default="0", help="comma-separated wall rim depths, mm (0: one voxel)")
+    ap.add_argument("--rim-references", default="heart", help="comma-separated: heart and/or slice (postprocess.rim_reference)")
     ap.add_argument("--folds", type=int, default=5, help="folds of the per-fold choice (interleaved as benchmarks/crossval.py)")
     ap.add_argument("--smooth-before-fill", action="store_true", help="median before the cavity fill (not what a fit does; no rim)")
     add_record_option(ap, "conventions_sweep")
@@ -114,16 +117,21 @@ def main() -> None:
     if args.smooth_before_fill and (any(rims.values()) or args.epicardium != "0" or rv_main != ["off"]):
         ap.error("--smooth-before-fill replays the rejected order (median before the fill) alone: use --rims off --epicardium 0 --rv-main off")
     depths = args.wall_rim_depths.split(",")
-    keys = [(w, m, r, e, v, x, d) for w in args.walls.split(",") for m in args.medians.split(",") for r in args.rims
-            for e in args.epicardium.split(",") for v in rv_main for x in args.wall_rims for d in (depths if x != "off" else ["0"])]
-    settings = [(float(w), float(m), rims[r], float(e), v == "on", rims[x], float(d)) for w, m, r, e, v, x, d in keys]
+    references = args.rim_references.split(",")
+    if not references or set(references) - {"heart", "slice"}:
+        ap.error(f"--rim-references {args.rim_references}: give heart, slice or heart,slice")
+    keys = [(w, m, r, e, v, x, d, h) for w in args.walls.split(",") for m in args.medians.split(",") for r in args.rims
+            for e in args.epicardium.split(",") for v in rv_main for x in args.wall_rims for d in (depths if x != "off" else ["0"])
+            for h in references]
+    settings = [(float(w), float(m), rims[r], float(e), v == "on", rims[x], float(d), h) for w, m, r, e, v, x, d, h in keys]
     dirs = [case_dir for fits in args.fits for case_dir in saved_fit_dirs(fits)]
     cases = [d.name for d in dirs]
     if len(set(cases)) != len(cases):
         raise SystemExit("--fits: a case appears in more than one folder (give one variant's fits)")
     scores = np.array([case_scores(d, args.root, settings, args.smooth_before_fill) for d in dirs])  # [case][setting][structure]
     names = [f"wall {float(w):g} mm, endocardium {float(m):g} deg, rim {r}, epicardium {float(e):g} deg, one RV region {v}"
-             + ("" if x == "off" else f", wall rim {x} {float(d):g} mm") for w, m, r, e, v, x, d in keys]
+             + ("" if x == "off" else f", wall rim {x} {float(d):g} mm") + (", rims per slice" if h == "slice" else "")
+             for w, m, r, e, v, x, d, h in keys]
     order = sorted(range(len(cases)), key=lambda i: cases[i])
     folds = folds_of([cases[i] for i in order], args.folds)
     fold_of = {c: f for f, members in enumerate(folds) for c in members}

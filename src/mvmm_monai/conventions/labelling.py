@@ -269,16 +269,28 @@ _IN_PLANE_CROSS = np.zeros((3, 3, 1), dtype=bool)
 _IN_PLANE_CROSS[1, :, 0] = _IN_PLANE_CROSS[:, 1, 0] = True
 
 
+#: rim references (``postprocess.rim_reference``): whose medians ``t`` is measured against
+RIM_REFERENCES = ("heart", "slice")
+#: with ``rim_reference="slice"``, a slice with fewer covered myocardium or LV voxels than this
+#: measures against the whole heart's medians
+_MIN_SLICE_VOXELS = 10
+
+
 def _rim_voxels(labels: np.ndarray, images: Tensor, coverage: Tensor, fractions: dict[int, float], rim_of: int,
-                touching: int | None, blood_side: bool) -> np.ndarray | None:
+                touching: int | None, blood_side: bool, reference: str = "heart") -> np.ndarray | None:
     """Voxels of class ``rim_of`` with a ``touching`` voxel among their four in-plane neighbours
     (every voxel of the class where ``touching`` is None) that the channels of ``fractions`` put on
     the blood's side (``blood_side``: ``t >= fraction``) or the wall's side (``t < fraction``) of
     ``fraction``, where ``t = (I_n - m_myo) / (m_lv - m_myo)`` with the channel's medians over the
-    covered myocardium and LV voxels. A voxel must be covered by at least one of the channels, and
-    every channel that covers it must agree: a sequence that does not reach a slice (T2 on a few
-    slices of an MS-CMRSeg stack) leaves the rule to the others there, as does a channel with no
-    covered myocardium, no covered LV or no contrast between them; ``None`` when no channel is left."""
+    covered myocardium and LV voxels: of the whole heart (``reference="heart"``) or of the voxel's
+    own slice (``"slice"``; a slice with fewer than ten covered voxels of either class, or without
+    contrast between them, uses the heart's). A voxel must be covered by at least one of the
+    channels, and every channel that covers it must agree: a sequence that does not reach a slice
+    (T2 on a few slices of an MS-CMRSeg stack) leaves the rule to the others there, as does a
+    channel with no covered myocardium, no covered LV or no contrast between them; ``None`` when no
+    channel is left."""
+    if reference not in RIM_REFERENCES:
+        raise ValueError(f"postprocess.rim_reference must be one of {list(RIM_REFERENCES)}, got {reference!r}")
     myo, lv = labels == MYO, labels == LV
     rim = labels == rim_of
     if touching is not None:
@@ -293,6 +305,14 @@ def _rim_voxels(labels: np.ndarray, images: Tensor, coverage: Tensor, fractions:
         if m_lv == m_myo:  # no contrast between blood and wall: nothing to go by
             continue
         t = (image - m_myo) / (m_lv - m_myo)
+        if reference == "slice":  # each slice against its own wall and pool (2D slices: one breath-hold and scaling each)
+            for z in range(image.shape[2]):
+                wall, pool = (myo & covered)[..., z], (lv & covered)[..., z]
+                if wall.sum() < _MIN_SLICE_VOXELS or pool.sum() < _MIN_SLICE_VOXELS:
+                    continue
+                s_myo, s_lv = np.median(image[..., z][wall]), np.median(image[..., z][pool])
+                if s_lv != s_myo:
+                    t[..., z] = (image[..., z] - s_myo) / (s_lv - s_myo)
         rim &= ~covered | ((t >= fraction) if blood_side else (t < fraction))
         seen |= covered
     return rim & seen if seen.any() else None
@@ -308,7 +328,7 @@ def _check_rim_inputs(name: str, posterior: Tensor, images: Tensor, coverage: Te
         )
 
 
-def claim_blood_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractions: dict[int, float]) -> Tensor:
+def claim_blood_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractions: dict[int, float], reference: str = "heart") -> Tensor:
     """Posterior ``[K, X, Y, Z]`` in which the partial-volume rim of the LV pool becomes LV. A voxel
     whose argmax is myocardium and that has an LV voxel among its four in-plane neighbours swaps its
     myocardium and LV probabilities (a distribution stays one) when, for every channel ``n`` of
@@ -316,15 +336,17 @@ def claim_blood_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractio
     ``(I_n - m_myo) / (m_lv - m_myo) >= fraction``, with ``m_myo``, ``m_lv`` the medians of the
     channel over the covered myocardium and LV voxels (a fraction of 0: on the blood's side of the
     wall's median, whether the blood is bright or dark there). ``images`` and ``coverage`` are
-    ``[N, X, Y, Z]``; an empty ``fractions``, or no myocardium or LV voxel, changes nothing."""
+    ``[N, X, Y, Z]``; an empty ``fractions``, or no myocardium or LV voxel, changes nothing.
+    ``reference``: the medians of the whole heart or of each voxel's slice (:func:`_rim_voxels`)."""
     _check_rim_inputs("claim_blood_rim", posterior, images, coverage)
     if not fractions:
         return posterior
-    flip = _rim_voxels(class_argmax(posterior).cpu().numpy(), images, coverage, fractions, MYO, LV, blood_side=True)
+    flip = _rim_voxels(class_argmax(posterior).cpu().numpy(), images, coverage, fractions, MYO, LV, blood_side=True, reference=reference)
     return posterior if flip is None else _swap(posterior, MYO, LV, flip)
 
 
-def give_wall_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractions: dict[int, float], passes: int = 1) -> Tensor:
+def give_wall_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractions: dict[int, float], passes: int = 1,
+                  reference: str = "heart") -> Tensor:
     """Posterior ``[K, X, Y, Z]`` in which the LV pool's rim that a sequence shows as wall becomes
     myocardium: the mirror of :func:`claim_blood_rim`. A voxel whose argmax is LV and that has a
     myocardium voxel among its four in-plane neighbours swaps its LV and myocardium probabilities
@@ -335,13 +357,13 @@ def give_wall_rim(posterior: Tensor, images: Tensor, coverage: Tensor, fractions
     drew as LV lies below the wall's median (``benchmarks/lv_error_sources.py``). The rule runs
     ``passes`` times, each on the labels the one before left, so the wall grows into the pool by at
     most that many voxels and only through voxels the sequences show as wall (the medians are
-    those of the first pass)."""
+    those of the first pass; ``reference`` as in :func:`claim_blood_rim`)."""
     _check_rim_inputs("give_wall_rim", posterior, images, coverage)
     if not fractions or passes < 1:
         return posterior
     labels = class_argmax(posterior).cpu().numpy()
     # the wall side of every channel, from the medians of the labels as they came
-    wall_side = _rim_voxels(labels, images, coverage, fractions, LV, None, blood_side=False)
+    wall_side = _rim_voxels(labels, images, coverage, fractions, LV, None, blood_side=False, reference=reference)
     if wall_side is None:
         return posterior
     flip = np.zeros_like(wall_side)
@@ -367,6 +389,7 @@ def follow_labelling_conventions(
     rv_main_region: bool = False,
     wall_rim: dict[int, float] | None = None,
     wall_rim_mm: float = 0.0,
+    rim_reference: str = "heart",
 ) -> Tensor:
     """The final posterior ``[K, X, Y, Z]`` after every labelling step, in the order a fit applies
     them: :func:`thin_lv_at_wall` (``min_wall_mm``), :func:`fill_lv_cavity` (``fill_mode``, None:
@@ -374,8 +397,9 @@ def follow_labelling_conventions(
     (``blood_rim`` ``{channel: fraction}`` of ``images`` / ``coverage`` ``[N, X, Y, Z]``),
     :func:`give_wall_rim` (``wall_rim``, likewise, into the pool by up to ``wall_rim_mm`` in-plane: as
     many passes as voxels of the mean in-plane spacing, at least one) and :func:`smooth_epicardium`
-    (``epicardium_median_deg``), then :func:`keep_main_rv` (``rv_main_region``). A step
-    whose setting is 0, None or empty leaves the posterior as it is."""
+    (``epicardium_median_deg``), then :func:`keep_main_rv` (``rv_main_region``); both rims measure
+    against the medians of ``rim_reference`` (``"heart"`` or ``"slice"``). A step whose setting is
+    0, None or empty leaves the posterior as it is."""
     posterior = thin_lv_at_wall(posterior, spacing_mm, min_wall_mm)
     if fill_mode:
         posterior = fill_lv_cavity(posterior, fill_mode)
@@ -383,10 +407,10 @@ def follow_labelling_conventions(
     if (blood_rim or wall_rim) and (images is None or coverage is None):
         raise ValueError("follow_labelling_conventions: blood_rim and wall_rim need the images and their coverage")
     if blood_rim:
-        posterior = claim_blood_rim(posterior, images, coverage, blood_rim)
+        posterior = claim_blood_rim(posterior, images, coverage, blood_rim, rim_reference)
     if wall_rim:
         passes = max(1, round(wall_rim_mm / (0.5 * (float(spacing_mm[0]) + float(spacing_mm[1])))))
-        posterior = give_wall_rim(posterior, images, coverage, wall_rim, passes)
+        posterior = give_wall_rim(posterior, images, coverage, wall_rim, passes, rim_reference)
     posterior = smooth_epicardium(posterior, spacing_mm, epicardium_median_deg)
     return keep_main_rv(posterior) if rv_main_region else posterior
 
@@ -458,6 +482,9 @@ class LabellingConventions:
         rv_main_region: :func:`keep_main_rv` (false: off).
         wall_rim: sequence name -> fraction in [-1, 1] (:func:`give_wall_rim`; empty: off).
         wall_rim_mm: how far the wall rim may grow into the pool, mm in-plane (0: one voxel).
+        rim_reference: ``heart`` (the rims measure a voxel against the medians of the whole heart's
+            wall and pool) or ``slice`` (of its own slice: a 2D multi-slice acquisition takes each
+            slice in its own breath-hold, and its intensities shift from slice to slice).
     """
 
     name: str = "none"
@@ -469,8 +496,11 @@ class LabellingConventions:
     rv_main_region: bool = False
     wall_rim: dict = field(default_factory=dict)
     wall_rim_mm: float = 0.0
+    rim_reference: str = "heart"
 
     def __post_init__(self) -> None:
+        if self.rim_reference not in RIM_REFERENCES:
+            raise ValueError(f"postprocess.rim_reference must be one of {list(RIM_REFERENCES)}, got {self.rim_reference!r}")
         try:
             fill = lv_cavity_fill_mode(self.lv_cavity_fill)
         except ValueError as err:
@@ -514,6 +544,7 @@ class LabellingConventions:
             "rv_main_region": self.rv_main_region,
             "wall_rim": dict(self.wall_rim),
             "wall_rim_mm": self.wall_rim_mm,
+            "rim_reference": self.rim_reference,
         }
 
     def apply(self, posterior: Tensor, spacing_mm: tuple[float, float], sequences, images: Tensor, coverage: Tensor) -> Tensor:
@@ -535,4 +566,5 @@ class LabellingConventions:
             rv_main_region=self.rv_main_region,
             wall_rim=wall,
             wall_rim_mm=self.wall_rim_mm,
+            rim_reference=self.rim_reference,
         )
