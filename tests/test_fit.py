@@ -145,6 +145,7 @@ def test_label_with_unknown_values_is_named(tmp_path, cache_dir, cohort_copy):
         ("postprocess.wall_rim={XX:-0.5}", r"postprocess.wall_rim: \['XX'\] not among"),
         ("postprocess.wall_rim={T2:-3}", r"postprocess.wall_rim must be fractions in \[-1, 1\]"),
         ("postprocess.wall_rim_mm=-1", r"postprocess.wall_rim_mm must be a depth in mm in \[0, 20\]"),
+        ("postprocess.rim_reference=stack", r"postprocess.rim_reference must be one of \['heart', 'slice'\]"),
         ("subject=../evil", r"cannot name an output"),
         ("model.sequence_weights=2", "model.sequence_weights must be a mapping sequence -> number"),
         ("model.tol_window=0", "model.tol_window must be an integer >= 1"),
@@ -167,7 +168,7 @@ def test_postprocess_group_follows_the_dataset_and_can_be_chosen(tmp_path):
     assert myops.as_dict() == {
         "name": "myops", "lv_cavity_fill": "hull", "min_wall_mm": 8.0, "endocardium_median_deg": 32.0,
         "blood_rim": {"C0": 0.25, "T2": 0.0}, "epicardium_median_deg": 45.0,
-        "rv_main_region": True, "wall_rim": {"T2": -0.5}, "wall_rim_mm": 3.5,
+        "rv_main_region": True, "wall_rim": {"T2": -0.25}, "wall_rim_mm": 3.5, "rim_reference": "slice",
     }
     assert composed("data=myops", "data.root=x", "postprocess=none").as_dict()["lv_cavity_fill"] is False
     assert composed("data=files", "data.images.DE=a.nii.gz", "postprocess=myops").name == "myops"

@@ -297,6 +297,33 @@ def test_wall_rim_gives_the_dark_subendocardial_band_to_the_wall_up_to_its_depth
         give_wall_rim(post, images[:, :-1], coverage[:, :-1], {0: -0.25})
 
 
+def test_rims_against_each_slice_follow_an_intensity_shift_between_slices():
+    """Two slices of the same heart, the second acquired with every T2 intensity 0.3 higher (another
+    breath-hold, another scaling). Against the whole heart's medians the second slice's dark band
+    is no longer darker than the wall by a quarter of the wall-to-blood difference; against each
+    slice's own (``rim_reference="slice"``) both slices give the same band to the wall."""
+    from mvmm_monai.conventions.labelling import LabellingConventions
+
+    sx, sy, dx, dy, r, ang, truth = _ring()
+    band = (ang >= -40) & (ang <= 40) & (r > 15 - 3 * sx) & (r <= 15)
+    pred = truth.copy()
+    pred[band] = 2
+    t2 = np.where(truth == 1, 0.4, np.where(truth == 2, 0.9, 0.1))
+    t2[band] = 0.2  # (0.2 - 0.4) / (0.9 - 0.4) = -0.4 on its own slice
+    images = torch.from_numpy(np.stack([np.stack([t2, t2 + 0.3], -1)])).float()
+    coverage = torch.ones_like(images)
+    post = _one_hot_posterior(np.stack([pred, pred], -1))
+    moved = {ref: give_wall_rim(post, images, coverage, {0: -0.25}, 10, reference=ref).argmax(0).numpy() != np.stack([pred, pred], -1)
+             for ref in ("heart", "slice")}
+    assert moved["slice"][..., 0][band].all() and moved["slice"][..., 1][band].all() and moved["slice"].sum() == 2 * band.sum()
+    assert moved["heart"][..., 1].sum() < band.sum()  # the brighter slice's band reads as pool against the heart's medians
+    with pytest.raises(ValueError, match="rim_reference"):
+        give_wall_rim(post, images, coverage, {0: -0.25}, reference="stack")
+    with pytest.raises(ValueError, match="postprocess.rim_reference"):
+        LabellingConventions(rim_reference="stack")
+    assert LabellingConventions(rim_reference="slice").as_dict()["rim_reference"] == "slice"
+
+
 def test_class_argmax_is_torch_argmax_over_the_class_axis_ties_included():
     """The label maps' argmax (over a contiguous last axis on the CPU) gives torch's ``argmax(0)``,
     ties to the lower class, for 3D and 2D score maps."""
