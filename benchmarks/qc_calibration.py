@@ -26,7 +26,8 @@ sequences it flags with a reason that names the sequence. The flag rule of a seq
 the labelled heart best elsewhere (``sequence_offsets``: at least ``offset_min_mm`` away, with a
 gain at least ``offset_gain``) is made from the fits the model is made from
 (:func:`choose_offset_rule`): no fit as given there (their sequences are co-registered) is flagged
-by it, and as many moved sequences as can be. ``--write-config``
+by it, and as many moved sequences as can be; likewise the rule that names a sequence out of place
+against all the others (``sequence_pair_offsets``, :func:`choose_pair_rule`). ``--write-config``
 writes the model made from all fits to ``src/mvmm_monai/conf/qc/default.yaml`` (what every fit
 then uses). ``--rows FILE`` recalibrates from the fits of an earlier run without fitting again. The record is
 ``benchmarks/results/NAME.json`` (default ``qc_calibration``).
@@ -149,7 +150,8 @@ def fit_one_crop(root: Path, atlas: Path, case: str, out: Path, displace: dict |
         m = fit(compose_config([*fit_overrides(case, paths, atlas_path, out), "callbacks.progress.refresh_rate=0", "~logger",
                                 *displace_override(displace), *overrides]))
         row.update(dice=m["dice"]["LGE"], features=m["qc"]["features"], agreement=m["qc"]["sequence_agreement"],
-                   offsets=m["qc"]["sequence_offsets"], converged=m["converged"], iterations=m["iterations"])
+                   offsets=m["qc"]["sequence_offsets"], pairs=m["qc"]["sequence_pair_offsets"], converged=m["converged"],
+                   iterations=m["iterations"])
     except Exception as err:  # a failing fit is reported, never dropped
         row["error"] = f"{type(err).__name__}: {err}"
         traceback.print_exc()
@@ -179,7 +181,8 @@ def fit_one(root: Path, atlas: Path, case: str, out: Path, displace: dict | None
         m = fit(compose_config(["data=myops", f"data.root={root}", f"subject={case}", f"atlas.path={atlas}", f"paths.output_dir={out}",
                                 "callbacks.progress.refresh_rate=0", "~logger", *displace_override(displace), *overrides]))
         row.update(dice=m["dice"]["LGE"], features=m["qc"]["features"], agreement=m["qc"]["sequence_agreement"],
-                   offsets=m["qc"]["sequence_offsets"], converged=m["converged"], iterations=m["iterations"])
+                   offsets=m["qc"]["sequence_offsets"], pairs=m["qc"]["sequence_pair_offsets"], converged=m["converged"],
+                   iterations=m["iterations"])
     except Exception as err:  # a failing fit is reported, never dropped
         row["error"] = f"{type(err).__name__}: {err}"
         traceback.print_exc()
@@ -273,6 +276,36 @@ def choose_offset_rule(rows: list[dict]) -> tuple[float, float | None]:
     return best[1], best[2]
 
 
+def pair_sequences(pairs: dict) -> tuple[str, ...]:
+    """The sequences of :func:`~mvmm_monai.pipeline.qc.sequence_pair_offsets`' pairs, in the
+    subject's order (the reference first)."""
+    return tuple(dict.fromkeys(n for k in pairs for n in k.split("|")))
+
+
+def choose_pair_rule(rows: list[dict]) -> tuple[float, float | None]:
+    """``(pair_offset_min_mm, pair_offset_gain)`` of the quality model's rule that names a sequence
+    out of place against all the others (:func:`~mvmm_monai.pipeline.qc.out_of_place`), from
+    ``rows`` only, as :func:`choose_offset_rule` chooses its rule: for each minimum shift of
+    ``OFFSET_MIN_MM`` the gain threshold is ``OFFSET_MARGIN`` above the largest gain of a sequence
+    that the rule would name among the fits as given (at least ``OFFSET_FLOOR``), and the minimum
+    that then names most of the moved sequences is kept, the smaller on a tie. Rows without pair
+    offsets: the rule off."""
+    from mvmm_monai.pipeline.qc import out_of_place
+
+    if not any(r.get("pairs") for r in rows):
+        return OFFSET_MIN_MM[0], None
+    given = [r for r in rows if not r.get("displace") and r.get("pairs")]
+    moved = [r for r in rows if moved_sequence(r) and r.get("pairs")]
+    best = None
+    for min_mm in OFFSET_MIN_MM:
+        named = [o["gain"] for r in given for o in out_of_place(r["pairs"], pair_sequences(r["pairs"]), min_mm, 0.0).values()]
+        gain = round(max(max(named, default=0.0) + OFFSET_MARGIN, OFFSET_FLOOR), 4)
+        caught = sum(r["displace"]["sequence"] in out_of_place(r["pairs"], pair_sequences(r["pairs"]), min_mm, gain) for r in moved)
+        if best is None or caught > best[0]:
+            best = (caught, min_mm, gain)
+    return best[1], best[2]
+
+
 def make_model(rows: list[dict], names: list[str], floor: float | None = None, unusual_flag: int | None | str = "choose") -> dict:
     """The quality model from ``rows`` (fits with features and Dice): the fields of
     :class:`mvmm_monai.pipeline.qc.QualityModel`. The regression's target is max(Dice, ``floor``)
@@ -320,6 +353,7 @@ def make_model(rows: list[dict], names: list[str], floor: float | None = None, u
     agreements = [a for r in rows if r["dice"]["myocardium"] >= GOOD and not r.get("displace") for a in r["agreement"].values()]
     disagreement = round(max(min(agreements) - 0.1, 0.0), 3) if agreements else 0.5
     offset_min_mm, offset_gain = choose_offset_rule(rows)
+    pair_offset_min_mm, pair_offset_gain = choose_pair_rule(rows)
     return {
         "centre": dict(zip(names, np.round(centre, 5).tolist())),
         "spread": dict(zip(names, np.round(spread, 5).tolist())),
@@ -330,6 +364,8 @@ def make_model(rows: list[dict], names: list[str], floor: float | None = None, u
         "disagreement": disagreement,
         "offset_min_mm": offset_min_mm,
         "offset_gain": offset_gain,
+        "pair_offset_min_mm": pair_offset_min_mm,
+        "pair_offset_gain": pair_offset_gain,
         "unusual_flag": unusual_flag,
         "two_sided": [n for n in names if n in TWO_SIDED],
         "curve": curve,
@@ -343,8 +379,9 @@ def judge(model: dict, rows: list[dict]) -> list[dict]:
     qm = QualityModel(**model)
     out = []
     for r in rows:
+        pairs = r.get("pairs") or {}
         verdict = qm.assess({k: (np.nan if v is None else v) for k, v in r["features"].items()}, r["agreement"],
-                            offsets=r.get("offsets"))
+                            offsets=r.get("offsets"), pairs=pairs, sequences=pair_sequences(pairs))
         out.append({"case": r["case"], "displace": r.get("displace"), "dice": r["dice"]["myocardium"],
                     "score": verdict["score"], "flag": verdict["flag"], "reasons": verdict["reasons"]})
     return out

@@ -129,6 +129,47 @@ def test_sequence_offsets_find_a_sequence_acquired_out_of_place():
     assert not _model(offset_gain=0.05, offset_min_mm=12.0).assess({"a": 0.0}, offsets=offsets)["flag"]  # nearer than the minimum
 
 
+def test_pair_offsets_name_the_sequence_out_of_place_even_where_the_labels_followed_it():
+    """The heart of the test above with C0 moved by (6, -4) voxels, and labels that followed C0 (the
+    atlas moved with it). Against the labels, LGE and T2 look moved (:func:`sequence_offsets` finds
+    T2 10.8 mm away); between the sequences, C0 is 10.8 mm from both others while they agree, so the
+    model names C0 and not T2. With two sequences the one that is not the reference is named."""
+    from types import SimpleNamespace
+
+    from mvmm_monai.pipeline.qc import out_of_place, sequence_offsets, sequence_pair_offsets
+
+    prob = _atlas((64, 64, 3)).float()
+    labels = prob.argmax(0).numpy()
+    rng = np.random.default_rng(0)
+    means = {"LGE": (0.2, 0.5, 0.9, 0.8), "C0": (0.3, 0.4, 0.9, 0.85), "T2": (0.4, 0.6, 0.1, 0.15)}
+    images = np.stack([np.asarray(m)[labels] + 0.05 * rng.standard_normal(labels.shape) for m in means.values()])
+    images[1] = np.roll(images[1], (6, -4), axis=(0, 1))
+    followed = torch.roll(prob, (6, -4), dims=(1, 2))  # the fit's labels where C0 shows the heart
+
+    def subject(n: int):
+        return SimpleNamespace(sequences=("LGE", "C0", "T2")[:n], reference="LGE", parent=None, uncrop=lambda v, *a: v,
+                               grid=SimpleNamespace(spacing=torch.tensor([1.5, 1.5, 8.0])),
+                               images=torch.from_numpy(images[:n]).float(), coverage=torch.ones(n, *labels.shape))
+
+    three = subject(3)
+    assert sequence_offsets(three, followed)["T2"]["mm"] == pytest.approx(10.82, abs=0.01)  # against the labels: T2
+    pairs = sequence_pair_offsets(three, followed)
+    assert set(pairs) == {"LGE|C0", "LGE|T2", "C0|T2"}
+    assert pairs["LGE|C0"]["mm"] == pytest.approx(10.82, abs=0.01) and pairs["C0|T2"]["mm"] == pytest.approx(10.82, abs=0.01)
+    assert pairs["LGE|T2"]["mm"] == 0.0 and pairs["LGE|C0"]["gain"] > 0.2
+    assert set(out_of_place(pairs, three.sequences, 6.0, 0.1)) == {"C0"}
+    model = _model(offset_gain=0.05, pair_offset_min_mm=6.0, pair_offset_gain=0.1)
+    verdict = model.assess({"a": 0.0}, offsets=sequence_offsets(three, followed), pairs=pairs, sequences=three.sequences)
+    assert verdict["flag"] and [r.split()[0] for r in verdict["reasons"]] == ["C0"]  # T2's label-based reason is dropped
+    assert verdict["reasons"][0].startswith("C0 is out of place against LGE and T2, which agree with each other")
+    assert not out_of_place(pairs, three.sequences, 12.0, 0.1) and not out_of_place(pairs, three.sequences, 6.0, None)
+    two = subject(2)
+    assert set(out_of_place(sequence_pair_offsets(two, followed), two.sequences, 6.0, 0.1)) == {"C0"}
+    # nothing moved: no sequence is far from the others
+    images[1] = np.roll(images[1], (-6, 4), axis=(0, 1))
+    assert not out_of_place(sequence_pair_offsets(subject(3), prob), three.sequences, 3.0, 0.05)
+
+
 def test_window_sums_are_the_masked_sums_at_every_shift():
     from mvmm_monai.pipeline.qc import _window_sums
 
@@ -179,6 +220,7 @@ def test_a_fit_reports_its_quality_and_a_turned_atlas_scores_lower(tmp_path):
         assert all(math.isfinite(v) for k, v in qc["features"].items() if k != "placement_score")
         assert set(qc["sequence_agreement"]) == {"C0", "T2", "DE"}
         assert set(qc["sequence_offsets"]) == {"C0", "T2"} and all(0 <= o["mm"] <= 26 for o in qc["sequence_offsets"].values())
+        assert set(qc["sequence_pair_offsets"]) == {"DE|C0", "DE|T2", "C0|T2"}  # the reference first
     assert turned["dice"]["DE"]["myocardium"] < given["dice"]["DE"]["myocardium"] - 0.2
     assert turned["qc"]["score"] < given["qc"]["score"]
     assert turned["qc"]["features"]["atlas_agreement"] < given["qc"]["features"]["atlas_agreement"]

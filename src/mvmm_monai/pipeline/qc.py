@@ -31,7 +31,11 @@ intensities fit the labelled heart best: the in-plane shift (the same for every 
 voxels, up to 25 mm) that maximises the correlation ratio of the sequence's intensities given the
 labels, over the heart and a margin around it. A sequence acquired or exported out of place (a
 breath-hold apart, a wrong header) fits best far from zero; the model flags it by name when the
-shift is at least ``offset_min_mm`` and the gain at least ``offset_gain``.
+shift is at least ``offset_min_mm`` and the gain at least ``offset_gain``. Where the fit followed
+the sequence out of place, that measure finds the others moved instead; :func:`sequence_pair_offsets`
+asks every pair of sequences at which in-plane shift their heart edges (gradient magnitudes)
+correlate best, which does not depend on the labels' position, and :func:`out_of_place` names a
+sequence far from all the others while they agree among themselves.
 
 :class:`QualityModel` turns them into ``{"score", "flag", "reasons", "features"}`` for
 ``metrics.json``: ``score`` is an estimate of the LGE myocardium Dice (ridge regression of the
@@ -203,6 +207,95 @@ def sequence_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, margin
     return out
 
 
+def _pair_key(a: str, b: str) -> str:
+    return f"{a}|{b}"
+
+
+def sequence_pair_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, margin_mm: float = 8.0,
+                          moved: tuple[torch.Tensor, torch.Tensor] | None = None, sigma_px: float = 1.0) -> dict[str, dict[str, float]]:
+    """Per pair of sequences ``"A|B"`` (in the subject's order): ``{"mm", "gain"}``, the in-plane
+    shift of B against A (mm, the same for every slice, whole voxels within ``max_mm``) at which
+    the correlation of their gradient magnitudes (each slice smoothed by ``sigma_px``) is highest
+    over the labelled heart and ``margin_mm`` around it (the argmax of ``scores`` ``[K, *S]``, on
+    the slices the reference covers), and how much higher it is there than unshifted. Edges of the
+    heart show in every sequence, so two sequences acquired in place agree near zero whatever the
+    labels say; a sequence out of place is far from every other one, which names it even where
+    the fit followed that sequence (:func:`sequence_offsets` measures against the labels, and then
+    finds the sequences that stayed in place). The images are those of :func:`sequence_offsets`;
+    only voxels both sequences cover count, and a pair with too little of the heart in common is
+    left out."""
+    full = subject.parent or subject
+    ref = subject.sequences.index(subject.reference)
+    if moved is None:
+        images, cover = full.images.double().numpy(), full.coverage.numpy() > 0
+    else:
+        images = subject.uncrop(moved[0].double()).numpy()
+        cover = subject.uncrop(moved[1]).numpy() > 0
+    labels = class_argmax(subject.uncrop(scores, 0.0, 1.0)).numpy()
+    heart = (labels > 0) & cover[ref]
+    if not heart.any():
+        return {}
+    sx, sy = (float(v) for v in subject.grid.spacing[:2])
+    grow = np.zeros((3, 3, 1), dtype=bool)
+    grow[..., 0] = ndimage.generate_binary_structure(2, 1)
+    region = ndimage.binary_dilation(heart, structure=grow, iterations=max(1, round(margin_mm / min(sx, sy)))) & cover[ref]
+    radius = (max(1, math.ceil(max_mm / sx)), max(1, math.ceil(max_mm / sy)))
+    edges = []
+    for n in range(len(subject.sequences)):
+        g = np.zeros(images.shape[1:])
+        for z in range(images.shape[-1]):
+            if cover[n, ..., z].any():
+                smooth = ndimage.gaussian_filter(np.where(cover[n, ..., z], images[n, ..., z], 0.0), sigma_px)
+                g[..., z] = np.hypot(*np.gradient(smooth, sx, sy))
+        edges.append(np.where(cover[n], g, 0.0))
+    out = {}
+    names = subject.sequences
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            mask = region & cover[i]
+            if mask.sum() < 100:
+                continue
+            a = np.where(mask, edges[i], 0.0)
+            b = edges[j]
+            # at every shift: the covered voxels of B under the mask, and the sums for their correlation with A
+            sums = _window_sums([mask.astype(float), a], [cover[j].astype(float), b, b * b], radius)
+            n_ = sums[0, 0]
+            enough = n_ >= 0.5 * n_[radius]  # a shift off B's edge is no evidence
+            sa, saa = a.sum(), (a * a).sum()
+            nm = float(mask.sum())
+            sb, sbb, sab = sums[0, 1], sums[0, 2], sums[1, 1]
+            cov = sab - sa * sb / nm
+            var = (saa - sa * sa / nm) * (sbb - sb * sb / nm)
+            r = np.where(enough & (var > 0), cov / np.sqrt(np.where(var > 0, var, 1.0)), -np.inf)
+            x, y = np.unravel_index(int(np.argmax(r)), r.shape)
+            out[_pair_key(names[i], names[j])] = {"mm": float(math.hypot((x - radius[0]) * sx, (y - radius[1]) * sy)),
+                                                 "gain": float(r[x, y] - r[radius])}
+    return out
+
+
+def out_of_place(pairs: dict[str, dict[str, float]], sequences: tuple[str, ...], min_mm: float, gain: float | None) -> dict[str, dict]:
+    """The sequences that :func:`sequence_pair_offsets` puts out of place: at least ``min_mm`` from
+    every other sequence (every pair it is in), with at least one of those pairs gaining ``gain``;
+    ``{sequence: {"mm": the smallest of those shifts, "gain": the largest gain}}``. With two
+    sequences the reference is never named (either could be the one out of place; the other one
+    is), with three or more a sequence is named only where the others agree among themselves
+    (``gain`` None: never)."""
+    if gain is None or len(sequences) < 2:
+        return {}
+    out = {}
+    for s in sequences:
+        mine = [v for k, v in pairs.items() if s in k.split("|")]
+        if len(mine) < len(sequences) - 1 or not mine:
+            continue
+        if all(v["mm"] >= min_mm for v in mine) and max(v["gain"] for v in mine) >= gain:
+            out[s] = {"mm": min(v["mm"] for v in mine), "gain": max(v["gain"] for v in mine)}
+    if len(sequences) == 2:
+        out.pop(sequences[0], None)
+    elif len(out) > 1:  # no sequence agrees with two others: nothing to tell which one moved
+        return {}
+    return out
+
+
 def qc_features(subject, result, scores: torch.Tensor, placement=None) -> tuple[dict[str, float], dict[str, float]]:
     """The label-free features of a fit (module docstring) and the per-sequence agreement.
 
@@ -289,6 +382,10 @@ class QualityModel:
         offset_min_mm, offset_gain: a sequence that fits the labelled heart best at least
             ``offset_min_mm`` away (:func:`sequence_offsets`), with a correlation-ratio gain of at
             least ``offset_gain``, is named in a reason and sets the flag (``offset_gain`` None: never).
+        pair_offset_min_mm, pair_offset_gain: a sequence at least ``pair_offset_min_mm`` from every
+            other sequence (:func:`sequence_pair_offsets`, :func:`out_of_place`), with a gain of at
+            least ``pair_offset_gain``, is named in a reason and sets the flag; the label-based
+            reason then names no other sequence (those the fit left where they are).
         calibration: where the numbers come from (record, cases, fits).
     """
 
@@ -301,6 +398,8 @@ class QualityModel:
     disagreement: float = 0.5
     offset_min_mm: float = 5.0
     offset_gain: float | None = None
+    pair_offset_min_mm: float = 5.0
+    pair_offset_gain: float | None = None
     unusual_flag: int | None = None
     two_sided: tuple[str, ...] = ()
     curve: dict | None = None
@@ -344,10 +443,12 @@ class QualityModel:
         return out
 
     def assess(self, features: dict[str, float], agreement: dict[str, float] | None = None, mirrored: dict | None = None,
-               notes: list[str] | None = None, offsets: dict[str, dict[str, float]] | None = None) -> dict:
-        """``{"score", "flag", "reasons", "features", "sequence_agreement", "sequence_offsets"}`` for
-        ``metrics.json``; ``notes`` are further reasons that do not set the flag by themselves;
-        ``offsets``: :func:`sequence_offsets`."""
+               notes: list[str] | None = None, offsets: dict[str, dict[str, float]] | None = None,
+               pairs: dict[str, dict[str, float]] | None = None, sequences: tuple[str, ...] = ()) -> dict:
+        """``{"score", "flag", "reasons", "features", "sequence_agreement", "sequence_offsets",
+        "sequence_pair_offsets"}`` for ``metrics.json``; ``notes`` are further reasons that do not
+        set the flag by themselves; ``offsets``: :func:`sequence_offsets`; ``pairs``:
+        :func:`sequence_pair_offsets` of the subject's ``sequences``."""
         score = self.score(features)
         reasons = []
         flag = score < self.threshold
@@ -361,7 +462,18 @@ class QualityModel:
             if a < self.disagreement:
                 flag = True
                 reasons.append(f"{seq} disagrees with the other sequences on where the heart is (agreement {a:.2f})")
+        odd = out_of_place(pairs or {}, tuple(sequences), self.pair_offset_min_mm, self.pair_offset_gain)
+        for seq, o in odd.items():
+            flag = True
+            others = [s for s in sequences if s != seq]
+            reasons.append(f"{seq} is out of place against {' and '.join(others)}, which agree with each other: its heart edges "
+                           f"match theirs {o['mm']:.0f} mm or more away (sequence_pair_offsets gain {o['gain']:.3f})"
+                           if len(others) > 1 else
+                           f"{seq} is out of place against {others[0]}: its heart edges match {o['mm']:.0f} mm away "
+                           f"(sequence_pair_offsets gain {o['gain']:.3f})")
         for seq, o in (offsets or {}).items():
+            if odd and seq not in odd:
+                continue  # the fit followed the sequence out of place: the others only look moved against its labels
             if self.offset_gain is not None and o["mm"] >= self.offset_min_mm and o["gain"] >= self.offset_gain:
                 flag = True
                 reasons.append(f"{seq} fits the heart best {o['mm']:.0f} mm away from where the labels put it: acquired or "
@@ -376,6 +488,7 @@ class QualityModel:
             "features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
             "sequence_agreement": {k: round(v, 4) for k, v in (agreement or {}).items()},
             "sequence_offsets": _rounded_offsets(offsets),
+            "sequence_pair_offsets": _rounded_offsets(pairs),
         }
 
 
@@ -403,8 +516,9 @@ def assess_fit(model: QualityModel | None, subject, result, scores: torch.Tensor
     warped = result.warped
     moved = None if torch.equal(warped.images[0], subject.images.to(warped.images)) else (warped.images[0], warped.coverage[0])
     offsets = sequence_offsets(subject, scores, moved=moved)
+    pairs = sequence_pair_offsets(subject, scores, moved=moved)
     if model is None:
         return {"features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
                 "sequence_agreement": {k: round(v, 4) for k, v in agreement.items()},
-                "sequence_offsets": _rounded_offsets(offsets)}
-    return model.assess(features, agreement, (checks or {}).get("mirrored"), notes, offsets)
+                "sequence_offsets": _rounded_offsets(offsets), "sequence_pair_offsets": _rounded_offsets(pairs)}
+    return model.assess(features, agreement, (checks or {}).get("mirrored"), notes, offsets, pairs, tuple(subject.sequences))
