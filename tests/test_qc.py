@@ -168,6 +168,10 @@ def test_pair_offsets_name_the_sequence_out_of_place_even_where_the_labels_follo
     # nothing moved: no sequence is far from the others
     images[1] = np.roll(images[1], (-6, 4), axis=(0, 1))
     assert not out_of_place(sequence_pair_offsets(subject(3), prob), three.sequences, 3.0, 0.05)
+    # the reference moved: it is what the others are placed against, never named
+    images[0] = np.roll(images[0], (6, -4), axis=(0, 1))
+    moved_reference = sequence_pair_offsets(subject(3), prob)
+    assert moved_reference["LGE|C0"]["mm"] == pytest.approx(10.82, abs=0.01) and not out_of_place(moved_reference, three.sequences, 6.0, 0.1)
 
 
 def test_window_sums_are_the_masked_sums_at_every_shift():

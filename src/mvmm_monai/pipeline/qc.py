@@ -252,7 +252,7 @@ def sequence_pair_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, m
     names = subject.sequences
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
-            mask = region & cover[i]
+            mask = region & cover[i] & cover[j]  # the slices both sequences reach
             if mask.sum() < 100:
                 continue
             a = np.where(mask, edges[i], 0.0)
@@ -274,26 +274,26 @@ def sequence_pair_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, m
 
 
 def out_of_place(pairs: dict[str, dict[str, float]], sequences: tuple[str, ...], min_mm: float, gain: float | None) -> dict[str, dict]:
-    """The sequences that :func:`sequence_pair_offsets` puts out of place: at least ``min_mm`` from
-    every other sequence (every pair it is in), with at least one of those pairs gaining ``gain``;
-    ``{sequence: {"mm": the smallest of those shifts, "gain": the largest gain}}``. With two
-    sequences the reference is never named (either could be the one out of place; the other one
-    is), with three or more a sequence is named only where the others agree among themselves
-    (``gain`` None: never)."""
+    """The sequence that :func:`sequence_pair_offsets` puts out of place: at least ``min_mm`` from
+    every other sequence (every pair it is in), with at least one of those pairs gaining ``gain``,
+    while no other sequence is (the others agree among themselves); ``{sequence: {"mm": the
+    smallest of those shifts, "gain": the largest gain}}``, or ``{}``. ``sequences``: the subject's,
+    the reference first. The reference is never named, as :func:`sequence_offsets` never names it:
+    it is what the others are placed against, and the calibration moves the others only (with two
+    sequences, the other one is named). ``gain`` None: never."""
     if gain is None or len(sequences) < 2:
         return {}
-    out = {}
+    found = {}
     for s in sequences:
         mine = [v for k, v in pairs.items() if s in k.split("|")]
-        if len(mine) < len(sequences) - 1 or not mine:
-            continue
+        if len(mine) < len(sequences) - 1:
+            continue  # a pair left out (too little of the heart in common): nothing to compare
         if all(v["mm"] >= min_mm for v in mine) and max(v["gain"] for v in mine) >= gain:
-            out[s] = {"mm": min(v["mm"] for v in mine), "gain": max(v["gain"] for v in mine)}
-    if len(sequences) == 2:
-        out.pop(sequences[0], None)
-    elif len(out) > 1:  # no sequence agrees with two others: nothing to tell which one moved
+            found[s] = {"mm": min(v["mm"] for v in mine), "gain": max(v["gain"] for v in mine)}
+    if len(sequences) > 2 and len(found) > 1:  # no two sequences agree: nothing tells which one moved
         return {}
-    return out
+    found.pop(sequences[0], None)
+    return found
 
 
 def qc_features(subject, result, scores: torch.Tensor, placement=None) -> tuple[dict[str, float], dict[str, float]]:
