@@ -134,12 +134,9 @@ def fit_one_crop(root: Path, atlas: Path, case: str, out: Path, displace: dict |
     import torch
 
     torch.set_num_threads(threads)
-    from mvmm_monai import compose_config, fit
     from mvmm_monai.atlas.midslice import fit_overrides, mid_slice_crop, write_atlas, write_crop
 
-    row: dict = {"case": case, "displace": displace}
-    start = time.perf_counter()
-    try:
+    def overrides_of(displace: dict | None) -> list[str]:
         crop = mid_slice_crop(root / case, size)
         if displace and "sequence" in displace:
             spacing = np.linalg.norm(crop.affine[:3, :2], axis=0)
@@ -147,12 +144,25 @@ def fit_one_crop(root: Path, atlas: Path, case: str, out: Path, displace: dict |
             crop.images[displace["sequence"]] = np.roll(crop.images[displace["sequence"]], voxels, axis=(0, 1))
         paths = write_crop(crop, out.with_name(out.name + "_input"))
         atlas_path = write_atlas(np.load(atlas), crop.affine, out.with_name(out.name + "_input") / "atlas.nii.gz")
-        m = fit(compose_config([*fit_overrides(case, paths, atlas_path, out), "callbacks.progress.refresh_rate=0", "~logger",
-                                *displace_override(displace), *overrides]))
-        row.update(dice=m["dice"]["LGE"], features=m["qc"]["features"], agreement=m["qc"]["sequence_agreement"],
-                   offsets=m["qc"]["sequence_offsets"], pairs=m["qc"]["sequence_pair_offsets"], converged=m["converged"],
-                   iterations=m["iterations"])
-    except Exception as err:  # a failing fit is reported, never dropped
+        return fit_overrides(case, paths, atlas_path, out)
+
+    return _fit_row(case, displace, overrides_of, overrides)
+
+
+def _fit_row(case: str, displace: dict | None, inputs, overrides: list[str]) -> dict:
+    """Fit ``case`` with the Hydra overrides ``inputs(displace)`` returns (it writes what they
+    name), the failure made on purpose and ``overrides``: the row of its QC features, QC offsets and
+    true Dice, or its error (a failing fit is reported, never dropped)."""
+    from mvmm_monai import compose_config, fit
+
+    row: dict = {"case": case, "displace": displace}
+    start = time.perf_counter()
+    try:
+        m = fit(compose_config([*inputs(displace), "callbacks.progress.refresh_rate=0", "~logger", *displace_override(displace), *overrides]))
+        qc = m["qc"]
+        row.update(dice=m["dice"]["LGE"], features=qc["features"], agreement=qc["sequence_agreement"], offsets=qc["sequence_offsets"],
+                   pairs=qc["sequence_pair_offsets"], converged=m["converged"], iterations=m["iterations"])
+    except Exception as err:
         row["error"] = f"{type(err).__name__}: {err}"
         traceback.print_exc()
     row["seconds"] = time.perf_counter() - start
@@ -171,23 +181,12 @@ def fit_one(root: Path, atlas: Path, case: str, out: Path, displace: dict | None
     import torch
 
     torch.set_num_threads(threads)
-    from mvmm_monai import compose_config, fit
 
-    row: dict = {"case": case, "displace": displace}
-    start = time.perf_counter()
-    try:
-        if displace and "sequence" in displace:
-            root = moved_sequence_copy(root, case, displace, out.with_name(out.name + "_data"))
-        m = fit(compose_config(["data=myops", f"data.root={root}", f"subject={case}", f"atlas.path={atlas}", f"paths.output_dir={out}",
-                                "callbacks.progress.refresh_rate=0", "~logger", *displace_override(displace), *overrides]))
-        row.update(dice=m["dice"]["LGE"], features=m["qc"]["features"], agreement=m["qc"]["sequence_agreement"],
-                   offsets=m["qc"]["sequence_offsets"], pairs=m["qc"]["sequence_pair_offsets"], converged=m["converged"],
-                   iterations=m["iterations"])
-    except Exception as err:  # a failing fit is reported, never dropped
-        row["error"] = f"{type(err).__name__}: {err}"
-        traceback.print_exc()
-    row["seconds"] = time.perf_counter() - start
-    return row
+    def overrides_of(displace: dict | None) -> list[str]:
+        data = moved_sequence_copy(root, case, displace, out.with_name(out.name + "_data")) if displace and "sequence" in displace else root
+        return ["data=myops", f"data.root={data}", f"subject={case}", f"atlas.path={atlas}", f"paths.output_dir={out}"]
+
+    return _fit_row(case, displace, overrides_of, overrides)
 
 
 def feature_matrix(rows: list[dict], names: list[str]) -> np.ndarray:

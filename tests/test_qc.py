@@ -97,23 +97,34 @@ def test_features_unusual_together_set_the_flag():
         {"wall_mm": 19.0, "atlas_agreement": 0.65, "entropy": 0.03})["flag"]  # unusual_flag None: reasons only
 
 
-def test_sequence_offsets_find_a_sequence_acquired_out_of_place():
-    """Three sequences of one synthetic heart (noisy class intensities); C0 moved by (6, -4) voxels of
-    1.5 mm against the others. Its intensities fit the labelled heart best at that shift (10.8 mm),
-    T2's where it is; the model flags C0 by name, not T2, and never with the rule off."""
-    from types import SimpleNamespace
-
-    from mvmm_monai.pipeline.qc import sequence_offsets
-
+def _three_sequences(n: int = 3, moved=(6, -4)):
+    """Three sequences of one synthetic heart (noisy class intensities, 1.5 mm pixels), C0 rolled by
+    ``moved`` voxels against the others: the atlas ``prob``, the ``images`` ``[3, X, Y, Z]`` and a
+    subject of the first ``n`` sequences (LGE the reference) in the shape quality control reads."""
     prob = _atlas((64, 64, 3)).float()
     labels = prob.argmax(0).numpy()
     rng = np.random.default_rng(0)
     means = {"LGE": (0.2, 0.5, 0.9, 0.8), "C0": (0.3, 0.4, 0.9, 0.85), "T2": (0.4, 0.6, 0.1, 0.15)}
     images = np.stack([np.asarray(m)[labels] + 0.05 * rng.standard_normal(labels.shape) for m in means.values()])
-    images[1] = np.roll(images[1], (6, -4), axis=(0, 1))
-    subject = SimpleNamespace(sequences=("LGE", "C0", "T2"), reference="LGE", parent=None, uncrop=lambda v, *a: v,
-                              grid=SimpleNamespace(spacing=torch.tensor([1.5, 1.5, 8.0])),
-                              images=torch.from_numpy(images).float(), coverage=torch.ones(3, *labels.shape))
+    images[1] = np.roll(images[1], moved, axis=(0, 1))
+    return prob, images, _subject_of(images, n)
+
+
+def _subject_of(images: np.ndarray, n: int = 3):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(sequences=("LGE", "C0", "T2")[:n], reference="LGE", parent=None, uncrop=lambda v, *a: v,
+                           grid=SimpleNamespace(spacing=torch.tensor([1.5, 1.5, 8.0])),
+                           images=torch.from_numpy(images[:n]).float(), coverage=torch.ones(n, *images.shape[1:]))
+
+
+def test_sequence_offsets_find_a_sequence_acquired_out_of_place():
+    """Three sequences of one synthetic heart (noisy class intensities); C0 moved by (6, -4) voxels of
+    1.5 mm against the others. Its intensities fit the labelled heart best at that shift (10.8 mm),
+    T2's where it is; the model flags C0 by name, not T2, and never with the rule off."""
+    from mvmm_monai.pipeline.qc import sequence_offsets
+
+    prob, images, subject = _three_sequences()
     offsets = sequence_offsets(subject, prob)
     assert set(offsets) == {"C0", "T2"}  # the reference is what the others are measured against
     assert offsets["C0"]["mm"] == pytest.approx(1.5 * math.hypot(6, 4), abs=0.01) and offsets["C0"]["gain"] > 0.5
@@ -134,22 +145,13 @@ def test_pair_offsets_name_the_sequence_out_of_place_even_where_the_labels_follo
     atlas moved with it). Against the labels, LGE and T2 look moved (:func:`sequence_offsets` finds
     T2 10.8 mm away); between the sequences, C0 is 10.8 mm from both others while they agree, so the
     model names C0 and not T2. With two sequences the one that is not the reference is named."""
-    from types import SimpleNamespace
-
     from mvmm_monai.pipeline.qc import out_of_place, sequence_offsets, sequence_pair_offsets
 
-    prob = _atlas((64, 64, 3)).float()
-    labels = prob.argmax(0).numpy()
-    rng = np.random.default_rng(0)
-    means = {"LGE": (0.2, 0.5, 0.9, 0.8), "C0": (0.3, 0.4, 0.9, 0.85), "T2": (0.4, 0.6, 0.1, 0.15)}
-    images = np.stack([np.asarray(m)[labels] + 0.05 * rng.standard_normal(labels.shape) for m in means.values()])
-    images[1] = np.roll(images[1], (6, -4), axis=(0, 1))
+    prob, images, _ = _three_sequences()
     followed = torch.roll(prob, (6, -4), dims=(1, 2))  # the fit's labels where C0 shows the heart
 
     def subject(n: int):
-        return SimpleNamespace(sequences=("LGE", "C0", "T2")[:n], reference="LGE", parent=None, uncrop=lambda v, *a: v,
-                               grid=SimpleNamespace(spacing=torch.tensor([1.5, 1.5, 8.0])),
-                               images=torch.from_numpy(images[:n]).float(), coverage=torch.ones(n, *labels.shape))
+        return _subject_of(images, n)
 
     three = subject(3)
     assert sequence_offsets(three, followed)["T2"]["mm"] == pytest.approx(10.82, abs=0.01)  # against the labels: T2

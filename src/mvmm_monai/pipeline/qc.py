@@ -158,6 +158,49 @@ def _window_sums(masks: list[np.ndarray], values: list[np.ndarray], radius: tupl
     return out
 
 
+@dataclass(frozen=True)
+class _ShiftSearch:
+    """What :func:`sequence_offsets` and :func:`sequence_pair_offsets` search over: the sequences'
+    ``images`` and ``cover`` ``[N, *S]`` (uncut common grid), the ``labels`` (argmax), the
+    ``region`` (the labelled heart and a margin, on the reference's slices), the search ``radius``
+    in voxels, the in-plane ``spacing`` (mm) and the reference's channel ``ref``."""
+
+    images: np.ndarray
+    cover: np.ndarray
+    labels: np.ndarray
+    region: np.ndarray
+    radius: tuple[int, int]
+    spacing: tuple[float, float]
+    ref: int
+
+    def shift_mm(self, a: int, b: int) -> float:
+        """The length (mm) of the shift at index ``(a, b)`` of a :func:`_window_sums` map."""
+        return float(math.hypot((a - self.radius[0]) * self.spacing[0], (b - self.radius[1]) * self.spacing[1]))
+
+
+def _shift_search(subject, scores: torch.Tensor, max_mm: float = 25.0, margin_mm: float = 8.0,
+                  moved: tuple[torch.Tensor, torch.Tensor] | None = None) -> _ShiftSearch | None:
+    """The images, labels and region of the offset searches (:func:`sequence_offsets`); ``None``
+    when the labels hold no heart on the reference's slices."""
+    full = subject.parent or subject
+    ref = subject.sequences.index(subject.reference)
+    if moved is None:
+        images, cover = full.images.double().numpy(), full.coverage.numpy() > 0
+    else:
+        images = subject.uncrop(moved[0].double()).numpy()
+        cover = subject.uncrop(moved[1]).numpy() > 0
+    labels = class_argmax(subject.uncrop(scores, 0.0, 1.0)).numpy()
+    heart = (labels > 0) & cover[ref]
+    if not heart.any():
+        return None
+    sx, sy = (float(v) for v in subject.grid.spacing[:2])
+    grow = np.zeros((3, 3, 1), dtype=bool)
+    grow[..., 0] = ndimage.generate_binary_structure(2, 1)
+    region = ndimage.binary_dilation(heart, structure=grow, iterations=max(1, round(margin_mm / min(sx, sy)))) & cover[ref]
+    radius = (max(1, math.ceil(max_mm / sx)), max(1, math.ceil(max_mm / sy)))
+    return _ShiftSearch(images, cover, labels, region, radius, (sx, sy), ref)
+
+
 def sequence_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, margin_mm: float = 8.0,
                      moved: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
     """Per sequence but the reference: ``{"mm", "gain"}``, the in-plane shift (mm, the same for every
@@ -170,27 +213,18 @@ def sequence_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, margin
     coverage ``[N, *S]`` after the slice motion, common space), as the fit used them: a sequence the
     registration put back is not out of place for this fit. Only voxels the sequence covers count;
     a sequence whose slices see too little of the heart is left out."""
-    full = subject.parent or subject
-    ref = subject.sequences.index(subject.reference)
-    if moved is None:
-        images, cover = full.images.double().numpy(), full.coverage.numpy() > 0
-    else:
-        images = subject.uncrop(moved[0].double()).numpy()
-        cover = subject.uncrop(moved[1]).numpy() > 0
-    labels = class_argmax(subject.uncrop(scores, 0.0, 1.0)).numpy()
-    heart = (labels > 0) & cover[ref]
-    if not heart.any():
+    return _offsets(_shift_search(subject, scores, max_mm, margin_mm, moved), subject.sequences)
+
+
+def _offsets(search: _ShiftSearch | None, sequences: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    if search is None:
         return {}
-    sx, sy = (float(v) for v in subject.grid.spacing[:2])
-    grow = np.zeros((3, 3, 1), dtype=bool)
-    grow[..., 0] = ndimage.generate_binary_structure(2, 1)
-    region = ndimage.binary_dilation(heart, structure=grow, iterations=max(1, round(margin_mm / min(sx, sy)))) & cover[ref]
-    radius = (max(1, math.ceil(max_mm / sx)), max(1, math.ceil(max_mm / sy)))
+    region, cover, labels, radius = search.region, search.cover, search.labels, search.radius
     out = {}
-    for n, seq in enumerate(subject.sequences):
-        if n == ref or not (region & cover[n]).sum() >= 100:
+    for n, seq in enumerate(sequences):
+        if n == search.ref or not (region & cover[n]).sum() >= 100:
             continue
-        image = np.where(cover[n], images[n], 0.0)
+        image = np.where(cover[n], search.images[n], 0.0)
         # per class: the covered voxels, their intensities' sum and sum of squares at every shift
         sums = _window_sums([region & (labels == k) for k in np.unique(labels[region])],
                             [cover[n].astype(float), image, image * image], radius)
@@ -202,13 +236,8 @@ def sequence_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, margin
         enough = count >= 0.5 * count[radius]
         eta = np.where(enough & (total > 0), 1.0 - within / np.where(total > 0, total, 1.0), -np.inf)
         a, b = np.unravel_index(int(np.argmax(eta)), eta.shape)
-        out[seq] = {"mm": float(math.hypot((a - radius[0]) * sx, (b - radius[1]) * sy)),
-                    "gain": float(eta[a, b] - eta[radius])}
+        out[seq] = {"mm": search.shift_mm(a, b), "gain": float(eta[a, b] - eta[radius])}
     return out
-
-
-def _pair_key(a: str, b: str) -> str:
-    return f"{a}|{b}"
 
 
 def sequence_pair_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, margin_mm: float = 8.0,
@@ -224,35 +253,25 @@ def sequence_pair_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, m
     finds the sequences that stayed in place). The images are those of :func:`sequence_offsets`;
     only voxels both sequences cover count, and a pair with too little of the heart in common is
     left out."""
-    full = subject.parent or subject
-    ref = subject.sequences.index(subject.reference)
-    if moved is None:
-        images, cover = full.images.double().numpy(), full.coverage.numpy() > 0
-    else:
-        images = subject.uncrop(moved[0].double()).numpy()
-        cover = subject.uncrop(moved[1]).numpy() > 0
-    labels = class_argmax(subject.uncrop(scores, 0.0, 1.0)).numpy()
-    heart = (labels > 0) & cover[ref]
-    if not heart.any():
+    return _pair_offsets(_shift_search(subject, scores, max_mm, margin_mm, moved), subject.sequences, sigma_px)
+
+
+def _pair_offsets(search: _ShiftSearch | None, sequences: tuple[str, ...], sigma_px: float = 1.0) -> dict[str, dict[str, float]]:
+    if search is None:
         return {}
-    sx, sy = (float(v) for v in subject.grid.spacing[:2])
-    grow = np.zeros((3, 3, 1), dtype=bool)
-    grow[..., 0] = ndimage.generate_binary_structure(2, 1)
-    region = ndimage.binary_dilation(heart, structure=grow, iterations=max(1, round(margin_mm / min(sx, sy)))) & cover[ref]
-    radius = (max(1, math.ceil(max_mm / sx)), max(1, math.ceil(max_mm / sy)))
+    images, cover, radius = search.images, search.cover, search.radius
     edges = []
-    for n in range(len(subject.sequences)):
+    for n in range(len(sequences)):
         g = np.zeros(images.shape[1:])
         for z in range(images.shape[-1]):
             if cover[n, ..., z].any():
                 smooth = ndimage.gaussian_filter(np.where(cover[n, ..., z], images[n, ..., z], 0.0), sigma_px)
-                g[..., z] = np.hypot(*np.gradient(smooth, sx, sy))
+                g[..., z] = np.hypot(*np.gradient(smooth, *search.spacing))
         edges.append(np.where(cover[n], g, 0.0))
     out = {}
-    names = subject.sequences
-    for i in range(len(names)):
-        for j in range(i + 1, len(names)):
-            mask = region & cover[i] & cover[j]  # the slices both sequences reach
+    for i in range(len(sequences)):
+        for j in range(i + 1, len(sequences)):
+            mask = search.region & cover[i] & cover[j]  # the slices both sequences reach
             if mask.sum() < 100:
                 continue
             a = np.where(mask, edges[i], 0.0)
@@ -268,8 +287,7 @@ def sequence_pair_offsets(subject, scores: torch.Tensor, max_mm: float = 25.0, m
             var = (saa - sa * sa / nm) * (sbb - sb * sb / nm)
             r = np.where(enough & (var > 0), cov / np.sqrt(np.where(var > 0, var, 1.0)), -np.inf)
             x, y = np.unravel_index(int(np.argmax(r)), r.shape)
-            out[_pair_key(names[i], names[j])] = {"mm": float(math.hypot((x - radius[0]) * sx, (y - radius[1]) * sy)),
-                                                 "gain": float(r[x, y] - r[radius])}
+            out[f"{sequences[i]}|{sequences[j]}"] = {"mm": search.shift_mm(x, y), "gain": float(r[x, y] - r[radius])}
     return out
 
 
@@ -515,8 +533,8 @@ def assess_fit(model: QualityModel | None, subject, result, scores: torch.Tensor
     # the slices as the fit used them where its registration moved any, else as acquired
     warped = result.warped
     moved = None if torch.equal(warped.images[0], subject.images.to(warped.images)) else (warped.images[0], warped.coverage[0])
-    offsets = sequence_offsets(subject, scores, moved=moved)
-    pairs = sequence_pair_offsets(subject, scores, moved=moved)
+    search = _shift_search(subject, scores, moved=moved)  # made once for both searches
+    offsets, pairs = _offsets(search, subject.sequences), _pair_offsets(search, subject.sequences)
     if model is None:
         return {"features": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in features.items()},
                 "sequence_agreement": {k: round(v, 4) for k, v in agreement.items()},
