@@ -74,3 +74,17 @@ def test_slices_moved_by_the_leave_out_search_alone_land_on_their_shifts(tmp_pat
         # within 0.8 voxels, and no heart slice more than one voxel step beyond that
         msg = f"{seq}: errors (voxels) {np.round(err, 2).tolist()} on heart slices {heart.tolist()}"
         assert err[heart].mean() < 0.8 and err[heart].max() < 1.5, msg
+
+
+def test_slices_aligned_by_their_edges_land_on_their_shifts(tmp_path):
+    # registration=slice_align: the poses come from the edges alone before the fit and are held
+    # (no gradient step, no search); the atlas sits where the subject is
+    root = make_cohort(tmp_path / "data", SyntheticConfig(n_subjects=1, misalignment=True, atlas_misalignment=False))
+    shifts = fitted_shifts(root, tmp_path / "fit", "registration=slice_align", "registration.guard=false")
+    rotations = json.loads((tmp_path / "fit" / "params.json").read_text())["slice_rotations_deg"]
+    for seq, (got, truth, heart) in shifts.items():
+        err = np.linalg.norm(got - truth, axis=1)
+        assert heart.sum() >= 3, seq
+        msg = f"{seq}: errors (voxels) {np.round(err, 2).tolist()} on heart slices {heart.tolist()}, rotations {rotations[seq]}"
+        assert err[heart].mean() < 0.5 and err[heart].max() < 1.0, msg
+        assert np.abs(np.array(rotations[seq])[heart]).max() < 2.0, msg  # the generator turns no slice

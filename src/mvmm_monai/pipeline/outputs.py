@@ -144,6 +144,7 @@ def params_record(subject, result, registration, placement, settings: dict) -> d
         ),
         "slice_shifts_mm": registration.slice_shifts_mm(),
         "slice_rotations_deg": registration.slice_rotations_deg(),
+        "slice_alignment_gain": registration.slice_alignment_gain(),
         "placement": placement.as_dict() if placement is not None else "identity",
         "common_space_box": list(subject.box) if subject.box is not None else None,
         "intensity_scale": "each sequence clipped at its percentiles and scaled to [0, 1]",

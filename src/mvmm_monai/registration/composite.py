@@ -121,6 +121,8 @@ class Registration(nn.Module):
             self.atlas_deformation = deformation if any(True for _ in deformation.parameters()) else None
         moved = any(s != subject.reference for s in subject.sequences)
         self.slice_motion: SliceMotion | None = slice_motion(subject=subject) if slice_motion is not None and moved else None
+        if self.slice_motion is not None and self.slice_motion.align_slices:
+            self.slice_motion.align(self.images, self.coverage, self.atlas[0])
 
     # -- what moves ------------------------------------------------------------------------
     @property
@@ -247,6 +249,11 @@ class Registration(nn.Module):
         """Sequence -> per-slice rotation in degrees about the slice centre (empty without a
         rotating slice motion)."""
         return {} if self.slice_motion is None else self.slice_motion.rotations_deg()
+
+    def slice_alignment_gain(self) -> dict[str, list[float]]:
+        """Sequence -> per-slice gain in edge correlation of its best aligned pose over its acquired
+        one (``slice_motion.align``; empty without it), whether the slice moved or not."""
+        return {} if self.slice_motion is None else dict(self.slice_motion.alignment_gain)
 
     def native_shifts_voxels(self) -> dict[str, Tensor]:
         """Sequence -> ``[Z, 2]`` per-slice translation in its own voxels (to write results back

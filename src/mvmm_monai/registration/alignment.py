@@ -1,0 +1,206 @@
+"""Rigid in-plane alignment of one sequence's slices to the reference sequence by their edges.
+
+The model's own objective (the likelihood with the atlas prior) rewards poses of real T2 and C0
+slices that the manual labels reject (docs/results.md, "Rigid slice motion on real cases"). The
+edges of the heart show in every sequence whatever its contrast, so the pose of a slice can also be
+read from the images alone: the rotation about the heart and the translation at which the
+slice's gradient magnitude correlates best with the reference sequence's over the heart's
+in-plane footprint. This module holds that measure and its search; :class:`SliceMotion`
+(``align``) uses it to set the slices' poses before the fit. No state: pure tensor functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mvmm_monai.registration.functional import inplane_gradient
+
+#: in-plane Gaussian sigma (voxels) of the edges: wider blurs merge the near edges of the wall
+#: (contrasts differ per sequence) and bias the optimum (a synthetic slice: 0.04 voxel and 0.05
+#: degree off at 0.7, 1 voxel and 1 degree at 1.5)
+EDGE_SIGMA = 0.7
+#: the exhaustive stage of :func:`align_slices` scores every SPARSE-th region voxel along each axis
+SPARSE = 3
+
+#: candidate poses x region voxels sampled in one ``grid_sample`` call
+_CHUNK_SAMPLES = 2_000_000
+
+
+def edge_magnitude(image: Tensor, spacing: tuple[float, float], sigma: float = EDGE_SIGMA) -> Tensor:
+    """``[1, X, Y, Z]`` in-plane gradient magnitude (intensity per mm) of ``image`` ``[1, X, Y, Z]``
+    after an in-plane Gaussian blur of ``sigma`` voxels, slice by slice."""
+    g = inplane_gradient(image.float(), sigma)
+    return torch.hypot(g[0] / spacing[0], g[1] / spacing[1])[None]
+
+
+def heart_footprint(atlas: Tensor, spacing: tuple[float, float], margin_mm: float) -> Tensor:
+    """``[*S]`` (bool) the in-plane footprint of the atlas' heart (``atlas`` ``[K, *S]``, class 0 the
+    background: where the other classes sum to at least a half, on any slice), grown by
+    ``margin_mm`` in-plane and repeated on every slice: the slices beyond the apex and the base
+    are aligned by what surrounds the heart."""
+    heart = (atlas[1:].sum(0) >= 0.5).any(dim=-1).float()  # [X, Y]
+    rx, ry = (max(0, round(margin_mm / s)) for s in spacing)
+    grown = F.max_pool2d(heart[None, None], (2 * rx + 1, 2 * ry + 1), stride=1, padding=(rx, ry))[0, 0] > 0
+    return grown[..., None].expand(*atlas.shape[1:]).clone()
+
+
+def _rotate(v: Tensor, angle: Tensor) -> Tensor:
+    """``[..., 2]`` vectors turned by ``angle`` ``[...]`` (radians, first axis towards the second)."""
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack((cos * v[..., 0] - sin * v[..., 1], sin * v[..., 0] + cos * v[..., 1]), dim=-1)
+
+
+class _SliceCorrelation:
+    """Per-slice Pearson correlation of a moving edge image, sampled at candidate poses, with fixed
+    edge values at the region's voxels.
+
+    Args:
+        moving: ``[1, X, Y, Z]`` edge image of the moving sequence (its own voxel grid).
+        points: ``[V, 3]`` the region's voxels in the moving sequence's voxel coordinates (pose 0).
+        slices: ``[V]`` the moving slice of every region voxel.
+        fixed: ``[V]`` the reference's edge values there.
+        nz: number of moving slices.
+    """
+
+    def __init__(self, moving: Tensor, points: Tensor, slices: Tensor, fixed: Tensor, nz: int) -> None:
+        self.moving = moving[None].float()  # [1, 1, X, Y, Z]
+        size = torch.tensor(moving.shape[1:], dtype=torch.float32)
+        self.scale = 2.0 / (size - 1).clamp_min(1.0)  # voxel index -> grid_sample's [-1, 1]
+        self.flat = size <= 1
+        self.centre = (size[:2] - 1) / 2
+        self.offset = points[:, :2].float() - self.centre  # [V, 2] from the slice centre
+        self.z = points[:, 2].float()
+        self.slices, self.nz = slices, nz
+        a = fixed.double()
+        self.n = self._per_slice(torch.ones_like(a)[None])[0]
+        self.sa = self._per_slice(a[None])[0]
+        self.saa = self._per_slice((a * a)[None])[0]
+        self.a = a.float()
+
+    def _per_slice(self, values: Tensor) -> Tensor:
+        """``[C, V]`` -> ``[C, Z]`` sums (float64) over each slice's region voxels."""
+        out = torch.zeros(values.shape[0], self.nz, dtype=torch.float64)
+        return out.index_add_(1, self.slices, values.double())
+
+    def __call__(self, shifts: Tensor, angles: Tensor) -> Tensor:
+        """``[C, Z]`` correlation at ``C`` candidate poses: ``shifts`` ``[C, Z, 2]`` (voxels) and
+        ``angles`` ``[C, Z]`` (radians), :func:`~mvmm_monai.data.common_space.sample`'s convention
+        (a region voxel at ``p`` reads the moving slice at ``R(angle) (p - c) + c + shift``)."""
+        out = []
+        step = max(1, _CHUNK_SAMPLES // max(1, self.a.numel()))
+        for lo in range(0, shifts.shape[0], step):
+            sh, an = shifts[lo:lo + step].float(), angles[lo:lo + step].float()
+            cos, sin = torch.cos(an)[:, self.slices], torch.sin(an)[:, self.slices]  # [C, V]
+            ox, oy = self.offset[:, 0], self.offset[:, 1]
+            at = self.centre[None] + sh  # [C, Z, 2]
+            x = (cos * ox - sin * oy + at[:, self.slices, 0]) * self.scale[0] - 1.0
+            y = (sin * ox + cos * oy + at[:, self.slices, 1]) * self.scale[1] - 1.0
+            z = (self.z * self.scale[2] - 1.0).expand_as(x)
+            grid = torch.stack([torch.zeros_like(v) if flat else v for v, flat in zip((z, y, x), self.flat.flip(0).tolist())], dim=-1)
+            b = F.grid_sample(self.moving, grid[None, :, :, None], mode="bilinear", padding_mode="border",
+                              align_corners=True)[0, 0, :, :, 0]  # [C, V]
+            sb, sbb, sab = self._per_slice(b), self._per_slice(b * b), self._per_slice(b * self.a)
+            n = self.n.clamp_min(1)
+            cov = sab - self.sa * sb / n
+            var = (self.saa - self.sa ** 2 / n) * (sbb - sb ** 2 / n)
+            out.append(torch.where(var > 0, cov / var.clamp_min(1e-30).sqrt(), torch.zeros_like(cov)))
+        return torch.cat(out)
+
+
+def align_slices(
+    moving: Tensor,
+    points: Tensor,
+    slices: Tensor,
+    fixed: Tensor,
+    spacing: tuple[float, float],
+    max_shift_mm: float = 8.0,
+    max_angle_deg: float = 12.0,
+    angle_step_deg: float = 2.0,
+    min_voxels: int = 50,
+    min_gain: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The rigid in-plane pose of every moving slice at which its edges correlate best with the
+    reference's over the region.
+
+    The pose is a rotation about the centroid of the slice's region voxels (the heart: a turn
+    about the slice's own centre would also move the heart) and a translation of that centroid.
+    Coarse to fine: first every angle step within ``max_angle_deg`` with every whole-voxel
+    translation within ``max_shift_mm``, scored on every :data:`SPARSE`-th region voxel along each
+    in-plane axis; then, on the whole region, the whole voxels within 2 and the degrees within
+    ``angle_step_deg`` of the best, and a compass search around that (half, quarter and eighth
+    voxels; 0.5, 0.25 and 0.125 degrees). A slice with fewer than ``min_voxels``
+    region voxels, or whose best pose does not correlate better than the acquired one by more than
+    ``min_gain``, keeps the acquired pose (0).
+
+    Args:
+        moving: ``[1, X, Y, Z]`` the moving sequence's edge image (:func:`edge_magnitude`).
+        points: ``[V, 3]`` the region's voxels in the moving sequence's voxel coordinates.
+        slices: ``[V]`` (long) the moving slice of every region voxel.
+        fixed: ``[V]`` the reference's edge values at those voxels.
+        spacing: in-plane voxel size (mm) of the moving sequence.
+
+    Returns:
+        ``(shifts [Z, 2] voxels, angles [Z] radians, gain [Z])`` in
+        :func:`~mvmm_monai.data.common_space.sample`'s convention, and each slice's correlation at
+        its best pose less its correlation at the acquired pose (whether it moved or not).
+    """
+    nz = moving.shape[-1]
+    score = _SliceCorrelation(moving, points, slices, fixed, nz)
+    pivot = torch.zeros(nz, 2, dtype=torch.float64).index_add_(0, slices, score.offset.double()) / score.n.clamp_min(1)[:, None]
+    sparse = (points[:, 0].round().long() % SPARSE == 0) & (points[:, 1].round().long() % SPARSE == 0)
+    coarse = _SliceCorrelation(moving, points[sparse], slices[sparse], fixed[sparse], nz)
+    mm = torch.tensor(spacing, dtype=torch.float64)
+    max_angle = math.radians(max_angle_deg)
+
+    def pose(u: Tensor, theta: Tensor) -> Tensor:
+        """The slice translation (voxels) that turns by ``theta`` about the pivot and then moves it by ``u``."""
+        return u + pivot - _rotate(pivot, theta)
+
+    def within(u: Tensor, theta: Tensor) -> Tensor:
+        return ((u * mm).norm(dim=-1) <= max_shift_mm + 1e-9) & (theta.abs() <= max_angle + 1e-9)
+
+    def candidates(centre_u: Tensor, centre_t: Tensor, offsets: Tensor, turns: Tensor) -> tuple[Tensor, Tensor]:
+        """``[C, Z, 2]`` and ``[C, Z]``: every offset with every turn around each slice's pose."""
+        u = centre_u[None] + offsets.repeat(len(turns), 1)[:, None, :]
+        theta = centre_t[None] + turns.repeat_interleave(len(offsets))[:, None]
+        return u, theta.expand(-1, nz)
+
+    def best_of(fn, u: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        s = torch.where(within(u, theta), fn(pose(u, theta), theta), torch.full_like(theta, -math.inf))
+        top, arg = s.max(dim=0)
+        rows = torch.arange(nz)
+        return top, u[arg, rows], theta[arg, rows]
+
+    r = max(1, math.ceil(max_shift_mm / min(spacing)))
+    steps = torch.arange(-r, r + 1, dtype=torch.float64)
+    grid = torch.cartesian_prod(steps, steps)
+    k = math.floor(max_angle_deg / angle_step_deg + 1e-9) if max_angle_deg > 0 else 0
+    turns = torch.deg2rad(torch.arange(-k, k + 1, dtype=torch.float64) * angle_step_deg)
+    zero_u, zero_t = torch.zeros(nz, 2, dtype=torch.float64), torch.zeros(nz, dtype=torch.float64)
+    _, u_best, t_best = best_of(coarse, *candidates(zero_u, zero_t, grid, turns))
+    near = grid[(grid.abs() <= 2).all(dim=1)]
+    fine_turns = torch.deg2rad(torch.arange(-angle_step_deg, angle_step_deg + 1e-9, 1.0, dtype=torch.float64)) if k else torch.zeros(1, dtype=torch.float64)
+    best, u_best, t_best = best_of(score, *candidates(u_best, t_best, near, fine_turns))
+    for du, dt in ((0.5, 0.5), (0.25, 0.25), (0.125, 0.125)):
+        moves = torch.cartesian_prod(*(torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64),) * 3)
+        moves = moves * torch.tensor([du, du, math.radians(dt)], dtype=torch.float64)
+        if k == 0:
+            moves = moves[moves[:, 2] == 0]
+        for _ in range(8):
+            top, cu, ct = best_of(score, u_best[None] + moves[:, None, :2], t_best[None] + moves[:, None, 2])
+            better = top > best + 1e-12
+            if not better.any():
+                break
+            u_best = torch.where(better[:, None], cu, u_best)
+            t_best = torch.where(better, ct, t_best)
+            best = torch.where(better, top, best)
+    acquired = score(zero_u[None], zero_t[None])[0]
+    keep = (best > acquired + min_gain) & (score.n >= min_voxels)
+    shifts = torch.where(keep[:, None], pose(u_best, t_best), zero_u)
+    angles = torch.where(keep, t_best, zero_t)
+    gain = torch.where(score.n >= min_voxels, best - acquired, torch.zeros_like(best))
+    return shifts.float(), angles.float(), gain.float()

@@ -1,0 +1,49 @@
+"""Rigid slice poses read from the images (``slice_motion.align``, ``registration=slice_align``):
+known in-plane rotations and shifts of C0's slices are found by the edge alignment to the
+reference before any fit, a threshold on the correlation gain holds slices where they were
+acquired, and the preset fits end to end with its poses in ``params.json``."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import pytest
+import torch
+
+from mvmm_monai.registration import Registration, SliceMotion
+from tests.registration.test_slice_rotation import rotated_subject
+
+ALIGN = dict(rotation=True, align=True, search_radius=5, search_angle_deg=12.0, search_angle_step_deg=2.0, align_margin_mm=0.0)
+
+
+@pytest.mark.parametrize(
+    ("angles_deg", "shifts_vox"),
+    [
+        pytest.param([-8.7], [[2.4, -1.6]], id="single-slice"),
+        pytest.param([10.0, -6.3, 3.1], [[-2.7, 1.2], [1.9, 3.4], [0.4, -0.8]], id="stack"),
+    ],
+)
+def test_known_rotations_and_shifts_are_found_by_the_edges(angles_deg, shifts_vox, one_thread):
+    subject, atlas = rotated_subject(angles_deg, shifts_vox, size=60)
+    motion = Registration(subject, atlas, slice_motion=partial(SliceMotion, **ALIGN)).slice_motion
+    angles = torch.tensor(motion.rotations_deg()["C0"])
+    shifts = motion.voxels("C0").detach()
+    assert (angles - torch.tensor(angles_deg)).abs().max() < 0.5, f"found {angles.tolist()} degrees, truth {angles_deg}"
+    assert (shifts - torch.tensor(shifts_vox)).norm(dim=-1).max() < 0.25, f"found {shifts.tolist()} voxels, truth {shifts_vox}"
+    assert min(motion.alignment_gain["C0"]) > 0.1  # moved slices match far better where they belong
+
+
+def test_slices_in_place_stay_and_a_threshold_holds_moved_ones(one_thread):
+    subject, atlas = rotated_subject([0.0, 6.0], [[0.0, 0.0], [2.0, -1.0]], size=60)
+    motion = Registration(subject, atlas, slice_motion=partial(SliceMotion, **ALIGN)).slice_motion
+    assert motion.rotations_deg()["C0"][0] == pytest.approx(0.0, abs=0.5)
+    assert motion.voxels("C0")[0].detach().norm() < 0.35  # the edges of two contrasts agree to a third of a voxel
+    gain = motion.alignment_gain["C0"][1]
+    held = Registration(subject, atlas, slice_motion=partial(SliceMotion, **ALIGN, align_min_gain=gain + 0.01)).slice_motion
+    assert held.rotations_deg()["C0"][1] == 0.0 and held.voxels("C0")[1].detach().abs().max() == 0.0
+    assert held.alignment_gain["C0"][1] == pytest.approx(gain)  # the gain is reported whether the slice moved or not
+    with pytest.raises(ValueError, match="align_min_gain"):
+        SliceMotion(subject, align=True, align_min_gain=1.5)
+    with pytest.raises(ValueError, match="align_margin_mm"):
+        SliceMotion(subject, align=True, align_margin_mm=-1.0)
