@@ -4,7 +4,7 @@ the rigid-motion benchmark does not report: how much better must a slice's edges
 reference's before the alignment moves it?
 
     .venv/bin/python benchmarks/alignment_gain.py [--root DIR] [--cases Case3021,...] [--modes slice,stack] \
-        [--atlas-cases Case3001..Case3015] [--gains 0,0.02,...] [--out DIR] [--record NAME]
+        [--atlas-cases Case3001..Case3015] [--gains 0,0.02,...] [--margin-mm MM] [--out DIR] [--record NAME]
 
 For every case and mode, the unmoved data and a copy with known rotations and shifts added to
 every C0 and T2 slice (drawn and applied exactly as ``benchmarks/real_slice_motion.py`` does,
@@ -43,14 +43,15 @@ from mvmm_monai.registration import Registration, SliceMotion
 LEVER_MM = 20.0
 
 
-def aligned_poses(overrides: list[str], case: str) -> dict:
+def aligned_poses(overrides: list[str], case: str, margin_mm: float | None = None) -> dict:
     """Sequence -> ``{"angle_deg": [Z], "shift_mm": [Z, 2], "gain": [Z]}``: the edge alignment of the
     prepared case with no threshold (``registration=slice_align``'s search ranges)."""
     cfg = compose_config([*overrides, "registration=slice_align", "registration.model.slice_motion.align_min_gain=0"])
     prep = prepare_subject(cfg, instantiate(cfg.data), case)
     m = cfg.registration.model.slice_motion
     motion = partial(SliceMotion, rotation=True, align=True, search_radius=m.search_radius, search_angle_deg=m.search_angle_deg,
-                     search_angle_step_deg=m.search_angle_step_deg, align_margin_mm=m.align_margin_mm)
+                     search_angle_step_deg=m.search_angle_step_deg,
+                     align_margin_mm=m.align_margin_mm if margin_mm is None else margin_mm)
     sm = Registration(prep.subject, prep.atlas, slice_motion=motion).slice_motion
     return {s: {"angle_deg": sm.rotations_deg()[s], "shift_mm": sm.shifts_mm()[s], "gain": sm.alignment_gain[s]} for s in MOVED}
 
@@ -76,6 +77,7 @@ def main() -> None:
     ap.add_argument("--atlas-cases", default="Case3001..Case3015")
     ap.add_argument("--modes", default="slice,stack")
     ap.add_argument("--gains", default="0,0.02,0.04,0.06,0.08,0.1,0.12,0.15,0.2")
+    ap.add_argument("--margin-mm", type=float, default=None, help="align_margin_mm (default: the preset's)")
     ap.add_argument("--out", default="/tmp/mvmm_alignment_gain")
     add_record_option(ap, "alignment_gain")
     args = parse_args(ap)
@@ -99,7 +101,8 @@ def main() -> None:
                 copies, motion, _ = stack_inputs(root, case, work, motion_of, 10.0, 6.0, 0)
             else:
                 copies, motion, _ = slice_inputs(root, case, work, atlas2d, atlas_cases, motion_of)
-            poses = {name: aligned_poses([o for o in copies[name] if not o.startswith("paths.")] + [f"paths.output_dir={work / 'unused'}"], case)
+            poses = {name: aligned_poses([o for o in copies[name] if not o.startswith("paths.")] + [f"paths.output_dir={work / 'unused'}"], case,
+                                         args.margin_mm)
                      for name in ("orig", "moved")}
             truth = {s: {"angle_deg": motion[s]["angle_deg"].tolist(), "shift_mm": motion[s]["shift_mm"].tolist()} for s in MOVED}
             rows.append({"case": case, "mode": mode, "poses": poses, "added": truth})
@@ -117,7 +120,10 @@ def main() -> None:
               f"all {summary[g]['all_mm']:.2f} mm; unmoved slices held {held}/{total}", flush=True)
     chosen = min(gains, key=lambda g: summary[g]["all_mm"])
     print(f"chosen align_min_gain: {chosen}")
+    if not args.record:
+        return
     write_record(args.record, {"cases": args.cases.split(","), "modes": modes, "atlas_cases": args.atlas_cases, "lever_mm": LEVER_MM,
+                               "margin_mm": args.margin_mm,
                                "chosen": chosen, "thresholds": {str(g): v for g, v in summary.items()}, "rows": rows},
                  table={"caption": "Edge alignment (registration=slice_align) on cases the rigid-motion benchmark leaves out, "
                                    f"per threshold on the correlation gain: mean displacement error of a point {LEVER_MM:.0f} mm from "
