@@ -6,7 +6,7 @@ edges of the heart show in every sequence whatever its contrast, so the pose of 
 read from the images alone: the rotation about the heart and the translation at which the
 slice's gradient magnitude correlates best with the reference sequence's over the heart's
 in-plane footprint. This module holds that measure and its search; :class:`SliceMotion`
-(``align``) uses it to set the slices' poses before the fit. No state: pure tensor functions.
+(``align``) uses it to set the slices' poses before the fit. No module state.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class _SliceCorrelation:
 
     def __init__(self, moving: Tensor, points: Tensor, slices: Tensor, fixed: Tensor, nz: int) -> None:
         self.moving = moving[None].float()  # [1, 1, X, Y, Z]
-        size = torch.tensor(moving.shape[1:], dtype=torch.float32)
+        size = torch.tensor(moving.shape[1:], dtype=torch.float32, device=moving.device)
         self.scale = 2.0 / (size - 1).clamp_min(1.0)  # voxel index -> grid_sample's [-1, 1]
         self.flat = size <= 1
         self.centre = (size[:2] - 1) / 2
@@ -83,7 +83,7 @@ class _SliceCorrelation:
 
     def _per_slice(self, values: Tensor) -> Tensor:
         """``[C, V]`` -> ``[C, Z]`` sums (float64) over each slice's region voxels."""
-        out = torch.zeros(values.shape[0], self.nz, dtype=torch.float64)
+        out = torch.zeros(values.shape[0], self.nz, dtype=torch.float64, device=values.device)
         return out.index_add_(1, self.slices, values.double())
 
     def __call__(self, shifts: Tensor, angles: Tensor) -> Tensor:
@@ -150,10 +150,11 @@ def align_slices(
     """
     nz = moving.shape[-1]
     score = _SliceCorrelation(moving, points, slices, fixed, nz)
-    pivot = torch.zeros(nz, 2, dtype=torch.float64).index_add_(0, slices, score.offset.double()) / score.n.clamp_min(1)[:, None]
+    dev = points.device
+    pivot = torch.zeros(nz, 2, dtype=torch.float64, device=dev).index_add_(0, slices, score.offset.double()) / score.n.clamp_min(1)[:, None]
     sparse = (points[:, 0].round().long() % SPARSE == 0) & (points[:, 1].round().long() % SPARSE == 0)
     coarse = _SliceCorrelation(moving, points[sparse], slices[sparse], fixed[sparse], nz)
-    mm = torch.tensor(spacing, dtype=torch.float64)
+    mm = torch.tensor(spacing, dtype=torch.float64, device=dev)
     max_angle = math.radians(max_angle_deg)
 
     def pose(u: Tensor, theta: Tensor) -> Tensor:
@@ -172,22 +173,22 @@ def align_slices(
     def best_of(fn, u: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         s = torch.where(within(u, theta), fn(pose(u, theta), theta), torch.full_like(theta, -math.inf))
         top, arg = s.max(dim=0)
-        rows = torch.arange(nz)
+        rows = torch.arange(nz, device=dev)
         return top, u[arg, rows], theta[arg, rows]
 
     r = max(1, math.ceil(max_shift_mm / min(spacing)))
-    steps = torch.arange(-r, r + 1, dtype=torch.float64)
+    steps = torch.arange(-r, r + 1, dtype=torch.float64, device=dev)
     grid = torch.cartesian_prod(steps, steps)
     k = math.floor(max_angle_deg / angle_step_deg + 1e-9) if max_angle_deg > 0 else 0
-    turns = torch.deg2rad(torch.arange(-k, k + 1, dtype=torch.float64) * angle_step_deg)
-    zero_u, zero_t = torch.zeros(nz, 2, dtype=torch.float64), torch.zeros(nz, dtype=torch.float64)
+    turns = torch.deg2rad(torch.arange(-k, k + 1, dtype=torch.float64, device=dev) * angle_step_deg)
+    zero_u, zero_t = torch.zeros(nz, 2, dtype=torch.float64, device=dev), torch.zeros(nz, dtype=torch.float64, device=dev)
     _, u_best, t_best = best_of(coarse, *candidates(zero_u, zero_t, grid, turns))
     near = grid[(grid.abs() <= 2).all(dim=1)]
-    fine_turns = torch.deg2rad(torch.arange(-angle_step_deg, angle_step_deg + 1e-9, 1.0, dtype=torch.float64)) if k else torch.zeros(1, dtype=torch.float64)
+    fine_turns = torch.deg2rad(torch.arange(-angle_step_deg, angle_step_deg + 1e-9, 1.0, dtype=torch.float64, device=dev)) if k else zero_t[:1]
     best, u_best, t_best = best_of(score, *candidates(u_best, t_best, near, fine_turns))
     for du, dt in ((0.5, 0.5), (0.25, 0.25), (0.125, 0.125)):
-        moves = torch.cartesian_prod(*(torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64),) * 3)
-        moves = moves * torch.tensor([du, du, math.radians(dt)], dtype=torch.float64)
+        moves = torch.cartesian_prod(*(torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64, device=dev),) * 3)
+        moves = moves * torch.tensor([du, du, math.radians(dt)], dtype=torch.float64, device=dev)
         if k == 0:
             moves = moves[moves[:, 2] == 0]
         for _ in range(8):

@@ -121,7 +121,7 @@ class Registration(nn.Module):
             self.atlas_deformation = deformation if any(True for _ in deformation.parameters()) else None
         moved = any(s != subject.reference for s in subject.sequences)
         self.slice_motion: SliceMotion | None = slice_motion(subject=subject) if slice_motion is not None and moved else None
-        if self.slice_motion is not None and self.slice_motion.align_slices:
+        if self.slice_motion is not None and self.slice_motion.align_first:
             self.slice_motion.align(self.images, self.coverage, self.atlas[0])
 
     # -- what moves ------------------------------------------------------------------------

@@ -130,7 +130,7 @@ class SliceMotion(nn.Module):
         self.max_shift_mm = float(max_shift_mm)
         self.steps = bool(steps)
         self.joint_search = bool(joint_search)
-        self.align_slices = bool(align)
+        self.align_first = bool(align)
         self.align_margin_mm = float(align_margin_mm)
         self.align_min_gain = float(align_min_gain)
         self.reference_channel = subject.sequences.index(subject.reference)
@@ -265,8 +265,8 @@ class SliceMotion(nn.Module):
         """Put every slice of every moved sequence at its edge-aligned pose (in place; see
         ``align``). ``images`` and ``coverage`` ``[1, N, *S]`` the common-space images before the
         slice motion, ``atlas`` ``[K, *S]`` the placed atlas (where the heart is). Records each
-        slice's correlation gain at its best pose (moved or not) in :attr:`alignment_gain`; returns sequence -> the largest
-        translation (mm)."""
+        slice's correlation gain at its best pose (moved or not) in :attr:`alignment_gain`;
+        returns sequence -> the largest translation (mm)."""
         ref = self.reference_channel
         region = heart_footprint(atlas, self._grid_spacing, self.align_margin_mm) & (coverage[0, ref] > 0)
         fixed = edge_magnitude(images[0, ref:ref + 1], self._grid_spacing)[0]
