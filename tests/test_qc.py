@@ -163,8 +163,12 @@ def test_pair_offsets_name_the_sequence_out_of_place_even_where_the_labels_follo
     model = _model(offset_gain=0.05, pair_offset_min_mm=6.0, pair_offset_gain=0.1)
     verdict = model.assess({"a": 0.0}, offsets=sequence_offsets(three, followed), pairs=pairs, sequences=three.sequences)
     assert verdict["flag"] and [r.split()[0] for r in verdict["reasons"]] == ["C0"]  # T2's label-based reason is dropped
-    assert verdict["reasons"][0].startswith("C0 is out of place against LGE and T2, which agree with each other")
+    assert verdict["reasons"][0].startswith("C0 is out of place against LGE and T2, which lie nearer each other")
     assert not out_of_place(pairs, three.sequences, 12.0, 0.1) and not out_of_place(pairs, three.sequences, 6.0, None)
+    # all three far from each other: the one whose nearest other is twice as far as the others' is named
+    spread = {"LGE|C0": {"mm": 19.1, "gain": 0.3}, "LGE|T2": {"mm": 5.3, "gain": 0.01}, "C0|T2": {"mm": 25.6, "gain": 0.1}}
+    assert set(out_of_place(spread, three.sequences, 4.0, 0.05)) == {"C0"}
+    assert not out_of_place({**spread, "LGE|C0": {"mm": 9.0, "gain": 0.3}}, three.sequences, 4.0, 0.05)  # 9 < 2 x 5.3
     two = subject(2)
     assert set(out_of_place(sequence_pair_offsets(two, followed), two.sequences, 6.0, 0.1)) == {"C0"}
     # nothing moved: no sequence is far from the others

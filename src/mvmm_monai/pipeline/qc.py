@@ -291,11 +291,17 @@ def _pair_offsets(search: _ShiftSearch | None, sequences: tuple[str, ...], sigma
     return out
 
 
+#: :func:`out_of_place`: how much further than every other sequence's nearest other a sequence's
+#: nearest other must lie to be named where several are far from every other (a fixed rule, not fitted)
+OUTLIER_RATIO = 2.0
+
+
 def out_of_place(pairs: dict[str, dict[str, float]], sequences: tuple[str, ...], min_mm: float, gain: float | None) -> dict[str, dict]:
     """The sequence that :func:`sequence_pair_offsets` puts out of place: at least ``min_mm`` from
     every other sequence (every pair it is in), with at least one of those pairs gaining ``gain``,
-    while no other sequence is (the others agree among themselves); ``{sequence: {"mm": the
-    smallest of those shifts, "gain": the largest gain}}``, or ``{}``. ``sequences``: the subject's,
+    while no other sequence is (the others agree among themselves), or, where several are, whose
+    nearest other lies at least :data:`OUTLIER_RATIO` times further than every other one's;
+    ``{sequence: {"mm": the smallest of those shifts, "gain": the largest gain}}``, or ``{}``. ``sequences``: the subject's,
     the reference first. The reference is never named, as :func:`sequence_offsets` never names it:
     it is what the others are placed against, and the calibration moves the others only (with two
     sequences, the other one is named). ``gain`` None: never."""
@@ -308,8 +314,14 @@ def out_of_place(pairs: dict[str, dict[str, float]], sequences: tuple[str, ...],
             continue  # a pair left out (too little of the heart in common): nothing to compare
         if all(v["mm"] >= min_mm for v in mine) and max(v["gain"] for v in mine) >= gain:
             found[s] = {"mm": min(v["mm"] for v in mine), "gain": max(v["gain"] for v in mine)}
-    if len(sequences) > 2 and len(found) > 1:  # no two sequences agree: nothing tells which one moved
-        return {}
+    if len(sequences) > 2 and len(found) > 1:
+        # several are far from every other: one whose nearest other lies OUTLIER_RATIO times further
+        # than any other's nearest is still out of place (the others are near each other by
+        # comparison); else no two sequences agree and nothing tells which one moved
+        ranked = sorted(found.items(), key=lambda item: -item[1]["mm"])
+        if ranked[0][1]["mm"] < OUTLIER_RATIO * ranked[1][1]["mm"]:
+            return {}
+        found = dict(ranked[:1])
     found.pop(sequences[0], None)
     return found
 
@@ -484,7 +496,7 @@ class QualityModel:
         for seq, o in odd.items():
             flag = True
             others = [s for s in sequences if s != seq]
-            reasons.append(f"{seq} is out of place against {' and '.join(others)}, which agree with each other: its heart edges "
+            reasons.append(f"{seq} is out of place against {' and '.join(others)}, which lie nearer each other: its heart edges "
                            f"match theirs {o['mm']:.0f} mm or more away (sequence_pair_offsets gain {o['gain']:.3f})"
                            if len(others) > 1 else
                            f"{seq} is out of place against {others[0]}: its heart edges match {o['mm']:.0f} mm away "
