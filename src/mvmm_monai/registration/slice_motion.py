@@ -83,6 +83,11 @@ class SliceMotion(nn.Module):
             more than this (Pearson correlation, in [0, 1]): single slices of real sequences that
             were acquired in place find poses a few degrees and millimetres off that match their
             edges a little better.
+        align_choice: ``gain``: the slices take their aligned poses before the fit (where the gain
+            exceeds ``align_min_gain``); ``model``: the slices stay as acquired, and at the
+            searches (``registration.schedule.shift_search_at``) each takes its aligned pose only
+            where the model scores it higher than its current and its acquired pose (the edges
+            propose, the model chooses; :meth:`search` then tries these poses alone).
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class SliceMotion(nn.Module):
         align: bool = False,
         align_margin_mm: float = 10.0,
         align_min_gain: float = 0.0,
+        align_choice: str = "gain",
     ) -> None:
         super().__init__()
         if gradient_sigma < 0:
@@ -118,6 +124,8 @@ class SliceMotion(nn.Module):
             raise ValueError(f"registration.model.slice_motion.align_margin_mm must be >= 0, got {align_margin_mm}")
         if not 0 <= align_min_gain < 1:
             raise ValueError(f"registration.model.slice_motion.align_min_gain must be in [0, 1), got {align_min_gain}")
+        if align_choice not in ("gain", "model"):
+            raise ValueError(f"registration.model.slice_motion.align_choice must be 'gain' or 'model', got {align_choice!r}")
         # channel of every moved sequence in the common-space images [1, N, *S]
         self.channels = {s: n for n, s in enumerate(subject.sequences) if s != subject.reference}
         if not self.channels:
@@ -133,6 +141,10 @@ class SliceMotion(nn.Module):
         self.align_first = bool(align)
         self.align_margin_mm = float(align_margin_mm)
         self.align_min_gain = float(align_min_gain)
+        self.align_choice = align_choice
+        #: with ``align_choice="model"``: sequence -> the aligned poses ``(translation_mm [Z, 2], angle [Z] or None)``
+        #: that compete with the current and the acquired ones at the searches
+        self.aligned_poses: dict[str, tuple[Tensor, Tensor | None]] = {}
         self.reference_channel = subject.sequences.index(subject.reference)
         self._grid_spacing = tuple(float(v) for v in subject.grid.spacing[:2])
         #: sequence -> per-slice correlation gain of :meth:`align` (empty until it ran)
@@ -266,7 +278,8 @@ class SliceMotion(nn.Module):
         ``align``). ``images`` and ``coverage`` ``[1, N, *S]`` the common-space images before the
         slice motion, ``atlas`` ``[K, *S]`` the placed atlas (where the heart is). Records each
         slice's correlation gain at its best pose (moved or not) in :attr:`alignment_gain`;
-        returns sequence -> the largest translation (mm)."""
+        returns sequence -> the largest translation (mm). With ``align_choice="model"`` the poses
+        are kept in :attr:`aligned_poses` for the searches instead, and nothing moves."""
         ref = self.reference_channel
         region = heart_footprint(atlas, self._grid_spacing, self.align_margin_mm) & (coverage[0, ref] > 0)
         fixed = edge_magnitude(images[0, ref:ref + 1], self._grid_spacing)[0]
@@ -282,12 +295,18 @@ class SliceMotion(nn.Module):
                 edge_magnitude(native, spacing), points, slices, fixed[here], spacing,
                 max_shift_mm=self.search_radius * min(spacing),
                 max_angle_deg=self.search_angle_deg if self.angle is not None else 0.0,
-                angle_step_deg=self.search_angle_step_deg, min_gain=self.align_min_gain,
+                angle_step_deg=self.search_angle_step_deg,
+                min_gain=self.align_min_gain if self.align_choice == "gain" else 0.0,
             )
-            self.translation_mm[s].copy_(shifts.to(self.translation_mm[s]) * self.spacing(s))
-            if self.angle is not None:
-                self.angle[s].copy_(angles.to(self.angle[s]))
             self.alignment_gain[s] = gain.tolist()
+            pose_mm = shifts.to(self.translation_mm[s]) * self.spacing(s)
+            turn = None if self.angle is None else angles.to(self.angle[s])
+            if self.align_choice == "model":  # proposed: the searches let the model choose
+                self.aligned_poses[s] = (pose_mm, turn)
+                continue
+            self.translation_mm[s].copy_(pose_mm)
+            if turn is not None:
+                self.angle[s].copy_(turn)
             moved[s] = float(self.translation_mm[s].norm(dim=-1).max())
         return moved
 
@@ -327,7 +346,8 @@ class SliceMotion(nn.Module):
         ``M + A M / 4 + 24``); last, the pose as acquired (no motion). The current pose is a candidate and a slice moves only where it strictly
         gains, so no slice gets worse by this objective, and after a search none scores below its
         acquired pose (the gradient steps between searches are local and may have walked it
-        into a worse optimum).
+        into a worse optimum). A sequence with :attr:`aligned_poses` (``align_choice="model"``)
+        is searched over three candidates alone: its current, its aligned and its acquired pose.
 
         Args:
             images: ``[1, N, *S]`` common-space images before the slice motion.
@@ -364,9 +384,13 @@ class SliceMotion(nn.Module):
                     ll = ll - weights.get(s, 1.0) * self._log_density(s, shifted[0, n][covered])
                 return torch.zeros(shift_mm.shape[0], dtype=torch.float64, device=ll.device).index_add_(0, k, ll.double())
 
-            poses = [(start + off.to(start) * spacing, start_angle) for off in offsets]
-            scores = [score(*pose) for pose in poses]
-            if start_angle is not None and len(turns):
+            if s in self.aligned_poses:  # the edges propose, the model chooses: the current pose first
+                poses = [(start, start_angle), self.aligned_poses[s]]
+                scores = [score(*pose) for pose in poses]
+            else:
+                poses = [(start + off.to(start) * spacing, start_angle) for off in offsets]
+                scores = [score(*pose) for pose in poses]
+            if start_angle is not None and len(turns) and s not in self.aligned_poses:
                 pick = torch.stack(scores).argmax(dim=0).to(start.device)
                 rows = torch.arange(len(pick), device=start.device)
                 base = torch.stack([pose[0] for pose in poses])[pick, rows]  # [Z, 2] mm
@@ -398,7 +422,8 @@ class SliceMotion(nn.Module):
             scores.append(score(*acquired))
             table = torch.stack(scores)  # [C, Z]
             best_score, pick = table.max(dim=0)
-            stay = len(offsets) // 2  # offset (0, 0) at the current angle: a slice moves only where it strictly gains
+            # the current pose: a slice moves only where it strictly gains
+            stay = 0 if s in self.aligned_poses else len(offsets) // 2
             pick = torch.where(best_score > table[stay], pick, stay).to(start.device)
             rows = torch.arange(len(pick), device=start.device)
             param.copy_(torch.stack([pose[0] for pose in poses])[pick, rows])
