@@ -47,3 +47,23 @@ def test_slices_in_place_stay_and_a_threshold_holds_moved_ones(one_thread):
         SliceMotion(subject, align=True, align_min_gain=1.5)
     with pytest.raises(ValueError, match="align_margin_mm"):
         SliceMotion(subject, align=True, align_margin_mm=-1.0)
+
+
+def test_with_the_model_choosing_the_aligned_poses_compete_at_the_search(one_thread):
+    from mvmm_monai.mixture import EMConfig, initialise_from_atlas, voxel_log_likelihood
+
+    subject, atlas = rotated_subject([0.0, 8.0], [[0.0, 0.0], [2.0, -1.5]], size=60)
+    reg = Registration(subject, atlas, slice_motion=partial(SliceMotion, **ALIGN, align_choice="model"))
+    motion = reg.slice_motion
+    assert motion.rotations_deg()["C0"] == [0.0, 0.0] and not motion.voxels("C0").detach().any()  # proposed, not taken
+    proposed_mm, proposed_angle = motion.aligned_poses["C0"]
+    params = initialise_from_atlas(subject.images[None], subject.coverage[None], atlas[None], torch.ones(2, 4, dtype=torch.long))
+    log_atlas = reg().log_atlas.detach()
+    reg.search_shifts(lambda images: voxel_log_likelihood(images, reg.coverage, log_atlas, params, EMConfig()))
+    # the moved slice takes its aligned pose: the model scores it above the acquired one
+    assert motion.rotations_deg()["C0"][1] == pytest.approx(float(torch.rad2deg(proposed_angle[1])), abs=1e-4)
+    assert motion.translation_mm["C0"][1].detach() == pytest.approx(proposed_mm[1], abs=1e-5)
+    assert (motion.voxels("C0")[1].detach() - torch.tensor([2.0, -1.5])).norm() < 0.25
+    assert abs(motion.rotations_deg()["C0"][0]) < 0.5 and motion.voxels("C0")[0].detach().norm() < 0.35
+    with pytest.raises(ValueError, match="align_choice"):
+        SliceMotion(subject, align=True, align_choice="vote")
