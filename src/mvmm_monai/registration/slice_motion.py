@@ -77,7 +77,7 @@ class SliceMotion(nn.Module):
             (:meth:`align`, :func:`~mvmm_monai.registration.alignment.align_slices`): the
             translations within ``search_radius`` voxels and, with ``rotation``, the angles
             within ``search_angle_deg`` (first in steps of ``search_angle_step_deg``), to an
-            eighth of a voxel and a quarter of a degree. It reads the images alone, not the model.
+            eighth of a voxel and of a degree. It reads the images alone, not the model.
         align_margin_mm: how far around the atlas' heart the alignment looks (mm, >= 0).
         align_min_gain: a slice moves only where its edges correlate better than as acquired by
             more than this (Pearson correlation, in [0, 1]): single slices of real sequences that
