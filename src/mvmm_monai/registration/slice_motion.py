@@ -14,7 +14,9 @@ when resampled with ``(theta, t)``.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 
 import torch
@@ -29,6 +31,8 @@ from mvmm_monai.registration.functional import (
     kde_table,
     table_lookup,
 )
+
+log = logging.getLogger(__name__)
 
 
 class SliceMotion(nn.Module):
@@ -146,6 +150,7 @@ class SliceMotion(nn.Module):
         #: that compete with the current and the acquired ones at the searches
         self.aligned_poses: dict[str, tuple[Tensor, Tensor | None]] = {}
         self.reference_channel = subject.sequences.index(subject.reference)
+        self.subject_name, self.reference_name = subject.name, subject.reference
         self._grid_spacing = tuple(float(v) for v in subject.grid.spacing[:2])
         #: sequence -> per-slice correlation gain of :meth:`align` (empty until it ran)
         self.alignment_gain: dict[str, list[float]] = {}
@@ -280,6 +285,7 @@ class SliceMotion(nn.Module):
         slice's correlation gain at its best pose (moved or not) in :attr:`alignment_gain`;
         returns sequence -> the largest translation (mm). With ``align_choice="model"`` the poses
         are kept in :attr:`aligned_poses` for the searches instead, and nothing moves."""
+        start = time.perf_counter()
         ref = self.reference_channel
         region = heart_footprint(atlas, self._grid_spacing, self.align_margin_mm) & (coverage[0, ref] > 0)
         fixed = edge_magnitude(images[0, ref:ref + 1], self._grid_spacing)[0]
@@ -299,6 +305,11 @@ class SliceMotion(nn.Module):
                 min_gain=self.align_min_gain if self.align_choice == "gain" else 0.0,
             )
             self.alignment_gain[s] = gain.tolist()
+            log.info("%s: %s's slices aligned by their edges to %s (%s); correlation gains %s",
+                     self.subject_name, s, self.reference_name,
+                     "the model chooses at the searches" if self.align_choice == "model"
+                     else f"{int((gain > self.align_min_gain).sum())} of {len(gain)} moved: gain above {self.align_min_gain:g}",
+                     [round(g, 3) for g in gain.tolist()])
             pose_mm = shifts.to(self.translation_mm[s]) * self.spacing(s)
             turn = None if self.angle is None else angles.to(self.angle[s])
             if self.align_choice == "model":  # proposed: the searches let the model choose
@@ -308,6 +319,7 @@ class SliceMotion(nn.Module):
             if turn is not None:
                 self.angle[s].copy_(turn)
             moved[s] = float(self.translation_mm[s].norm(dim=-1).max())
+        log.info("%s: the edge alignment took %.1f s", self.subject_name, time.perf_counter() - start)
         return moved
 
     # -- the whole-voxel search ------------------------------------------------------------
