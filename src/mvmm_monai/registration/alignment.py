@@ -182,7 +182,8 @@ def align_slices(
     k = math.floor(max_angle_deg / angle_step_deg + 1e-9) if max_angle_deg > 0 else 0
     turns = torch.deg2rad(torch.arange(-k, k + 1, dtype=torch.float64, device=dev) * angle_step_deg)
     zero_u, zero_t = torch.zeros(nz, 2, dtype=torch.float64, device=dev), torch.zeros(nz, dtype=torch.float64, device=dev)
-    _, u_best, t_best = best_of(coarse, *candidates(zero_u, zero_t, grid, turns))
+    disk = grid[(grid * mm).norm(dim=-1) <= max_shift_mm + 1e-9]  # the others are out of range from zero
+    _, u_best, t_best = best_of(coarse, *candidates(zero_u, zero_t, disk, turns))
     near = grid[(grid.abs() <= 2).all(dim=1)]
     fine_turns = torch.deg2rad(torch.arange(-angle_step_deg, angle_step_deg + 1e-9, 1.0, dtype=torch.float64, device=dev)) if k else zero_t[:1]
     best, u_best, t_best = best_of(score, *candidates(u_best, t_best, near, fine_turns))
