@@ -295,7 +295,10 @@ class SliceMotion(nn.Module):
             smap, spacing = self._maps[s], tuple(float(v) for v in self.spacing(s))
             native = getattr(self, f"_native_{s}")
             points, slices = smap.index.to(native.device)[here], smap.slice_index.to(native.device)[here].long()
-            if points.shape[0] == 0:
+            if points.shape[0] == 0:  # no heart in its reach: it stays as acquired (proposed as such)
+                if self.align_choice == "model":
+                    self.aligned_poses[s] = (torch.zeros_like(self.translation_mm[s].detach()),
+                                             None if self.angle is None else torch.zeros_like(self.angle[s].detach()))
                 continue
             shifts, angles, gain = align_slices(
                 edge_magnitude(native, spacing), points, slices, fixed[here], spacing,
