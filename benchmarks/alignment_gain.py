@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import math
 import shutil
-from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 from common import argument_parser, parse_args
 from hydra.utils import instantiate
 from real_slice_motion import MOVED, draw_motion, slice_inputs, stack_inputs
@@ -37,22 +35,19 @@ from record import add_record_option, write_record
 
 from mvmm_monai import build_atlas, compose_config
 from mvmm_monai.atlas.midslice import mid_slice_atlas, mid_slice_crop
+from mvmm_monai.pipeline.fit import build_registration
 from mvmm_monai.pipeline.prepare import prepare_subject
-from mvmm_monai.registration import Registration, SliceMotion
 
 LEVER_MM = 20.0
 
 
 def aligned_poses(overrides: list[str], case: str, margin_mm: float | None = None) -> dict:
     """Sequence -> ``{"angle_deg": [Z], "shift_mm": [Z, 2], "gain": [Z]}``: the edge alignment of the
-    prepared case with no threshold (``registration=slice_align``'s search ranges)."""
-    cfg = compose_config([*overrides, "registration=slice_align", "registration.model.slice_motion.align_min_gain=0"])
+    prepared case with no threshold (``registration=slice_align``, built as a fit builds it)."""
+    extra = [] if margin_mm is None else [f"registration.model.slice_motion.align_margin_mm={margin_mm}"]
+    cfg = compose_config([*overrides, "registration=slice_align", "registration.model.slice_motion.align_min_gain=0", *extra])
     prep = prepare_subject(cfg, instantiate(cfg.data), case)
-    m = cfg.registration.model.slice_motion
-    motion = partial(SliceMotion, rotation=True, align=True, search_radius=m.search_radius, search_angle_deg=m.search_angle_deg,
-                     search_angle_step_deg=m.search_angle_step_deg,
-                     align_margin_mm=m.align_margin_mm if margin_mm is None else margin_mm)
-    sm = Registration(prep.subject, prep.atlas, slice_motion=motion).slice_motion
+    sm = build_registration(cfg, prep).slice_motion
     return {s: {"angle_deg": sm.rotations_deg()[s], "shift_mm": sm.shifts_mm()[s], "gain": sm.alignment_gain[s]} for s in MOVED}
 
 

@@ -163,11 +163,18 @@ def sample(
         if tuple(slice_shifts.shape) != (nz, 2):
             raise ValueError(f"resample: slice_shifts must be [{nz}, 2], got {tuple(slice_shifts.shape)}")
         idx = torch.cat((idx[..., :2] + per_slice(slice_shifts.to(idx.dtype), k), idx[..., 2:]), dim=-1)
-    # grid_sample on [1, C, X, Y, Z] wants (z, y, x) order in [-1, 1] (align_corners=True)
-    norm = 2.0 * idx / (size - 1).clamp_min(1.0) - 1.0
-    norm = torch.where(size > 1, norm, torch.zeros_like(norm))
-    out = F.grid_sample(image[None].to(norm.dtype), norm.flip(-1)[None], mode=mode, padding_mode="border", align_corners=True)[0]
+    out = sample_at(image, idx, mode=mode)
     return out * smap.coverage.to(out)
+
+
+def sample_at(image: Tensor, index: Tensor, mode: str = "bilinear") -> Tensor:
+    """``image`` ``[C, X, Y, Z]`` at continuous voxel indices ``index`` ``[A, B, D, 3]`` (any three
+    leading sizes; border values outside) -> ``[C, A, B, D]``, in ``index``'s dtype."""
+    size = torch.tensor(image.shape[1:], dtype=index.dtype, device=index.device)
+    # grid_sample on [1, C, X, Y, Z] wants (z, y, x) order in [-1, 1] (align_corners=True)
+    norm = 2.0 * index / (size - 1).clamp_min(1.0) - 1.0
+    norm = torch.where(size > 1, norm, torch.zeros_like(norm))
+    return F.grid_sample(image[None].to(norm.dtype), norm.flip(-1)[None], mode=mode, padding_mode="border", align_corners=True)[0]
 
 
 def resample(

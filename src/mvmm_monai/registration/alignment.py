@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mvmm_monai.data.common_space import sample_at
 from mvmm_monai.registration.functional import inplane_gradient
 
 #: in-plane Gaussian sigma (voxels) of the edges: wider blurs merge the near edges of the wall
@@ -48,7 +49,7 @@ def heart_footprint(atlas: Tensor, spacing: tuple[float, float], margin_mm: floa
     return grown[..., None].expand(*atlas.shape[1:]).clone()
 
 
-def _rotate(v: Tensor, angle: Tensor) -> Tensor:
+def rotate(v: Tensor, angle: Tensor) -> Tensor:
     """``[..., 2]`` vectors turned by ``angle`` ``[...]`` (radians, first axis towards the second)."""
     cos, sin = torch.cos(angle), torch.sin(angle)
     return torch.stack((cos * v[..., 0] - sin * v[..., 1], sin * v[..., 0] + cos * v[..., 1]), dim=-1)
@@ -67,11 +68,8 @@ class _SliceCorrelation:
     """
 
     def __init__(self, moving: Tensor, points: Tensor, slices: Tensor, fixed: Tensor, nz: int) -> None:
-        self.moving = moving[None].float()  # [1, 1, X, Y, Z]
-        size = torch.tensor(moving.shape[1:], dtype=torch.float32, device=moving.device)
-        self.scale = 2.0 / (size - 1).clamp_min(1.0)  # voxel index -> grid_sample's [-1, 1]
-        self.flat = size <= 1
-        self.centre = (size[:2] - 1) / 2
+        self.moving = moving.float()  # [1, X, Y, Z]
+        self.centre = (torch.tensor(moving.shape[1:3], dtype=torch.float32, device=moving.device) - 1) / 2
         self.offset = points[:, :2].float() - self.centre  # [V, 2] from the slice centre
         self.z = points[:, 2].float()
         self.slices, self.nz = slices, nz
@@ -94,15 +92,9 @@ class _SliceCorrelation:
         step = max(1, _CHUNK_SAMPLES // max(1, self.a.numel()))
         for lo in range(0, shifts.shape[0], step):
             sh, an = shifts[lo:lo + step].float(), angles[lo:lo + step].float()
-            cos, sin = torch.cos(an)[:, self.slices], torch.sin(an)[:, self.slices]  # [C, V]
-            ox, oy = self.offset[:, 0], self.offset[:, 1]
-            at = self.centre[None] + sh  # [C, Z, 2]
-            x = (cos * ox - sin * oy + at[:, self.slices, 0]) * self.scale[0] - 1.0
-            y = (sin * ox + cos * oy + at[:, self.slices, 1]) * self.scale[1] - 1.0
-            z = (self.z * self.scale[2] - 1.0).expand_as(x)
-            grid = torch.stack([torch.zeros_like(v) if flat else v for v, flat in zip((z, y, x), self.flat.flip(0).tolist())], dim=-1)
-            b = F.grid_sample(self.moving, grid[None, :, :, None], mode="bilinear", padding_mode="border",
-                              align_corners=True)[0, 0, :, :, 0]  # [C, V]
+            xy = rotate(self.offset, an[:, self.slices]) + self.centre + sh[:, self.slices]  # [C, V, 2]
+            index = torch.cat((xy, self.z.expand(xy.shape[0], -1)[..., None]), dim=-1)
+            b = sample_at(self.moving, index[:, :, None])[0, :, :, 0]  # [C, V]
             sb, sbb, sab = self._per_slice(b), self._per_slice(b * b), self._per_slice(b * self.a)
             n = self.n.clamp_min(1)
             cov = sab - self.sa * sb / n
@@ -159,7 +151,7 @@ def align_slices(
 
     def pose(u: Tensor, theta: Tensor) -> Tensor:
         """The slice translation (voxels) that turns by ``theta`` about the pivot and then moves it by ``u``."""
-        return u + pivot - _rotate(pivot, theta)
+        return u + pivot - rotate(pivot, theta)
 
     def within(u: Tensor, theta: Tensor) -> Tensor:
         return ((u * mm).norm(dim=-1) <= max_shift_mm + 1e-9) & (theta.abs() <= max_angle + 1e-9)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from mvmm_monai.data.common_space import sample, sampling_map
 from mvmm_monai.data.subject import SubjectData
-from mvmm_monai.registration.alignment import align_slices, edge_magnitude, heart_footprint
+from mvmm_monai.registration.alignment import align_slices, edge_magnitude, heart_footprint, rotate
 from mvmm_monai.registration.functional import (
     first_order_resample,
     inplane_gradient,
@@ -399,13 +399,10 @@ class SliceMotion(nn.Module):
                     ll = ll - weights.get(s, 1.0) * self._log_density(s, shifted[0, n][covered])
                 return torch.zeros(shift_mm.shape[0], dtype=torch.float64, device=ll.device).index_add_(0, k, ll.double())
 
-            if s in self.aligned_poses:  # the edges propose, the model chooses: the current pose first
-                poses = [(start, start_angle), self.aligned_poses[s]]
-                scores = [score(*pose) for pose in poses]
-            else:
-                poses = [(start + off.to(start) * spacing, start_angle) for off in offsets]
-                scores = [score(*pose) for pose in poses]
-            if start_angle is not None and len(turns) and s not in self.aligned_poses:
+            proposed = self.aligned_poses.get(s)  # the edges propose, the model chooses: the current pose first
+            poses = [(start, start_angle), proposed] if proposed else [(start + off.to(start) * spacing, start_angle) for off in offsets]
+            scores = [score(*pose) for pose in poses]
+            if start_angle is not None and len(turns) and not proposed:
                 pick = torch.stack(scores).argmax(dim=0).to(start.device)
                 rows = torch.arange(len(pick), device=start.device)
                 base = torch.stack([pose[0] for pose in poses])[pick, rows]  # [Z, 2] mm
@@ -417,7 +414,7 @@ class SliceMotion(nn.Module):
                 for turn in turns.to(start):
                     angle = torch.full_like(start_angle, float(turn))
                     # keep the pivot where it was: t' = t + (R(a) - R(a')) pivot
-                    turned = centre + (_rotate(pivot, start_angle) - _rotate(pivot, angle)) * spacing
+                    turned = centre + (rotate(pivot, start_angle) - rotate(pivot, angle)) * spacing
                     for off in grid:
                         pose = (turned + off * spacing, angle)
                         poses.append(pose)
@@ -438,7 +435,7 @@ class SliceMotion(nn.Module):
             table = torch.stack(scores)  # [C, Z]
             best_score, pick = table.max(dim=0)
             # the current pose: a slice moves only where it strictly gains
-            stay = 0 if s in self.aligned_poses else len(offsets) // 2
+            stay = 0 if proposed else len(offsets) // 2
             pick = torch.where(best_score > table[stay], pick, stay).to(start.device)
             rows = torch.arange(len(pick), device=start.device)
             param.copy_(torch.stack([pose[0] for pose in poses])[pick, rows])
@@ -456,9 +453,3 @@ class SliceMotion(nn.Module):
         total = torch.zeros(slices, 2, dtype=torch.float64, device=idx.device).index_add_(0, k, idx - centre)
         count = torch.zeros(slices, dtype=torch.float64, device=idx.device).index_add_(0, k, torch.ones_like(idx[:, 0]))
         return (total / count.clamp_min(1)[:, None]).float()
-
-
-def _rotate(v: Tensor, angle: Tensor) -> Tensor:
-    """``[Z, 2]`` vectors ``v`` turned by ``angle`` ``[Z]`` (radians, first axis towards the second)."""
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    return torch.stack((cos * v[:, 0] - sin * v[:, 1], sin * v[:, 0] + cos * v[:, 1]), dim=-1)
