@@ -82,6 +82,23 @@ def test_the_guard_needs_the_registered_fit_where_the_fit_without_registration_i
         guard_decision(model, None, _qc(0.6, True, 0.55))
 
 
+@pytest.mark.slow
+def test_a_registration_that_moves_nothing_is_not_fitted_a_second_time(tmp_path, cache_dir):
+    # slices as acquired: registration=slice_align's edges find nothing to gain, so its fit is the fit
+    # without registration, and the guard (which flags these short synthetic fits) does not repeat it
+    common = [f"paths.cache_dir={cache_dir}", "callbacks.progress.refresh_rate=0", "subject=patient1", "~logger"]
+    none = fit(compose_config([*common, f"paths.output_dir={tmp_path / 'none'}", "registration=none"]))
+    held = fit(compose_config([*common, f"paths.output_dir={tmp_path / 'held'}", "registration=slice_align",
+                               "registration.guard=false"]))
+    guarded = fit(compose_config([*common, f"paths.output_dir={tmp_path / 'guarded'}", "registration=slice_align"]))
+    gains = json.loads((tmp_path / "held" / "params.json").read_text())["slice_alignment_gain"]
+    assert max(g for seq in gains.values() for g in seq) < 0.15  # no slice moved
+    assert held["iterations"] == none["iterations"] and held["dice"] == none["dice"]  # not held open for phases that never come
+    entry = guarded["registration_guard"]
+    assert entry["kept"] == "none" and "moves nothing" in entry["why"] and entry["qc_score"]["registered"] is None
+    assert guarded["dice"] == none["dice"]
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["registration.guard=maybe"], "registration.guard must be true or false, got 'maybe'"),
     (["~qc"], "registration.guard=true keeps the registration only where the quality-control score"),

@@ -34,6 +34,34 @@ def test_known_rotations_and_shifts_are_found_by_the_edges(angles_deg, shifts_vo
     assert min(motion.alignment_gain["C0"]) > 0.1  # moved slices match far better where they belong
 
 
+def test_the_fft_table_is_the_correlation_at_every_pose_it_stands_for(one_thread):
+    # the exhaustive stage scores all whole-voxel offsets of each turned frame at once by FFT; each
+    # entry must be the correlation that the exact point sampler gives at the pose it stands for
+    from mvmm_monai.registration.alignment import _exhaustive, _SliceCorrelation, rotate
+
+    g = torch.Generator().manual_seed(0)
+    nz, r = 3, 3
+    moving = torch.rand(1, 40, 36, nz, generator=g)
+    xs, ys = torch.meshgrid(torch.arange(10, 30), torch.arange(8, 28), indexing="ij")
+    points, slices = [], []
+    for z in range(nz):
+        keep = torch.rand(xs.shape, generator=g) < 0.7  # a ragged region, different on every slice
+        points.append(torch.stack([xs[keep], ys[keep], torch.full_like(xs[keep], z)], -1).float())
+        slices.append(torch.full((int(keep.sum()),), z))
+    points, slices = torch.cat(points), torch.cat(slices)
+    score = _SliceCorrelation(moving, points, slices, torch.rand(len(points), generator=g), nz)
+    pivot = torch.zeros(nz, 2, dtype=torch.float64).index_add_(0, slices, score.offset.double()) / score.n[:, None]
+    turns = torch.deg2rad(torch.tensor([[-6.0, 1.0, 4.0], [3.0, 0.0, -9.5]], dtype=torch.float64))  # [A, Z]
+    table = _exhaustive(score, pivot, turns, r)
+    for a in range(turns.shape[0]):
+        for i in range(2 * r + 1):
+            for j in range(2 * r + 1):
+                u = rotate(torch.tensor([i - r, j - r], dtype=torch.float64).expand(nz, 2), turns[a])
+                shift = u + pivot - rotate(pivot, turns[a])  # the turn about each slice's pivot, then u
+                exact = score(shift[None], turns[a][None])[0]
+                torch.testing.assert_close(table[a, :, i, j].float(), exact.float(), atol=1e-5, rtol=0)
+
+
 def test_slices_in_place_stay_and_a_threshold_holds_moved_ones(one_thread):
     subject, atlas = rotated_subject([0.0, 6.0], [[0.0, 0.0], [2.0, -1.0]], size=60)
     motion = Registration(subject, atlas, slice_motion=partial(SliceMotion, **ALIGN)).slice_motion

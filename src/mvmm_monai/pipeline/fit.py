@@ -99,11 +99,13 @@ def build_registration(cfg: DictConfig, prep):
     return build(cfg.registration.model)(subject=prep.subject, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
 
 
-def run_icm(cfg: DictConfig, dataset, prep, out: Path) -> tuple[MvMMFit, pl.Trainer, object, object]:
-    """Build the registration and the LightningModule and run Lightning's Trainer (one ICM
-    iteration per epoch); returns the module, the trainer, the registration and the logger."""
+def run_icm(cfg: DictConfig, dataset, prep, out: Path, registration=None) -> tuple[MvMMFit, pl.Trainer, object, object]:
+    """Build the registration (unless given one already built from ``cfg`` and not yet fitted) and
+    the LightningModule and run Lightning's Trainer (one ICM iteration per epoch); returns the
+    module, the trainer, the registration and the logger."""
     subject = prep.subject
-    registration = build_registration(cfg, prep)
+    if registration is None:
+        registration = build_registration(cfg, prep)
     schedule = build(cfg.registration.schedule) if cfg.registration.get("schedule") else None
     optimizer = build(cfg.registration.optimizer) if cfg.registration.get("optimizer") else None
     if getattr(registration, "fits_anything", False) and optimizer is None:
@@ -265,9 +267,11 @@ def _judge(cfg: DictConfig, prep, result, registration, logger, met: bool, conve
     return Fitted(cfg, registration, logger, result, labelled, met, qc, settled_at)
 
 
-def _fit_prepared(cfg: DictConfig, dataset, prep, out: Path, conventions: LabellingConventions, qc_model, label: str) -> Fitted | None:
-    """Run the ICM loop on ``prep`` and derive its labels and QC; ``None`` on a rank other than 0."""
-    module, trainer, registration, logger = run_icm(cfg, dataset, prep, out)
+def _fit_prepared(cfg: DictConfig, dataset, prep, out: Path, conventions: LabellingConventions, qc_model, label: str,
+                  registration=None) -> Fitted | None:
+    """Run the ICM loop on ``prep`` (with ``registration`` where already built) and derive its
+    labels and QC; ``None`` on a rank other than 0."""
+    module, trainer, registration, logger = run_icm(cfg, dataset, prep, out, registration)
     if not trainer.is_global_zero:
         return None
     met = converged(cfg, module, trainer, label)
@@ -298,7 +302,21 @@ def _registered_beside(cfg: DictConfig) -> DictConfig:
     return reg
 
 
-def guard_decision(qc_model, registered: dict | None, none: dict) -> dict:
+def idle_registration(cfg: DictConfig, registration, iterations: int) -> bool:
+    """Whether fitting with ``registration`` (built, not yet fitted) would repeat the fit without
+    registration that made ``iterations`` ICM iterations: no part takes gradient steps, no search is
+    scheduled, the atlas and every slice are where that fit has them (``registration=slice_align``
+    where no slice's edges matched the reference's better by ``align_min_gain``: the common case on
+    co-registered stacks, benchmarks/alignment_gain.py), and that fit ran past the registration's
+    scheduled phases (before their end a registered fit may not stop)."""
+    sched = cfg.registration.get("schedule")
+    schedule = build(sched) if sched else None
+    if registration.takes_steps or (schedule is not None and schedule.shift_search_at) or not registration.at_acquired_poses:
+        return False
+    return schedule is None or iterations > schedule.schedule_end(registration.scheduled_parts(schedule.shift_search_at))
+
+
+def guard_decision(qc_model, registered: dict | None, none: dict, idle: bool = False) -> dict:
     """``registration.guard``'s choice between a registered fit and the same subject fitted without
     registration, from their ``qc`` entries (``registered`` ``None``: not fitted, because quality
     control trusts the fit without registration). The registered result is kept only where quality
@@ -311,13 +329,16 @@ def guard_decision(qc_model, registered: dict | None, none: dict) -> dict:
     and lost up to 0.06 of LGE myocardium Dice. A flagged registered result never replaces the
     slices as acquired, even where the fit without registration is flagged too: on real crops
     (``benchmarks/registration_guard.py``) the registered fits kept that way were the ones that
-    lost most. Returns the ``metrics.json`` ``registration_guard`` entry: ``kept`` (``registered``
-    or ``none``), ``why``, both fits' ``qc_score``, ``qc_flag`` and ``qc_linear_score`` (``None``
-    for a registered fit not made)."""
+    lost most. ``idle``: the registration moved nothing (:func:`idle_registration`), so its fit
+    would be the fit without registration and is not made. Returns the ``metrics.json``
+    ``registration_guard`` entry: ``kept`` (``registered`` or ``none``), ``why``, both fits'
+    ``qc_score``, ``qc_flag`` and ``qc_linear_score`` (``None`` for a registered fit not made)."""
     linear = {"registered": None if registered is None else qc_model.linear_score(registered["features"]),
               "none": qc_model.linear_score(none["features"])}
     if not none["flag"]:
         kept, why = "none", "quality control trusts the fit without registration: nothing to repair"
+    elif idle:
+        kept, why = "none", "the registration moves nothing here (every slice stays as acquired): its fit is the fit without registration"
     elif registered is None:
         raise ValueError("guard_decision: the fit without registration is flagged; the registered fit is needed")
     elif registered["flag"]:
@@ -370,21 +391,25 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         prep = prepare_subject(cfg, dataset, name)
         qc_model = build(cfg.qc, _convert_="all") if cfg.get("qc") else None
         guarded = None
-        if guard and build_registration(cfg, prep).fits_anything:
+        registration = build_registration(cfg, prep) if guard else None  # built once (its edge alignment is not cheap)
+        if registration is not None and registration.fits_anything:
             fitted = _fit_prepared(_without_registration(cfg), dataset, prep, out, conventions, qc_model,
                                    f"{name} (without registration, for registration.guard)")
             if fitted is None:
                 return {}
-            registered = None
-            if fitted.qc["flag"]:  # something to repair: the registered fit
-                pl.seed_everything(cfg.seed, workers=True, verbose=False)
-                registered = _fit_prepared(_registered_beside(cfg), dataset, prep, out, conventions, qc_model, name)
-            guarded = guard_decision(qc_model, None if registered is None else registered.qc, fitted.qc)
+            registered, idle = None, False
+            if fitted.qc["flag"]:  # something to repair: the registered fit, unless it would be this one
+                idle = idle_registration(cfg, registration, fitted.result.iterations)
+                if not idle:
+                    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+                    registered = _fit_prepared(_registered_beside(cfg), dataset, prep, out, conventions, qc_model, name,
+                                               registration=registration)
+            guarded = guard_decision(qc_model, None if registered is None else registered.qc, fitted.qc, idle=idle)
             if guarded["kept"] == "registered":
                 fitted = replace(registered, logger=fitted.logger)  # the final pictures with the first fit's
             else:
-                log.warning("%s: %s: kept the fit without registration (registration.guard; metrics.json registration_guard)",
-                            name, guarded["why"])
+                (log.info if idle else log.warning)(
+                    "%s: %s: kept the fit without registration (registration.guard; metrics.json registration_guard)", name, guarded["why"])
         else:
             fitted = _fit_prepared(cfg, dataset, prep, out, conventions, qc_model, name)
             if fitted is None:

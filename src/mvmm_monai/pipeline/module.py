@@ -154,8 +154,8 @@ class MvMMFit(pl.LightningModule):
         self.automatic_optimization = False
         self.subject = subject
         self.schedule = schedule
-        # the ICM iteration of the schedule's last switch for this registration's parts
-        self.schedule_end = schedule.schedule_end(parts)
+        # the ICM iteration of the schedule's last switch for the registration's parts that move during the fit
+        self.schedule_end = schedule.schedule_end(registration.scheduled_parts(schedule.shift_search_at))
         # the likelihood's per-sequence weights, by name (the marginal correction is weighted alike)
         self._weights_by_name = dict(zip(subject.sequences, weights.tolist()))
         self.registration = registration

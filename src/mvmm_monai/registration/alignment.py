@@ -24,9 +24,6 @@ from mvmm_monai.registration.functional import inplane_gradient
 #: (contrasts differ per sequence) and bias the optimum (a synthetic slice: 0.04 voxel and 0.05
 #: degree off at 0.7, 1 voxel and 1 degree at 1.5)
 EDGE_SIGMA = 0.7
-#: the exhaustive stage of :func:`align_slices` scores every SPARSE-th region voxel along each axis
-SPARSE = 3
-
 #: candidate poses x region voxels sampled in one ``grid_sample`` call
 _CHUNK_SAMPLES = 2_000_000
 
@@ -103,6 +100,51 @@ class _SliceCorrelation:
         return torch.cat(out)
 
 
+def _exhaustive(score: _SliceCorrelation, pivot: Tensor, turns: Tensor, r: int) -> Tensor:
+    """``[A, Z, 2r + 1, 2r + 1]`` each slice's correlation at each of its turns ``turns`` ``[A, Z]``
+    (radians, about the slice's ``pivot`` ``[Z, 2]``, voxels from the slice centre) with every
+    whole-voxel offset ``u'`` within ``r`` of the turned frame, i.e. at :func:`align_slices`'
+    translation ``u = R u'`` (index ``[a, z, i, j]``: ``u' = (i - r, j - r)``).
+
+    The region's voxels are put on the moving grid's nearest voxels (exact where the sequences
+    share a grid, as MyoPS' do; the next stage rescores around the best pose at the exact
+    points), the moving slice is turned once per angle on a window around them, and the three
+    sums the correlation needs at every offset come from FFT cross-correlations, one pass for
+    all offsets, angles and slices."""
+    moving, nz = score.moving, score.nz
+    dev, f64 = moving.device, torch.float64
+    q = (score.offset + score.centre).round().long()  # [V, 2] nearest moving voxels
+    lo = q.min(dim=0).values
+    h, w = (q.max(dim=0).values - lo + 1).tolist()
+    L = (h + 2 * r, w + 2 * r)
+    flat = (score.slices * h + (q[:, 0] - lo[0])) * w + (q[:, 1] - lo[1])
+    kernels = torch.zeros(2, nz * h * w, dtype=f64, device=dev)
+    kernels[0].index_add_(0, flat, torch.ones_like(score.a, dtype=f64))  # voxel counts
+    kernels[1].index_add_(0, flat, score.a.double())  # reference edge sums
+    kernels = F.pad(kernels.view(2, nz, h, w), (0, 2 * r, 0, 2 * r))  # [2, Z, *L]
+    # the window's voxels (moving grid) turned about each slice's pivot: the moving edges there
+    gx = torch.arange(L[0], device=dev, dtype=f64) + (lo[0] - r)
+    gy = torch.arange(L[1], device=dev, dtype=f64) + (lo[1] - r)
+    window = torch.stack(torch.meshgrid(gx, gy, indexing="ij"), dim=-1).view(-1, 1, 2)  # [L*L, 1, 2]
+    P = pivot.to(f64) + score.centre.to(f64)  # [Z, 2] the pivots on the moving grid
+    xy = P + rotate((window - P)[None], turns.to(f64)[:, None, :])  # [A, L*L, Z, 2]
+    z = torch.arange(nz, device=dev, dtype=f64).expand(*xy.shape[:-1])[..., None]
+    b = sample_at(moving, torch.cat((xy, z), dim=-1).float())[0].double()  # [A, L*L, Z]
+    b = b.view(len(turns), *L, nz).permute(0, 3, 1, 2)  # [A, Z, *L]
+    spectra = torch.fft.rfft2(torch.stack((b, b * b)), s=L)  # [2, A, Z, ...]
+    k = torch.fft.rfft2(kernels, s=L).conj()
+
+    def corr(kernel: Tensor, image: Tensor) -> Tensor:
+        return torch.fft.irfft2(kernel * image, s=L)[..., : 2 * r + 1, : 2 * r + 1]
+
+    sb, sbb, sab = corr(k[0], spectra[0]), corr(k[0], spectra[1]), corr(k[1], spectra[0])
+    n = score.n.clamp_min(1)[:, None, None]
+    sa, saa = score.sa[:, None, None], score.saa[:, None, None]
+    cov = sab - sa * sb / n
+    var = (saa - sa ** 2 / n) * (sbb - sb ** 2 / n)
+    return torch.where(var > 0, cov / var.clamp_min(1e-30).sqrt(), torch.zeros_like(cov))
+
+
 def align_slices(
     moving: Tensor,
     points: Tensor,
@@ -121,10 +163,10 @@ def align_slices(
     The pose is a rotation about the centroid of the slice's region voxels (the heart: a turn
     about the slice's own centre would also move the heart) and a translation of that centroid.
     Coarse to fine: first every angle step within ``max_angle_deg`` with every whole-voxel
-    translation within ``max_shift_mm``, scored on every :data:`SPARSE`-th region voxel along each
-    in-plane axis; then, on the whole region, the whole voxels within 2 and the degrees within
-    ``angle_step_deg`` of the best, and a compass search around that (half, quarter and eighth
-    voxels; 0.5, 0.25 and 0.125 degrees). A slice with fewer than ``min_voxels``
+    translation within ``max_shift_mm`` (whole voxels of the turned frame; :func:`_exhaustive`, by
+    FFT); then the same with the whole degrees within ``angle_step_deg`` of each slice's best; and
+    a compass search around that (half, quarter and eighth voxels; 0.5, 0.25 and 0.125 degrees),
+    scored at the region's exact points. A slice with fewer than ``min_voxels``
     region voxels, or whose best pose does not correlate better than the acquired one by more than
     ``min_gain``, keeps the acquired pose (0).
 
@@ -144,8 +186,6 @@ def align_slices(
     score = _SliceCorrelation(moving, points, slices, fixed, nz)
     dev = points.device
     pivot = torch.zeros(nz, 2, dtype=torch.float64, device=dev).index_add_(0, slices, score.offset.double()) / score.n.clamp_min(1)[:, None]
-    sparse = (points[:, 0].round().long() % SPARSE == 0) & (points[:, 1].round().long() % SPARSE == 0)
-    coarse = _SliceCorrelation(moving, points[sparse], slices[sparse], fixed[sparse], nz)
     mm = torch.tensor(spacing, dtype=torch.float64, device=dev)
     max_angle = math.radians(max_angle_deg)
 
@@ -155,12 +195,6 @@ def align_slices(
 
     def within(u: Tensor, theta: Tensor) -> Tensor:
         return ((u * mm).norm(dim=-1) <= max_shift_mm + 1e-9) & (theta.abs() <= max_angle + 1e-9)
-
-    def candidates(centre_u: Tensor, centre_t: Tensor, offsets: Tensor, turns: Tensor) -> tuple[Tensor, Tensor]:
-        """``[C, Z, 2]`` and ``[C, Z]``: every offset with every turn around each slice's pose."""
-        u = centre_u[None] + offsets.repeat(len(turns), 1)[:, None, :]
-        theta = centre_t[None] + turns.repeat_interleave(len(offsets))[:, None]
-        return u, theta.expand(-1, nz)
 
     def best_of(fn, u: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         s = torch.where(within(u, theta), fn(pose(u, theta), theta), torch.full_like(theta, -math.inf))
@@ -174,11 +208,21 @@ def align_slices(
     k = math.floor(max_angle_deg / angle_step_deg + 1e-9) if max_angle_deg > 0 else 0
     turns = torch.deg2rad(torch.arange(-k, k + 1, dtype=torch.float64, device=dev) * angle_step_deg)
     zero_u, zero_t = torch.zeros(nz, 2, dtype=torch.float64, device=dev), torch.zeros(nz, dtype=torch.float64, device=dev)
-    disk = grid[(grid * mm).norm(dim=-1) <= max_shift_mm + 1e-9]  # the others are out of range from zero
-    _, u_best, t_best = best_of(coarse, *candidates(zero_u, zero_t, disk, turns))
-    near = grid[(grid.abs() <= 2).all(dim=1)]
+    inside = ((grid * mm).norm(dim=-1) <= max_shift_mm + 1e-9).view(1, 1, 2 * r + 1, 2 * r + 1)
+
+    def exhaustive_best(per_slice_turns: Tensor) -> tuple[Tensor, Tensor]:
+        """The best of every turn ``[A, Z]`` with every whole-voxel offset ``u'`` of the turned
+        frame (the translation ``u = R u'``, ``|u| = |u'|``): ``(u [Z, 2], theta [Z])``."""
+        table = _exhaustive(score, pivot, per_slice_turns, r)  # [A, Z, 2r + 1, 2r + 1]
+        ok = inside & (per_slice_turns.abs() <= max_angle + 1e-9)[:, :, None, None]
+        arg = torch.where(ok, table, torch.full_like(table, -math.inf)).permute(1, 0, 2, 3).reshape(nz, -1).argmax(dim=1)
+        theta = per_slice_turns[arg // grid.shape[0], torch.arange(nz, device=dev)]
+        return rotate(grid[arg % grid.shape[0]], theta), theta
+
+    u_best, t_best = exhaustive_best(turns[:, None].expand(-1, nz))
     fine_turns = torch.deg2rad(torch.arange(-angle_step_deg, angle_step_deg + 1e-9, 1.0, dtype=torch.float64, device=dev)) if k else zero_t[:1]
-    best, u_best, t_best = best_of(score, *candidates(u_best, t_best, near, fine_turns))
+    u_best, t_best = exhaustive_best(t_best[None] + fine_turns[:, None])
+    best = score(pose(u_best, t_best)[None], t_best[None])[0]  # at the region's exact points
     for du, dt in ((0.5, 0.5), (0.25, 0.25), (0.125, 0.125)):
         moves = torch.cartesian_prod(*(torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64, device=dev),) * 3)
         moves = moves * torch.tensor([du, du, math.radians(dt)], dtype=torch.float64, device=dev)

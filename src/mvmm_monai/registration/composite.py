@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -135,6 +135,17 @@ class Registration(nn.Module):
             slice_motion=self.slice_motion is not None,
         )
 
+    def scheduled_parts(self, shift_search_at) -> Parts:
+        """:attr:`parts` that move during the fit, whose phases the schedule holds it open for: the
+        slice motion only where it takes gradient steps or searches (``shift_search_at``, the
+        schedule's); slices posed before the fit and held there (``registration=slice_align``) have
+        no phase to wait for."""
+        parts = self.parts
+        m = self.slice_motion
+        if m is not None and not m.steps and not tuple(shift_search_at or ()):
+            parts = replace(parts, slice_motion=False)
+        return parts
+
     def train_parts(self, affine: bool, velocity: Sequence[bool], slice_motion: bool) -> None:
         """Let each part move or hold (``requires_grad``): the similarity part, each velocity scale
         (one flag per scale, coarse to fine), the slice motion; absent parts are ignored."""
@@ -147,6 +158,18 @@ class Registration(nn.Module):
     def fits_anything(self) -> bool:
         """Whether any parameter currently moves (``requires_grad``); false without parameters."""
         return any(p.requires_grad for p in self.parameters())
+
+    @property
+    def at_acquired_poses(self) -> bool:
+        """Whether the atlas is as placed (no atlas deformation) and every slice where it was
+        acquired (every slice translation and angle zero): the inputs of a fit without registration."""
+        if self.atlas_deformation is not None:
+            return False
+        m = self.slice_motion
+        if m is None:
+            return True
+        poses = [*m.translation_mm.values(), *(() if m.angle is None else m.angle.values())]
+        return not any(bool(p.detach().any()) for p in poses)
 
     @property
     def takes_steps(self) -> bool:
