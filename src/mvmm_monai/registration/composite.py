@@ -119,6 +119,9 @@ class Registration(nn.Module):
         if atlas_deformation is not None:
             deformation = atlas_deformation(shape=shape, spacing=tuple(float(s) for s in subject.grid.spacing))
             self.atlas_deformation = deformation if any(True for _ in deformation.parameters()) else None
+        # an atlas that does not move: its floored log probabilities once, not at every forward
+        static = None if self.atlas_deformation is not None else log_atlas_from_prob(self.atlas.clamp_min(0), self.atlas_floor)
+        self.register_buffer("static_log_atlas", static, persistent=False)
         moved = any(s != subject.reference for s in subject.sequences)
         self.slice_motion: SliceMotion | None = slice_motion(subject=subject) if slice_motion is not None and moved else None
         if self.slice_motion is not None and self.slice_motion.align_first:
@@ -202,12 +205,12 @@ class Registration(nn.Module):
     # -- application -----------------------------------------------------------------------
     def forward(self) -> Warped:
         """The mixture's inputs with the current parameters (see :class:`Warped`)."""
-        atlas, svf, ddf = self.atlas, None, None
+        log_atlas, svf, ddf = self.static_log_atlas, None, None
         if self.atlas_deformation is not None:
             deformed = self.atlas_deformation(self.atlas)
-            atlas, svf, ddf = deformed.atlas, deformed.svf_displacement, deformed.ddf
+            log_atlas, svf, ddf = log_atlas_from_prob(deformed.atlas.clamp_min(0), self.atlas_floor), deformed.svf_displacement, deformed.ddf
         images = self.images if self.slice_motion is None else self.slice_motion(self.images, self.coverage)
-        return Warped(images, self.coverage, log_atlas_from_prob(atlas.clamp_min(0), self.atlas_floor), svf, ddf)
+        return Warped(images, self.coverage, log_atlas, svf, ddf)
 
     def regularisers(self, warped: Warped, sequence_weights: Mapping[str, float] | None = None) -> dict[str, Tensor]:
         """Named scalar penalties added to the negative per-voxel log-likelihood, computed on
