@@ -85,20 +85,18 @@ def atlas_alone_dice(prob: np.ndarray, crop: MidSliceCrop) -> dict[str, float]:
     return {c: dice(pred == k, truth == k) for k, c in enumerate(CLASSES, start=1)}
 
 
-def fit_crop(crop: MidSliceCrop, atlas: np.ndarray, out: Path, overrides: list[str], atlas_cases: list[str]) -> dict:
-    """Write ``crop`` and the atlas (on the crop's grid) under ``out`` and fit it; returns metrics."""
+def write_crop_inputs(crop: MidSliceCrop, atlas: np.ndarray, out: Path, atlas_cases: list[str]) -> list[str]:
+    """Write ``crop`` and the atlas (on the crop's grid) under ``out``; returns the overrides that
+    fit them (``crop_overrides``), without the config's own."""
     case_dir = out / crop.name
     paths = write_crop(crop, case_dir / "input")
     atlas_path = write_atlas(atlas, crop.affine, case_dir / "input" / "atlas.nii.gz", built_from=atlas_cases)
-    cfg = compose_config(
-        [
-            *fit_overrides(crop.name, paths, atlas_path, case_dir / "fit"),
-            "callbacks.progress.refresh_rate=0",
-            "~logger",
-            *overrides,
-        ]
-    )
-    return fit(cfg)
+    return [*fit_overrides(crop.name, paths, atlas_path, case_dir / "fit"), "callbacks.progress.refresh_rate=0", "~logger"]
+
+
+def fit_crop(crop: MidSliceCrop, atlas: np.ndarray, out: Path, overrides: list[str], atlas_cases: list[str]) -> dict:
+    """Write ``crop`` and the atlas (on the crop's grid) under ``out`` and fit it; returns metrics."""
+    return fit(compose_config([*write_crop_inputs(crop, atlas, out, atlas_cases), *overrides]))
 
 
 def run(root: Path, out: Path, atlas_cases: list[str], test_cases: list[str], overrides: list[str], size: int = 192,
