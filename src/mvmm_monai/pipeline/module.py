@@ -166,6 +166,10 @@ class MvMMFit(pl.LightningModule):
         self.settle_tol = settle_tol
         self.settle_posterior_tol = settle_posterior_tol
         self._quantised: Quantised | None = None  # see _quantise
+        # nothing moves during the fit (no registration, or slices posed before it and held there:
+        # registration=slice_align): the registration's inputs are computed once, not every iteration
+        self._static = not registration.scheduled_parts(schedule.shift_search_at).any
+        self._inputs: Warped | None = None
         if slabs is not None and tuple(slabs.shape) != (n, *subject.images.shape[1:]):
             raise ValueError(f"MvMMFit: slabs must be [{n}, *common space] = {[n, *subject.images.shape[1:]]}, got {list(slabs.shape)}")
         self._slabs = None if slabs is None else slabs[None]  # [1, N, *S]: partial volume of thick slabs (see _em_images)
@@ -252,7 +256,9 @@ class MvMMFit(pl.LightningModule):
             searched = self._search_shifts()
         stepping = fitting_registration and self.registration.takes_steps  # else the searches alone move anything
         with torch.set_grad_enabled(stepping):
-            warped = self.registration()
+            warped = self._inputs if self._inputs is not None else self.registration()
+        if self._static:
+            self._inputs = warped
         if fitting_registration:  # the deformation the last step made, before anything uses it
             self.registration.check_deformation(it, warped)
         fixed = warped.detach()
@@ -361,13 +367,14 @@ class MvMMFit(pl.LightningModule):
 
     def _quantise(self, images: Tensor, coverage: Tensor) -> Quantised | None:
         """The E-step's quantised images (:func:`~mvmm_monai.mixture.gaussian.quantise`): once per
-        fit when the images never change (no slice motion, no partial volume), else every iteration."""
+        fit when the images never change (no slice motion during the fit, no partial volume), else
+        every iteration."""
         if not self.em.intensity_levels:
             return None
         if self._quantised is not None:
             return self._quantised
         q = quantise(images, self._weighted(coverage), self.em.intensity_levels)
-        if self.registration.slice_motion is None and self._slabs is None:
+        if (self.registration.slice_motion is None or self._static) and self._slabs is None:
             self._quantised = q
         return q
 
