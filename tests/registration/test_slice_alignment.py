@@ -62,6 +62,21 @@ def test_the_fft_table_is_the_correlation_at_every_pose_it_stands_for(one_thread
                 torch.testing.assert_close(table[a, :, i, j].float(), exact.float(), atol=1e-5, rtol=0)
 
 
+def test_the_alignment_can_wait_until_a_fit_needs_it(one_thread):
+    # registration.guard builds the registration before the fit without registration, and aligns
+    # only if that fit is not trusted: a deferred alignment is the same alignment, made once
+    subject, atlas = rotated_subject([6.0], [[2.0, -1.0]], size=60)
+    eager = Registration(subject, atlas, slice_motion=partial(SliceMotion, **ALIGN)).slice_motion
+    reg = Registration(subject, atlas, slice_motion=partial(SliceMotion, **ALIGN), align=False)
+    assert reg.slice_motion.alignment_gain == {} and reg.at_acquired_poses
+    reg.align_slices()
+    assert reg.slice_motion.alignment_gain == eager.alignment_gain and not reg.at_acquired_poses
+    torch.testing.assert_close(reg.slice_motion.voxels("C0"), eager.voxels("C0"))
+    reg.slice_motion.translation_mm["C0"].data.zero_()
+    reg.align_slices()  # once only: a second call moves nothing
+    assert reg.slice_motion.translation_mm["C0"].detach().abs().max() == 0
+
+
 def test_slices_in_place_stay_and_a_threshold_holds_moved_ones(one_thread):
     subject, atlas = rotated_subject([0.0, 6.0], [[0.0, 0.0], [2.0, -1.0]], size=60)
     motion = Registration(subject, atlas, slice_motion=partial(SliceMotion, **ALIGN)).slice_motion

@@ -92,11 +92,12 @@ def effective_settings(cfg: DictConfig, dataset, subject, conventions: Labelling
     }
 
 
-def build_registration(cfg: DictConfig, prep):
+def build_registration(cfg: DictConfig, prep, align: bool = True):
     """The registration (``registration.model``) of a prepared subject, with its atlas tempered by
-    ``model.atlas_weight``; ``registration=none`` moves nothing and gives the fixed inputs."""
+    ``model.atlas_weight``; ``registration=none`` moves nothing and gives the fixed inputs.
+    ``align=False`` defers the slices' edge alignment (``Registration.align_slices``)."""
     atlas = temper_atlas(prep.atlas, float(cfg.model.get("atlas_weight", 1.0)))
-    return build(cfg.registration.model)(subject=prep.subject, atlas=atlas, atlas_floor=cfg.model.atlas_floor)
+    return build(cfg.registration.model)(subject=prep.subject, atlas=atlas, atlas_floor=cfg.model.atlas_floor, align=align)
 
 
 def run_icm(cfg: DictConfig, dataset, prep, out: Path, registration=None) -> tuple[MvMMFit, pl.Trainer, object, object]:
@@ -391,7 +392,8 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
         prep = prepare_subject(cfg, dataset, name)
         qc_model = build(cfg.qc, _convert_="all") if cfg.get("qc") else None
         guarded = None
-        registration = build_registration(cfg, prep) if guard else None  # built once (its edge alignment is not cheap)
+        # built once, its edge alignment (not cheap) left until the registered fit is needed
+        registration = build_registration(cfg, prep, align=False) if guard else None
         if registration is not None and registration.fits_anything:
             fitted = _fit_prepared(_without_registration(cfg), dataset, prep, out, conventions, qc_model,
                                    f"{name} (without registration, for registration.guard)")
@@ -399,6 +401,7 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
                 return {}
             registered, idle = None, False
             if fitted.qc["flag"]:  # something to repair: the registered fit, unless it would be this one
+                registration.align_slices()
                 idle = idle_registration(cfg, registration, fitted.result.iterations)
                 if not idle:
                     pl.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -84,6 +84,8 @@ class Registration(nn.Module):
             instead of the posterior of all sequences (with ``objective_mrf``) or none: the
             posterior carries the slice's own current position, which then does not vote for
             itself.
+        align: whether to align the slices by their edges now (:meth:`align_slices`; only with
+            ``slice_motion.align``); ``False`` leaves it to a later call.
         lr: learning rate per optimiser parameter group (:data:`PARAM_GROUPS`): ``translation``
             (atlas, mm), ``affine`` (rotation in radians and log-scale), ``svf`` (voxels),
             ``slice_shift`` (slice translations, mm), ``slice_rotation`` (slice angles, radians; only
@@ -100,6 +102,7 @@ class Registration(nn.Module):
         objective_mrf: bool = False,
         lr: Mapping[str, float] | None = None,
         search_leave_out: bool = False,
+        align: bool = True,
     ) -> None:
         super().__init__()
         shape = tuple(subject.images.shape[1:])
@@ -124,8 +127,17 @@ class Registration(nn.Module):
         self.register_buffer("static_log_atlas", static, persistent=False)
         moved = any(s != subject.reference for s in subject.sequences)
         self.slice_motion: SliceMotion | None = slice_motion(subject=subject) if slice_motion is not None and moved else None
-        if self.slice_motion is not None and self.slice_motion.align_first:
+        self._aligned = False
+        if align:
+            self.align_slices()
+
+    def align_slices(self) -> None:
+        """Put the slices at their edge-aligned poses (``slice_motion.align``; nothing without it),
+        once: at construction, unless it was built with ``align=False`` to defer the work until a
+        fit needs it (``registration.guard``, where the fit without registration may be trusted)."""
+        if not self._aligned and self.slice_motion is not None and self.slice_motion.align_first:
             self.slice_motion.align(self.images, self.coverage, self.atlas[0])
+        self._aligned = True
 
     # -- what moves ------------------------------------------------------------------------
     @property
