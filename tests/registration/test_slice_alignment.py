@@ -34,7 +34,7 @@ def test_known_rotations_and_shifts_are_found_by_the_edges(angles_deg, shifts_vo
     assert min(motion.alignment_gain["C0"]) > 0.1  # moved slices match far better where they belong
 
 
-def test_the_fft_table_is_the_correlation_at_every_pose_it_stands_for(one_thread):
+def test_the_fft_table_is_the_correlation_at_every_pose_it_stands_for(one_thread, monkeypatch):
     # the exhaustive stage scores all whole-voxel offsets of each turned frame at once by FFT; each
     # entry must be the correlation that the exact point sampler gives at the pose it stands for
     from mvmm_monai.registration.alignment import _exhaustive, _SliceCorrelation, rotate
@@ -53,6 +53,10 @@ def test_the_fft_table_is_the_correlation_at_every_pose_it_stands_for(one_thread
     pivot = torch.zeros(nz, 2, dtype=torch.float64).index_add_(0, slices, score.offset.double()) / score.n[:, None]
     turns = torch.deg2rad(torch.tensor([[-6.0, 1.0, 4.0], [3.0, 0.0, -9.5]], dtype=torch.float64))  # [A, Z]
     table = _exhaustive(score, pivot, turns, r)
+    from mvmm_monai.registration import alignment
+
+    monkeypatch.setattr(alignment, "_CHUNK_SAMPLES", 1)  # one turn per pass: the same table
+    torch.testing.assert_close(_exhaustive(score, pivot, turns, r), table, atol=1e-12, rtol=0)
     for a in range(turns.shape[0]):
         for i in range(2 * r + 1):
             for j in range(2 * r + 1):

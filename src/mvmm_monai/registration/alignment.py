@@ -110,7 +110,7 @@ def _exhaustive(score: _SliceCorrelation, pivot: Tensor, turns: Tensor, r: int) 
     share a grid, as MyoPS' do; the next stage rescores around the best pose at the exact
     points), the moving slice is turned once per angle on a window around them, and the three
     sums the correlation needs at every offset come from FFT cross-correlations, one pass for
-    all offsets, angles and slices."""
+    all offsets and slices of as many angles as :data:`_CHUNK_SAMPLES` allows."""
     moving, nz = score.moving, score.nz
     dev, f64 = moving.device, torch.float64
     q = (score.offset + score.centre).round().long()  # [V, 2] nearest moving voxels
@@ -127,22 +127,26 @@ def _exhaustive(score: _SliceCorrelation, pivot: Tensor, turns: Tensor, r: int) 
     gy = torch.arange(L[1], device=dev, dtype=f64) + (lo[1] - r)
     window = torch.stack(torch.meshgrid(gx, gy, indexing="ij"), dim=-1).view(-1, 1, 2)  # [L*L, 1, 2]
     P = pivot.to(f64) + score.centre.to(f64)  # [Z, 2] the pivots on the moving grid
-    xy = P + rotate((window - P)[None], turns.to(f64)[:, None, :])  # [A, L*L, Z, 2]
-    z = torch.arange(nz, device=dev, dtype=f64).expand(*xy.shape[:-1])[..., None]
-    b = sample_at(moving, torch.cat((xy, z), dim=-1).float())[0].double()  # [A, L*L, Z]
-    b = b.view(len(turns), *L, nz).permute(0, 3, 1, 2)  # [A, Z, *L]
-    spectra = torch.fft.rfft2(torch.stack((b, b * b)), s=L)  # [2, A, Z, ...]
     k = torch.fft.rfft2(kernels, s=L).conj()
+    n = score.n.clamp_min(1)[:, None, None]
+    sa, saa = score.sa[:, None, None], score.saa[:, None, None]
 
     def corr(kernel: Tensor, image: Tensor) -> Tensor:
         return torch.fft.irfft2(kernel * image, s=L)[..., : 2 * r + 1, : 2 * r + 1]
 
-    sb, sbb, sab = corr(k[0], spectra[0]), corr(k[0], spectra[1]), corr(k[1], spectra[0])
-    n = score.n.clamp_min(1)[:, None, None]
-    sa, saa = score.sa[:, None, None], score.saa[:, None, None]
-    cov = sab - sa * sb / n
-    var = (saa - sa ** 2 / n) * (sbb - sb ** 2 / n)
-    return torch.where(var > 0, cov / var.clamp_min(1e-30).sqrt(), torch.zeros_like(cov))
+    out = []
+    step = max(1, _CHUNK_SAMPLES // (L[0] * L[1] * nz))  # turns per pass: bounded memory
+    for chunk in turns.to(f64).split(step):
+        xy = P + rotate((window - P)[None], chunk[:, None, :])  # [A, L*L, Z, 2]
+        z = torch.arange(nz, device=dev, dtype=f64).expand(*xy.shape[:-1])[..., None]
+        b = sample_at(moving, torch.cat((xy, z), dim=-1).float())[0].double()  # [A, L*L, Z]
+        b = b.view(len(chunk), *L, nz).permute(0, 3, 1, 2)  # [A, Z, *L]
+        spectra = torch.fft.rfft2(torch.stack((b, b * b)), s=L)  # [2, A, Z, ...]
+        sb, sbb, sab = corr(k[0], spectra[0]), corr(k[0], spectra[1]), corr(k[1], spectra[0])
+        cov = sab - sa * sb / n
+        var = (saa - sa ** 2 / n) * (sbb - sb ** 2 / n)
+        out.append(torch.where(var > 0, cov / var.clamp_min(1e-30).sqrt(), torch.zeros_like(cov)))
+    return torch.cat(out)
 
 
 def align_slices(
