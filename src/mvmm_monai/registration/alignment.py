@@ -11,6 +11,7 @@ in-plane footprint. This module holds that measure and its search; :class:`Slice
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -75,6 +76,15 @@ class _SliceCorrelation:
         self.sa = self._per_slice(a[None])[0]
         self.saa = self._per_slice((a * a)[None])[0]
         self.a = a.float()
+
+    def restricted(self, keep: Tensor) -> _SliceCorrelation:
+        """The same measure on the region voxels of the slices ``keep`` (``[Z]`` bool) alone: their
+        correlations are the same numbers, the other slices have no voxels (correlation 0)."""
+        sel = keep[self.slices]
+        out = copy.copy(self)
+        out.offset, out.z, out.slices, out.a = self.offset[sel], self.z[sel], self.slices[sel], self.a[sel]
+        out.n, out.sa, out.saa = (torch.where(keep, v, torch.zeros_like(v)) for v in (self.n, self.sa, self.saa))
+        return out
 
     def _per_slice(self, values: Tensor) -> Tensor:
         """``[C, V]`` -> ``[C, Z]`` sums (float64) over each slice's region voxels."""
@@ -232,14 +242,17 @@ def align_slices(
         moves = moves * torch.tensor([du, du, math.radians(dt)], dtype=torch.float64, device=dev)
         if k == 0:
             moves = moves[moves[:, 2] == 0]
+        active = torch.ones(nz, dtype=torch.bool, device=dev)  # a slice that did not improve keeps its pose at this step size
         for _ in range(8):
-            top, cu, ct = best_of(score, u_best[None] + moves[:, None, :2], t_best[None] + moves[:, None, 2])
-            better = top > best + 1e-12
+            fn = score if bool(active.all()) else score.restricted(active)
+            top, cu, ct = best_of(fn, u_best[None] + moves[:, None, :2], t_best[None] + moves[:, None, 2])
+            better = active & (top > best + 1e-12)
             if not better.any():
                 break
             u_best = torch.where(better[:, None], cu, u_best)
             t_best = torch.where(better, ct, t_best)
             best = torch.where(better, top, best)
+            active = better
     acquired = score(zero_u[None], zero_t[None])[0]
     keep = (best > acquired + min_gain) & (score.n >= min_voxels)
     shifts = torch.where(keep[:, None], pose(u_best, t_best), zero_u)
