@@ -23,7 +23,8 @@ slice with registration.
   written beforehand); and the same crop with ``registration=none``.
 
 Every fit's LGE Dice against the manual labels is recorded beside its time, so a speed-up that
-changes the result shows.
+changes the result shows; and the seconds of a fixed workload that runs no project code
+(``reference_seconds``), so records made when the shared machine was slower can be read against it.
 
     .venv/bin/python benchmarks/patient_speed.py [--root DIR] [--out DIR] [--repeats 3] [--record NAME]
 """
@@ -105,6 +106,25 @@ class MonitoringClock:
         return sum(self.seconds.values())
 
 
+def reference_seconds(repeats: int = 5) -> float:
+    """Seconds (median of ``repeats``) of a fixed workload that no code of this project runs: torch
+    element-wise maths and reductions on 1M float32 values on this process's threads, and a Python
+    loop. Records made on a busier or slower machine show it, so their fits' seconds can be read
+    against it (the same code scatters by 10 to 25 % between records on this shared machine)."""
+    x = torch.linspace(0.0, 1.0, 1_000_000)
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(100):
+            y = torch.exp(-x * 3.0) + torch.log1p(x)
+            float(torch.logsumexp(y.view(1000, 1000), dim=0).sum())
+        total = 0
+        for i in range(1_000_000):
+            total += i % 7
+        runs.append(time.perf_counter() - t)
+    return statistics.median(runs)
+
+
 def command(args: list[str]) -> float:
     """Wall-clock seconds of ``python scripts/fit.py ARGS`` (it must succeed)."""
     t = time.perf_counter()
@@ -140,7 +160,8 @@ def main() -> None:
     atlas_cases = select_subjects(args.atlas_cases, names, "--atlas-cases")
     warm = next(n for n in cohort if n != args.case)
     figures: dict = {"case": args.case, "atlas_cases": args.atlas_cases, "cohort": cohort,
-                     "torch_threads": torch.get_num_threads()}
+                     "torch_threads": torch.get_num_threads(), "reference_s": reference_seconds()}
+    print(f"reference workload (the machine's speed, no project code): {figures['reference_s']:.3f} s", flush=True)
 
     # one patient, in-process after a warm-up fit (the fitting alone); --repeats times, the median
     fit(compose_config([*base, f"subject={warm}", f"paths.output_dir={out / 'warm'}"]))
@@ -236,7 +257,8 @@ def main() -> None:
                  a["dice_LGE"]["myocardium"]],
                 ["the same slice, registration=none", n["fitting_s"], n["iterations"], n["dice_LGE"]["myocardium"]],
             ],
-            "caption": f"Whole fits on this machine's CPU threads; atlas from {args.atlas_cases}; in-process fits: the median of {args.repeats} runs."})
+            "caption": f"Whole fits on this machine's CPU threads; atlas from {args.atlas_cases}; in-process fits: the median of {args.repeats} runs; "
+                       f"the machine's reference workload (no project code, see reference_seconds) took {figures['reference_s']:.3f} s."})
 
 
 if __name__ == "__main__":
