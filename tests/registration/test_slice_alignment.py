@@ -37,7 +37,8 @@ def test_known_rotations_and_shifts_are_found_by_the_edges(angles_deg, shifts_vo
 def test_the_fft_table_is_the_correlation_at_every_pose_it_stands_for(one_thread, monkeypatch):
     # the exhaustive stage scores all whole-voxel offsets of each turned frame at once by FFT; each
     # entry must be the correlation that the exact point sampler gives at the pose it stands for
-    from mvmm_monai.registration.alignment import _exhaustive, _SliceCorrelation, rotate
+    from mvmm_monai.data.common_space import rotate
+    from mvmm_monai.registration.alignment import _exhaustive, _SliceCorrelation
 
     g = torch.Generator().manual_seed(0)
     nz, r = 3, 3

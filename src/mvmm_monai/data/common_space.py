@@ -103,9 +103,7 @@ def sampling_map(
         if target_slice_angles is not None:
             centre = (torch.tensor(target.shape[:2], dtype=idx.dtype) - 1) / 2
             ang = -target_slice_angles.to(idx.dtype)[idx[..., 2].round().long().clamp(0, target.shape[2] - 1)]
-            d = xy - centre
-            xy = torch.stack((torch.cos(ang) * d[..., 0] - torch.sin(ang) * d[..., 1],
-                              torch.sin(ang) * d[..., 0] + torch.cos(ang) * d[..., 1]), dim=-1) + centre
+            xy = rotate(xy - centre, ang) + centre
         idx = torch.cat((xy, idx[..., 2:]), dim=-1)
         to_src = torch.linalg.solve(source.affine.to(torch.float64), target.affine.to(torch.float64))
         idx = idx @ to_src[:3, :3].T + to_src[:3, 3]
@@ -154,10 +152,7 @@ def sample(
         if tuple(slice_angles.shape) != (nz,):
             raise ValueError(f"resample: slice_angles must be [{nz}], got {tuple(slice_angles.shape)}")
         centre = (size[:2] - 1) / 2
-        ang = per_slice(slice_angles.to(idx.dtype), k)
-        cos, sin = torch.cos(ang), torch.sin(ang)
-        d = idx[..., :2] - centre
-        rot = torch.stack((cos * d[..., 0] - sin * d[..., 1], sin * d[..., 0] + cos * d[..., 1]), dim=-1)
+        rot = rotate(idx[..., :2] - centre, per_slice(slice_angles.to(idx.dtype), k))
         idx = torch.cat((rot + centre, idx[..., 2:]), dim=-1)
     if slice_shifts is not None:
         if tuple(slice_shifts.shape) != (nz, 2):
@@ -165,6 +160,12 @@ def sample(
         idx = torch.cat((idx[..., :2] + per_slice(slice_shifts.to(idx.dtype), k), idx[..., 2:]), dim=-1)
     out = sample_at(image, idx, mode=mode)
     return out * smap.coverage.to(out)
+
+
+def rotate(v: Tensor, angle: Tensor) -> Tensor:
+    """``[..., 2]`` in-plane vectors turned by ``angle`` ``[...]`` (radians, first axis towards the second)."""
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack((cos * v[..., 0] - sin * v[..., 1], sin * v[..., 0] + cos * v[..., 1]), dim=-1)
 
 
 def sample_at(image: Tensor, index: Tensor, mode: str = "bilinear") -> Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mvmm_monai.data.common_space import sample_at
+from mvmm_monai.data.common_space import rotate, sample_at
 from mvmm_monai.registration.functional import inplane_gradient
 
 #: in-plane Gaussian sigma (voxels) of the edges: wider blurs merge the near edges of the wall
@@ -47,10 +47,13 @@ def heart_footprint(atlas: Tensor, spacing: tuple[float, float], margin_mm: floa
     return grown[..., None].expand(*atlas.shape[1:]).clone()
 
 
-def rotate(v: Tensor, angle: Tensor) -> Tensor:
-    """``[..., 2]`` vectors turned by ``angle`` ``[...]`` (radians, first axis towards the second)."""
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    return torch.stack((cos * v[..., 0] - sin * v[..., 1], sin * v[..., 0] + cos * v[..., 1]), dim=-1)
+def _pearson(n: Tensor, sa: Tensor, saa: Tensor, sb: Tensor, sbb: Tensor, sab: Tensor) -> Tensor:
+    """Pearson correlation from the per-slice sums over ``n`` voxels of the fixed values ``a`` and
+    the moving ones ``b`` (``sa``, ``saa``, ``sb``, ``sbb``, ``sab``); 0 where either is constant."""
+    n = n.clamp_min(1)
+    cov = sab - sa * sb / n
+    var = (saa - sa ** 2 / n) * (sbb - sb ** 2 / n)
+    return torch.where(var > 0, cov / var.clamp_min(1e-30).sqrt(), torch.zeros_like(cov))
 
 
 class _SliceCorrelation:
@@ -102,11 +105,7 @@ class _SliceCorrelation:
             xy = rotate(self.offset, an[:, self.slices]) + self.centre + sh[:, self.slices]  # [C, V, 2]
             index = torch.cat((xy, self.z.expand(xy.shape[0], -1)[..., None]), dim=-1)
             b = sample_at(self.moving, index[:, :, None])[0, :, :, 0]  # [C, V]
-            sb, sbb, sab = self._per_slice(b), self._per_slice(b * b), self._per_slice(b * self.a)
-            n = self.n.clamp_min(1)
-            cov = sab - self.sa * sb / n
-            var = (self.saa - self.sa ** 2 / n) * (sbb - sb ** 2 / n)
-            out.append(torch.where(var > 0, cov / var.clamp_min(1e-30).sqrt(), torch.zeros_like(cov)))
+            out.append(_pearson(self.n, self.sa, self.saa, self._per_slice(b), self._per_slice(b * b), self._per_slice(b * self.a)))
         return torch.cat(out)
 
 
@@ -138,8 +137,7 @@ def _exhaustive(score: _SliceCorrelation, pivot: Tensor, turns: Tensor, r: int) 
     window = torch.stack(torch.meshgrid(gx, gy, indexing="ij"), dim=-1).view(-1, 1, 2)  # [L*L, 1, 2]
     P = pivot.to(f64) + score.centre.to(f64)  # [Z, 2] the pivots on the moving grid
     k = torch.fft.rfft2(kernels, s=L).conj()
-    n = score.n.clamp_min(1)[:, None, None]
-    sa, saa = score.sa[:, None, None], score.saa[:, None, None]
+    n, sa, saa = (v[:, None, None] for v in (score.n, score.sa, score.saa))
 
     def corr(kernel: Tensor, image: Tensor) -> Tensor:
         return torch.fft.irfft2(kernel * image, s=L)[..., : 2 * r + 1, : 2 * r + 1]
@@ -152,10 +150,7 @@ def _exhaustive(score: _SliceCorrelation, pivot: Tensor, turns: Tensor, r: int) 
         b = sample_at(moving, torch.cat((xy, z), dim=-1).float())[0].double()  # [A, L*L, Z]
         b = b.view(len(chunk), *L, nz).permute(0, 3, 1, 2)  # [A, Z, *L]
         spectra = torch.fft.rfft2(torch.stack((b, b * b)), s=L)  # [2, A, Z, ...]
-        sb, sbb, sab = corr(k[0], spectra[0]), corr(k[0], spectra[1]), corr(k[1], spectra[0])
-        cov = sab - sa * sb / n
-        var = (saa - sa ** 2 / n) * (sbb - sb ** 2 / n)
-        out.append(torch.where(var > 0, cov / var.clamp_min(1e-30).sqrt(), torch.zeros_like(cov)))
+        out.append(_pearson(n, sa, saa, corr(k[0], spectra[0]), corr(k[0], spectra[1]), corr(k[1], spectra[0])))
     return torch.cat(out)
 
 

@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from mvmm_monai.data.common_space import sample, sampling_map
+from mvmm_monai.data.common_space import rotate, sample, sampling_map
 from mvmm_monai.data.subject import SubjectData
-from mvmm_monai.registration.alignment import align_slices, edge_magnitude, heart_footprint, rotate
+from mvmm_monai.registration.alignment import align_slices, edge_magnitude, heart_footprint
 from mvmm_monai.registration.functional import (
     first_order_resample,
     inplane_gradient,
