@@ -73,3 +73,30 @@ def test_subject_names_never_leave_the_output_folder(name, tmp_path):
         check_subject_name(name)
     with pytest.raises(ValueError, match="cannot name an output"):
         FilesDataset(images={"DE": str(tmp_path / "x.nii.gz")}, subject=name)
+
+
+def test_a_fit_leaves_the_garbage_collector_as_it_found_it():
+    # a fit freezes the heap it finds (the imported libraries are never walked by a full
+    # collection during it) and gives it back; a caller's own freeze stays
+    import gc
+
+    from mvmm_monai.cohort.run import heap_frozen
+
+    if gc.get_freeze_count():
+        pytest.skip("something in this process froze the heap already")
+    with heap_frozen():
+        frozen = gc.get_freeze_count()
+        made = [[]]  # a new object: collected as usual, not frozen
+        assert frozen > 0 and gc.is_tracked(made)
+        with heap_frozen():  # nested, as a cohort's subjects are
+            pass
+        assert gc.get_freeze_count() >= frozen
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        kept = gc.get_freeze_count()
+        with heap_frozen():
+            pass
+        assert gc.get_freeze_count() >= kept > 0
+    finally:
+        gc.unfreeze()

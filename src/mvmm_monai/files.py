@@ -61,9 +61,12 @@ def save_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, vector: b
     return atomic_write(Path(path), lambda tmp: nib.save(img, tmp))
 
 
+PNG_COMPRESS_LEVEL = 1  # zlib level: 0.08 of a 5-panel overlay's 0.14 s at PIL's default 6, a few % larger files
+
+
 def save_png(path: str | Path, fig) -> Path:
-    """Save a matplotlib figure as PNG atomically."""
-    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    """Save a matplotlib figure as PNG atomically (fast zlib compression: :data:`PNG_COMPRESS_LEVEL`)."""
+    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL}))
 
 
 def _clean(obj: Any) -> Any:

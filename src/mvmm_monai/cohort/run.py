@@ -4,8 +4,10 @@ a summary of them all."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -30,6 +32,23 @@ def _subjects(cfg: DictConfig, dataset) -> list[str] | None:
     return names
 
 
+@contextmanager
+def heap_frozen():
+    """Python's cyclic garbage collector left to the objects made inside the block: everything
+    alive on entry (the imported torch, Lightning, MONAI and matplotlib, the caller's objects) is
+    moved to the permanent generation (``gc.freeze``) and given back on exit (``gc.unfreeze``).
+    Objects made during a fit still are collected as usual, but a full collection no longer walks
+    the imported libraries' million objects: 0.4 s of a 1.5 s slice fit here (issue "Fast"). A
+    caller that froze its heap itself keeps it frozen."""
+    own = gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if own:
+            gc.unfreeze()
+
+
 def fit(cfg: DictConfig) -> dict:
     """Fit what ``cfg`` asks for and write the results under ``cfg.paths.output_dir``.
 
@@ -38,6 +57,11 @@ def fit(cfg: DictConfig) -> dict:
     reported with its error while the others go on, and ``cohort_summary.{csv,md}``; returns the
     summary (``{"subjects": [...], "failed": {...}, "mean": ..., "std": ...}``).
     """
+    with heap_frozen():
+        return _fit(cfg)
+
+
+def _fit(cfg: DictConfig) -> dict:
     devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
     cohort_batch_size(cfg)  # a bad value is refused before any work
     several = str(devices) not in ("1", "auto") or int(nodes) != 1

@@ -60,6 +60,11 @@ class _SliceCorrelation:
     """Per-slice Pearson correlation of a moving edge image, sampled at candidate poses, with fixed
     edge values at the region's voxels.
 
+    The region's voxels are also kept slice by slice, padded to the largest slice's count
+    (``grid`` ``[Z, W, 2]``, ``valid`` ``[Z, W]``), so that the candidate poses sample each slice by
+    one 2D ``grid_sample`` of the moving slices as a batch (bilinear in-plane: the slices' own
+    index is whole) and the sums are plain row sums.
+
     Args:
         moving: ``[1, X, Y, Z]`` edge image of the moving sequence (its own voxel grid).
         points: ``[V, 3]`` the region's voxels in the moving sequence's voxel coordinates (pose 0).
@@ -72,21 +77,32 @@ class _SliceCorrelation:
         self.moving = moving.float()  # [1, X, Y, Z]
         self.centre = (torch.tensor(moving.shape[1:3], dtype=torch.float32, device=moving.device) - 1) / 2
         self.offset = points[:, :2].float() - self.centre  # [V, 2] from the slice centre
-        self.z = points[:, 2].float()
         self.slices, self.nz = slices, nz
         a = fixed.double()
         self.n = self._per_slice(torch.ones_like(a)[None])[0]
         self.sa = self._per_slice(a[None])[0]
         self.saa = self._per_slice((a * a)[None])[0]
         self.a = a.float()
+        # the same voxels slice by slice: [Z, W] padded rows
+        counts = torch.bincount(slices, minlength=nz)
+        order = torch.argsort(slices, stable=True)
+        row = slices[order]
+        col = torch.arange(len(order), device=slices.device) - (torch.cumsum(counts, 0) - counts)[row]
+        width = max(1, int(counts.max())) if len(order) else 1
+        self.grid = torch.zeros(nz, width, 2, device=moving.device)
+        self.grid[row, col] = self.offset[order]
+        self.valid = torch.zeros(nz, width, dtype=torch.bool, device=moving.device)
+        self.valid[row, col] = True
+        self.rows_a = torch.zeros(nz, width, dtype=torch.float64, device=moving.device)
+        self.rows_a[row, col] = a[order]
+        self.rows = torch.arange(nz, device=moving.device)  # the slices scored
+        self.planes = self.moving[0].permute(2, 0, 1)[:, None]  # [Z, 1, X, Y]
 
     def restricted(self, keep: Tensor) -> _SliceCorrelation:
-        """The same measure on the region voxels of the slices ``keep`` (``[Z]`` bool) alone: their
-        correlations are the same numbers, the other slices have no voxels (correlation 0)."""
-        sel = keep[self.slices]
+        """The same measure on the slices ``keep`` (``[Z]`` bool) alone: their correlations are
+        the same numbers, the other slices are not sampled (correlation 0)."""
         out = copy.copy(self)
-        out.offset, out.z, out.slices, out.a = self.offset[sel], self.z[sel], self.slices[sel], self.a[sel]
-        out.n, out.sa, out.saa = (torch.where(keep, v, torch.zeros_like(v)) for v in (self.n, self.sa, self.saa))
+        out.rows = self.rows[keep[self.rows]]
         return out
 
     def _per_slice(self, values: Tensor) -> Tensor:
@@ -98,15 +114,22 @@ class _SliceCorrelation:
         """``[C, Z]`` correlation at ``C`` candidate poses: ``shifts`` ``[C, Z, 2]`` (voxels) and
         ``angles`` ``[C, Z]`` (radians), :func:`~mvmm_monai.data.common_space.sample`'s convention
         (a region voxel at ``p`` reads the moving slice at ``R(angle) (p - c) + c + shift``)."""
-        out = []
-        step = max(1, _CHUNK_SAMPLES // max(1, self.a.numel()))
+        rows = self.rows
+        out = torch.zeros(shifts.shape[0], self.nz, dtype=torch.float64, device=shifts.device)
+        if len(rows) == 0:
+            return out
+        grid, valid, a = self.grid[rows], self.valid[rows], self.rows_a[rows]  # [R, W, ...]
+        size = torch.tensor(self.moving.shape[1:3], dtype=torch.float32, device=shifts.device)
+        step = max(1, _CHUNK_SAMPLES // max(1, grid.shape[0] * grid.shape[1]))
         for lo in range(0, shifts.shape[0], step):
-            sh, an = shifts[lo:lo + step].float(), angles[lo:lo + step].float()
-            xy = rotate(self.offset, an[:, self.slices]) + self.centre + sh[:, self.slices]  # [C, V, 2]
-            index = torch.cat((xy, self.z.expand(xy.shape[0], -1)[..., None]), dim=-1)
-            b = sample_at(self.moving, index[:, :, None])[0, :, :, 0]  # [C, V]
-            out.append(_pearson(self.n, self.sa, self.saa, self._per_slice(b), self._per_slice(b * b), self._per_slice(b * self.a)))
-        return torch.cat(out)
+            sh, an = shifts[lo:lo + step, rows].float(), angles[lo:lo + step, rows].float()  # [C, R, 2], [C, R]
+            xy = rotate(grid[:, None], an.T[..., None]) + self.centre + sh.transpose(0, 1)[:, :, None]  # [R, C, W, 2]
+            norm = torch.where(size > 1, 2.0 * xy / (size - 1).clamp_min(1.0) - 1.0, torch.zeros_like(xy))
+            b = F.grid_sample(self.planes[rows], norm.flip(-1), mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
+            b = torch.where(valid[:, None], b.double(), torch.zeros((), dtype=torch.float64, device=b.device))  # [R, C, W]
+            sb, sbb, sab = b.sum(-1).T, (b * b).sum(-1).T, (b * a[:, None]).sum(-1).T  # [C, R]
+            out[lo:lo + step, rows] = _pearson(self.n[rows], self.sa[rows], self.saa[rows], sb, sbb, sab)
+        return out
 
 
 def _exhaustive(score: _SliceCorrelation, pivot: Tensor, turns: Tensor, r: int) -> Tensor:
