@@ -3,13 +3,14 @@
 
 Every shared case has scar (3-64 ml), so issue "Automatic results that hold"'s "under 2 ml on
 hearts without scar" cannot be read off them as they are. This script makes scar-free versions of
-them: in each case's LGE image the manual scar (MyoPS 2221) is filled from the normal myocardium
-(MyoPS 200) around it, slice by slice (:func:`fill_from_normal`: the smooth level of the normal
-wall carried into the scar by diffusion within the myocardium, plus noise as strong and as
-coarse as the normal wall's own), and the label calls it oedema (1220: still myocardium, no
-longer scar); C0, T2 and everything else are left as they are. Enhancement that the manual label
-leaves outside the scar (its border, partial volume with the normal wall) stays: the fill cannot
-know it, so the volumes below are an upper bound of what a heart that never had scar would get. Then, as ``benchmarks/crossval.py`` does, each fold's atlas is
+them: in each case's LGE image the manual scar and oedema (MyoPS 2221 and 1220: the MyoPS labels
+often draw the enhanced wall next to the scar as oedema) are filled from the normal myocardium
+(MyoPS 200) around them, slice by slice (:func:`fill_from_normal`: the smooth level of the normal
+wall carried in by diffusion within the myocardium, plus noise as strong and as coarse as the
+normal wall's own), and the label calls them normal myocardium; C0, T2 and everything else are
+left as they are. Enhancement that the manual labels leave outside both (their border, partial
+volume with the normal wall) stays: the fill cannot know it, so the volumes below are an upper
+bound of what a heart that never had scar would get. Then, as ``benchmarks/crossval.py`` does, each fold's atlas is
 built from the other folds' (scar-free) cases and every case is fitted fully automatically with
 the default settings (the default scar rule, ``model.scar``), and the scar volume each fit reports
 (``metrics.json`` ``scar.volume_ml``, on the LGE grid) is collected.
@@ -56,7 +57,7 @@ def _masked_smooth(image: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndar
 
 def fill_from_normal(image: np.ndarray, scar: np.ndarray, normal: np.ndarray, rng: np.random.Generator,
                      heart_normal: np.ndarray) -> np.ndarray:
-    """One slice's ``image`` with ``scar`` filled like the ``normal`` wall: the normal wall's smooth
+    """One slice's ``image`` with ``scar`` (here scar and oedema) filled like the ``normal`` wall: the normal wall's smooth
     level (:data:`SMOOTH_PX`) diffused into the scar within the myocardium (scar and normal wall;
     4-neighbour Jacobi steps, the normal wall held), plus white noise smoothed to the correlation
     length of the normal wall's residual and scaled to its standard deviation. A slice with fewer
@@ -94,15 +95,15 @@ def fill_from_normal(image: np.ndarray, scar: np.ndarray, normal: np.ndarray, rn
 
 
 def scar_free_case(src: Path, dst: Path, rng: np.random.Generator) -> float:
-    """Write ``src``'s case (``<case>_{C0,LGE,T2,gd}.nii.gz``) scar-free into ``dst``; returns the
-    manual scar volume removed (ml, LGE grid)."""
+    """Write ``src``'s case (``<case>_{C0,LGE,T2,gd}.nii.gz``) scar-free (and oedema-free) into
+    ``dst``; returns the manual scar volume removed (ml, LGE grid)."""
     case = src.name
     dst.mkdir(parents=True, exist_ok=True)
     lge_img, gd_img = nib.load(src / f"{case}_LGE.nii.gz"), nib.load(src / f"{case}_gd.nii.gz")
     lge, gd = np.asarray(lge_img.dataobj).copy(), np.asarray(gd_img.dataobj).copy()
     if lge.shape != gd.shape:
         raise SystemExit(f"{src}: LGE {lge.shape} and label {gd.shape} differ")
-    scar, normal = gd == SCAR, gd == NORMAL
+    scar, normal = np.isin(gd, (SCAR, OEDEMA)), gd == NORMAL
     if not normal.any():
         raise SystemExit(f"{src}: no normal myocardium (label {NORMAL}) to draw intensities from")
     lge = lge.astype(np.float32)
@@ -110,7 +111,8 @@ def scar_free_case(src: Path, dst: Path, rng: np.random.Generator) -> float:
     box = tuple(slice(max(int(heart[:, a].min()) - 20, 0), int(heart[:, a].max()) + 21) for a in range(2))  # the heart and 20 voxels
     for z in np.unique(np.nonzero(scar)[2]):
         lge[box + (z,)] = fill_from_normal(lge[box + (z,)], scar[box + (z,)], normal[box + (z,)], rng, lge[normal])
-    gd[scar] = OEDEMA
+    removed = float((gd == SCAR).sum() * np.prod(lge_img.header.get_zooms()[:3]) / 1000.0)
+    gd[scar] = NORMAL
     header = lge_img.header.copy()
     header.set_data_dtype(np.float32)
     nib.save(nib.Nifti1Image(lge, lge_img.affine, header), dst / f"{case}_LGE.nii.gz")
@@ -119,7 +121,7 @@ def scar_free_case(src: Path, dst: Path, rng: np.random.Generator) -> float:
         link = dst / f"{case}_{seq}.nii.gz"
         if not link.exists():
             link.symlink_to((src / link.name).resolve())
-    return float(scar.sum() * np.prod(lge_img.header.get_zooms()[:3]) / 1000.0)
+    return removed
 
 
 def main() -> None:
@@ -185,8 +187,8 @@ def main() -> None:
     write_record(args.record, figures, table={
         "columns": ["case", "manual scar removed (ml)", "scar found (ml)", "LGE myocardium Dice"],
         "rows": table_rows,
-        "caption": f"The {len(cases)} shared MyoPS cases made scar-free (every manual scar voxel of LGE given the intensity of a random "
-                   f"normal-myocardium voxel of its slice), {args.folds}-fold cross-validated (each fold's atlas from the other folds' "
+        "caption": f"The {len(cases)} shared MyoPS cases made scar-free (LGE's manual scar and oedema filled from the normal wall "
+                   f"around them), {args.folds}-fold cross-validated (each fold's atlas from the other folds' "
                    "scar-free cases), fully automatic, default settings: the scar volume each fit reports (LGE grid).",
     })
 

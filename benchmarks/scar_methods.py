@@ -2,7 +2,7 @@
 """Scar in LGE: the mixture's enhanced subtype against the clinical threshold methods, on the same
 fitted myocardium of the same cases.
 
-    .venv/bin/python benchmarks/scar_methods.py --fits DIR [--root DIR] [--folds 5] [--record NAME]
+    .venv/bin/python benchmarks/scar_methods.py --fits DIR [--root DIR] [--free-fits DIR --free-root DIR] [--folds 5] [--record NAME]
 
 ``--fits``: the folder of one variant of ``benchmarks/crossval.py`` (``DIR/<case>/`` holding
 ``<case>_LGE_seg.nii.gz``, ``<case>_scar.nii.gz`` and ``metrics.json`` of fully automatic fits, each
@@ -25,7 +25,12 @@ myocardium's median, 0, to the LV blood's, 1).
 n is chosen by cross-validation: for each fold, the n of ``--n`` with the best mean scar Dice on
 the other folds' cases, applied to the fold; the product's rule (``model.scar.rule``: subtype,
 fwhm, subtype_and_fwhm) is chosen per fold the same way, alone and together with
-``model.scar.min_component_ml`` (pieces of scar smaller than that many ml dropped; ``--min-components``).
+``model.scar.open_mm`` (the mask opened in-plane by a disk of that radius: thin bands go;
+``--open-mm``) and ``model.scar.min_component_ml`` (pieces of scar smaller than that many ml
+dropped; ``--min-components``). With ``--free-fits`` (``benchmarks/scar_free.py``: the same cases,
+their scar filled from the normal wall, fitted the same way) every method's volume on those
+scar-free hearts is reported too, and the settings are also chosen per fold among those that keep
+at least ``FREE_SHARE`` of the other folds' scar-free hearts under ``LIMIT_ML``.
 Reported per method: scar Dice against the manual
 label (MyoPS 2221), volumes in ml and the mean relative volume error. Writes
 ``benchmarks/results/NAME.json`` (default ``scar_methods``).
@@ -43,12 +48,14 @@ from common import argument_parser, parse_args
 from crossval import folds_of
 from record import add_record_option, write_record
 
-from mvmm_monai.conventions.scar import drop_small_components
+from mvmm_monai.conventions.scar import drop_small_components, open_in_plane
 
 SCAR, MYO = 2221, 200  # MyoPS label values: scar, myocardium (the fit's myocardium label)
 MANUAL_MYO = (200, 1220, 2221)  # MyoPS myocardium: normal, oedema, scar
 FIT_LABELS = {"myocardium": 200, "lv": 500, "rv": 600, "background": 0}  # the fit's LGE label map (MyoPS values)
 RULES = {"subtype": "mixture", "fwhm": "fwhm", "subtype_and_fwhm": "mixture_fwhm"}  # model.scar.rule -> method key
+LIMIT_ML = 2.0  # issue "Automatic results that hold": under 2 ml on hearts without scar
+FREE_SHARE = 0.9  # the share of scar-free hearts a setting must keep under LIMIT_ML to be chosen with --free-fits
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,7 +75,16 @@ def threshold_masks(lge: np.ndarray, myo: np.ndarray, ns: list[float]) -> dict[s
     return out
 
 
-def case_row(fits, root, case: str, ns: list[float], min_components: list[float]) -> dict:
+def product_key(rule: str, open_mm: float, min_ml: float) -> str:
+    """The mask key of the product's rule ``rule`` (a ``model.scar.rule``) with ``model.scar.open_mm``
+    and ``model.scar.min_component_ml``."""
+    key = RULES[rule]
+    if open_mm:
+        key += f"_open{open_mm:g}"
+    return key if min_ml == 0 else f"{key}_min{min_ml:g}"
+
+
+def case_row(fits, root, case: str, ns: list[float], min_components: list[float], opens: list[float] = (0.0,)) -> dict:
     seg_file, scar_file = fits / case / f"{case}_LGE_seg.nii.gz", fits / case / f"{case}_scar.nii.gz"
     entry = json.loads((fits / case / "metrics.json").read_text()).get("scar", {})
     rule, smallest = entry.get("rule", "subtype"), entry.get("min_component_ml", 0.0)  # fits before min_component_ml kept every piece
@@ -86,10 +102,13 @@ def case_row(fits, root, case: str, ns: list[float], min_components: list[float]
     myo = (seg == MYO) | scar
     masks = {"mixture": scar, **threshold_masks(lge, myo, ns)}
     masks["mixture_fwhm"] = scar & masks["fwhm"]
-    for key in RULES.values():  # the product's rules with their small pieces dropped (model.scar.min_component_ml)
-        for m in min_components:
-            if m > 0:
-                masks[f"{key}_min{m:g}"] = drop_small_components(torch.from_numpy(masks[key]), ml, m).numpy()
+    spacing = tuple(float(v) for v in lge_img.header.get_zooms()[:2])
+    for rule, key in RULES.items():  # the product's rules opened (model.scar.open_mm), small pieces dropped (min_component_ml)
+        for o in opens:
+            opened = open_in_plane(torch.from_numpy(masks[key]), spacing, o)
+            for m in min_components:
+                if o or m:
+                    masks[product_key(rule, o, m)] = drop_small_components(opened, ml, m).numpy()
     masks.update({f"manual_{k}": m for k, m in threshold_masks(lge, np.isin(gd, MANUAL_MYO), ns).items()})
     lands = {name: int((truth & (seg == value) & ~scar).sum()) for name, value in FIT_LABELS.items()}
     lands["myocardium"] += int((truth & scar).sum())  # the fit's scar is its myocardium too
@@ -105,69 +124,97 @@ def case_row(fits, root, case: str, ns: list[float], min_components: list[float]
             "methods": {k: {"dice": dice(m, truth), "ml": float(m.sum() * ml)} for k, m in masks.items()}}
 
 
-def summary(rows: list[dict], pick: dict[str, str]) -> dict:
+def summary(rows: list[dict], pick: dict[str, str], free_rows: list[dict] = ()) -> dict:
     """Per method (``pick``: case -> the method key used for it): mean Dice, mean volume and mean
-    relative volume error."""
+    relative volume error; with ``free_rows`` (the same cases made scar-free) the mean volume found
+    on them and how many stay under ``LIMIT_ML``."""
     d = [r["methods"][pick[r["case"]]]["dice"] for r in rows]
     v = [r["methods"][pick[r["case"]]]["ml"] for r in rows]
     t = [r["true_ml"] for r in rows]
-    return {"dice_mean": float(np.mean(d)), "dice_sd": float(np.std(d)), "ml_mean": float(np.mean(v)), "true_ml_mean": float(np.mean(t)),
-            "relative_volume_error": float(np.mean([abs(a - b) / b for a, b in zip(v, t)]))}
+    out = {"dice_mean": float(np.mean(d)), "dice_sd": float(np.std(d)), "ml_mean": float(np.mean(v)), "true_ml_mean": float(np.mean(t)),
+           "relative_volume_error": float(np.mean([abs(a - b) / b for a, b in zip(v, t)]))}
+    if free_rows:
+        f = [r["methods"][pick[r["case"]]]["ml"] for r in free_rows]
+        out.update(free_ml_mean=float(np.mean(f)), free_under=int(sum(x < LIMIT_ML for x in f)), free_n=len(f))
+    return out
 
 
 def main() -> None:
     ap = argument_parser(__doc__, myops=True, overrides=False)
     ap.add_argument("--fits", type=Path, required=True)
+    ap.add_argument("--free-fits", type=Path, help="the fits of benchmarks/scar_free.py (its --out/fits), made with "
+                    "model.scar.rule=subtype model.scar.min_component_ml=0: every method's volume on scar-free hearts")
+    ap.add_argument("--free-root", type=Path, help="the scar-free cases those fits were made from (scar_free.py's --out/data)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--n", type=float, nargs="+", default=[2, 3, 4, 5, 6], help="the n of n-SD tried (default %(default)s)")
     ap.add_argument("--min-components", type=float, nargs="+", default=[0, 0.25, 0.5, 1.0],
                     help="model.scar.min_component_ml values tried with the product's rules, ml (default %(default)s)")
+    ap.add_argument("--open-mm", type=float, nargs="+", default=[0, 1, 1.5, 2, 3],
+                    help="model.scar.open_mm values tried with the product's rules, mm (default %(default)s)")
     add_record_option(ap, "scar_methods")
     args = parse_args(ap)
+    if (args.free_fits is None) != (args.free_root is None):
+        raise SystemExit("--free-fits and --free-root go together")
     cases = sorted(p.name for p in args.fits.iterdir() if (p / f"{p.name}_scar.nii.gz").is_file())
     if not cases:
         raise SystemExit(f"{args.fits}: no fits (<case>/<case>_scar.nii.gz) found")
-    rows = [case_row(args.fits, args.root, c, args.n, args.min_components) for c in cases]
+    opens, mins = sorted(args.open_mm), sorted(args.min_components)
+    rows = [case_row(args.fits, args.root, c, args.n, mins, opens) for c in cases]
+    free_rows = []
+    if args.free_fits:
+        missing = [c for c in cases if not (args.free_fits / c / f"{c}_scar.nii.gz").is_file()]
+        if missing:
+            raise SystemExit(f"{args.free_fits}: no scar-free fit of {', '.join(missing)}")
+        free_rows = [case_row(args.free_fits, args.free_root, c, args.n, mins, opens) for c in cases]
     by_case = {r["case"]: r for r in rows}
+    free_by_case = {r["case"]: r for r in free_rows}
     folds = folds_of(cases, args.folds)
-    chosen = []
-    for fold in folds:
-        others = [by_case[c] for c in cases if c not in fold]
-        best = max(args.n, key=lambda n: np.mean([r["methods"][f"nsd_{n:g}"]["dice"] for r in others]))
-        chosen.append(best)
+
+    def others_of(fold):
+        return [by_case[c] for c in cases if c not in fold]
+
+    chosen = [max(args.n, key=lambda n: np.mean([r["methods"][f"nsd_{n:g}"]["dice"] for r in others_of(fold)])) for fold in folds]
     pick_cv = {c: f"nsd_{chosen[i]:g}" for i, fold in enumerate(folds) for c in fold}
     chosen_manual = [max(args.n, key=lambda n: np.mean([by_case[c]["methods"][f"manual_nsd_{n:g}"]["dice"] for c in cases if c not in fold]))
                      for fold in folds]
     pick_manual = {c: f"manual_nsd_{chosen_manual[i]:g}" for i, fold in enumerate(folds) for c in fold}
     # the product's rule (model.scar.rule) chosen per fold the same way, among those it offers
-    rules = RULES
-    rule_chosen = []
-    for fold in folds:
-        others = [by_case[c] for c in cases if c not in fold]
-        rule_chosen.append(max(rules, key=lambda k: np.mean([r["methods"][rules[k]]["dice"] for r in others])))
-    pick_rule = {c: rules[rule_chosen[i]] for i, fold in enumerate(folds) for c in fold}
-    # ... and together with model.scar.min_component_ml (its smallest value on a tie)
-    def key_of(rule: str, m: float) -> str:
-        return rules[rule] if m == 0 else f"{rules[rule]}_min{m:g}"
+    rule_chosen = [max(RULES, key=lambda k: np.mean([r["methods"][RULES[k]]["dice"] for r in others_of(fold)])) for fold in folds]
+    pick_rule = {c: RULES[rule_chosen[i]] for i, fold in enumerate(folds) for c in fold}
+    # ... and together with model.scar.open_mm and model.scar.min_component_ml (the first, smallest, on a tie)
+    settings = [(rule, o, m) for rule in RULES for o in opens for m in mins]
 
-    pairs = [(rule, m) for rule in rules for m in sorted(args.min_components)]
-    pair_chosen = []
-    for fold in folds:
-        others = [by_case[c] for c in cases if c not in fold]
-        pair_chosen.append(max(pairs, key=lambda p: np.mean([r["methods"][key_of(*p)]["dice"] for r in others])))
-    pick_pair = {c: key_of(*pair_chosen[i]) for i, fold in enumerate(folds) for c in fold}
+    def scarred_dice(setting, fold):
+        return np.mean([r["methods"][product_key(*setting)]["dice"] for r in others_of(fold)])
+
+    set_chosen = [max(settings, key=lambda st: scarred_dice(st, fold)) for fold in folds]
+    pick_set = {c: product_key(*set_chosen[i]) for i, fold in enumerate(folds) for c in fold}
     methods = {"mixture (MvMM scar subtype)": {c: "mixture" for c in cases},
                "n-SD, n chosen per fold": pick_cv,
                **{f"n-SD, n = {n:g} (every case)": {c: f"nsd_{n:g}" for c in cases} for n in args.n},
                "FWHM": {c: "fwhm" for c in cases},
                "mixture and FWHM both": {c: "mixture_fwhm" for c in cases},
                "model.scar.rule chosen per fold": pick_rule,
-               **{f"mixture and FWHM both, pieces under {m:g} ml dropped": {c: key_of("subtype_and_fwhm", m) for c in cases}
-                  for m in sorted(args.min_components) if m > 0},
-               "model.scar.rule and min_component_ml chosen per fold": pick_pair,
-               "ceiling, not a method: n-SD within the manual myocardium, n chosen per fold": pick_manual,
-               "ceiling, not a method: FWHM within the manual myocardium": {c: "manual_fwhm" for c in cases}}
-    results = {name: summary(rows, pick) for name, pick in methods.items()}
+               **{f"mixture and FWHM both, pieces under {m:g} ml dropped": {c: product_key("subtype_and_fwhm", 0, m) for c in cases}
+                  for m in mins if m > 0},
+               **{f"mixture and FWHM both, opened by {o:g} mm, pieces under {max(mins):g} ml dropped":
+                  {c: product_key("subtype_and_fwhm", o, max(mins)) for c in cases} for o in opens if o > 0},
+               "model.scar.rule, open_mm and min_component_ml chosen per fold": pick_set}
+    set_free_chosen = []
+    if free_rows:
+        # the same, among the settings that keep at least FREE_SHARE of the other folds' scar-free
+        # hearts under LIMIT_ML (none: the one that keeps most)
+        def free_share(setting, fold):
+            return np.mean([free_by_case[c]["methods"][product_key(*setting)]["ml"] < LIMIT_ML for c in cases if c not in fold])
+
+        for fold in folds:
+            ok = [st for st in settings if free_share(st, fold) >= FREE_SHARE]
+            set_free_chosen.append(max(ok, key=lambda st: scarred_dice(st, fold)) if ok else max(settings, key=lambda st: free_share(st, fold)))
+        methods[f"the same, among settings keeping {100 * FREE_SHARE:.0f} % of scar-free hearts under {LIMIT_ML:g} ml"] = {
+            c: product_key(*set_free_chosen[i]) for i, fold in enumerate(folds) for c in fold}
+    methods.update({"ceiling, not a method: n-SD within the manual myocardium, n chosen per fold": pick_manual,
+                    "ceiling, not a method: FWHM within the manual myocardium": {c: "manual_fwhm" for c in cases}})
+    results = {name: summary(rows, pick, free_rows if not name.startswith("ceiling") else ()) for name, pick in methods.items()}
     total = sum(sum(r["manual_scar_in_fit"].values()) for r in rows)
     lands = {k: sum(r["manual_scar_in_fit"][k] for r in rows) / total for k in FIT_LABELS}
     print(json.dumps(results, indent=1))
@@ -177,19 +224,38 @@ def main() -> None:
           + ", ".join(f"{k} {v:.2f}" for k, v in like_blood.items()))
     if not args.record:
         return
+
+    def setting_text(st):
+        return f"{st[0]} {st[1]:g} mm {st[2]:g} ml"
+
+    columns = ["method", "scar Dice (mean ± SD)", "volume (ml, mean)", "manual volume (ml, mean)", "mean relative volume error"]
+    if free_rows:
+        columns += ["scar-free hearts: volume (ml, mean)", f"scar-free hearts under {LIMIT_ML:g} ml"]
+
+    def line(name, r):
+        out = [name, f"{r['dice_mean']:.3f} ± {r['dice_sd']:.3f}", f"{r['ml_mean']:.1f}", f"{r['true_ml_mean']:.1f}",
+               f"{100 * r['relative_volume_error']:.0f} %"]
+        if free_rows:
+            out += [f"{r['free_ml_mean']:.1f}", f"{r['free_under']}/{r['free_n']}"] if "free_n" in r else ["–", "–"]
+        return out
+
     write_record(args.record, {"cases": cases, "folds": folds, "n_chosen_per_fold": chosen, "rule_chosen_per_fold": rule_chosen,
-                               "rule_and_min_component_ml_chosen_per_fold": [list(p) for p in pair_chosen],
+                               "settings_chosen_per_fold": [list(p) for p in set_chosen],
+                               "settings_chosen_per_fold_scar_free": [list(p) for p in set_free_chosen],
                                "n_chosen_per_fold_manual_myocardium": chosen_manual, "manual_scar_in_fit": lands,
-                               "lost_scar_like_blood": like_blood,
-                               "results": results, "rows": rows}, table={
-        "columns": ["method", "scar Dice (mean ± SD)", "volume (ml, mean)", "manual volume (ml, mean)", "mean relative volume error"],
-        "rows": [[name, f"{s['dice_mean']:.3f} ± {s['dice_sd']:.3f}", f"{s['ml_mean']:.1f}", f"{s['true_ml_mean']:.1f}",
-                  f"{100 * s['relative_volume_error']:.0f} %"] for name, s in results.items()],
+                               "lost_scar_like_blood": like_blood, "free_fits": None if args.free_fits is None else str(args.free_fits),
+                               "results": results, "rows": rows, "free_rows": free_rows}, table={
+        "columns": columns,
+        "rows": [line(name, r) for name, r in results.items()],
         "caption": f"Scar (MyoPS 2221) on the LGE grids of {len(cases)} MyoPS cases, within each fully automatic cross-validated "
                    f"fit's myocardium: the mixture's scar subtype against n-SD (remote: the darker half of the myocardium) and FWHM; "
                    f"n chosen per fold on the other folds' cases ({', '.join(f'{n:g}' for n in chosen)}), and the rule of model.scar.rule "
-                   f"the same way ({', '.join(rule_chosen)}), and with model.scar.min_component_ml "
-                   f"({', '.join(f'{r} {m:g} ml' for r, m in pair_chosen)}). Fits: {args.fits.name}. Manual scar voxels in the fits' label maps: "
+                   f"the same way ({', '.join(rule_chosen)}), and with model.scar.open_mm and min_component_ml "
+                   f"({', '.join(setting_text(st) for st in set_chosen)})"
+                   + (f"; keeping {100 * FREE_SHARE:.0f} % of the other folds' scar-free hearts under {LIMIT_ML:g} ml "
+                      f"({', '.join(setting_text(st) for st in set_free_chosen)}); scar-free hearts: the same cases with their "
+                      f"scar filled from the normal wall (benchmarks/scar_free.py, {args.free_fits})" if free_rows else "")
+                   + f". Fits: {args.fits.name}. Manual scar voxels in the fits' label maps: "
                    + ", ".join(f"{k} {100 * v:.1f} %" for k, v in lands.items()) + "; on the manual scar drawn as LV, each "
                    "sequence's intensity from normal myocardium (0) to LV blood (1), median over the cases: "
                    + ", ".join(f"{k} {v:.2f}" for k, v in like_blood.items()) + ".",

@@ -103,8 +103,30 @@ def test_small_pieces_of_scar_are_dropped_by_volume():
         drop_small_components(mask, 0.01, -1.0)
 
 
-def test_a_negative_minimum_scar_piece_is_refused(tmp_path, cache_dir):
-    with pytest.raises(ValueError, match="model.scar.min_component_ml"):
-        fit(compose_config(["subject=patient2", f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path}",
-                            "model.scar.min_component_ml=-1", *QUIET]))
+def test_opening_removes_thin_bands_and_keeps_what_holds_the_disk():
+    from mvmm_monai.conventions.scar import open_in_plane
+
+    mask = torch.zeros(40, 40, 2, dtype=torch.bool)
+    mask[5:15, 5:15, 0] = True  # a 10 x 10 block: 5 mm at 0.5 mm voxels
+    mask[20:38, 20:22, 0] = True  # a band 2 voxels (1 mm) thick, 9 mm long: partial volume along a border
+    mask[30, 5, 1] = True  # a single voxel
+    assert torch.equal(open_in_plane(mask, (0.5, 0.5), 0.0), mask)
+    opened = open_in_plane(mask, (0.5, 0.5), 1.5)  # a disk of 3 voxels radius
+    block = opened[5:15, 5:15, 0]
+    assert block[2:8, 2:8].all() and int(block.sum()) >= 80  # the block stays, less a few voxels of its corners
+    assert not opened[20:38, 20:22].any() and not opened[..., 1].any()
+    # on 1 x 0.5 mm voxels a disk of 0.75 mm is 1 voxel across x and 3 across y: a band 2 voxels
+    # (2 mm) thick across x stays, the same band turned (1 mm thick) goes
+    band = torch.zeros(40, 40, 1, dtype=torch.bool)
+    band[20:22, 10:30, 0] = True
+    assert torch.equal(open_in_plane(band, (1.0, 0.5), 0.75), band)
+    assert not open_in_plane(band.transpose(0, 1), (1.0, 0.5), 0.75).any()
+    with pytest.raises(ValueError, match="open_mm"):
+        open_in_plane(mask, (0.5, 0.5), -1.0)
+
+
+@pytest.mark.parametrize("setting", ["model.scar.min_component_ml=-1", "model.scar.open_mm=-2", "model.scar.open_mm=abc"])
+def test_a_silly_scar_setting_is_refused(tmp_path, cache_dir, setting):
+    with pytest.raises(ValueError, match=setting.split("=")[0]):
+        fit(compose_config(["subject=patient2", f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path}", setting, *QUIET]))
     assert not list(tmp_path.glob("*.nii.gz"))

@@ -61,9 +61,28 @@ def drop_small_components(mask: torch.Tensor, ml_per_voxel: float, min_ml: float
     return torch.from_numpy(keep[pieces]).to(mask.device)
 
 
+def open_in_plane(mask: torch.Tensor, spacing_mm: tuple[float, float], radius_mm: float) -> torch.Tensor:
+    """``mask`` ``[X, Y, Z]`` (bool) opened slice by slice (erosion then dilation) by a disk of
+    ``radius_mm`` (an ellipse in voxels where the two in-plane spacings differ): what is thinner
+    than the disk anywhere goes (the one- and two-voxel band of blood partial volume along the
+    endocardium, single bright voxels), what holds the disk stays whole; 0 keeps the mask."""
+    if radius_mm < 0:
+        raise ValueError(f"model.scar.open_mm must be >= 0, got {radius_mm}")
+    if radius_mm == 0 or not bool(mask.any()):
+        return mask
+    from scipy import ndimage
+
+    rx, ry = (radius_mm / float(s) for s in spacing_mm)
+    x, y = np.mgrid[-int(rx):int(rx) + 1, -int(ry):int(ry) + 1]
+    disk = (x / max(rx, 1e-9)) ** 2 + (y / max(ry, 1e-9)) ** 2 <= 1.0 + 1e-9
+    m = mask.cpu().numpy()
+    out = np.stack([ndimage.binary_opening(m[..., z], structure=disk) for z in range(m.shape[-1])], axis=-1)
+    return torch.from_numpy(out).to(mask.device)
+
+
 def native_scar(
     subject, scores: torch.Tensor, result, shifts: dict, min_contrast: float = 2.0, min_blood_fraction: float = 0.45,
-    rule: str = "subtype_and_fwhm", min_component_ml: float = 0.0,
+    rule: str = "subtype_and_fwhm", min_component_ml: float = 0.0, open_mm: float = 0.0,
 ) -> tuple[torch.Tensor, ScarResult]:
     """Scar mask ``[X, Y, Z]`` (bool) on the reference sequence's native grid, and the common-space result.
 
@@ -80,7 +99,8 @@ def native_scar(
         shifts: sequence -> fitted slice shifts in voxels (as for the segmentations).
         min_contrast, min_blood_fraction: see :func:`~mvmm_monai.mixture.scar.scar_segmentation`.
         min_component_ml: pieces of scar smaller than this (ml, on the native grid) are dropped
-            (:func:`drop_small_components`).
+            (:func:`drop_small_components`), after the mask is opened in-plane by a disk of
+            ``open_mm`` (:func:`open_in_plane`).
     """
     ref = subject.reference
     w = result.warped
@@ -107,7 +127,8 @@ def native_scar(
     if full is not subject:
         two_class = subject.uncrop(two_class, 0.0, 1.0)
     native = (native_segmentation(two_class, full, ref, shifts.get(ref)) == 1).cpu()
-    return drop_small_components(native, voxel_ml(full.grids[ref]), min_component_ml), res
+    opened = open_in_plane(native, tuple(float(v) for v in full.grids[ref].spacing[:2]), open_mm)
+    return drop_small_components(opened, voxel_ml(full.grids[ref]), min_component_ml), res
 
 
 def _finite(v: torch.Tensor) -> float | None:
@@ -116,7 +137,7 @@ def _finite(v: torch.Tensor) -> float | None:
 
 
 def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, min_contrast: float = 2.0, min_blood_fraction: float = 0.45,
-               rule: str = "subtype_and_fwhm", min_component_ml: float = 0.0) -> dict:
+               rule: str = "subtype_and_fwhm", min_component_ml: float = 0.0, open_mm: float = 0.0) -> dict:
     """Write ``<subject>_scar.nii.gz`` (uint8 0/1, the reference's native grid) into ``out``.
 
     Returns the ``scar`` entry of ``metrics.json``: ``volume_ml``, the two guards of the rule
@@ -125,7 +146,7 @@ def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, m
     reference, ``dice`` (1.0 when both masks are empty) and ``true_volume_ml``.
     """
     ref = subject.reference
-    mask, res = native_scar(subject, scores, result, shifts, min_contrast, min_blood_fraction, rule, min_component_ml)
+    mask, res = native_scar(subject, scores, result, shifts, min_contrast, min_blood_fraction, rule, min_component_ml, open_mm)
     full = getattr(subject, "parent", None) or subject
     grid = full.grids[ref]
     save_nifti(Path(out) / f"{subject.name}_scar.nii.gz", mask.numpy().astype(np.uint8), grid.affine.numpy())
@@ -134,6 +155,7 @@ def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, m
         "volume_ml": int(mask.sum()) * ml,
         "rule": rule,
         "min_component_ml": min_component_ml,
+        "open_mm": open_mm,
         "contrast": _finite(res.contrast[0]),
         "blood_fraction": _finite(res.blood_fraction[0]),
     }

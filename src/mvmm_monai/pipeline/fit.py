@@ -74,6 +74,8 @@ def resolve_settings(cfg: DictConfig, dataset) -> tuple[DictConfig, LabellingCon
         raise ValueError(f"model.scar.rule must be one of {SCAR_RULES}, got {scar.get('rule')!r}")
     if not isinstance(scar.get("min_component_ml", 0.0), (int, float)) or scar.get("min_component_ml", 0.0) < 0:
         raise ValueError(f"model.scar.min_component_ml must be a number >= 0 (ml), got {scar.get('min_component_ml')!r}")
+    if not isinstance(scar.get("open_mm", 0.0), (int, float)) or not 0 <= scar.get("open_mm", 0.0) <= 20:
+        raise ValueError(f"model.scar.open_mm must be a number from 0 to 20 (mm), got {scar.get('open_mm')!r}")
     return cfg, conventions
 
 
