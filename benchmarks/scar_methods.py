@@ -55,6 +55,7 @@ MANUAL_MYO = (200, 1220, 2221)  # MyoPS myocardium: normal, oedema, scar
 FIT_LABELS = {"myocardium": 200, "lv": 500, "rv": 600, "background": 0}  # the fit's LGE label map (MyoPS values)
 RULES = {"subtype": "mixture", "fwhm": "fwhm", "subtype_and_fwhm": "mixture_fwhm"}  # model.scar.rule -> method key
 LIMIT_ML = 2.0  # issue "Automatic results that hold": under 2 ml on hearts without scar
+BLOOD_FRACTIONS = (0.5, 0.55, 0.6)  # stricter model.scar.min_blood_fraction tried with the default rule (packaged: 0.45)
 FREE_SHARE = 0.9  # the share of scar-free hearts a setting must keep under LIMIT_ML to be chosen with --free-fits
 
 
@@ -109,6 +110,13 @@ def case_row(fits, root, case: str, ns: list[float], min_components: list[float]
             for m in min_components:
                 if o or m:
                     masks[product_key(rule, o, m)] = drop_small_components(opened, ml, m).numpy()
+    # the default rule with a stricter guard on the subtype (model.scar.min_blood_fraction): a heart
+    # whose enhanced subtype lies less far towards the blood gets no scar at all
+    default = masks.get(product_key("subtype_and_fwhm", 0, 1.0))
+    if default is not None:
+        bf = entry.get("blood_fraction")
+        for t in BLOOD_FRACTIONS:
+            masks[f"default_bf{t:g}"] = default if bf is not None and bf >= t else np.zeros_like(default)
     masks.update({f"manual_{k}": m for k, m in threshold_masks(lge, np.isin(gd, MANUAL_MYO), ns).items()})
     lands = {name: int((truth & (seg == value) & ~scar).sum()) for name, value in FIT_LABELS.items()}
     lands["myocardium"] += int((truth & scar).sum())  # the fit's scar is its myocardium too
@@ -200,6 +208,9 @@ def main() -> None:
                **{f"mixture and FWHM both, opened by {o:g} mm, pieces under {max(mins):g} ml dropped":
                   {c: product_key("subtype_and_fwhm", o, max(mins)) for c in cases} for o in opens if o > 0},
                "model.scar.rule, open_mm and min_component_ml chosen per fold": pick_set}
+    if 1.0 in mins:
+        methods.update({f"the default rule (mixture and FWHM, pieces under 1 ml dropped), no scar below blood fraction {t:g}":
+                        {c: f"default_bf{t:g}" for c in cases} for t in BLOOD_FRACTIONS})
     set_free_chosen = []
     if free_rows:
         # the same, among the settings that keep at least FREE_SHARE of the other folds' scar-free
