@@ -65,7 +65,8 @@ def open_in_plane(mask: torch.Tensor, spacing_mm: tuple[float, float], radius_mm
     """``mask`` ``[X, Y, Z]`` (bool) opened slice by slice (erosion then dilation) by a disk of
     ``radius_mm`` (an ellipse in voxels where the two in-plane spacings differ): what is thinner
     than the disk anywhere goes (the one- and two-voxel band of blood partial volume along the
-    endocardium, single bright voxels), what holds the disk stays whole; 0 keeps the mask."""
+    endocardium, single bright voxels), what the disk fits in stays (with its corners rounded to
+    the disk); 0 keeps the mask."""
     if radius_mm < 0:
         raise ValueError(f"model.scar.open_mm must be >= 0, got {radius_mm}")
     if radius_mm == 0 or not bool(mask.any()):
