@@ -82,17 +82,17 @@ def fill_from_normal(image: np.ndarray, scar: np.ndarray, normal: np.ndarray, rn
     for _ in range(DIFFUSION_STEPS):
         mean = ndimage.convolve(np.where(wall, value, 0.0), kernel, mode="constant") / np.maximum(weight, 1.0)
         value = np.where(scar & (weight > 0), mean, value)
-    residual = (image - level)[normal]
-    # the residual's correlation length: the lag-1 autocorrelation of a Gaussian-smoothed white
-    # noise of sigma s is exp(-1 / (4 s^2))
-    r = image - level
-    lag = [float(np.corrcoef(r[:-1][normal[:-1] & normal[1:]], r[1:][normal[:-1] & normal[1:]])[0, 1])] if normal.sum() > 50 else [0.0]
-    rho = min(max(lag[0], 1e-3), 0.99)
+    residual = image - level
+    # its correlation length: the lag-1 autocorrelation (along the first axis) of white noise
+    # smoothed by a Gaussian of sigma s is exp(-1 / (4 s^2))
+    pair = normal[:-1] & normal[1:]
+    lag = float(np.corrcoef(residual[:-1][pair], residual[1:][pair])[0, 1]) if normal.sum() > 50 else 0.0
+    rho = min(max(lag, 1e-3), 0.99)
     sigma = math.sqrt(-1.0 / (4.0 * math.log(rho))) if rho > math.exp(-4.0) else 0.0
     noise = rng.standard_normal(image.shape)
     if sigma > 0:
         noise = ndimage.gaussian_filter(noise, sigma)
-    noise = noise / max(float(noise.std()), 1e-12) * float(residual.std())
+    noise = noise / max(float(noise.std()), 1e-12) * float(residual[normal].std())
     out[scar] = value[scar] + noise[scar]
     return out
 

@@ -94,3 +94,18 @@ def test_per_slice_is_indexing_with_the_same_gradient():
     assert torch.allclose(grad, expected)
     angles = torch.randn(4)
     assert torch.equal(per_slice(angles, index), angles[index])
+
+
+def test_sampling_in_slices_is_sampling_at_whole_slices():
+    # the alignment samples every slice at its own in-plane points as a batch of 2D samples: the
+    # same values as the 3D sampler at the same points on whole slices, border values outside
+    from mvmm_monai.data.common_space import sample_at, sample_in_slices
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 9, 7, 4, generator=g, dtype=torch.float64)
+    xy = torch.rand(4, 3, 5, 2, generator=g, dtype=torch.float64) * torch.tensor([12.0, 10.0]) - 1.5  # some outside
+    z = torch.arange(4, dtype=torch.float64).view(4, 1, 1, 1).expand(4, 3, 5, 1)
+    full = sample_at(image, torch.cat((xy, z), dim=-1))  # [C, 4, 3, 5]
+    torch.testing.assert_close(sample_in_slices(image, xy), full.permute(1, 0, 2, 3))
+    rows = torch.tensor([3, 1])
+    torch.testing.assert_close(sample_in_slices(image, xy[rows], rows), full.permute(1, 0, 2, 3)[rows])

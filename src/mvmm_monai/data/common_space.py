@@ -168,14 +168,31 @@ def rotate(v: Tensor, angle: Tensor) -> Tensor:
     return torch.stack((cos * v[..., 0] - sin * v[..., 1], sin * v[..., 0] + cos * v[..., 1]), dim=-1)
 
 
+def _grid_sample_grid(index: Tensor, size) -> Tensor:
+    """Voxel indices ``[..., D]`` of an image of spatial ``size`` as ``grid_sample``'s grid: in
+    [-1, 1] (``align_corners=True``), the last axis first (0 along an axis of one voxel)."""
+    size = torch.tensor(size, dtype=index.dtype, device=index.device)
+    norm = 2.0 * index / (size - 1).clamp_min(1.0) - 1.0
+    return torch.where(size > 1, norm, torch.zeros_like(norm)).flip(-1)
+
+
 def sample_at(image: Tensor, index: Tensor, mode: str = "bilinear") -> Tensor:
     """``image`` ``[C, X, Y, Z]`` at continuous voxel indices ``index`` ``[A, B, D, 3]`` (any three
     leading sizes; border values outside) -> ``[C, A, B, D]``, in ``index``'s dtype."""
-    size = torch.tensor(image.shape[1:], dtype=index.dtype, device=index.device)
-    # grid_sample on [1, C, X, Y, Z] wants (z, y, x) order in [-1, 1] (align_corners=True)
-    norm = 2.0 * index / (size - 1).clamp_min(1.0) - 1.0
-    norm = torch.where(size > 1, norm, torch.zeros_like(norm))
-    return F.grid_sample(image[None].to(norm.dtype), norm.flip(-1)[None], mode=mode, padding_mode="border", align_corners=True)[0]
+    grid = _grid_sample_grid(index, image.shape[1:])
+    return F.grid_sample(image[None].to(grid.dtype), grid[None], mode=mode, padding_mode="border", align_corners=True)[0]
+
+
+def sample_in_slices(image: Tensor, index: Tensor, slices: Tensor | None = None) -> Tensor:
+    """Each slice of ``image`` ``[C, X, Y, Z]`` at its own continuous in-plane voxel indices
+    ``index`` ``[R, A, B, 2]`` (bilinear, border values outside), for the slices ``slices`` ``[R]``
+    (default: all, ``R = Z``) -> ``[R, C, A, B]``: :func:`sample_at` where every point lies on a
+    whole slice, as a batch of 2D samples (a quarter of the 3D sampler's reads)."""
+    planes = image.permute(3, 0, 1, 2)  # [Z, C, X, Y]
+    if slices is not None:
+        planes = planes[slices]
+    grid = _grid_sample_grid(index, image.shape[1:3])
+    return F.grid_sample(planes.to(grid.dtype), grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def resample(

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mvmm_monai.data.common_space import rotate, sample_at
+from mvmm_monai.data.common_space import rotate, sample_at, sample_in_slices
 from mvmm_monai.registration.functional import inplane_gradient
 
 #: in-plane Gaussian sigma (voxels) of the edges: wider blurs merge the near edges of the wall
@@ -61,9 +61,9 @@ class _SliceCorrelation:
     edge values at the region's voxels.
 
     The region's voxels are also kept slice by slice, padded to the largest slice's count
-    (``grid`` ``[Z, W, 2]``, ``valid`` ``[Z, W]``), so that the candidate poses sample each slice by
-    one 2D ``grid_sample`` of the moving slices as a batch (bilinear in-plane: the slices' own
-    index is whole) and the sums are plain row sums.
+    (``grid`` ``[Z, W, 2]``, ``valid`` ``[Z, W]``), so that the candidate poses sample the moving
+    slices in-plane as one batch (:func:`~mvmm_monai.data.common_space.sample_in_slices`: the
+    slices' own index is whole) and the sums are plain row sums.
 
     Args:
         moving: ``[1, X, Y, Z]`` edge image of the moving sequence (its own voxel grid).
@@ -96,7 +96,6 @@ class _SliceCorrelation:
         self.rows_a = torch.zeros(nz, width, dtype=torch.float64, device=moving.device)
         self.rows_a[row, col] = a[order]
         self.rows = torch.arange(nz, device=moving.device)  # the slices scored
-        self.planes = self.moving[0].permute(2, 0, 1)[:, None]  # [Z, 1, X, Y]
 
     def restricted(self, keep: Tensor) -> _SliceCorrelation:
         """The same measure on the slices ``keep`` (``[Z]`` bool) alone: their correlations are
@@ -119,13 +118,11 @@ class _SliceCorrelation:
         if len(rows) == 0:
             return out
         grid, valid, a = self.grid[rows], self.valid[rows], self.rows_a[rows]  # [R, W, ...]
-        size = torch.tensor(self.moving.shape[1:3], dtype=torch.float32, device=shifts.device)
         step = max(1, _CHUNK_SAMPLES // max(1, grid.shape[0] * grid.shape[1]))
         for lo in range(0, shifts.shape[0], step):
             sh, an = shifts[lo:lo + step, rows].float(), angles[lo:lo + step, rows].float()  # [C, R, 2], [C, R]
             xy = rotate(grid[:, None], an.T[..., None]) + self.centre + sh.transpose(0, 1)[:, :, None]  # [R, C, W, 2]
-            norm = torch.where(size > 1, 2.0 * xy / (size - 1).clamp_min(1.0) - 1.0, torch.zeros_like(xy))
-            b = F.grid_sample(self.planes[rows], norm.flip(-1), mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
+            b = sample_in_slices(self.moving, xy, rows)[:, 0]  # [R, C, W]
             b = torch.where(valid[:, None], b.double(), torch.zeros((), dtype=torch.float64, device=b.device))  # [R, C, W]
             sb, sbb, sab = b.sum(-1).T, (b * b).sum(-1).T, (b * a[:, None]).sum(-1).T  # [C, R]
             out[lo:lo + step, rows] = _pearson(self.n[rows], self.sa[rows], self.saa[rows], sb, sbb, sab)
