@@ -6,9 +6,12 @@ float32, MRF on (beta 1) and pi updated, on this machine's CPU threads; side by 
 run with the same maths written straightforwardly in torch (eager, and ``torch.compile`` of it),
 in plain numpy, and, when antspyx is installed, one iteration of ANTs Atropos on the same images
 and atlas (its own model). Then the engine again with every CPU kept busy by other processes, on
-all threads and on one. Whole fit: ``scripts/fit.py``'s default (synthetic patient1) in-process.
+all threads and on one. Whole fit: ``scripts/fit.py``'s default (synthetic patient1) in-process,
+and the README's quick start as a user runs it (``make fit``'s command, ``python scripts/fit.py
+subject=patient1 trainer.devices=1``, start-up and exit included; ``--command-repeats`` runs, the
+median), with whether it converged before its iteration cap and the WARNING lines it printed.
 
-    python benchmarks/em_speed.py [--repeats 10] [--skip-fit] [--no-peers] [--record NAME]
+    python benchmarks/em_speed.py [--repeats 10] [--command-repeats 3] [--skip-fit] [--no-peers] [--record NAME]
 
 Prints the figures and writes them to ``benchmarks/results/em_speed.json`` (``--record``).
 """
@@ -19,9 +22,12 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import json
 import multiprocessing
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -168,9 +174,38 @@ def atropos_iteration(images, atlas):
     return (runs[7] - runs[2]) / 5
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK_START = ["scripts/fit.py", "subject=patient1", "trainer.devices=1"]
+QUICK_START_TEXT = "`python " + " ".join(QUICK_START) + "`, `make fit`"
+
+
+def quick_start(repeats: int) -> dict:
+    """``make fit``'s command run ``repeats`` times from the repository root (each writing into a
+    temporary folder): wall seconds (median and best), its iterations, whether it converged, and the
+    lines of its output that contain ``WARNING`` (the quick start must print none)."""
+    seconds, warning_lines = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            out = os.path.join(tmp, f"run{i}")
+            t = time.perf_counter()
+            done = subprocess.run([sys.executable, *QUICK_START, f"paths.output_dir={out}"], cwd=REPO,
+                                  capture_output=True, text=True)
+            seconds.append(time.perf_counter() - t)
+            if done.returncode != 0:
+                raise SystemExit(f"the quick start failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+            warning_lines += [line for line in (done.stdout + done.stderr).splitlines() if "WARNING" in line]
+        metrics = json.loads(open(os.path.join(out, "metrics.json")).read())
+    print(f"\nThe quick start as a command ({QUICK_START_TEXT}): median {statistics.median(seconds):.1f} s of {repeats}, "
+          f"{metrics['iterations']} iterations, converged {metrics['converged']}, {len(warning_lines)} WARNING lines")
+    return {"command": " ".join(["python", *QUICK_START]), "repeats": repeats, "median_s": statistics.median(seconds),
+            "min_s": min(seconds), "seconds": seconds, "iterations": metrics["iterations"], "converged": metrics["converged"],
+            "warning_lines": len(warning_lines), "warnings": sorted(set(warning_lines))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--command-repeats", type=int, default=3, help="runs of the quick-start command (0: not timed)")
     ap.add_argument("--skip-fit", action="store_true")
     ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip ANTs Atropos even when antspyx is installed")
     add_record_option(ap, "em_speed")
@@ -271,6 +306,12 @@ def main() -> None:
                                   "seconds_per_iteration": total / max(m["iterations"], 1), "dice_DE": m["dice"]["DE"]}
         rows += [["whole default fit, synthetic patient1 (wall, in-process)", total, None],
                  ["per ICM iteration of that fit, I/O included", total / max(m["iterations"], 1), None]]
+        if args.command_repeats > 0:
+            quick = quick_start(args.command_repeats)
+            figures["quick_start_command"] = quick
+            rows.append([f"the quick start as a command ({QUICK_START_TEXT}; wall, start-up and exit included; "
+                         f"{quick['iterations']} iterations, converged: {'yes' if quick['converged'] else 'no'}, "
+                         f"WARNING lines: {quick['warning_lines']})", quick["median_s"], quick["min_s"]])
     if args.record:
         write_record(args.record, figures, table={
             "columns": ["measure", "seconds (median)", "seconds (best)"], "rows": rows,
