@@ -6,7 +6,7 @@ float32, MRF on (beta 1) and pi updated, on this machine's CPU threads; side by 
 run with the same maths written straightforwardly in torch (eager, and ``torch.compile`` of it),
 in plain numpy, and, when antspyx is installed, one iteration of ANTs Atropos on the same images
 and atlas (its own model). Then the engine again with every CPU kept busy by other processes, on
-all threads and on one. Whole fit: ``scripts/fit.py``'s default (synthetic patient1) in-process,
+all threads and on one, the two alternating call by call. Whole fit: ``scripts/fit.py``'s default (synthetic patient1) in-process,
 and the README's quick start as a user runs it (``make fit``'s command, ``python scripts/fit.py
 subject=patient1 trainer.devices=1``, start-up and exit included; ``--command-repeats`` runs, the
 median), with whether it converged before its iteration cap and the WARNING lines it printed.
@@ -130,6 +130,27 @@ def best_of(fn, repeats):
         fn()
         times.append(time.perf_counter() - t)
     return float(np.median(times)), float(np.min(times))
+
+
+def interleaved(fn, threads, repeats):
+    """``(median, min)`` seconds of ``fn`` on ``threads`` threads and on one, ``repeats`` calls each
+    after a warm-up call each way, the two ways alternating call by call (in turn first) so that both
+    meet the same load: timed one block after the other, the first block met the busy processes
+    just started, and the ratio of the two moved by 20 % from run to run."""
+    times = {threads: [], 1: []}
+    try:
+        for n in (threads, 1):
+            torch.set_num_threads(n)
+            fn()
+        for i in range(repeats):
+            for n in ((threads, 1) if i % 2 == 0 else (1, threads)):
+                torch.set_num_threads(n)
+                t = time.perf_counter()
+                fn()
+                times[n].append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return tuple((float(np.median(times[n])), float(np.min(times[n]))) for n in (threads, 1))
 
 
 def _spin(stop):
@@ -273,10 +294,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     fit_step = lambda: em_step(images, cov, log_atlas, params, cfg, posterior, lower_bound=False, quantised=quantised)
     with busy_cpus(os.cpu_count() or 1):
-        loaded = best_of(fit_step, args.repeats)
-        torch.set_num_threads(1)
-        loaded_one = best_of(fit_step, args.repeats)
-        torch.set_num_threads(threads)
+        loaded, loaded_one = interleaved(fit_step, threads, max(20, 2 * args.repeats))
     report("loaded_all_threads", f"machine loaded ({os.cpu_count()} busy processes): engine on {threads} threads", *loaded)
     report("loaded_one_thread", "machine loaded: engine on 1 thread", *loaded_one)
     em["speedup_over_torch_compile"] = em["torch_compile"]["median_s"] / em["mvmm_monai"]["median_s"]
