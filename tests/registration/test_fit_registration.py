@@ -113,7 +113,24 @@ def test_a_guard_that_cannot_judge_is_refused_before_any_work(tmp_path, cache_di
 def test_a_blow_up_names_the_iteration_and_writes_nothing(tmp_path, cache_dir):
     out = tmp_path / "fit"
     cfg = compose_config(overrides(out, cache_dir, "trainer.max_epochs=20", "registration.schedule.warmup=3",
-                                   "registration.model.slice_motion.max_shift_mm=0.05"))
+                                   "registration.model.slice_motion.max_shift_mm=0.05", "registration.guard=false"))
     with pytest.raises(RegistrationError, match=r"ICM iteration 4: a slice shift of .* exceeds"):
         fit(cfg)
     assert not list(out.glob("*.nii.gz")) and not (out / "metrics.json").exists()
+
+
+def test_a_guarded_blow_up_keeps_the_fit_without_registration_and_says_why(tmp_path, cache_dir, caplog):
+    # the same blow-up with the guard (the presets' default): quality control flags the synthetic fit
+    # without registration, so the registered fit is made; it blows up, and the slices as acquired stand
+    out = tmp_path / "fit"
+    common = ["trainer.max_epochs=20", "registration.schedule.warmup=3", "~logger"]
+    none = fit(compose_config([*overrides(tmp_path / "none", cache_dir, "trainer.max_epochs=20", "~logger"), "registration=none"]))
+    with caplog.at_level("WARNING"):
+        metrics = fit(compose_config(overrides(out, cache_dir, *common, "registration.model.slice_motion.max_shift_mm=0.05")))
+    entry = metrics["registration_guard"]
+    assert entry["kept"] == "none" and entry["qc_flag"] == {"registered": None, "none": True}
+    assert re.search(r"the registered fit failed: registration blew up at ICM iteration 4: a slice shift", entry["why"])
+    assert any("the registered fit failed" in r.getMessage() for r in caplog.records)
+    assert metrics["dice"] == none["dice"]  # the files hold the fit without registration
+    assert (out / "metrics.json").exists() and (out / "patient1_DE_seg.nii.gz").exists()
+    assert json.loads((out / "metrics.json").read_text())["registration_guard"]["kept"] == "none"

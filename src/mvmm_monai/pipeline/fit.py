@@ -46,6 +46,7 @@ from mvmm_monai.pipeline.settings import (
     subject_weights,
     subtype_counts,
 )
+from mvmm_monai.registration import RegistrationError
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +320,7 @@ def idle_registration(cfg: DictConfig, registration, iterations: int) -> bool:
     return schedule is None or iterations > schedule.schedule_end(registration.scheduled_parts(schedule.shift_search_at))
 
 
-def guard_decision(qc_model, registered: dict | None, none: dict, idle: bool = False) -> dict:
+def guard_decision(qc_model, registered: dict | None, none: dict, idle: bool = False, failure: str | None = None) -> dict:
     """``registration.guard``'s choice between a registered fit and the same subject fitted without
     registration, from their ``qc`` entries (``registered`` ``None``: not fitted, because quality
     control trusts the fit without registration). The registered result is kept only where quality
@@ -333,7 +334,10 @@ def guard_decision(qc_model, registered: dict | None, none: dict, idle: bool = F
     slices as acquired, even where the fit without registration is flagged too: on real crops
     (``benchmarks/registration_guard.py``) the registered fits kept that way were the ones that
     lost most. ``idle``: the registration moved nothing (:func:`idle_registration`), so its fit
-    would be the fit without registration and is not made. Returns the ``metrics.json``
+    would be the fit without registration and is not made. ``failure``: the registered fit was
+    started and stopped with a :class:`~mvmm_monai.registration.RegistrationError` (a blow-up: a
+    slice moved beyond ``max_shift_mm``, a folded deformation, a parameter not finite), whose
+    message this is; the fit without registration is kept. Returns the ``metrics.json``
     ``registration_guard`` entry: ``kept`` (``registered`` or ``none``), ``why``, both fits'
     ``qc_score``, ``qc_flag`` and ``qc_linear_score`` (``None`` for a registered fit not made)."""
     linear = {"registered": None if registered is None else qc_model.linear_score(registered["features"]),
@@ -342,6 +346,8 @@ def guard_decision(qc_model, registered: dict | None, none: dict, idle: bool = F
         kept, why = "none", "quality control trusts the fit without registration: nothing to repair"
     elif idle:
         kept, why = "none", "the registration moves nothing here (every slice stays as acquired): its fit is the fit without registration"
+    elif failure is not None:
+        kept, why = "none", f"the registered fit failed: {failure}"
     elif registered is None:
         raise ValueError("guard_decision: the fit without registration is flagged; the registered fit is needed")
     elif registered["flag"]:
@@ -401,15 +407,19 @@ def fit_subject(cfg: DictConfig, dataset, name: str, out: Path) -> dict:
                                    f"{name} (without registration, for registration.guard)")
             if fitted is None:
                 return {}
-            registered, idle = None, False
+            registered, idle, failure = None, False, None
             if fitted.qc["flag"]:  # something to repair: the registered fit, unless it would be this one
                 registration.align_slices()
                 idle = idle_registration(cfg, registration, fitted.result.iterations)
                 if not idle:
                     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-                    registered = _fit_prepared(_registered_beside(cfg), dataset, prep, out, conventions, qc_model, name,
-                                               registration=registration)
-            guarded = guard_decision(qc_model, None if registered is None else registered.qc, fitted.qc, idle=idle)
+                    try:
+                        registered = _fit_prepared(_registered_beside(cfg), dataset, prep, out, conventions, qc_model, name,
+                                                   registration=registration)
+                    except RegistrationError as err:  # a blow-up: the slices as acquired, fitted above, stand
+                        failure = str(err)
+            guarded = guard_decision(qc_model, None if registered is None else registered.qc, fitted.qc, idle=idle,
+                                     failure=failure)
             if guarded["kept"] == "registered":
                 fitted = replace(registered, logger=fitted.logger)  # the final pictures with the first fit's
             else:
