@@ -13,7 +13,11 @@ their scar is the mixture's own, every piece of it. Within each fit's myocardium
 - ``n-SD``: brighter than the remote myocardium's mean by n of its standard deviations, the remote
   taken automatically as the darker half of the myocardium (no hand-drawn region);
 - ``FWHM``: at least half the myocardium's maximum (its 99th percentile, robust to single voxels);
-- both the mixture's scar and FWHM.
+- both the mixture's scar and FWHM;
+- the default rule (both, pieces under 1 ml dropped) kept only where a model comparison prefers an
+  enhanced myocardium subtype: the BIC of two Gaussians fitted to the myocardium's LGE intensities
+  against one (:func:`enhanced_subtype_bic_gain`), by more than a margin per voxel (``BIC_GAINS``;
+  0: the comparison alone), the margin also chosen per fold.
 
 As a ceiling for the threshold rules (not a method: it needs the manual label), n-SD and FWHM are
 also applied within the *manual* myocardium (MyoPS 200, 1220 and 2221): what they reach when the
@@ -57,6 +61,22 @@ RULES = {"subtype": "mixture", "fwhm": "fwhm", "subtype_and_fwhm": "mixture_fwhm
 LIMIT_ML = 2.0  # issue "Automatic results that hold": under 2 ml on hearts without scar
 BLOOD_FRACTIONS = (0.5, 0.55, 0.6)  # stricter model.scar.min_blood_fraction tried with the default rule (packaged: 0.45)
 FREE_SHARE = 0.9  # the share of scar-free hearts a setting must keep under LIMIT_ML to be chosen with --free-fits
+BIC_GAINS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)  # per voxel: the model comparison's margins tried (0: BIC alone)
+
+
+def enhanced_subtype_bic_gain(values: np.ndarray) -> float | None:
+    """The model comparison of issue "Automatic results that hold" (does an enhanced myocardium
+    subtype exist?): the BIC of one Gaussian less the BIC of a mixture of two, fitted by EM to
+    ``values`` (the LGE intensities of a fit's myocardium), per value; above 0 the comparison prefers
+    the second subtype. None with fewer than 20 values. (scikit-learn's ``GaussianMixture``.)"""
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(values, dtype=np.float64).reshape(-1, 1)
+    if len(x) < 20:
+        return None
+    x = (x - np.median(x)) / max(float(np.std(x)), 1e-12)  # the BIC difference does not depend on the scale
+    bic = [GaussianMixture(k, random_state=0, n_init=3).fit(x).bic(x) for k in (1, 2)]
+    return float((bic[0] - bic[1]) / len(x))
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,6 +121,7 @@ def case_row(fits, root, case: str, ns: list[float], min_components: list[float]
         raise SystemExit(f"{case}: the fit's grids {seg.shape} / {scar.shape} are not the label's {truth.shape}")
     ml = float(np.prod(lge_img.header.get_zooms()[:3])) / 1000.0
     myo = (seg == MYO) | scar
+    bic_gain = enhanced_subtype_bic_gain(lge[myo])
     masks = {"mixture": scar, **threshold_masks(lge, myo, ns)}
     masks["mixture_fwhm"] = scar & masks["fwhm"]
     spacing = tuple(float(v) for v in lge_img.header.get_zooms()[:2])
@@ -117,6 +138,9 @@ def case_row(fits, root, case: str, ns: list[float], min_components: list[float]
         bf = entry.get("blood_fraction")
         for t in BLOOD_FRACTIONS:
             masks[f"default_bf{t:g}"] = default if bf is not None and bf >= t else np.zeros_like(default)
+        # ... and only where a model comparison prefers an enhanced subtype (BIC, by a margin per voxel)
+        for t in BIC_GAINS:
+            masks[f"default_bic{t:g}"] = default if bic_gain is not None and bic_gain > t else np.zeros_like(default)
     masks.update({f"manual_{k}": m for k, m in threshold_masks(lge, np.isin(gd, MANUAL_MYO), ns).items()})
     lands = {name: int((truth & (seg == value) & ~scar).sum()) for name, value in FIT_LABELS.items()}
     lands["myocardium"] += int((truth & scar).sum())  # the fit's scar is its myocardium too
@@ -128,7 +152,8 @@ def case_row(fits, root, case: str, ns: list[float], min_components: list[float]
         im = lge if seq == "LGE" else np.asarray(nib.load(root / case / f"{case}_{seq}.nii.gz").dataobj, dtype=np.float64)
         m0, m1 = np.median(im[gd == MYO]), np.median(im[gd == FIT_LABELS["lv"]])
         like_blood[seq] = float(np.median((im[lost] - m0) / (m1 - m0))) if lost.sum() >= 10 else None
-    return {"case": case, "true_ml": float(truth.sum() * ml), "manual_scar_in_fit": lands, "lost_scar_like_blood": like_blood,
+    return {"case": case, "true_ml": float(truth.sum() * ml), "bic_gain_per_voxel": bic_gain,
+            "manual_scar_in_fit": lands, "lost_scar_like_blood": like_blood,
             "methods": {k: {"dice": dice(m, truth), "ml": float(m.sum() * ml)} for k, m in masks.items()}}
 
 
@@ -211,6 +236,28 @@ def main() -> None:
     if 1.0 in mins:
         methods.update({f"the default rule (mixture and FWHM, pieces under 1 ml dropped), no scar below blood fraction {t:g}":
                         {c: f"default_bf{t:g}" for c in cases} for t in BLOOD_FRACTIONS})
+    bic_chosen, bic_tie_chosen, bic_free_chosen = [], [], []
+    if 1.0 in mins:
+        def bic_dice(t, fold):
+            return np.mean([r["methods"][f"default_bic{t:g}"]["dice"] for r in others_of(fold)])
+
+        methods.update({f"the default rule where BIC prefers two LGE myocardium subtypes to one by more than {t:g} per voxel":
+                        {c: f"default_bic{t:g}" for c in cases} for t in BIC_GAINS})
+        bic_chosen = [max(BIC_GAINS, key=lambda t: bic_dice(t, fold)) for fold in folds]  # the smallest on a tie
+        methods["the same, the margin chosen per fold"] = {c: f"default_bic{bic_chosen[i]:g}" for i, fold in enumerate(folds) for c in fold}
+        if free_rows:
+            def bic_free_share(t, fold):
+                return np.mean([free_by_case[c]["methods"][f"default_bic{t:g}"]["ml"] < LIMIT_ML for c in cases if c not in fold])
+
+            # by the scar Dice, and among margins of the same Dice the one keeping most scar-free hearts under LIMIT_ML
+            bic_tie_chosen = [max(BIC_GAINS, key=lambda t: (round(bic_dice(t, fold), 6), bic_free_share(t, fold))) for fold in folds]
+            methods[f"the same, the margin chosen per fold, a tie in scar Dice going to the most scar-free hearts under {LIMIT_ML:g} ml"] = {
+                c: f"default_bic{bic_tie_chosen[i]:g}" for i, fold in enumerate(folds) for c in fold}
+            for fold in folds:
+                ok = [t for t in BIC_GAINS if bic_free_share(t, fold) >= FREE_SHARE]
+                bic_free_chosen.append(max(ok, key=lambda t: bic_dice(t, fold)) if ok else max(BIC_GAINS, key=lambda t: bic_free_share(t, fold)))
+            methods[f"the same, the margin chosen per fold among those keeping {100 * FREE_SHARE:.0f} % of scar-free hearts "
+                    f"under {LIMIT_ML:g} ml"] = {c: f"default_bic{bic_free_chosen[i]:g}" for i, fold in enumerate(folds) for c in fold}
     set_free_chosen = []
     if free_rows:
         # the same, among the settings that keep at least FREE_SHARE of the other folds' scar-free
@@ -253,6 +300,8 @@ def main() -> None:
     write_record(args.record, {"cases": cases, "folds": folds, "n_chosen_per_fold": chosen, "rule_chosen_per_fold": rule_chosen,
                                "settings_chosen_per_fold": [list(p) for p in set_chosen],
                                "settings_chosen_per_fold_scar_free": [list(p) for p in set_free_chosen],
+                               "bic_margin_chosen_per_fold": bic_chosen, "bic_margin_chosen_per_fold_tie_to_scar_free": bic_tie_chosen,
+                               "bic_margin_chosen_per_fold_scar_free": bic_free_chosen,
                                "n_chosen_per_fold_manual_myocardium": chosen_manual, "manual_scar_in_fit": lands,
                                "lost_scar_like_blood": like_blood, "free_fits": None if args.free_fits is None else str(args.free_fits),
                                "results": results, "rows": rows, "free_rows": free_rows}, table={
