@@ -6,7 +6,7 @@ fitted myocardium of the same cases.
 
 ``--fits``: the folder of one variant of ``benchmarks/crossval.py`` (``DIR/<case>/`` holding
 ``<case>_LGE_seg.nii.gz``, ``<case>_scar.nii.gz`` and ``metrics.json`` of fully automatic fits, each
-with an atlas from the other folds) made with ``model.scar.rule=subtype model.scar.min_component_ml=0``:
+with an atlas from the other folds) made with ``model.scar.rule=subtype model.scar.min_component_ml=0 model.scar.min_bic_gain=0``:
 their scar is the mixture's own, every piece of it. Within each fit's myocardium (its label plus its scar), on the LGE image:
 
 - ``mixture``: the fit's own scar (the brightest LGE myocardium subtype, ``mixture/scar.py``);
@@ -16,8 +16,10 @@ their scar is the mixture's own, every piece of it. Within each fit's myocardium
 - both the mixture's scar and FWHM;
 - the default rule (both, pieces under 1 ml dropped) kept only where a model comparison prefers an
   enhanced myocardium subtype: the BIC of two Gaussians fitted to the myocardium's LGE intensities
-  against one (:func:`enhanced_subtype_bic_gain`), by more than a margin per voxel (``BIC_GAINS``;
-  0: the comparison alone), the margin also chosen per fold.
+  (scaled as the fits scaled them) against one, by more than a margin per voxel (``BIC_GAINS``; 0:
+  the comparison alone), the margin also chosen per fold: ``model.scar.min_bic_gain``, computed by
+  the package's own :func:`~mvmm_monai.conventions.scar.enhanced_subtype_bic_gain`. The fits must
+  have been made with ``model.scar.min_bic_gain=0`` (their scar not yet cleared by it).
 
 As a ceiling for the threshold rules (not a method: it needs the manual label), n-SD and FWHM are
 also applied within the *manual* myocardium (MyoPS 200, 1220 and 2221): what they reach when the
@@ -47,12 +49,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from omegaconf import OmegaConf
 import torch
 from common import argument_parser, parse_args
 from crossval import folds_of
 from record import add_record_option, write_record
 
-from mvmm_monai.conventions.scar import drop_small_components, open_in_plane
+from mvmm_monai.config import CONFIG_DIR
+from mvmm_monai.conventions.scar import drop_small_components, enhanced_subtype_bic_gain, open_in_plane
+from mvmm_monai.data.datasets import MyoPSDataset
 
 SCAR, MYO = 2221, 200  # MyoPS label values: scar, myocardium (the fit's myocardium label)
 MANUAL_MYO = (200, 1220, 2221)  # MyoPS myocardium: normal, oedema, scar
@@ -61,22 +66,9 @@ RULES = {"subtype": "mixture", "fwhm": "fwhm", "subtype_and_fwhm": "mixture_fwhm
 LIMIT_ML = 2.0  # issue "Automatic results that hold": under 2 ml on hearts without scar
 BLOOD_FRACTIONS = (0.5, 0.55, 0.6)  # stricter model.scar.min_blood_fraction tried with the default rule (packaged: 0.45)
 FREE_SHARE = 0.9  # the share of scar-free hearts a setting must keep under LIMIT_ML to be chosen with --free-fits
-BIC_GAINS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)  # per voxel: the model comparison's margins tried (0: BIC alone)
+BIC_GAINS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)  # per voxel: model.scar.min_bic_gain's margins tried (0: BIC alone)
+DATA_SCALING = {k: OmegaConf.load(Path(CONFIG_DIR) / "data" / "myops.yaml")[k] for k in ("lower_percentile", "upper_percentile")}
 
-
-def enhanced_subtype_bic_gain(values: np.ndarray) -> float | None:
-    """The model comparison of issue "Automatic results that hold" (does an enhanced myocardium
-    subtype exist?): the BIC of one Gaussian less the BIC of a mixture of two, fitted by EM to
-    ``values`` (the LGE intensities of a fit's myocardium), per value; above 0 the comparison prefers
-    the second subtype. None with fewer than 20 values. (scikit-learn's ``GaussianMixture``.)"""
-    from sklearn.mixture import GaussianMixture
-
-    x = np.asarray(values, dtype=np.float64).reshape(-1, 1)
-    if len(x) < 20:
-        return None
-    x = (x - np.median(x)) / max(float(np.std(x)), 1e-12)  # the BIC difference does not depend on the scale
-    bic = [GaussianMixture(k, random_state=0, n_init=3).fit(x).bic(x) for k in (1, 2)]
-    return float((bic[0] - bic[1]) / len(x))
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -108,10 +100,12 @@ def product_key(rule: str, open_mm: float, min_ml: float) -> str:
 def case_row(fits, root, case: str, ns: list[float], min_components: list[float], opens: list[float] = (0.0,)) -> dict:
     seg_file, scar_file = fits / case / f"{case}_LGE_seg.nii.gz", fits / case / f"{case}_scar.nii.gz"
     entry = json.loads((fits / case / "metrics.json").read_text()).get("scar", {})
-    rule, smallest = entry.get("rule", "subtype"), entry.get("min_component_ml", 0.0)  # fits before min_component_ml kept every piece
-    if rule != "subtype" or smallest:
-        raise SystemExit(f"{fits / case}: fitted with model.scar.rule={rule} model.scar.min_component_ml={smallest}; fit with "
-                         "model.scar.rule=subtype model.scar.min_component_ml=0 (the mixture's own scar, every piece)")
+    # fits before min_component_ml kept every piece, and before min_bic_gain every heart's scar
+    rule, smallest, margin = entry.get("rule", "subtype"), entry.get("min_component_ml", 0.0), entry.get("min_bic_gain", 0.0)
+    if rule != "subtype" or smallest or margin:
+        raise SystemExit(f"{fits / case}: fitted with model.scar.rule={rule} model.scar.min_component_ml={smallest} "
+                         f"model.scar.min_bic_gain={margin}; fit with model.scar.rule=subtype model.scar.min_component_ml=0 "
+                         "model.scar.min_bic_gain=0 (the mixture's own scar, every piece, in every heart)")
     seg, scar = np.asarray(nib.load(seg_file).dataobj), np.asarray(nib.load(scar_file).dataobj) > 0
     lge_img = nib.load(root / case / f"{case}_LGE.nii.gz")
     lge = np.asarray(lge_img.dataobj, dtype=np.float64)
@@ -121,7 +115,9 @@ def case_row(fits, root, case: str, ns: list[float], min_components: list[float]
         raise SystemExit(f"{case}: the fit's grids {seg.shape} / {scar.shape} are not the label's {truth.shape}")
     ml = float(np.prod(lge_img.header.get_zooms()[:3])) / 1000.0
     myo = (seg == MYO) | scar
-    bic_gain = enhanced_subtype_bic_gain(lge[myo])
+    # the model comparison on the LGE image as the fits scaled it (data=myops's percentiles)
+    scaled = MyoPSDataset(root, **DATA_SCALING).load(case).native_images["LGE"][0].numpy()
+    bic_gain = enhanced_subtype_bic_gain(scaled[myo])
     masks = {"mixture": scar, **threshold_masks(lge, myo, ns)}
     masks["mixture_fwhm"] = scar & masks["fwhm"]
     spacing = tuple(float(v) for v in lge_img.header.get_zooms()[:2])
@@ -176,7 +172,7 @@ def main() -> None:
     ap = argument_parser(__doc__, myops=True, overrides=False)
     ap.add_argument("--fits", type=Path, required=True)
     ap.add_argument("--free-fits", type=Path, help="the fits of benchmarks/scar_free.py (its --out/fits), made with "
-                    "model.scar.rule=subtype model.scar.min_component_ml=0: every method's volume on scar-free hearts")
+                    "model.scar.rule=subtype model.scar.min_component_ml=0 model.scar.min_bic_gain=0: every method's volume on scar-free hearts")
     ap.add_argument("--free-root", type=Path, help="the scar-free cases those fits were made from (scar_free.py's --out/data)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--n", type=float, nargs="+", default=[2, 3, 4, 5, 6], help="the n of n-SD tried (default %(default)s)")

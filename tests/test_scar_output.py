@@ -51,10 +51,11 @@ def test_fit_writes_scar_on_reference_grid(tmp_path, cache_dir, one_thread, subj
     assert np.all(seg[scar > 0] == 200), "scar outside the segmented myocardium"
     saved = json.loads((out / "metrics.json").read_text())["scar"]
     assert saved["volume_ml"] == pytest.approx(scar.sum() * np.prod(src.header.get_zooms()[:3]) / 1000)
-    assert set(saved) >= {"dice", "volume_ml", "true_volume_ml", "contrast", "blood_fraction"}
+    assert set(saved) >= {"dice", "volume_ml", "true_volume_ml", "contrast", "blood_fraction", "bic_gain", "min_bic_gain"}
     if has_scar:
         # measured 0.50 (20 iterations): the scar is found, with partial-volume voxels at its border
         assert saved["true_volume_ml"] > 0 and saved["dice"] > 0.4
+        assert saved["bic_gain"] > saved["min_bic_gain"] > 0  # the model comparison prefers the enhanced subtype
     else:
         # the bright partial-volume subtype of a scar-free myocardium must not become scar
         assert saved["true_volume_ml"] == 0 and saved["volume_ml"] == 0 and saved["dice"] == 1.0
@@ -78,6 +79,16 @@ def test_scar_rules_are_named_in_metrics_and_stay_in_the_myocardium(tmp_path, ca
     scar = np.asarray(nib.load(out / "patient2_scar.nii.gz").dataobj) > 0
     seg = np.asarray(nib.load(out / "patient2_DE_seg.nii.gz").dataobj)
     assert scar.any() and (seg[scar] != 0).all()  # scar only where the heart was labelled
+
+
+def test_the_model_comparison_clears_a_scar_it_does_not_prefer_and_says_how_much(tmp_path, cache_dir, one_thread):
+    # patient2's enhanced subtype is real, but no heart's comparison reaches a margin of 5 per voxel
+    out = tmp_path / "cleared"
+    m = fit(compose_config(["subject=patient2", f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}", "model.scar.min_bic_gain=5",
+                            *QUIET]))
+    s = m["scar"]
+    assert s["volume_ml"] == 0 and s["cleared_by_bic_ml"] > 0 and 0 < s["bic_gain"] <= 5 and s["min_bic_gain"] == 5
+    assert not np.asarray(nib.load(out / "patient2_scar.nii.gz").dataobj).any()
 
 
 def test_an_unknown_scar_rule_is_refused(tmp_path, cache_dir):
@@ -125,7 +136,24 @@ def test_opening_removes_thin_bands_and_keeps_what_holds_the_disk():
         open_in_plane(mask, (0.5, 0.5), -1.0)
 
 
-@pytest.mark.parametrize("setting", ["model.scar.min_component_ml=-1", "model.scar.open_mm=-2", "model.scar.open_mm=abc"])
+def test_the_model_comparison_prefers_an_enhanced_subtype_by_its_analytic_margin():
+    from mvmm_monai.conventions.scar import enhanced_subtype_bic_gain
+
+    rng = np.random.default_rng(0)
+    wall = rng.normal(0.3, 0.05, 4000)
+    assert abs(enhanced_subtype_bic_gain(wall)) < 0.01  # one Gaussian: a second is not worth its parameters
+    # 20 % enhanced, 10 SDs brighter: per voxel, 2 (0.2 ln 0.2 + 0.8 ln 0.8) + ln(total variance / 0.05^2),
+    # less 3 ln(n) / n for the extra parameters
+    scarred = np.concatenate([wall, rng.normal(0.8, 0.05, 1000)])
+    total = 0.05**2 + 0.2 * 0.8 * 0.5**2
+    expected = 2 * (0.2 * np.log(0.2) + 0.8 * np.log(0.8)) + np.log(total / 0.05**2) - 3 * np.log(5000) / 5000
+    assert enhanced_subtype_bic_gain(scarred) == pytest.approx(expected, abs=0.05)
+    assert enhanced_subtype_bic_gain(scarred * 7.0 + 3.0) == pytest.approx(enhanced_subtype_bic_gain(scarred))  # any scale
+    assert enhanced_subtype_bic_gain(wall[:19]) is None and enhanced_subtype_bic_gain(np.full(100, 0.4)) is None
+
+
+@pytest.mark.parametrize("setting", ["model.scar.min_component_ml=-1", "model.scar.open_mm=-2", "model.scar.open_mm=abc",
+                                     "model.scar.min_bic_gain=-1"])
 def test_a_silly_scar_setting_is_refused(tmp_path, cache_dir, setting):
     with pytest.raises(ValueError, match=setting.split("=")[0]):
         fit(compose_config(["subject=patient2", f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path}", setting, *QUIET]))

@@ -28,6 +28,7 @@ from mvmm_monai.conventions.scar import SCAR_RULES, write_scar
 from mvmm_monai.data.common_space import native_segmentation
 from mvmm_monai.data.datasets import check_subject_name
 from mvmm_monai.files import save_json
+from mvmm_monai.mixture.scar import MYOCARDIUM
 from mvmm_monai.pipeline.batch import BatchedMvMMFit
 from mvmm_monai.pipeline.metrics import segmentation_metrics
 from mvmm_monai.pipeline.module import MvMMFit
@@ -77,6 +78,8 @@ def resolve_settings(cfg: DictConfig, dataset) -> tuple[DictConfig, LabellingCon
         raise ValueError(f"model.scar.min_component_ml must be a number >= 0 (ml), got {scar.get('min_component_ml')!r}")
     if not isinstance(scar.get("open_mm", 0.0), (int, float)) or not 0 <= scar.get("open_mm", 0.0) <= 20:
         raise ValueError(f"model.scar.open_mm must be a number from 0 to 20 (mm), got {scar.get('open_mm')!r}")
+    if not isinstance(scar.get("min_bic_gain", 0.0), (int, float)) or not 0 <= scar.get("min_bic_gain", 0.0) <= 5:
+        raise ValueError(f"model.scar.min_bic_gain must be a number from 0 to 5 (per voxel), got {scar.get('min_bic_gain')!r}")
     return cfg, conventions
 
 
@@ -444,7 +447,8 @@ def _write(cfg: DictConfig, dataset, prep, fitted: Fitted, guarded: dict | None,
     metrics = {
         "subject": subject.name,
         **score(subject, labelled, result),
-        "scar": write_scar(subject, labelled.scores, result, shifts, folder.staging, **(cfg.model.get("scar") or {})),
+        "scar": write_scar(subject, labelled.scores, result, shifts, folder.staging, **(cfg.model.get("scar") or {}),
+                           myocardium=labelled.classes[subject.reference] == MYOCARDIUM),
         "log_likelihood": result.log_likelihood,
         "iterations": result.iterations,
         "converged": fitted.converged,
