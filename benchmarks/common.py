@@ -94,13 +94,24 @@ class SavedFitImages:
     sequences: tuple[str, ...]  # the sequence of each channel, the reference first
 
 
+def myops_dataset(root: Path):
+    """The MyoPS cases under ``root`` scaled as ``data=myops`` scales them for a fit (the packaged
+    config's percentiles: the dataset class's own defaults are those of other data)."""
+    from omegaconf import OmegaConf
+
+    from mvmm_monai.config import CONFIG_DIR
+    from mvmm_monai.data.datasets import MyoPSDataset
+
+    conf = OmegaConf.load(Path(CONFIG_DIR) / "data" / "myops.yaml")
+    return MyoPSDataset(root, lower_percentile=conf.lower_percentile, upper_percentile=conf.upper_percentile)
+
+
 def saved_fit_images(case_dir: Path, root: Path, fit: SavedFit, roi_margin_mm: float = 20.0) -> SavedFitImages:
     """The case's images and coverage on the grid of the saved ``fit``, the coverage cut to the
     fit's region of interest (``model.roi_margin_mm`` around ``CaseN_atlas_warped.nii.gz``)."""
     from mvmm_monai.atlas.roi import atlas_roi
-    from mvmm_monai.data.datasets import MyoPSDataset
 
-    subject = MyoPSDataset(root).load(case_dir.name)
+    subject = myops_dataset(root).load(case_dir.name)
     images, coverage = subject.images[(slice(None), *fit.box)], subject.coverage[(slice(None), *fit.box)]
     atlas = nib.load(case_dir / f"{case_dir.name}_atlas_warped.nii.gz")
     atlas = torch.from_numpy(np.moveaxis(np.asarray(atlas.dataobj, dtype=np.float32), -1, 0))

@@ -13,9 +13,9 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from common import myops_dataset
 from record import add_record_option, write_record
 
-from mvmm_monai.data import MyoPSDataset
 from mvmm_monai.data.checks import mirrored_sequences
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def main() -> None:
     add_record_option(ap, "mirror_check")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
-    dataset = MyoPSDataset(args.root)
+    dataset = myops_dataset(args.root)  # scaled as a fit with data=myops scales it
     cases, flagged, caught, ratios = {}, 0, 0, []
     for name in dataset.subjects():
         subject = dataset.load(name)

@@ -49,15 +49,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from omegaconf import OmegaConf
 import torch
-from common import argument_parser, parse_args
+from common import argument_parser, myops_dataset, parse_args
 from crossval import folds_of
 from record import add_record_option, write_record
 
-from mvmm_monai.config import CONFIG_DIR
 from mvmm_monai.conventions.scar import drop_small_components, enhanced_subtype_bic_gain, open_in_plane
-from mvmm_monai.data.datasets import MyoPSDataset
 
 SCAR, MYO = 2221, 200  # MyoPS label values: scar, myocardium (the fit's myocardium label)
 MANUAL_MYO = (200, 1220, 2221)  # MyoPS myocardium: normal, oedema, scar
@@ -67,7 +64,6 @@ LIMIT_ML = 2.0  # issue "Automatic results that hold": under 2 ml on hearts with
 BLOOD_FRACTIONS = (0.5, 0.55, 0.6)  # stricter model.scar.min_blood_fraction tried with the default rule (packaged: 0.45)
 FREE_SHARE = 0.9  # the share of scar-free hearts a setting must keep under LIMIT_ML to be chosen with --free-fits
 BIC_GAINS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)  # per voxel: model.scar.min_bic_gain's margins tried (0: BIC alone)
-DATA_SCALING = {k: OmegaConf.load(Path(CONFIG_DIR) / "data" / "myops.yaml")[k] for k in ("lower_percentile", "upper_percentile")}
 
 
 
@@ -116,7 +112,7 @@ def case_row(fits, root, case: str, ns: list[float], min_components: list[float]
     ml = float(np.prod(lge_img.header.get_zooms()[:3])) / 1000.0
     myo = (seg == MYO) | scar
     # the model comparison on the LGE image as the fits scaled it (data=myops's percentiles)
-    scaled = MyoPSDataset(root, **DATA_SCALING).load(case).native_images["LGE"][0].numpy()
+    scaled = myops_dataset(root).load(case).native_images["LGE"][0].numpy()
     bic_gain = enhanced_subtype_bic_gain(scaled[myo])
     masks = {"mixture": scar, **threshold_masks(lge, myo, ns)}
     masks["mixture_fwhm"] = scar & masks["fwhm"]
