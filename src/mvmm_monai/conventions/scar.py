@@ -125,9 +125,9 @@ def enhanced_subtype_bic_gain(values, iterations: int = 300) -> float | None:
 
 
 def native_scar(
-    subject, scores: torch.Tensor, result, shifts: dict, min_contrast: float = 2.0, min_blood_fraction: float = 0.45,
-    rule: str = "subtype_and_fwhm", min_component_ml: float = 0.0, open_mm: float = 0.0, min_bic_gain: float = 0.0,
-    myocardium: torch.Tensor | None = None,
+    subject, scores: torch.Tensor, result, shifts: dict, myocardium: torch.Tensor, min_contrast: float = 2.0,
+    min_blood_fraction: float = 0.45, rule: str = "subtype_and_fwhm", min_component_ml: float = 0.0, open_mm: float = 0.0,
+    min_bic_gain: float = 0.0,
 ) -> tuple[torch.Tensor, ScarResult, float | None, int]:
     """Scar mask ``[X, Y, Z]`` (bool) on the reference sequence's native grid, the common-space
     result, the model comparison's gain (:func:`enhanced_subtype_bic_gain` on the reference's
@@ -138,8 +138,6 @@ def native_scar(
     ``fwhm`` (:func:`fwhm_mask` within the labelled myocardium) or ``subtype_and_fwhm`` (both);
     ``benchmarks/scar_methods.py`` compares them with the clinical n-SD rule. Whatever the rule, no
     scar where the gain is not above ``min_bic_gain`` (or cannot be computed) unless that is 0.
-    ``myocardium``: the labelled myocardium on the reference's native grid where the caller has it
-    (else :func:`myocardium_on_reference`).
 
     Args:
         subject: the fitted :class:`~mvmm_monai.data.subject.SubjectData` (reference first); when
@@ -148,6 +146,8 @@ def native_scar(
             ``postprocess=none``): scar is looked for in the myocardium they label.
         result: the :class:`~mvmm_monai.pipeline.module.FitResult` of the fit (images, parameters).
         shifts: sequence -> fitted slice shifts in voxels (as for the segmentations).
+        myocardium: ``[X, Y, Z]`` bool, the labelled myocardium on the reference's native, uncut
+            grid (its label map's), whose intensities the model comparison reads.
         min_contrast, min_blood_fraction: see :func:`~mvmm_monai.mixture.scar.scar_segmentation`.
         min_component_ml: pieces of scar smaller than this (ml, on the native grid) are dropped
             (:func:`drop_small_components`), after the mask is opened in-plane by a disk of
@@ -180,22 +180,10 @@ def native_scar(
     native = (native_segmentation(two_class, full, ref, shifts.get(ref)) == 1).cpu()
     opened = open_in_plane(native, tuple(float(v) for v in full.grids[ref].spacing[:2]), open_mm)
     mask = drop_small_components(opened, voxel_ml(full.grids[ref]), min_component_ml)
-    if myocardium is None:
-        myocardium = myocardium_on_reference(subject, scores, shifts)
     gain = enhanced_subtype_bic_gain(full.native_images[ref][0][myocardium.cpu()].numpy())
     if min_bic_gain > 0 and (gain is None or gain <= min_bic_gain) and bool(mask.any()):
         return torch.zeros_like(mask), res, gain, int(mask.sum())
     return mask, res, gain, 0
-
-
-def myocardium_on_reference(subject, scores: torch.Tensor, shifts: dict) -> torch.Tensor:
-    """``[X, Y, Z]`` bool: the labelled myocardium (the argmax of ``scores``, the label scores ``[K,
-    *S]`` of the common space) on the reference sequence's native, uncut grid, as its label map has it."""
-    full = getattr(subject, "parent", None) or subject
-    if full is not subject:
-        scores = subject.uncrop(scores, 0.0, 1.0)  # outside the crop: background
-    ref = subject.reference
-    return (native_segmentation(scores, full, ref, shifts.get(ref)) == MYOCARDIUM).cpu()
 
 
 def _finite(v: torch.Tensor) -> float | None:
@@ -203,9 +191,9 @@ def _finite(v: torch.Tensor) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, min_contrast: float = 2.0, min_blood_fraction: float = 0.45,
-               rule: str = "subtype_and_fwhm", min_component_ml: float = 0.0, open_mm: float = 0.0, min_bic_gain: float = 0.0,
-               myocardium: torch.Tensor | None = None) -> dict:
+def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, myocardium: torch.Tensor, min_contrast: float = 2.0,
+               min_blood_fraction: float = 0.45, rule: str = "subtype_and_fwhm", min_component_ml: float = 0.0, open_mm: float = 0.0,
+               min_bic_gain: float = 0.0) -> dict:
     """Write ``<subject>_scar.nii.gz`` (uint8 0/1, the reference's native grid) into ``out``
     (``myocardium``: see :func:`native_scar`).
 
@@ -219,8 +207,8 @@ def write_scar(subject, scores: torch.Tensor, result, shifts: dict, out: Path, m
     empty) and ``true_volume_ml``.
     """
     ref = subject.reference
-    mask, res, gain, cleared = native_scar(subject, scores, result, shifts, min_contrast, min_blood_fraction, rule, min_component_ml,
-                                           open_mm, min_bic_gain, myocardium)
+    mask, res, gain, cleared = native_scar(subject, scores, result, shifts, myocardium, min_contrast, min_blood_fraction, rule,
+                                           min_component_ml, open_mm, min_bic_gain)
     full = getattr(subject, "parent", None) or subject
     grid = full.grids[ref]
     save_nifti(Path(out) / f"{subject.name}_scar.nii.gz", mask.numpy().astype(np.uint8), grid.affine.numpy())
