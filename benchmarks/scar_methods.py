@@ -18,7 +18,7 @@ their scar is the mixture's own, every piece of it. Within each fit's myocardium
   enhanced myocardium subtype: the BIC of two Gaussians fitted to the myocardium's LGE intensities
   (scaled as the fits scaled them) against one, by more than a margin per voxel (``BIC_GAINS``; 0:
   the comparison alone), the margin also chosen per fold: ``model.scar.min_bic_gain``, computed by
-  the package's own :func:`~mvmm_monai.conventions.scar.enhanced_subtype_bic_gain`. The fits must
+  the package's own :func:`~mvmm_monai.mixture.scar.enhanced_subtype_bic_gain`. The fits must
   have been made with ``model.scar.min_bic_gain=0`` (their scar not yet cleared by it).
 
 As a ceiling for the threshold rules (not a method: it needs the manual label), n-SD and FWHM are
@@ -54,7 +54,8 @@ from common import argument_parser, myops_dataset, parse_args
 from crossval import folds_of
 from record import add_record_option, write_record
 
-from mvmm_monai.conventions.scar import drop_small_components, enhanced_subtype_bic_gain, open_in_plane
+from mvmm_monai.conventions.scar import drop_small_components, open_in_plane
+from mvmm_monai.mixture.scar import enhanced_subtype_bic_gain
 
 SCAR, MYO = 2221, 200  # MyoPS label values: scar, myocardium (the fit's myocardium label)
 MANUAL_MYO = (200, 1220, 2221)  # MyoPS myocardium: normal, oedema, scar
@@ -209,11 +210,26 @@ def main() -> None:
     # ... and together with model.scar.open_mm and model.scar.min_component_ml (the first, smallest, on a tie)
     settings = [(rule, o, m) for rule in RULES for o in opens for m in mins]
 
-    def scarred_dice(setting, fold):
-        return np.mean([r["methods"][product_key(*setting)]["dice"] for r in others_of(fold)])
+    def held_in_dice(key, fold):
+        """The mean scar Dice of method ``key`` on the other folds' hearts."""
+        return np.mean([r["methods"][key]["dice"] for r in others_of(fold)])
 
-    set_chosen = [max(settings, key=lambda st: scarred_dice(st, fold)) for fold in folds]
-    pick_set = {c: product_key(*set_chosen[i]) for i, fold in enumerate(folds) for c in fold}
+    def free_share(key, fold):
+        """The share of the other folds' scar-free hearts on which method ``key`` finds under LIMIT_ML."""
+        return np.mean([free_by_case[c]["methods"][key]["ml"] < LIMIT_ML for c in cases if c not in fold])
+
+    def choose_keeping_free(options, key_of, fold):
+        """Among ``options`` that keep at least FREE_SHARE of the other folds' scar-free hearts under
+        LIMIT_ML, the one of the best scar Dice (none: the one that keeps most)."""
+        ok = [o for o in options if free_share(key_of(o), fold) >= FREE_SHARE]
+        if ok:
+            return max(ok, key=lambda o: held_in_dice(key_of(o), fold))
+        return max(options, key=lambda o: free_share(key_of(o), fold))
+
+    def per_fold(chosen_per_fold, key_of):
+        return {c: key_of(chosen_per_fold[i]) for i, fold in enumerate(folds) for c in fold}
+
+    set_chosen = [max(settings, key=lambda st: held_in_dice(product_key(*st), fold)) for fold in folds]
     methods = {"mixture (MvMM scar subtype)": {c: "mixture" for c in cases},
                "n-SD, n chosen per fold": pick_cv,
                **{f"n-SD, n = {n:g} (every case)": {c: f"nsd_{n:g}" for c in cases} for n in args.n},
@@ -224,44 +240,33 @@ def main() -> None:
                   for m in mins if m > 0},
                **{f"mixture and FWHM both, opened by {o:g} mm, pieces under {max(mins):g} ml dropped":
                   {c: product_key("subtype_and_fwhm", o, max(mins)) for c in cases} for o in opens if o > 0},
-               "model.scar.rule, open_mm and min_component_ml chosen per fold": pick_set}
+               "model.scar.rule, open_mm and min_component_ml chosen per fold": per_fold(set_chosen, lambda st: product_key(*st))}
+    bic_chosen, bic_tie_chosen, bic_free_chosen = [], [], []
     if 1.0 in mins:
         methods.update({f"the default rule (mixture and FWHM, pieces under 1 ml dropped), no scar below blood fraction {t:g}":
                         {c: f"default_bf{t:g}" for c in cases} for t in BLOOD_FRACTIONS})
-    bic_chosen, bic_tie_chosen, bic_free_chosen = [], [], []
-    if 1.0 in mins:
-        def bic_dice(t, fold):
-            return np.mean([r["methods"][f"default_bic{t:g}"]["dice"] for r in others_of(fold)])
+
+        def bic_key(t):
+            return f"default_bic{t:g}"
 
         methods.update({f"the default rule where BIC prefers two LGE myocardium subtypes to one by more than {t:g} per voxel":
-                        {c: f"default_bic{t:g}" for c in cases} for t in BIC_GAINS})
-        bic_chosen = [max(BIC_GAINS, key=lambda t: bic_dice(t, fold)) for fold in folds]  # the smallest on a tie
-        methods["the same, the margin chosen per fold"] = {c: f"default_bic{bic_chosen[i]:g}" for i, fold in enumerate(folds) for c in fold}
+                        {c: bic_key(t) for c in cases} for t in BIC_GAINS})
+        bic_chosen = [max(BIC_GAINS, key=lambda t: held_in_dice(bic_key(t), fold)) for fold in folds]  # the smallest on a tie
+        methods["the same, the margin chosen per fold"] = per_fold(bic_chosen, bic_key)
         if free_rows:
-            def bic_free_share(t, fold):
-                return np.mean([free_by_case[c]["methods"][f"default_bic{t:g}"]["ml"] < LIMIT_ML for c in cases if c not in fold])
-
             # by the scar Dice, and among margins of the same Dice the one keeping most scar-free hearts under LIMIT_ML
-            bic_tie_chosen = [max(BIC_GAINS, key=lambda t: (round(bic_dice(t, fold), 6), bic_free_share(t, fold))) for fold in folds]
-            methods[f"the same, the margin chosen per fold, a tie in scar Dice going to the most scar-free hearts under {LIMIT_ML:g} ml"] = {
-                c: f"default_bic{bic_tie_chosen[i]:g}" for i, fold in enumerate(folds) for c in fold}
-            for fold in folds:
-                ok = [t for t in BIC_GAINS if bic_free_share(t, fold) >= FREE_SHARE]
-                bic_free_chosen.append(max(ok, key=lambda t: bic_dice(t, fold)) if ok else max(BIC_GAINS, key=lambda t: bic_free_share(t, fold)))
+            bic_tie_chosen = [max(BIC_GAINS, key=lambda t: (round(held_in_dice(bic_key(t), fold), 6), free_share(bic_key(t), fold)))
+                              for fold in folds]
+            methods[f"the same, the margin chosen per fold, a tie in scar Dice going to the most scar-free hearts under {LIMIT_ML:g} ml"] = (
+                per_fold(bic_tie_chosen, bic_key))
+            bic_free_chosen = [choose_keeping_free(BIC_GAINS, bic_key, fold) for fold in folds]
             methods[f"the same, the margin chosen per fold among those keeping {100 * FREE_SHARE:.0f} % of scar-free hearts "
-                    f"under {LIMIT_ML:g} ml"] = {c: f"default_bic{bic_free_chosen[i]:g}" for i, fold in enumerate(folds) for c in fold}
+                    f"under {LIMIT_ML:g} ml"] = per_fold(bic_free_chosen, bic_key)
     set_free_chosen = []
-    if free_rows:
-        # the same, among the settings that keep at least FREE_SHARE of the other folds' scar-free
-        # hearts under LIMIT_ML (none: the one that keeps most)
-        def free_share(setting, fold):
-            return np.mean([free_by_case[c]["methods"][product_key(*setting)]["ml"] < LIMIT_ML for c in cases if c not in fold])
-
-        for fold in folds:
-            ok = [st for st in settings if free_share(st, fold) >= FREE_SHARE]
-            set_free_chosen.append(max(ok, key=lambda st: scarred_dice(st, fold)) if ok else max(settings, key=lambda st: free_share(st, fold)))
-        methods[f"the same, among settings keeping {100 * FREE_SHARE:.0f} % of scar-free hearts under {LIMIT_ML:g} ml"] = {
-            c: product_key(*set_free_chosen[i]) for i, fold in enumerate(folds) for c in fold}
+    if free_rows:  # the product's settings again, among those keeping the other folds' scar-free hearts under LIMIT_ML
+        set_free_chosen = [choose_keeping_free(settings, lambda st: product_key(*st), fold) for fold in folds]
+        methods[f"the same, among settings keeping {100 * FREE_SHARE:.0f} % of scar-free hearts under {LIMIT_ML:g} ml"] = (
+            per_fold(set_free_chosen, lambda st: product_key(*st)))
     methods.update({"ceiling, not a method: n-SD within the manual myocardium, n chosen per fold": pick_manual,
                     "ceiling, not a method: FWHM within the manual myocardium": {c: "manual_fwhm" for c in cases}})
     results = {name: summary(rows, pick, free_rows if not name.startswith("ceiling") else ()) for name, pick in methods.items()}

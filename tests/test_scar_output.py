@@ -137,7 +137,7 @@ def test_opening_removes_thin_bands_and_keeps_what_holds_the_disk():
 
 
 def test_the_model_comparison_prefers_an_enhanced_subtype_by_its_analytic_margin():
-    from mvmm_monai.conventions.scar import enhanced_subtype_bic_gain
+    from mvmm_monai.mixture.scar import enhanced_subtype_bic_gain
 
     rng = np.random.default_rng(0)
     wall = rng.normal(0.3, 0.05, 4000)

@@ -16,7 +16,7 @@ import torch
 from mvmm_monai.classes import class_argmax
 from mvmm_monai.data.common_space import native_segmentation
 from mvmm_monai.files import save_nifti
-from mvmm_monai.mixture.scar import MYOCARDIUM, ScarResult, scar_segmentation
+from mvmm_monai.mixture.scar import MYOCARDIUM, ScarResult, enhanced_subtype_bic_gain, scar_segmentation
 
 
 def mask_dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
@@ -81,49 +81,6 @@ def open_in_plane(mask: torch.Tensor, spacing_mm: tuple[float, float], radius_mm
     return torch.from_numpy(out).to(mask.device)
 
 
-def enhanced_subtype_bic_gain(values, iterations: int = 300) -> float | None:
-    """The model comparison "does the myocardium have an enhanced subtype?": the BIC of one Gaussian
-    less the BIC of a mixture of two, both fitted by maximum likelihood to ``values`` (the LGE
-    intensities of the labelled myocardium), per value. Above 0 the comparison prefers two subtypes;
-    the normal wall alone is not one Gaussian (partial volume with the blood, noise), so real scar
-    stands out by a margin (``model.scar.min_bic_gain``). None with fewer than 20 values or no spread.
-
-    The two-Gaussian fit is EM in NumPy, started from the halves below and above the median, with
-    variances kept above 1e-3 of the values' variance. (A note: scikit-learn's ``GaussianMixture``
-    does the same, but importing it costs 0.6 s, a seventh of a patient's fit.)
-    """
-    x = np.asarray(values, dtype=np.float64).ravel()
-    n = x.size
-    if n < 20 or not float(x.std()) > 1e-9 * float(np.abs(x).max()):
-        return None  # too few, or one value (to rounding)
-    x = (x - x.mean()) / x.std()  # the BIC difference does not depend on the scale
-    one = -0.5 * n * (math.log(2 * math.pi) + 1.0)  # one Gaussian at its maximum: variance 1
-    # EM over the distinct values, each counted (an image's intensities take a few hundred values)
-    x, count = np.unique(x, return_counts=True)
-    count = count.astype(np.float64)
-    low = np.cumsum(count) <= 0.5 * n  # the values up to the median
-    if not low.any() or low.all():
-        low = x < x.max()
-    part = [(count[m], x[m]) for m in (low, ~low)]
-    weight = np.array([c.sum() / n for c, _ in part])
-    mean = np.array([(c * v).sum() / c.sum() for c, v in part])
-    var = np.maximum(np.array([(c * (v - mu) ** 2).sum() / c.sum() for (c, v), mu in zip(part, mean)]), 1e-3)
-    two, before = -np.inf, -np.inf
-    for _ in range(iterations):
-        logp = np.log(weight) - 0.5 * np.log(2 * math.pi * var) - 0.5 * (x[:, None] - mean) ** 2 / var  # [values, 2]
-        top = logp.max(1, keepdims=True)
-        norm = top[:, 0] + np.log(np.exp(logp - top).sum(1))
-        two = float((count * norm).sum())
-        if two - before < 1e-9 * n:
-            break
-        before = two
-        resp = np.exp(logp - norm[:, None]) * count[:, None]
-        mass = resp.sum(0) + 1e-12
-        weight, mean = mass / n, (resp * x[:, None]).sum(0) / mass
-        var = np.maximum((resp * (x[:, None] - mean) ** 2).sum(0) / mass, 1e-3)
-    return (2.0 * (two - one) - 3.0 * math.log(n)) / n  # 5 parameters against 2
-
-
 def native_scar(
     subject, scores: torch.Tensor, result, shifts: dict, myocardium: torch.Tensor, min_contrast: float = 2.0,
     min_blood_fraction: float = 0.45, rule: str = "subtype_and_fwhm", min_component_ml: float = 0.0, open_mm: float = 0.0,
@@ -180,7 +137,7 @@ def native_scar(
     native = (native_segmentation(two_class, full, ref, shifts.get(ref)) == 1).cpu()
     opened = open_in_plane(native, tuple(float(v) for v in full.grids[ref].spacing[:2]), open_mm)
     mask = drop_small_components(opened, voxel_ml(full.grids[ref]), min_component_ml)
-    gain = enhanced_subtype_bic_gain(full.native_images[ref][0][myocardium.cpu()].numpy())
+    gain = enhanced_subtype_bic_gain(full.native_images[ref][0][myocardium.cpu()])
     if min_bic_gain > 0 and (gain is None or gain <= min_bic_gain) and bool(mask.any()):
         return torch.zeros_like(mask), res, gain, int(mask.sum())
     return mask, res, gain, 0

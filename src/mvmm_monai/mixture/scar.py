@@ -24,12 +24,13 @@ Otherwise, and with a single myocardium subtype, there is no scar (an empty mask
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mvmm_monai.mixture.gaussian import component_log_densities
+from mvmm_monai.mixture.gaussian import LOG_2PI, component_log_densities, log_normal
 from mvmm_monai.mixture.params import MixtureParams
 
 MYOCARDIUM = 1  # index of the myocardium in mvmm_monai.CLASS_NAMES
@@ -166,3 +167,44 @@ def scar_segmentation(
         enabled=enabled,
         bright_subtype=bright,
     )
+
+
+def enhanced_subtype_bic_gain(values: Tensor, iterations: int = 300) -> float | None:
+    """The model comparison "does the myocardium have an enhanced subtype?": the BIC of one Gaussian
+    less the BIC of a mixture of two, both fitted by maximum likelihood to ``values`` (the LGE
+    intensities of the labelled myocardium, any shape), per value. Above 0 the comparison prefers
+    two subtypes; the normal wall alone is not one Gaussian (partial volume with the blood, noise),
+    so real scar stands out by a margin (``model.scar.min_bic_gain``). None with fewer than 20
+    values or no spread.
+
+    The two-Gaussian fit is EM over the distinct values, each weighted by its count (an image's
+    intensities take a few hundred values: ~10 ms a heart), in float64, started from the values
+    below and above the median, with variances kept above 1e-3 of the values' variance.
+    (scikit-learn's ``GaussianMixture`` fits the same model, but importing it costs 0.6 s, a
+    seventh of a patient's fit.)
+    """
+    x = torch.as_tensor(values).detach().to(device="cpu", dtype=torch.float64).flatten()
+    n = x.numel()
+    if n < 20 or not float(x.std(correction=0)) > 1e-9 * float(x.abs().max()):
+        return None  # too few, or one value (to rounding)
+    x = (x - x.mean()) / x.std(correction=0)  # the BIC difference does not depend on the scale
+    one = -0.5 * n * (LOG_2PI + 1.0)  # one Gaussian at its maximum: variance 1
+    x, count = torch.unique(x, return_counts=True)
+    count = count.to(torch.float64)
+    low = torch.cumsum(count, 0) <= 0.5 * n  # the values up to the median
+    if not bool(low.any()) or bool(low.all()):
+        low = x < x.max()
+    resp = torch.stack((low, ~low), dim=1).to(torch.float64) * count[:, None]  # [values, 2] hard start
+    two, before = -math.inf, -math.inf
+    for _ in range(iterations):
+        mass = resp.sum(0).clamp_min(1e-12)  # M-step
+        weight, mean = mass / n, (resp * x[:, None]).sum(0) / mass
+        var = ((resp * (x[:, None] - mean) ** 2).sum(0) / mass).clamp_min(1e-3)
+        logp = torch.log(weight) + log_normal(x[:, None], mean, var)  # E-step, [values, 2]
+        norm = torch.logsumexp(logp, dim=1)
+        two = float((count * norm).sum())
+        if two - before < 1e-9 * n:
+            break
+        before = two
+        resp = torch.exp(logp - norm[:, None]) * count[:, None]
+    return (2.0 * (two - one) - 3.0 * math.log(n)) / n  # 5 parameters against 2
