@@ -243,8 +243,8 @@ def test_notes_name_an_unconverged_fit_and_a_heart_size_on_the_search_edge():
     from mvmm_monai.pipeline.qc import fit_notes
 
     lo, hi = placement_scale_range(compose_config(["data=myops"]))
-    assert (lo, hi) == pytest.approx((0.75 * 0.95, 1.3 * 1.05))
-    notes = fit_notes(False, SimpleNamespace(scale=0.7125), (lo, hi))
+    assert (lo, hi) == pytest.approx((0.55 * 0.95, 1.3 * 1.05))
+    notes = fit_notes(False, SimpleNamespace(scale=0.5225), (lo, hi))
     assert len(notes) == 2 and "max_epochs" in notes[0] and "edge of the placement search" in notes[1]
     assert fit_notes(True, SimpleNamespace(scale=1.0), (lo, hi)) == []
     verdict = _model().assess({"a": 0.5}, notes=notes)
