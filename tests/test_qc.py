@@ -249,3 +249,34 @@ def test_notes_name_an_unconverged_fit_and_a_heart_size_on_the_search_edge():
     assert fit_notes(True, SimpleNamespace(scale=1.0), (lo, hi)) == []
     verdict = _model().assess({"a": 0.5}, notes=notes)
     assert not verdict["flag"] and verdict["reasons"] == notes  # notes alone do not flag
+
+
+def _heart(pixel_mm: float, fov_mm: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """A slice of LV disc (radius 12 mm) and myocardial ring (to 20 mm) at ``pixel_mm``, and a good
+    fit's entropy on it: 0.25 on the label borders (one voxel wide at any pixel), 0.005 inside."""
+    n = int(round(fov_mm / pixel_mm))
+    c = (np.arange(n) + 0.5) * pixel_mm - fov_mm / 2
+    r = np.hypot(c[:, None], c[None, :])
+    labels = np.where(r < 12, 2, np.where(r < 20, 1, 0))[..., None]
+    border = np.zeros(labels.shape, dtype=bool)
+    for axis in (0, 1):
+        border |= labels != np.roll(labels, 1, axis=axis)
+        border |= labels != np.roll(labels, -1, axis=axis)
+    return labels, np.where(border, 0.25, 0.005)
+
+
+def test_heart_entropy_does_not_grow_with_the_voxel_size():
+    """The label borders' share of the heart doubles at twice the pixel; the plain mean entropy
+    with it (a good fit on coarser images looked uncertain), the feature does not; uncertainty in
+    the heart's interior (a failed fit's) still raises it."""
+    from mvmm_monai.pipeline.qc import ENTROPY_PIXEL_MM, heart_entropy
+
+    fine, coarse = _heart(ENTROPY_PIXEL_MM), _heart(2 * ENTROPY_PIXEL_MM)
+    plain = [float(e[lab > 0].mean()) for lab, e in (fine, coarse)]
+    assert plain[1] > 1.6 * plain[0]
+    measured = [heart_entropy(e, lab, p) for (lab, e), p in ((fine, ENTROPY_PIXEL_MM), (coarse, 2 * ENTROPY_PIXEL_MM))]
+    assert measured[0] == pytest.approx(plain[0])
+    assert measured[1] == pytest.approx(measured[0], rel=0.1)
+    labels, ent = coarse
+    assert heart_entropy(np.where(ent < 0.1, 0.1, ent), labels, 2 * ENTROPY_PIXEL_MM) > 2 * measured[1]
+    assert heart_entropy(ent, np.zeros_like(labels), 1.0) == 1.0
