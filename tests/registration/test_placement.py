@@ -296,3 +296,24 @@ def test_packaged_search_reaches_small_and_large_hearts(scale):
     found = find_heart(images, np.ones_like(images), spacing, template, [0], PX, R_EPI, cfg)
     assert abs(found.scale / scale - 1) < 0.08, found.scale
     assert np.all(np.hypot(*(found.centres_mm - (150.0, 140.0)).T) < 3.0)
+
+
+def test_a_heart_off_centre_on_a_small_field_of_view_is_found():
+    """A 150 mm field of view with the heart 42 mm off its centre: the packaged search's template
+    disc (context 2.2 times the heart radius, up to 1.5 times the heart size) spans more than the
+    image at full size, so it is cut to fit (``MAX_DISC_FRACTION``) and the heart is found."""
+    from mvmm_monai.atlas.placement import MAX_DISC_FRACTION
+    from mvmm_monai import compose_config
+    from mvmm_monai.config import build
+
+    cfg = build(compose_config(["paths.output_dir=/tmp/unused"]).atlas.auto)
+    prob, template = canonical_template()
+    spacing = (1.5, 1.5)
+    shape = (100, 100, 3)
+    assert cfg.context * R_EPI * max(cfg.scales) > MAX_DISC_FRACTION * shape[0] * spacing[0]  # the full disc would not fit
+    rng = np.random.default_rng(2)
+    lab = heart_labels(shape[:2], spacing, (105.0, 45.0), -20.0, 0.9)
+    images = np.repeat((INTENSITY[lab] + 0.05 * rng.standard_normal(shape[:2]))[None, ..., None], 3, axis=-1).astype(np.float32)
+    found = find_heart(images, np.ones_like(images), spacing, template, [0], PX, R_EPI, cfg)
+    assert np.all(np.hypot(*(found.centres_mm - (105.0, 45.0)).T) < 3.0), found.centres_mm
+    assert abs(found.scale / 0.9 - 1) < 0.1 and abs(found.angle_deg + 20.0) <= 10.0

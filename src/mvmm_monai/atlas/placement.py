@@ -23,6 +23,7 @@ Pure numpy/scipy/torch maths (the correlations: batched FFTs in torch): no files
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field, replace
 
@@ -36,6 +37,8 @@ from torch import Tensor
 from mvmm_monai.atlas.frame import at_level, canonical_to_slice, rotation, stack_levels
 from mvmm_monai.atlas.io import Atlas
 from mvmm_monai.data.common_space import Grid, resample
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------- matching
@@ -266,6 +269,15 @@ class _SliceStats:
         return out.masked_fill(~valid, -1.0)
 
 
+#: the template's disc (``context`` times the atlas' heart radius, times the largest heart size
+#: searched) spans at most this fraction of the field of view across: a disc must lie inside the
+#: slice, so on a field of view cut close around the heart a full-size disc leaves the heart's
+#: centre almost nowhere to be (``benchmarks/field_of_view.py``: on the shared cases cut to 180 and
+#: 150 mm, the heart 21 mm off the centre). The shared cases' fields of view (294-379 mm) are wide
+#: enough for the packaged ``context`` at every size searched.
+MAX_DISC_FRACTION = 0.4
+
+
 class _HeartSearch:
     """What every stage of one :func:`find_heart` call shares: the subject's images, the template
     and the search settings, and the masked NCC of one slice against the template.
@@ -277,7 +289,8 @@ class _HeartSearch:
         template: ``[S, H, W, L]`` the atlas' canonical intensity template.
         used: ``(n, c)`` pairs: subject sequence ``n`` is matched to template channel ``c``.
         atlas_pixel_mm: canonical pixel size (mm).
-        radius_mm: template radius (mm): ``config.context`` x the atlas' epicardial radius.
+        radius_mm: template radius (mm, canonical): ``config.context`` x the atlas' epicardial
+            radius, or less on a small field of view (:data:`MAX_DISC_FRACTION`).
         cfg: the search settings.
         nz: number of slices ``Z``.
     """
@@ -289,6 +302,12 @@ class _HeartSearch:
         self.images, self.coverage, self.spacing, self.template = images, coverage, spacing, template
         self.atlas_pixel_mm, self.cfg = atlas_pixel_mm, cfg
         self.radius_mm = cfg.context * atlas_radius_mm
+        fov_mm = min(images.shape[1] * float(spacing[0]), images.shape[2] * float(spacing[1]))
+        largest = max(cfg.scales) * max(cfg.fine_scales) * max(cfg.slice_scales)
+        if self.radius_mm * largest > MAX_DISC_FRACTION * fov_mm:
+            self.radius_mm = MAX_DISC_FRACTION * fov_mm / largest
+            log.info("placement: a %.0f mm field of view; the template's context cut to %.2f of the atlas' heart radius "
+                     "(atlas.auto.context %.2f) so that it can lie off the image centre", fov_mm, self.radius_mm / atlas_radius_mm, cfg.context)
         self.nz = images.shape[-1]
 
     def slice_stats(self, pixel_mm: float) -> list[dict[int, _SliceStats]]:
