@@ -85,7 +85,7 @@ class PlacementConfig:
     angles_deg: tuple[float, ...] = (-40.0, -30.0, -20.0, -10.0, 0.0, 10.0, 20.0, 30.0, 40.0)
     scales: tuple[float, ...] = (0.55, 0.65, 0.75, 0.85, 0.95, 1.05, 1.15, 1.3)
     both_directions: bool = True
-    context: float = 2.2
+    context: float = 1.4
     slice_window_mm: float = 12.0
     slice_tolerance_mm: float = 7.5
     fine_angles_deg: tuple[float, ...] = (-5.0, 0.0, 5.0)
@@ -273,8 +273,8 @@ class _SliceStats:
 #: searched) spans at most this fraction of the field of view across: a disc must lie inside the
 #: slice, so on a field of view cut close around the heart a full-size disc leaves the heart's
 #: centre almost nowhere to be (``benchmarks/field_of_view.py``: on the shared cases cut to 180 and
-#: 150 mm, the heart 21 mm off the centre). The shared cases' fields of view (294-379 mm) are wide
-#: enough for the packaged ``context`` at every size searched.
+#: 150 mm, the heart 21 mm off the centre, with a context of 2.2). The shared cases' fields of view
+#: (294-379 mm) are wide enough for the packaged ``context`` at every size searched.
 MAX_DISC_FRACTION = 0.4
 
 
