@@ -85,7 +85,7 @@ class PlacementConfig:
     angles_deg: tuple[float, ...] = (-40.0, -30.0, -20.0, -10.0, 0.0, 10.0, 20.0, 30.0, 40.0)
     scales: tuple[float, ...] = (0.55, 0.65, 0.75, 0.85, 0.95, 1.05, 1.15, 1.3)
     both_directions: bool = True
-    context: float = 1.4
+    context: float = 2.2
     slice_window_mm: float = 12.0
     slice_tolerance_mm: float = 7.5
     fine_angles_deg: tuple[float, ...] = (-5.0, 0.0, 5.0)
