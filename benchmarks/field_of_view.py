@@ -28,6 +28,8 @@ from crossval import STRUCTS
 from heart_size import add_options, fit_versions, setup
 from record import write_record
 
+from mvmm_monai.files import save_nifti
+
 
 def cut_case(src: Path, dst: Path, fov_mm: float, offset_mm: float) -> None:
     """Write case folder ``src`` into ``dst`` cut in-plane to ``fov_mm`` x ``fov_mm`` (whole voxels,
@@ -49,10 +51,7 @@ def cut_case(src: Path, dst: Path, fov_mm: float, offset_mm: float) -> None:
         data = np.asanyarray(img.dataobj)[lo[0] : lo[0] + size[0], lo[1] : lo[1] + size[1]]
         affine = img.affine.copy()
         affine[:3, 3] = (img.affine @ np.array([lo[0], lo[1], 0.0, 1.0]))[:3]
-        written = nib.Nifti1Image(data, affine, img.header.copy())
-        written.set_qform(affine, code=1)
-        written.set_sform(affine, code=1)
-        nib.save(written, dst / path.name)
+        save_nifti(dst / path.name, data, affine)
 
 
 def main() -> None:

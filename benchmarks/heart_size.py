@@ -40,6 +40,8 @@ from crossval import FAILED, STRUCTS, fit_case, folds_of, parse_variants, summar
 from qc_calibration import GOOD
 from record import add_record_option, write_record
 
+from mvmm_monai.files import save_nifti
+
 
 def resized_case(src: Path, dst: Path, factor: float) -> None:
     """Write every NIfTI file of case folder ``src`` into ``dst`` with its voxel size (the affine's
@@ -52,10 +54,7 @@ def resized_case(src: Path, dst: Path, factor: float) -> None:
         img = nib.load(path)
         affine = img.affine.copy()
         affine[:3, :3] *= factor
-        out = nib.Nifti1Image(np.asanyarray(img.dataobj), affine, img.header.copy())
-        out.set_qform(affine, code=1)
-        out.set_sform(affine, code=1)
-        nib.save(out, dst / path.name)
+        save_nifti(dst / path.name, np.asanyarray(img.dataobj), affine)
 
 
 def search_range(overrides: list[str]) -> tuple[float, float]:

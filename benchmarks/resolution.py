@@ -29,6 +29,8 @@ from crossval import STRUCTS
 from heart_size import add_options, fit_versions, setup
 from record import write_record
 
+from mvmm_monai.files import save_nifti
+
 
 def coarser_case(src: Path, dst: Path, k: int) -> None:
     """Write case folder ``src`` into ``dst`` with ``k x k`` in-plane voxel blocks made one voxel:
@@ -53,10 +55,7 @@ def coarser_case(src: Path, dst: Path, k: int) -> None:
         affine = img.affine.copy()
         affine[:3, 3] = (img.affine @ np.array([(k - 1) / 2, (k - 1) / 2, 0.0, 1.0]))[:3]
         affine[:3, :2] *= k
-        written = nib.Nifti1Image(out, affine)
-        written.set_qform(affine, code=1)
-        written.set_sform(affine, code=1)
-        nib.save(written, dst / path.name)
+        save_nifti(dst / path.name, out, affine)
 
 
 def main() -> None:
