@@ -280,3 +280,5 @@ def test_heart_entropy_does_not_grow_with_the_voxel_size():
     labels, ent = coarse
     assert heart_entropy(np.where(ent < 0.1, 0.1, ent), labels, 2 * ENTROPY_PIXEL_MM) > 2 * measured[1]
     assert heart_entropy(ent, np.zeros_like(labels), 1.0) == 1.0
+    # a finer pixel than the calibration's: the plain mean (the same voxels are judged the same)
+    assert heart_entropy(ent, labels, 0.5 * ENTROPY_PIXEL_MM) == pytest.approx(plain[1])
